@@ -1,0 +1,164 @@
+"""Train one epoch and evaluate — nothing else (the shape of DeiT's engine.py, on Accelerate)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from vitkd.features import Features
+from vitkd.models import student_head_logits
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the terms and the step."""
+
+
+@dataclass
+class TrainState:
+    """Counters that survive across epochs (and checkpoints)."""
+    epoch: int = 0
+    step: int = 0                 # optimizer steps taken
+    max_steps: Optional[int] = None
+    deadline: Optional[float] = None  # time.time() after which training stops
+    stop_reason: str = ''
+    history: list = field(default_factory=list)
+
+    def exhausted(self) -> bool:
+        if self.max_steps is not None and self.step >= self.max_steps:
+            self.stop_reason = f'max_steps {self.max_steps} reached'
+        elif self.deadline is not None and time.time() >= self.deadline:
+            self.stop_reason = 'time limit reached'
+        return bool(self.stop_reason)
+
+    def state_dict(self) -> dict:
+        return {'epoch': self.epoch, 'step': self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = int(state['epoch']), int(state['step'])
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: Callable, state: TrainState,
+                    num_classes: int, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
+                    log_fn: Optional[Callable[[dict], None]] = None, teacher_cache=None) -> dict:
+    """One pass over ``loader`` (or until the step/time budget runs out).
+
+    ``model`` is the prepared :class:`vitkd.distiller.Distiller`; ``mixup_fn(images, labels)`` returns the mixed
+    images, soft targets and mixup metadata. Returns the epoch means of every logged term and img/s.
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    seen, count, start = 0, 0, time.time()
+    steps_per_epoch = max(1, len(loader) // accelerator.gradient_accumulation_steps)
+    progress = _progress(loader, accelerator, state.epoch)
+    for it, (images, labels, index) in enumerate(progress):
+        images, targets, mix = mixup_fn(images, labels)
+        epoch_float = state.epoch + it / max(1, len(loader))
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                out = model(images, targets, labels, mix['labels_b'], mix['lam'], index, epoch=epoch_float,
+                            step=state.step)
+            loss = out['loss']
+            if not math.isfinite(loss.item()):
+                bad = [k for k, v in out['terms'].items() if not torch.isfinite(v).all()] or ['total']
+                raise NonFiniteLossError(f'non-finite loss at epoch {state.epoch} step {state.step} '
+                                         f'(terms: {", ".join(bad)})')
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            state.step += 1
+            scheduler.step_update(num_updates=state.step)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model).student, step=state.step)
+        batch = images.shape[0] * accelerator.num_processes
+        seen += batch
+        count += 1
+        terms = {'loss': loss.detach(), **out['terms']}
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if accelerator.sync_gradients and (state.step % log_every == 0 or it == len(loader) - 1):
+            rate = seen / max(1e-9, time.time() - start)
+            record = {'epoch': epoch_float, 'step': state.step, 'lr': optimizer.param_groups[0]['lr'],
+                      'img_per_s': rate, **{k: float(v) for k, v in terms.items()}}
+            if hasattr(progress, 'set_postfix'):
+                progress.set_postfix({k: f'{float(v):.3f}' for k, v in terms.items()} |
+                                     {'lr': f'{record["lr"]:.2e}', 'img/s': f'{rate:.0f}'})
+            if log_fn is not None:
+                log_fn(record)
+        if state.exhausted():
+            break
+    means = {k: v / max(1, count) for k, v in sums.items()}
+    means['img_per_s'] = seen / max(1e-9, time.time() - start)
+    means['samples'] = seen
+    return means
+
+
+def _progress(loader, accelerator, epoch: int):
+    if not accelerator.is_local_main_process:
+        return loader
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return loader
+    return tqdm(loader, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True, mininterval=2.0)
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """[B, len(ks)] 0/1: label within the top-k of each row."""
+    kmax = min(max(ks), logits.shape[-1])
+    hit = logits.topk(kmax, dim=-1).indices == labels[:, None]  # [B, kmax]
+    return torch.stack([hit[:, :min(k, kmax)].any(dim=-1) for k in ks], dim=-1).float()
+
+
+@torch.no_grad()
+def evaluate(student, loader, accelerator) -> dict:
+    """Top-1/top-5 (%) of the class head, the distillation head and their average (the DeiT metric).
+
+    ``student`` is an unwrapped timm model. Per-sample hits are gathered with ``gather_for_metrics`` so each
+    validation sample is counted once whatever the number of processes. Students without a distillation head
+    report ``cls`` only (= ``avg``).
+    """
+    student.eval()
+    hits = {'cls': [], 'dist': [], 'avg': []}
+    for images, labels in loader:
+        with accelerator.autocast():
+            final = student.forward_features(images)
+            z_cls, z_dist = student_head_logits(student, final)
+        z_cls = z_cls.float()
+        heads = {'cls': z_cls}
+        if z_dist is not None:
+            heads['dist'] = z_dist.float()
+            heads['avg'] = (z_cls + z_dist.float()) / 2
+        for name, logits in heads.items():
+            hits[name].append(accelerator.gather_for_metrics(_topk_correct(logits, labels)))
+    return _summarise(hits)
+
+
+def _summarise(hits: dict) -> dict:
+    out = {}
+    for name, parts in hits.items():
+        if not parts:
+            continue
+        h = torch.cat(parts)
+        out[f'{name}_top1'] = 100.0 * h[:, 0].mean().item()
+        out[f'{name}_top5'] = 100.0 * h[:, 1].mean().item()
+        out['samples'] = h.shape[0]
+    if 'avg_top1' not in out and 'cls_top1' in out:
+        out['avg_top1'], out['avg_top5'] = out['cls_top1'], out['cls_top5']
+    return out
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher, loader, accelerator) -> dict:
+    """Top-1/top-5 (%) of the frozen teacher on the same validation loader."""
+    hits = {'teacher': []}
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = teacher.model(teacher.prepare_input(images)).float()
+        hits['teacher'].append(accelerator.gather_for_metrics(_topk_correct(logits, labels)))
+    return _summarise(hits)

@@ -1,0 +1,196 @@
+"""Builders that turn a :class:`vitkd.config.Config` into the objects of a run (data, models, losses, optimizer)."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data.mixup import mixup_target
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader
+
+from .config import Config, ConfigError
+from .data import DATASET_STATS, DataSpec, build_datasets, seed_worker
+from .distiller import Distiller, LossEntry
+from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
+from .models import Teacher, create_student, create_teacher
+
+__all__ = ['build_student', 'build_teacher', 'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
+           'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill']
+
+_logger = logging.getLogger(__name__)
+
+
+def build_student(cfg: Config, num_classes: int):
+    kwargs = dict(cfg.student_kwargs)
+    if cfg.drop_path:
+        kwargs.setdefault('drop_path_rate', cfg.drop_path)
+    if cfg.input_size and 'img_size' not in kwargs and cfg.student.split('.')[0].startswith(('deit', 'vit')):
+        kwargs['img_size'] = cfg.input_size
+    return create_student(cfg.student, num_classes, pretrained=cfg.student_pretrained, **kwargs)
+
+
+def build_teacher(cfg: Config, num_classes: int, student_mean, student_std) -> Optional[Teacher]:
+    if cfg.teacher is None:
+        return None
+    teacher = create_teacher(cfg.teacher, num_classes, arch=cfg.teacher_arch, pretrained=cfg.teacher_pretrained,
+                             **cfg.teacher_kwargs)
+    teacher.set_student_normalization(student_mean, student_std)
+    return teacher
+
+
+def student_data_spec(cfg: Config, student) -> tuple[tuple[int, int, int], tuple, tuple, Optional[float]]:
+    """Input size and normalisation: the embedded data sets' own stats, else the student's pretrained config."""
+    if cfg.dataset in DATASET_STATS:
+        stats = DATASET_STATS[cfg.dataset]
+        c = stats['input_size'][0]
+        side = cfg.input_size or cfg.student_kwargs.get('img_size') or stats['input_size'][1]
+        return (c, side, side), stats['mean'], stats['std'], None
+    data_cfg = resolve_data_config({}, model=student)
+    side = cfg.input_size or data_cfg['input_size'][1]
+    return (data_cfg['input_size'][0], side, side), data_cfg['mean'], data_cfg['std'], data_cfg.get('crop_pct')
+
+
+def build_transforms(cfg: Config, input_size, mean, std):
+    """timm's train/eval transforms (RandAugment or 3-Augment, colour jitter, random erasing, crop ratio)."""
+    train_kwargs = dict(is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip, interpolation=cfg.train_interpolation,
+                        mean=mean, std=std, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
+                        color_jitter=cfg.color_jitter or None, auto_augment=None if cfg.three_augment else cfg.aa)
+    if cfg.three_augment:  # DeiT III 3-Augment: one of grayscale / solarize / blur, then colour jitter
+        train_kwargs['auto_augment'] = '3a'
+    train_tf = create_transform(input_size, **train_kwargs)
+    eval_tf = create_transform(input_size, is_training=False, crop_pct=cfg.eval_crop_ratio, interpolation='bicubic'
+                               if cfg.dataset == 'imagefolder' else 'bilinear', mean=mean, std=std)
+    return train_tf, eval_tf
+
+
+def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
+    """(train loader, val loader, DataSpec)."""
+    train_tf, eval_tf = build_transforms(cfg, input_size, mean, std)
+    train, val = build_datasets(cfg.dataset, cfg.data_path, train_tf, eval_tf, cfg.train_subset, cfg.seed,
+                                cfg.skip_corrupt)
+    classes = list(val.classes)
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise ConfigError(f'--num-classes {cfg.num_classes} but the data set has {len(classes)} classes')
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train, cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
+                              generator=gen, worker_init_fn=seed_worker, persistent_workers=cfg.num_workers > 0,
+                              pin_memory=torch.cuda.is_available())
+    if len(train_loader) == 0:
+        raise ConfigError(f'--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)')
+    val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers,
+                            pin_memory=torch.cuda.is_available())
+    spec = DataSpec(num_classes=len(classes), input_size=tuple(input_size), mean=tuple(mean), std=tuple(std),
+                    classes=classes)
+    return train_loader, val_loader, spec
+
+
+class BatchMixer:
+    """timm ``Mixup``/CutMix plus label smoothing, returning the mixup metadata the losses need.
+
+    Returns (images, soft targets [B, K], {'labels_b', 'lam'}). In timm's ``batch`` mode sample i is mixed with
+    sample B−1−i with one λ per batch, so ``labels_b = labels.flip(0)``.
+    """
+
+    def __init__(self, cfg: Config, num_classes: int):
+        self.num_classes, self.smoothing = num_classes, cfg.smoothing
+        active = cfg.mixup > 0 or cfg.cutmix > 0
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                           num_classes=num_classes) if active else None
+        if self.mixup is not None and cfg.mixup_mode != 'batch':
+            raise ConfigError(f'--mixup-mode {cfg.mixup_mode!r}: vitkd supports batch mode (losses need one λ and '
+                              'the flip pairing); use --mixup-mode batch')
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        if self.mixup is None:
+            targets = mixup_target(labels, self.num_classes, 1.0, self.smoothing)
+            return images, targets, {'labels_b': labels, 'lam': 1.0}
+        if images.shape[0] % 2:
+            raise ConfigError(f'mixup needs an even batch, got {images.shape[0]}')
+        lam = self.mixup._mix_batch(images)  # mixes images in place, returns λ (area-corrected for cutmix)
+        targets = mixup_target(labels, self.num_classes, lam, self.smoothing)
+        return images, targets, {'labels_b': labels.flip(0), 'lam': float(lam)}
+
+
+def parse_distill(cfg: Config) -> list[tuple[str, float, dict]]:
+    """``name[:weight]`` items + ``name.key=value`` options → [(name, weight, options)]."""
+    import yaml
+    methods: list[tuple[str, float, dict]] = []
+    for item in cfg.distill:
+        if isinstance(item, dict):  # YAML form: {name: vkd, weight: 1.0, alpha: 1.0}
+            item = dict(item)
+            name = item.pop('name', None)
+            if not name:
+                raise LossSpecError(f'distill entry {item} has no name')
+            methods.append((name, float(item.pop('weight', 1.0)), item))
+            continue
+        name, _, weight = str(item).partition(':')
+        try:
+            methods.append((name, float(weight) if weight else 1.0, {}))
+        except ValueError:
+            raise LossSpecError(f'--distill {item!r}: the weight after ":" must be a number') from None
+    by_name = {m[0]: m for m in methods}
+    for name, _, _ in methods:
+        get_loss_class(name)  # unknown names fail here, listing the registered ones
+    for item in cfg.loss_opts:
+        key, eq, value = str(item).partition('=')
+        name, dot, option = key.partition('.')
+        if not eq or not dot:
+            raise LossSpecError(f'--loss-opts {item!r}: expected name.option=value')
+        if name not in by_name:
+            raise LossSpecError(f'--loss-opts {item!r}: loss {name!r} is not in --distill ({", ".join(by_name)})')
+        by_name[name][2][option] = yaml.safe_load(value)
+    return methods
+
+
+def build_losses(cfg: Config) -> list[LossEntry]:
+    entries = []
+    for name, weight, options in parse_distill(cfg):
+        options = dict(options)
+        warmup = float(options.pop('warmup_epochs', 0.0))
+        entries.append(LossEntry(create_loss(name, **options), weight, warmup))
+    if len({e.loss.name for e in entries}) != len(entries):
+        raise LossSpecError(f'--distill lists a method twice: {cfg.distill}')
+    return entries
+
+
+def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: int, steps_per_epoch: int,
+                    world_size: int = 1) -> Distiller:
+    entries = build_losses(cfg)
+    if any(e.loss.disable_fused_attn for e in entries):
+        from timm.layers import set_fused_attn
+        set_fused_attn(False)  # second-order gradients do not pass through fused attention kernels
+    info = RunInfo(num_classes=spec.num_classes, num_samples=num_samples, epochs=cfg.epochs,
+                   steps_per_epoch=steps_per_epoch, input_size=spec.input_size, mean=spec.mean, std=spec.std,
+                   student_name=cfg.student, student_kwargs=dict(cfg.student_kwargs), world_size=world_size)
+    return Distiller(student, teacher, entries, info, task_weight=cfg.task_weight)
+
+
+def scaled_lr(cfg: Config, global_batch: int) -> float:
+    """DeiT's linear scaling lr·B_g/512, unless --unscale-lr."""
+    return cfg.lr if cfg.unscale_lr else cfg.lr * global_batch / 512.0
+
+
+def build_optimizer(cfg: Config, model: Distiller, lr: float):
+    """timm's optimizer factory over the whole distiller; ``model.no_weight_decay()`` keeps tokens, norms, biases and
+    every parametrisation (orthogonal projectors) out of weight decay whatever the optimizer."""
+    kwargs = dict(momentum=cfg.momentum) if cfg.opt.lower() in ('sgd', 'momentum', 'nesterov') else {}
+    try:
+        return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f'--opt {cfg.opt!r}: {e}') from None
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """timm scheduler updated per optimizer step (epoch e trains at lr(e), no DeiT off-by-one)."""
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+                                           warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                           cooldown_epochs=0, step_on_epochs=False,
+                                           updates_per_epoch=steps_per_epoch, warmup_prefix=False)
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f'--sched {cfg.sched!r}: {e}') from None
+    return scheduler

@@ -1,0 +1,254 @@
+"""Data sets, transforms and loaders.
+
+* ``fashion_mnist`` — the embedded default: Zalando's Fashion-MNIST (MIT; 60k train / 10k test, 10 classes, 28×28
+  gray) read from Debian's ``dataset-fashion-mnist`` files, or from a torchvision root, or downloaded by
+  torchvision when the network allows.
+* ``cifar10`` / ``cifar100`` — torchvision (a local root, or downloaded).
+* ``imagefolder`` — the ImageNet layout ``<data-path>/{train,val}/<class>/<image>``, optionally a subset by fraction or
+  by a list file.
+
+Every training sample is returned as ``(image, label, index)`` so losses that need sample indices (CRD) get them.
+Transforms are timm's (``create_transform``); mixup is ``timm.data.Mixup``.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ['DataSpec', 'build_datasets', 'IndexedDataset', 'read_idx', 'find_fashion_mnist', 'DataError',
+           'DATASET_STATS', 'seed_worker']
+
+_logger = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
+
+# mean/std of the training images; (C,) tuples
+DATASET_STATS = {
+    'fashion_mnist': dict(mean=(0.2860,), std=(0.3530,), input_size=(1, 28, 28), num_classes=10),
+    'cifar10': dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), input_size=(3, 32, 32),
+                    num_classes=10),
+    'cifar100': dict(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), input_size=(3, 32, 32),
+                     num_classes=100),
+}
+
+
+class DataError(ValueError):
+    """A data path or option that cannot be used (message is the one-line user error)."""
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip'd): 2 zero bytes, type byte, ndim byte, big-endian int32 dims, uint8 data."""
+    opener = gzip.open if str(path).endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        zero, dtype, ndim = struct.unpack('>HBB', f.read(4))
+        if zero != 0 or dtype != 0x08:
+            raise DataError(f'{path} is not an unsigned-byte IDX file')
+        dims = struct.unpack('>' + 'I' * ndim, f.read(4 * ndim))
+        return np.frombuffer(f.read(), dtype=np.uint8).reshape(dims)
+
+
+def find_fashion_mnist(root: Optional[str]) -> Path:
+    """Folder holding the four Fashion-MNIST IDX files: ``root`` (or ``root/FashionMNIST/raw``) or Debian's copy."""
+    candidates = [Path(root), Path(root) / 'FashionMNIST' / 'raw'] if root else []
+    candidates.append(DEBIAN_FASHION_MNIST)
+    for folder in candidates:
+        if any((folder / f'train-images-idx3-ubyte{ext}').is_file() for ext in ('.gz', '')):
+            return folder
+    raise DataError(f'Fashion-MNIST files not found in {", ".join(map(str, candidates))}; run scripts/setup.sh '
+                    '(installs Debian\'s dataset-fashion-mnist) or pass --data-path to a torchvision root')
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images [N, H, W] or [N, H, W, C] with integer labels, served as PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], transform=None):
+        self.images, self.targets, self.classes, self.transform = images, [int(t) for t in labels], list(classes), transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+class IndexedDataset(Dataset):
+    """Wraps a (image, label) data set to yield (image, label, index); corrupt images are skipped and counted."""
+
+    def __init__(self, dataset: Dataset, skip_corrupt: bool = True):
+        self.dataset, self.skip_corrupt = dataset, skip_corrupt
+        self.num_corrupt = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        for offset in range(len(self)):
+            j = (i + offset) % len(self)
+            try:
+                image, label = self.dataset[j]
+                return image, label, j
+            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these on corrupt/truncated files
+                if not self.skip_corrupt:
+                    raise DataError(f'corrupt image at index {j}: {e}') from None
+                self.num_corrupt += 1
+                _logger.warning('skipping corrupt image %d (%s)', j, e)
+        raise DataError('every image in the data set is unreadable')
+
+
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot')
+
+
+def _fashion_mnist(root: Optional[str], train: bool) -> ArrayImageDataset:
+    try:
+        folder = find_fashion_mnist(root)
+    except DataError:
+        if not root:
+            raise
+        from torchvision.datasets import FashionMNIST  # downloads when the network allows
+        try:
+            ds = FashionMNIST(root, train=train, download=True)
+        except Exception as e:  # noqa: BLE001 - any download failure becomes the same one-line error
+            raise DataError(f'Fashion-MNIST not found under {root!r} and the download failed ({e})') from None
+        return ArrayImageDataset(ds.data.numpy(), ds.targets.numpy(), FASHION_MNIST_CLASSES)
+    split = 'train' if train else 't10k'
+    def path(kind):
+        p = folder / f'{split}-{kind}-idx{3 if kind == "images" else 1}-ubyte.gz'
+        return p if p.is_file() else p.with_suffix('')
+    return ArrayImageDataset(read_idx(path('images')), read_idx(path('labels')), FASHION_MNIST_CLASSES)
+
+
+def _cifar(name: str, root: Optional[str], train: bool) -> Dataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+    cls = CIFAR10 if name == 'cifar10' else CIFAR100
+    root = root or os.path.join(os.path.expanduser('~'), '.cache', 'vitkd', name)
+    try:
+        return cls(root, train=train, download=True)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f'{name} not found under {root!r} and the download failed ({e}); pass --data-path') from None
+
+
+def _image_folder(path: str, split: str, subset: Optional[str], seed: int) -> Dataset:
+    from torchvision.datasets import ImageFolder
+    root = Path(path) / split
+    if not root.is_dir():
+        raise DataError(f'--data-path {path!r} has no {split}/ folder; expected the ImageFolder layout '
+                        f'{path}/train/<class>/<image> and {path}/val/<class>/<image>')
+    class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    if not class_dirs:
+        raise DataError(f'{root} holds no class folders; expected {root}/<class>/<image>')
+    empty = [d.name for d in class_dirs if not any(f.is_file() for f in d.rglob('*'))]
+    if empty:
+        _logger.warning('empty class folders in %s: %s', root, ', '.join(empty))
+    try:
+        ds = ImageFolder(str(root), allow_empty=True)
+    except (FileNotFoundError, TypeError) as e:
+        raise DataError(f'{root} is not an ImageFolder tree ({e})') from None
+    if len(ds) == 0:
+        raise DataError(f'{root} holds no images with a known extension')
+    if subset and split == 'train':
+        ds = _subset(ds, subset, seed)
+    return ds
+
+
+def _subset(ds, subset: str, seed: int):
+    """A fraction (``0.01``: stratified per class, seeded) or a list file of relative paths, one per line."""
+    from torch.utils.data import Subset
+    try:
+        fraction = float(subset)
+    except ValueError:
+        fraction = None
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise DataError(f'--train-subset {subset!r}: a fraction must be in (0, 1]')
+        rng = random.Random(seed)
+        by_class: dict[int, list[int]] = {}
+        for i, t in enumerate(ds.targets):
+            by_class.setdefault(t, []).append(i)
+        keep = sorted(i for idx in by_class.values() for i in rng.sample(idx, max(1, round(len(idx) * fraction))))
+    else:
+        list_file = Path(subset)
+        if not list_file.is_file():
+            raise DataError(f'--train-subset {subset!r} is neither a fraction in (0, 1] nor a list file')
+        wanted = {line.strip() for line in list_file.read_text().splitlines() if line.strip()}
+        rel = [os.path.relpath(p, ds.root) for p, _ in ds.samples]
+        keep = [i for i, r in enumerate(rel) if r in wanted or os.path.basename(r) in wanted]
+        if not keep:
+            raise DataError(f'none of the {len(wanted)} files listed in {subset} is in {ds.root}')
+    sub = Subset(ds, keep)
+    sub.classes, sub.targets = ds.classes, [ds.targets[i] for i in keep]
+    return sub
+
+
+@dataclass
+class DataSpec:
+    """What the data set says about itself: classes, input size and normalisation for the student."""
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+
+
+class TransformedDataset(Dataset):
+    """Applies ``transform`` to the image of a (image, label) data set."""
+
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset, self.transform = dataset, transform
+        self.classes = getattr(dataset, 'classes', None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.transform(image), label
+
+
+def build_datasets(dataset: str, data_path: Optional[str], train_transform, eval_transform, subset: Optional[str] = None,
+                   seed: int = 0, skip_corrupt: bool = True):
+    """(train, val) data sets: train yields (image, label, index), val yields (image, label)."""
+    if dataset == 'fashion_mnist':
+        train, val = _fashion_mnist(data_path, True), _fashion_mnist(data_path, False)
+        if subset:
+            train = _subset(train, subset, seed)
+    elif dataset in ('cifar10', 'cifar100'):
+        train, val = _cifar(dataset, data_path, True), _cifar(dataset, data_path, False)
+        if subset:
+            train = _subset(train, subset, seed)
+    elif dataset == 'imagefolder':
+        if not data_path:
+            raise DataError('--dataset imagefolder needs --data-path <folder with train/ and val/>')
+        if not Path(data_path).is_dir():
+            raise DataError(f'--data-path {data_path!r} does not exist or is not a folder')
+        train = _image_folder(data_path, 'train', subset, seed)
+        val = _image_folder(data_path, 'val', None, seed)
+        if train.classes != val.classes:
+            raise DataError(f'train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; '
+                            'they must hold the same class folders')
+    else:
+        raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
+    classes = list(train.classes)
+    train = IndexedDataset(TransformedDataset(train, train_transform), skip_corrupt)
+    val = TransformedDataset(val, eval_transform)
+    val.classes = classes
+    return train, val
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker seeding: numpy/random follow torch's per-worker seed (deterministic augmentation)."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,173 @@
+"""The trained module: the student plus every distillation method's trainable parts; the teacher beside it.
+
+Like timm's ``timm.task`` distillation tasks, everything that trains (student, projectors, adapters, memory banks)
+is ONE module, so ``accelerator.prepare``/DDP, the optimizer and checkpoints see all of it, while the frozen teacher
+is kept as a plain attribute (not a submodule): never DDP-wrapped, never in a state dict, never optimised.
+
+Total loss = Σ_i w_i(e)·Σ_terms L_i + w_task(e)·L_task, where
+* L_task is the cross-entropy of the student against the (smoothed, mixed) soft targets, applied once here: on the
+  class head when some method uses the distillation head, otherwise on the averaged heads (timm's behaviour);
+* w_i(e) = weight_i · min(1, e / warmup_i) with e the fractional epoch (linear warm-up when warmup_i > 0);
+* w_task(e) = the product of the methods' ``task_weight(e)`` (DeiT's 1 − α), unless set explicitly.
+Every loss runs in fp32 with autocast off, on fp32 copies of the features (the network bodies may run in bf16).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .features import Features, TapSpec, extract
+from .losses import Batch, DistillationLoss, LossSpecError, RunInfo
+from .losses.functional import soft_target_cross_entropy
+from .models import Teacher, has_dist_head
+
+__all__ = ['Distiller', 'LossEntry']
+
+
+@dataclass
+class LossEntry:
+    """One method in a run: the loss module, its weight and its linear warm-up length in epochs."""
+    loss: DistillationLoss
+    weight: float = 1.0
+    warmup_epochs: float = 0.0
+
+    def weight_at(self, epoch: float) -> float:
+        if self.warmup_epochs > 0:
+            return self.weight * min(1.0, epoch / self.warmup_epochs)
+        return self.weight
+
+
+class Distiller(nn.Module):
+    """Student + distillation losses. ``forward`` returns ``{'loss', 'logits', 'terms'}``.
+
+    Args:
+        student: the timm student.
+        teacher: the frozen :class:`Teacher` (None when no method needs one).
+        entries: the methods with weights/warm-ups.
+        info: run facts for the losses' ``setup``.
+        task_weight: fixed factor on the task loss (None: product of the methods' ``task_weight``).
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[Teacher], entries: Sequence[LossEntry], info: RunInfo,
+                 task_weight: Optional[float] = None):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, 'teacher', teacher)  # deliberately not a submodule
+        self.losses = nn.ModuleDict({e.loss.name: e.loss for e in entries})
+        self.entries = {e.loss.name: e for e in entries}
+        self.fixed_task_weight = task_weight
+        self.dist_head = has_dist_head(student)
+        for e in entries:
+            if e.loss.requires_dist_head and not self.dist_head:
+                raise LossSpecError(f'loss {e.loss.name!r} needs a student with a distillation token and head; '
+                                    f'{info.student_name or type(student).__name__} has none (use e.g. '
+                                    'deit_s_distilled or deit_small_distilled_patch16_224)')
+            if e.loss.needs_teacher and teacher is None:
+                raise LossSpecError(f'loss {e.loss.name!r} needs a teacher (--teacher)')
+        self.student_spec = TapSpec(logits=True)
+        self.teacher_spec = TapSpec()
+        for e in entries:
+            self.student_spec = self.student_spec.merge(e.loss.student_taps)
+            self.teacher_spec = self.teacher_spec.merge(e.loss.teacher_taps)
+        self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
+        self.needs_input_grad = any(e.loss.needs_input_grad for e in entries)
+        self._setup_losses(info)
+
+    @property
+    def task_on_cls_head(self) -> bool:
+        """The task loss trains the class head alone when some method trains the distillation head."""
+        return self.dist_head and any(e.loss.uses_dist_head for e in self.entries.values())
+
+    def _setup_losses(self, info: RunInfo) -> None:
+        """Let each loss build its trainable parts from the shapes of one example forward (batch of 2)."""
+        if not any(type(e.loss).setup is not DistillationLoss.setup for e in self.entries.values()):
+            return
+        c, h, w = info.input_size
+        x = torch.zeros(2, c, h, w, device=next(self.student.parameters()).device)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            student = extract(self.student, x, self.student_spec, 'student')
+            teacher = self.teacher_features(x) if self.needs_teacher else Features()
+        self.student.train(was_training)
+        for e in self.entries.values():
+            e.loss.setup(student, teacher, info)
+
+    def teacher_features(self, images: torch.Tensor) -> Features:
+        """One frozen teacher pass (no grad) on the student's input, taps as fp32."""
+        with torch.no_grad():
+            feats = extract(self.teacher.model, self.teacher.prepare_input(images), self.teacher_spec, 'teacher')
+        return feats.apply(lambda t: t.float())
+
+    def _teacher_forward_with_grad(self, images: torch.Tensor) -> Features:
+        """Teacher pass that keeps the graph to the input (Sobolev, LwM, BSS); teacher weights stay frozen."""
+        feats = extract(self.teacher.model, self.teacher.prepare_input(images), self.teacher_spec, 'teacher')
+        return feats.apply(lambda t: t.float())
+
+    def task_weight_at(self, epoch: float) -> float:
+        if self.fixed_task_weight is not None:
+            return self.fixed_task_weight
+        weight = 1.0
+        for e in self.entries.values():
+            weight *= e.loss.task_weight(int(epoch))
+        return weight
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
+                labels_b: Optional[torch.Tensor] = None, lam: float = 1.0, index: Optional[torch.Tensor] = None,
+                epoch: float = 0.0, step: int = 0, teacher_features: Optional[Features] = None) -> dict:
+        """One training step's losses.
+
+        Args:
+            images: [B, C, H, W] the (mixed) student input.
+            targets: [B, K] soft targets (label smoothing and mixup folded in).
+            labels, labels_b, lam: mixup metadata (see :class:`vitkd.losses.Batch`).
+            index: [B] data set indices.
+            epoch: fractional epoch (for warm-ups and phases).
+            step: optimizer step.
+            teacher_features: precomputed teacher taps (teacher-output cache); computed live when None.
+
+        Returns:
+            ``loss`` (scalar), ``logits`` (the student's averaged logits [B, K], for train accuracy), ``terms``
+            (name → detached unweighted value, including ``task``).
+        """
+        if self.needs_input_grad:
+            images = images.detach().requires_grad_(True)
+        student = extract(self.student, images, self.student_spec, 'student')
+        if teacher_features is None and self.needs_teacher:
+            teacher_features = self.teacher_features(images)
+        teacher = teacher_features if teacher_features is not None else Features()
+        task_logits = student.logits if self.task_on_cls_head else student.head_logits
+        batch = Batch(images=images, targets=targets, labels=labels,
+                      labels_b=labels if labels_b is None else labels_b, lam=lam, index=index, epoch=int(epoch),
+                      step=step, student_forward=lambda x: extract(self.student, x, self.student_spec, 'student'),
+                      teacher_forward=self._teacher_forward_with_grad if self.teacher is not None else None)
+        student32 = student.apply(lambda t: t.float())
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            task = soft_target_cross_entropy(task_logits.float(), targets.float())
+            task_w = self.task_weight_at(epoch)
+            total = task_w * task if task_w else task.new_zeros(())
+            terms = {'task': task.detach()}
+            for name, entry in self.entries.items():
+                weight = entry.weight_at(epoch)
+                if weight == 0:
+                    continue  # a zero-weight term is not computed (specs rule 8)
+                for term, value in entry.loss(student32, teacher, batch).items():
+                    total = total + weight * value
+                    terms[f'{name}.{term}'] = value.detach()
+        return {'loss': total, 'logits': student.head_logits, 'terms': terms}
+
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names that must not be decayed.
+
+        The student's ``no_weight_decay()`` (pos_embed, cls_token, dist_token) with the ``student.`` prefix, and every
+        parameter of a ``torch.nn.utils.parametrize`` parametrisation (VkD's orthogonal projector: decaying its
+        hidden tensor collapses the projection to zero). timm's optimizer factory also skips 1-D params and biases.
+        """
+        names = {f'student.{n}' for n in getattr(self.student, 'no_weight_decay', lambda: set())()}
+        names |= {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
+        for name, loss in self.losses.items():
+            names |= {f'losses.{name}.{n}' for n in getattr(loss, 'no_weight_decay', lambda: set())()}
+        return names

@@ -1,0 +1,158 @@
+"""The loss interface: a registry of distillation methods, one file per method.
+
+A method is
+
+* a pure function on tensors with the paper's math (testable alone), and
+* a :class:`DistillationLoss` subclass registered with ``@register_loss('name')`` that declares the taps it needs
+  (``student_taps`` / ``teacher_taps``), builds its trainable parts in :meth:`DistillationLoss.setup` once the
+  shapes are known, and maps (student features, teacher features, batch) to named loss terms.
+
+The distiller owns every loss (so projectors, adapters and memory banks are optimised, DDP-synchronised and
+checkpointed with the student), applies the task loss once, weights and warms up each method, computes every loss
+in fp32 with autocast off, and logs every term.
+
+Generic hooks for methods with a special procedure (no engine branches):
+
+* :meth:`DistillationLoss.task_weight` — how much of the task loss to keep at an epoch (DeiT's 1 − α, AB/FSP's
+  initialisation stage with CE off);
+* :attr:`Batch.student_forward` / :attr:`Batch.teacher_forward` — extra forwards (adversarial samples, input
+  gradients) go through these;
+* :attr:`DistillationLoss.needs_input_grad` — the input batch requires grad (Sobolev, LwM);
+* :attr:`DistillationLoss.disable_fused_attn` — second-order gradients through attention;
+* trainable second networks (DML's peer) are submodules of the loss.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+import torch.nn as nn
+
+from ..features import Features, TapSpec
+
+__all__ = ['DistillationLoss', 'Batch', 'RunInfo', 'register_loss', 'create_loss', 'list_losses', 'get_loss_class',
+           'LossSpecError', 'LOSS_REGISTRY']
+
+LOSS_REGISTRY: dict[str, type['DistillationLoss']] = {}
+
+
+class LossSpecError(ValueError):
+    """An unknown loss, option or incompatible student (message is the one-line user error)."""
+
+
+@dataclass
+class Batch:
+    """What a loss may know about the current batch besides the features.
+
+    ``labels_b``/``lam`` describe timm's batch-mode mixup: sample i was mixed with sample B−1−i with weight λ
+    (``labels_b = labels.flip(0)``); without mixup ``labels_b = labels`` and ``lam = 1``.
+    """
+    images: torch.Tensor                 # [B, C, H, W] the (mixed) input the student saw, student-normalised
+    targets: torch.Tensor                # [B, K] soft targets of the task loss (smoothing and mixup folded in)
+    labels: torch.Tensor                 # [B] y_a
+    labels_b: torch.Tensor               # [B] y_b
+    lam: float = 1.0
+    index: Optional[torch.Tensor] = None  # [B] data set indices
+    epoch: int = 0
+    step: int = 0
+    student_forward: Optional[Callable[[torch.Tensor], Features]] = None   # extra student forward (same taps)
+    teacher_forward: Optional[Callable[[torch.Tensor], Features]] = None   # extra teacher forward (same taps)
+
+
+@dataclass
+class RunInfo:
+    """Facts about the run that a loss may need to build itself."""
+    num_classes: int
+    num_samples: int = 0                  # training-set size (memory banks)
+    epochs: int = 1
+    steps_per_epoch: int = 1
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    student_name: str = ''
+    student_kwargs: dict = field(default_factory=dict)
+    student_has_dist_head: bool = False
+    world_size: int = 1
+
+
+class DistillationLoss(nn.Module):
+    """Base class of a distillation method. Subclasses set ``paper`` and the taps, and implement ``forward``."""
+
+    name: ClassVar[str] = ''
+    paper: ClassVar[str] = ''
+    #: the method reads the distillation head (z_dist); the task loss then goes to the class head only
+    uses_dist_head: bool = False
+    #: the method needs the student's distillation head to exist (DeiT token distillation)
+    requires_dist_head: ClassVar[bool] = False
+    needs_input_grad: ClassVar[bool] = False
+    disable_fused_attn: ClassVar[bool] = False
+    #: the method needs a teacher; False for teacher-free terms
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student_taps = TapSpec()
+        self.teacher_taps = TapSpec()
+
+    def setup(self, student: Features, teacher: Features, info: RunInfo) -> None:
+        """Build trainable parts from example features (shapes only; called once before the optimizer exists)."""
+
+    def task_weight(self, epoch: int) -> float:
+        """Factor on the task loss at ``epoch`` (1 = keep it)."""
+        return 1.0
+
+    def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
+        """Named loss terms (scalars, fp32). Their sum, times the method weight, enters the total loss."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ', '.join(f'{k}={v}' for k, v in self.options().items())
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options with their values (for logs and model cards)."""
+        sig = inspect.signature(type(self).__init__)
+        return {k: getattr(self, k) for k in sig.parameters if k != 'self' and hasattr(self, k)}
+
+
+def register_loss(name: str):
+    """Class decorator: register a :class:`DistillationLoss` under ``name``."""
+    def wrap(cls):
+        if name in LOSS_REGISTRY:
+            raise ValueError(f'loss {name!r} registered twice')
+        cls.name = name
+        LOSS_REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def get_loss_class(name: str) -> type[DistillationLoss]:
+    if name not in LOSS_REGISTRY:
+        import difflib
+        close = difflib.get_close_matches(name, LOSS_REGISTRY, n=3)
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise LossSpecError(f'unknown loss {name!r}{hint}; registered: {", ".join(sorted(LOSS_REGISTRY))}')
+    return LOSS_REGISTRY[name]
+
+
+def loss_option_names(name: str) -> list[str]:
+    sig = inspect.signature(get_loss_class(name).__init__)
+    return [k for k, p in sig.parameters.items() if k != 'self' and p.kind == p.KEYWORD_ONLY or
+            (k != 'self' and p.kind == p.POSITIONAL_OR_KEYWORD)]
+
+
+def create_loss(name: str, **options: Any) -> DistillationLoss:
+    """Build the registered loss ``name`` with ``options`` (unknown options are an error listing the valid ones)."""
+    cls = get_loss_class(name)
+    valid = loss_option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise LossSpecError(f'loss {name!r} has no option {", ".join(unknown)}; its options: '
+                            f'{", ".join(valid) or "(none)"}')
+    return cls(**options)
+
+
+def list_losses() -> list[tuple[str, str]]:
+    """(name, paper) of every registered method, sorted by name."""
+    return [(n, LOSS_REGISTRY[n].paper) for n in sorted(LOSS_REGISTRY)]

@@ -1,0 +1,303 @@
+"""Students and teachers.
+
+Students are timm models. Besides every timm architecture (timm's ``deit_*_distilled_patch16_224`` with a learned
+distillation token among them), vitkd registers the VkD student in timm's registry:
+
+* ``deit_ti_distilled`` / ``deit_s_distilled`` / ``deit_b_distilled`` — "VkD: Improving Knowledge Distillation using
+  Orthogonal Projections", Miles, Elezi, Deng, CVPR 2024 (https://github.com/roymiles/VkD, ``models/deit.py``):
+  a DeiT with the CiVT convolutional stem instead of the linear patch embedding, and a distillation token that is
+  the mean of the patch embeddings (no ``dist_token`` parameter), drop-path 0 by default.
+
+After ``import vitkd`` they build with plain ``timm.create_model('deit_s_distilled')`` and round-trip through timm's
+``save_for_hf`` / ``local-dir:`` / ``hf-hub:`` loaders like any timm model. Small CPU variants are the same
+architectures with timm kwargs (``img_size=28, patch_size=4, depth=4, embed_dim=96, num_heads=3``).
+
+Teachers are any timm model (name, ``name.tag``, ``hf-hub:org/name``, a ``save_for_hf`` folder, or a
+``.safetensors`` file with an architecture), wrapped in :class:`Teacher`: frozen, always in eval mode, outside
+the trained module, re-normalising the student's input to its own mean/std.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models import generate_default_cfgs, register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models.deit import VisionTransformerDistilled, checkpoint_filter_fn
+
+__all__ = ['create_student', 'create_teacher', 'Teacher', 'ConvStemPatchEmbed', 'VkDDistilledViT',
+           'student_head_logits', 'has_dist_head', 'resolve_teacher_name', 'ModelSpecError']
+
+_logger = logging.getLogger(__name__)
+
+# DeiT, VkD and ND trained with the DeiT teacher; timm's default tag for the bare name is a stronger, different model.
+TEACHER_ALIASES = {'regnety_160': 'regnety_160.deit_in1k'}
+
+
+class ModelSpecError(ValueError):
+    """A student/teacher name, file or option that cannot be used (message is the one-line user error)."""
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """CiVT/VkD convolutional stem used as a timm patch embedding.
+
+    conv7x7 s2 (no bias) → BN → ReLU → 2 × [conv3x3 (no bias) → BN → ReLU] → conv k=s=patch/2 (with bias) → tokens.
+    Input [B, C, H, W] → output [B, (H/patch)·(W/patch), D].
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, stem_width: int = 64, **kwargs):
+        kwargs.pop('bias', None)
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        if self.patch_size[0] % 2 or self.patch_size[1] % 2:
+            raise ModelSpecError(f'conv-stem patch_size must be even (stride-2 stem), got {patch_size}')
+        def conv_bn_relu(cin, cout, k, s):
+            return [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        self.stem = nn.Sequential(*conv_bn_relu(in_chans, stem_width, 7, 2), *conv_bn_relu(stem_width, stem_width, 3, 1),
+                                  *conv_bn_relu(stem_width, stem_width, 3, 1))
+        half = (self.patch_size[0] // 2, self.patch_size[1] // 2)
+        self.proj = nn.Conv2d(stem_width, embed_dim, kernel_size=half, stride=half, bias=True)
+        for m in self.stem.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
+        nn.init.kaiming_normal_(self.proj.weight, mode='fan_in', nonlinearity='relu')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.stem(x))  # [B, D, H/p, W/p]
+        return self.norm(x.flatten(2).transpose(1, 2))  # [B, N, D]
+
+
+class VkDDistilledViT(VisionTransformerDistilled):
+    """VkD student: conv-stem DeiT whose distillation token is the mean of the patch embeddings.
+
+    Tokens are [cls, dist, patches] + pos_embed (1, N + 2, D); dist = mean_n(patch_embed(x)) taken before the
+    position embedding. Train mode with distilled training returns (z_cls, z_dist); eval mode returns their mean.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('embed_layer', ConvStemPatchEmbed)
+        super().__init__(*args, **kwargs)
+        del self.dist_token  # the distillation token is data-dependent here
+        self.distilled_training = True
+
+    def init_weights(self, mode='', needs_reset=True):
+        # the parent's init also draws dist_token, which this model does not have
+        super(VisionTransformerDistilled, self).init_weights(mode=mode or self.weight_init_mode, needs_reset=needs_reset)
+
+    def no_weight_decay(self):
+        return {'pos_embed', 'cls_token'}
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        dist = x.mean(dim=1, keepdim=True)  # [B, 1, D]: mean of the patch embeddings, before pos_embed
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), dist, x), dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+
+def _vkd_cfg(**kwargs):
+    return dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
+                interpolation='bicubic', fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                first_conv='patch_embed.stem.0', classifier=('head', 'head_dist'), license='apache-2.0',
+                paper_ids='arXiv:2403.06213', **kwargs)
+
+
+# timm's register_model reads this module-level table for the models' pretrained configs.
+default_cfgs = generate_default_cfgs({name: _vkd_cfg() for name in
+                                      ('deit_ti_distilled', 'deit_s_distilled', 'deit_b_distilled')})
+
+
+def _create_vkd(variant: str, pretrained: bool, **kwargs) -> VkDDistilledViT:
+    model_args = dict(patch_size=16, mlp_ratio=4, qkv_bias=True, drop_path_rate=0.0)
+    return build_model_with_cfg(VkDDistilledViT, variant, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=dict(feature_cls='getter'),
+                                **{**model_args, **kwargs})
+
+
+@register_model
+def deit_ti_distilled(pretrained: bool = False, **kwargs) -> VkDDistilledViT:
+    """VkD DeiT-Ti student (D 192, 12 blocks, 3 heads, conv stem)."""
+    return _create_vkd('deit_ti_distilled', pretrained, **{'embed_dim': 192, 'depth': 12, 'num_heads': 3, **kwargs})
+
+
+@register_model
+def deit_s_distilled(pretrained: bool = False, **kwargs) -> VkDDistilledViT:
+    """VkD DeiT-S student (D 384, 12 blocks, 6 heads, conv stem)."""
+    return _create_vkd('deit_s_distilled', pretrained, **{'embed_dim': 384, 'depth': 12, 'num_heads': 6, **kwargs})
+
+
+@register_model
+def deit_b_distilled(pretrained: bool = False, **kwargs) -> VkDDistilledViT:
+    """VkD DeiT-B student (D 768, 12 blocks, 12 heads, conv stem)."""
+    return _create_vkd('deit_b_distilled', pretrained, **{'embed_dim': 768, 'depth': 12, 'num_heads': 12, **kwargs})
+
+
+def _unknown_model_error(name: str, role: str) -> ModelSpecError:
+    base = name.split('.')[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+    hint = f'; did you mean: {", ".join(close)}' if close else '; see timm.list_models()'
+    return ModelSpecError(f'unknown {role} model {name!r}{hint}')
+
+
+def create_student(name: str, num_classes: int, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """Build a student with ``timm.create_model``.
+
+    Args:
+        name: any timm model name (e.g. ``deit_s_distilled``, ``deit_tiny_distilled_patch16_224``, ``resnet18``).
+        num_classes: classifier width K.
+        pretrained: load the model's pretrained weights through timm (the Hub path).
+        **overrides: timm kwargs (``img_size``, ``patch_size``, ``depth``, ``embed_dim``, ``in_chans``, …).
+
+    Returns:
+        The model; distilled ViTs are switched to distilled training (train mode returns (z_cls, z_dist)).
+    """
+    if not name.startswith(('hf-hub:', 'local-dir:')) and not timm.is_model(name.split('.')[0]):
+        raise _unknown_model_error(name, 'student')
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **overrides)
+    except TypeError as e:
+        raise ModelSpecError(f'student {name!r} does not accept these options {sorted(overrides)}: {e}') from None
+    if hasattr(model, 'set_distilled_training'):
+        model.set_distilled_training(True)
+    return model
+
+
+def has_dist_head(model: nn.Module) -> bool:
+    """True when the model has a distillation head (``head_dist``) fed by a distillation token."""
+    return isinstance(getattr(model, 'head_dist', None), nn.Module) and getattr(model, 'num_prefix_tokens', 1) >= 2
+
+
+def student_head_logits(model: nn.Module, final: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Class-head and distillation-head logits from a student's final features, whatever its mode.
+
+    Args:
+        final: ``forward_features`` output ([B, N, D] tokens for ViTs, [B, C, H, W] for CNNs).
+
+    Returns:
+        (z_cls [B, K], z_dist [B, K] or None when the model has no distillation head).
+    """
+    if has_dist_head(model):
+        return model.head(model.head_drop(final[:, 0])), model.head_dist(model.head_drop(final[:, 1]))
+    out = model.forward_head(final)
+    return out, None
+
+
+def resolve_teacher_name(name: str) -> str:
+    """Map the bare DeiT teacher name to the weights DeiT/VkD/ND trained with (``regnety_160.deit_in1k``)."""
+    return TEACHER_ALIASES.get(name, name)
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: eval mode forever, no gradients, input re-normalised from the student's mean/std.
+
+    It is deliberately kept out of the trained module (not a submodule of the distiller), so DDP never wraps it,
+    the optimizer never sees it and student checkpoints never contain it.
+    """
+
+    def __init__(self, model: nn.Module, source: str, student_mean=None, student_std=None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.source = source
+        cfg = getattr(model, 'pretrained_cfg', {}) or {}
+        self.mean, self.std = tuple(cfg.get('mean', (0.485, 0.456, 0.406))), tuple(cfg.get('std', (0.229, 0.224, 0.225)))
+        self.set_student_normalization(student_mean or self.mean, student_std or self.std)
+
+    def set_student_normalization(self, mean, std):
+        """Make the teacher see x·std_s + mean_s normalised by its own mean/std (a per-channel affine map)."""
+        mean_s, std_s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        c = len(mean_s)
+        if len(self.mean) != c:  # e.g. a 1-channel teacher whose config kept ImageNet's 3-channel stats
+            _logger.warning('teacher normalisation has %d channels, the input %d: using the input\'s', len(self.mean), c)
+            self.mean, self.std = tuple(mean), tuple(std)
+        mean_t, std_t = torch.tensor(self.mean), torch.tensor(self.std)
+        self.renormalize = not (torch.allclose(mean_s, mean_t) and torch.allclose(std_s, std_t))
+        self.register_buffer('in_scale', (std_s / std_t).view(1, c, 1, 1), persistent=False)
+        self.register_buffer('in_shift', ((mean_s - mean_t) / std_t).view(1, c, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> 'Teacher':
+        return super().train(False)  # a generic .train() must never put the teacher's BN/dropout in train mode
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] student-normalised → teacher-normalised."""
+        return x * self.in_scale + self.in_shift if self.renormalize else x
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+
+def _read_local_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / 'config.json').read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelSpecError(f'{folder} is not a timm model folder (config.json unreadable: {e})') from None
+
+
+def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[str] = None,
+                   pretrained: bool = True, **kwargs: Any) -> Teacher:
+    """Build a frozen teacher.
+
+    Args:
+        spec: a timm name with or without tag (``regnety_160`` = ``regnety_160.deit_in1k``), ``hf-hub:org/name``,
+            a folder written by timm's ``save_for_hf`` (config.json + model.safetensors), or a ``.safetensors`` file
+            (then ``arch`` names the timm architecture).
+        num_classes: expected number of classes; a teacher head of another width is an error.
+        arch: architecture for a bare ``.safetensors`` file.
+        pretrained: load weights (False only for tests/benchmarks with random teachers).
+        **kwargs: timm kwargs for the architecture.
+    """
+    path = Path(spec).expanduser()
+    if spec.startswith('local-dir:') or path.is_dir():
+        folder = Path(spec[len('local-dir:'):]) if spec.startswith('local-dir:') else path
+        _read_local_config(folder)
+        model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=pretrained, **kwargs)
+        source = f'local-dir:{folder.resolve()}'
+    elif spec.endswith('.safetensors'):
+        if not path.is_file():
+            raise ModelSpecError(f'teacher weights file {spec!r} does not exist')
+        if not arch:
+            raise ModelSpecError(f'teacher {spec!r} is a bare weights file: also pass --teacher-arch <timm model name>')
+        if not timm.is_model(arch.split('.')[0]):
+            raise _unknown_model_error(arch, 'teacher')
+        overlay = dict(file=str(path.resolve()), num_classes=num_classes or 1000)
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay,
+                                  num_classes=num_classes or 1000, **kwargs)
+        source = f'{arch} from {path.resolve()}'
+    elif spec.startswith('hf-hub:'):
+        model = _create_hub_teacher(spec, pretrained, **kwargs)
+        source = spec
+    else:
+        name = resolve_teacher_name(spec)
+        if not timm.is_model(name.split('.')[0]):
+            raise _unknown_model_error(spec, 'teacher')
+        model = _create_hub_teacher(name, pretrained, **({'num_classes': num_classes} if not pretrained and num_classes
+                                                        else {}), **kwargs)
+        tag = getattr(model, 'pretrained_cfg', {}).get('tag', '')
+        source = f'{name.split(".")[0]}.{tag}' if tag else name
+        if name != spec:
+            _logger.info('teacher %r resolved to %r (the DeiT teacher)', spec, name)
+    if num_classes is not None and model.num_classes != num_classes:
+        raise ModelSpecError(f'teacher {spec!r} has a {model.num_classes}-way head but the data has {num_classes} '
+                             f'classes; use a teacher trained on this data (or --num-classes {model.num_classes})')
+    return Teacher(model, source)
+
+
+def _create_hub_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """timm.create_model with the Hub path, turning offline cache misses into a one-line error."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except LocalEntryNotFoundError:
+        offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False')
+        why = 'HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached'
+        raise ModelSpecError(f'teacher weights for {name!r} are not in the local Hub cache and {why}; download them '
+                             f'once online (huggingface-cli download), or pass a local folder/.safetensors') from None
+    except RuntimeError as e:
+        if 'No pretrained weights' in str(e) or 'pretrained' in str(e).lower():
+            raise ModelSpecError(f'teacher {name!r}: {e}') from None
+        raise
