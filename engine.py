@@ -21,6 +21,7 @@ class TrainState:
     """Counters that survive across epochs (and checkpoints)."""
     epoch: int = 0
     step: int = 0                 # optimizer steps taken
+    batches_done: int = 0         # loader batches of the current epoch already trained (a mid-epoch resume skips them)
     max_steps: Optional[int] = None
     deadline: Optional[float] = None  # time.time() after which training stops
     stop_reason: str = ''
@@ -34,28 +35,37 @@ class TrainState:
         return bool(self.stop_reason)
 
     def state_dict(self) -> dict:
-        return {'epoch': self.epoch, 'step': self.step}
+        return {'epoch': self.epoch, 'step': self.step, 'batches_done': self.batches_done}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = int(state['epoch']), int(state['step'])
+        self.batches_done = int(state.get('batches_done', 0))
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: Callable, state: TrainState,
                     num_classes: int, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
-                    log_fn: Optional[Callable[[dict], None]] = None, teacher_cache=None) -> dict:
+                    log_fn: Optional[Callable[[dict], None]] = None, teacher_cache=None,
+                    step_hook: Optional[Callable[[bool], bool]] = None) -> dict:
     """One pass over ``loader`` (or until the step/time budget runs out).
 
     ``model`` is the prepared :class:`vitkd.distiller.Distiller`; ``mixup_fn(images, labels)`` returns the mixed
-    images, soft targets and mixup metadata. Returns the epoch means of every logged term and img/s.
+    images, soft targets and mixup metadata. Returns the epoch means of every logged term and img/s (over the
+    batches trained in this call). A resumed epoch skips the ``state.batches_done`` batches already trained.
+    ``step_hook(last_batch)`` runs after every optimizer step (periodic checkpoints, preemption); True stops the epoch.
     """
     model.train()
     sums: dict[str, float] = {}
     seen, count, start = 0, 0, time.time()
-    steps_per_epoch = max(1, len(loader) // accelerator.gradient_accumulation_steps)
+    num_batches = len(loader)
+    if hasattr(loader, 'set_epoch'):
+        loader.set_epoch(state.epoch)  # the sampler draws this epoch's order and augmentation seeds from (seed, epoch)
+    first = state.batches_done
+    if first:
+        loader = accelerator.skip_first_batches(loader, first)
     progress = _progress(loader, accelerator, state.epoch)
-    for it, (images, labels, index) in enumerate(progress):
+    for it, (images, labels, index) in enumerate(progress, start=first):
         images, targets, mix = mixup_fn(images, labels)
-        epoch_float = state.epoch + it / max(1, len(loader))
+        epoch_float = state.epoch + it / max(1, num_batches)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 out = model(images, targets, labels, mix['labels_b'], mix['lam'], index, epoch=epoch_float,
@@ -81,7 +91,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
         terms = {'loss': loss.detach(), **out['terms']}
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-        if accelerator.sync_gradients and (state.step % log_every == 0 or it == len(loader) - 1):
+        if accelerator.sync_gradients and (state.step % log_every == 0 or it == num_batches - 1):
             rate = seen / max(1e-9, time.time() - start)
             record = {'epoch': epoch_float, 'step': state.step, 'lr': optimizer.param_groups[0]['lr'],
                       'img_per_s': rate, **{k: float(v) for k, v in terms.items()}}
@@ -90,6 +100,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
                                      {'lr': f'{record["lr"]:.2e}', 'img/s': f'{rate:.0f}'})
             if log_fn is not None:
                 log_fn(record)
+        state.batches_done = it + 1
+        if accelerator.sync_gradients and step_hook is not None and step_hook(it == num_batches - 1):
+            break
         if state.exhausted():
             break
     means = {k: v / max(1, count) for k, v in sums.items()}

@@ -206,6 +206,7 @@ class Teacher(nn.Module):
         cfg = getattr(model, 'pretrained_cfg', {}) or {}
         self.mean, self.std = tuple(cfg.get('mean', (0.485, 0.456, 0.406))), tuple(cfg.get('std', (0.229, 0.224, 0.225)))
         self.set_student_normalization(student_mean or self.mean, student_std or self.std)
+        self.train(False)
 
     def set_student_normalization(self, mean, std):
         """Make the teacher see x·std_s + mean_s normalised by its own mean/std (a per-channel affine map)."""
