@@ -3,6 +3,8 @@
     python main.py                                   # embedded default: Fashion-MNIST, shipped teacher, ~4 minutes
     accelerate launch main.py --teacher regnety_160 --student deit_s_distilled --data-path /data/imagenet
     python main.py --eval-student --student-ckpt output/run/student
+    python main.py ... --output-dir output/run --resume auto      # continue after a kill / preemption (SIGTERM)
+    python main.py ... --push-to-hub --hub-model-id org/name      # or later: python scripts/push_to_hub.py output/run
     python main.py --list-losses
 """
 from __future__ import annotations
@@ -18,12 +20,16 @@ import torch
 
 from engine import NonFiniteLossError, TrainState, evaluate, evaluate_teacher, train_one_epoch
 from vitkd import run as runlib
-from vitkd.config import ConfigError, parse_args, to_yaml
+from vitkd.checkpoint import Checkpointer, resolve_resume
+from vitkd.config import parse_args, to_yaml
+from vitkd.errors import UsageError
+from vitkd.hub import push_run_to_hub
 
 _logger = logging.getLogger('vitkd')
 
 
-def main(argv=None) -> int:
+def train(argv=None) -> int:
+    """Parse, build, train, evaluate, export. Errors propagate (see :func:`main`)."""
     cfg, args = parse_args(argv)
     if args.list_losses:
         from vitkd.losses import list_losses
@@ -35,6 +41,7 @@ def main(argv=None) -> int:
     if cfg.eval_student:
         return runlib.eval_student(cfg, accelerator)
 
+    resume_from = resolve_resume(cfg, log)
     out_dir = runlib.prepare_output_dir(cfg, accelerator)
     r = runlib.build_run(cfg, accelerator)
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
@@ -49,50 +56,69 @@ def main(argv=None) -> int:
         log(f'teacher top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%')
 
     state = r.state
+    ckpt = Checkpointer(cfg, r, out_dir, accelerator)
+    ckpt.resume(resume_from)
     if cfg.time_limit:
         state.deadline = time.time() + cfg.time_limit
-    start, best, metrics = time.time(), None, {}
+    start, metrics = time.time(), {}
     logger = runlib.MetricLogger(out_dir, accelerator)
-    while state.epoch < cfg.epochs and not state.stop_reason:
-        r.distiller_unwrapped.teacher and r.distiller_unwrapped.teacher.train(False)
-        train_stats = train_one_epoch(r.distiller, r.train_loader, r.optimizer, r.scheduler, accelerator, r.mixer,
-                                      state, r.spec.num_classes, cfg.clip_grad, r.ema, cfg.log_every, logger.step)
-        state.epoch += 1
-        last = state.epoch >= cfg.epochs or bool(state.stop_reason)
-        if last or state.epoch % cfg.eval_every == 0:
-            metrics = evaluate(r.student, r.val_loader, accelerator)
-            if r.ema is not None:
-                metrics.update({f'ema_{k}': v for k, v in evaluate(r.ema.module, r.val_loader, accelerator).items()
-                                if k != 'samples'})
-            if best is None or metrics['avg_top1'] > best['avg_top1']:
-                best = dict(metrics, epoch=state.epoch - 1)
-            log(f'epoch {state.epoch - 1}: ' + ', '.join(f'{k} {v:.3f}' for k, v in train_stats.items()
-                                                           if k not in ('samples',)) +
-                ' | ' + runlib.format_heads(metrics))
-        logger.epoch(state.epoch - 1, train_stats, metrics)
-        runlib.save_checkpoint(r, out_dir, accelerator)
+    with ckpt.signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
+        while state.epoch < cfg.epochs and not state.stop_reason:
+            epoch = state.epoch
+            r.distiller_unwrapped.teacher and r.distiller_unwrapped.teacher.train(False)
+            train_stats = train_one_epoch(r.distiller, r.train_loader, r.optimizer, r.scheduler, accelerator, r.mixer,
+                                          state, r.spec.num_classes, cfg.clip_grad, r.ema, cfg.log_every, logger.step,
+                                          step_hook=ckpt.step_hook)
+            if ckpt.preempted:  # saved mid-epoch by the step hook
+                log(ckpt.preemption_message())
+                return ckpt.exit_code()
+            if state.batches_done >= len(r.train_loader):  # the epoch is complete (else a step/time budget ran out)
+                state.epoch, state.batches_done = state.epoch + 1, 0
+            last = state.epoch >= cfg.epochs or bool(state.stop_reason)
+            evaluated = not ckpt.stop_requested() and (last or (state.batches_done == 0 and
+                                                                state.epoch % cfg.eval_every == 0))
+            if evaluated:
+                metrics = evaluate(r.student, r.val_loader, accelerator)
+                if r.ema is not None:
+                    metrics.update({f'ema_{k}': v for k, v in evaluate(r.ema.module, r.val_loader, accelerator).items()
+                                    if k != 'samples'})
+                log(f'epoch {epoch}: ' + ', '.join(f'{k} {v:.3f}' for k, v in train_stats.items()
+                                                   if k not in ('samples',)) + ' | ' + runlib.format_heads(metrics))
+            logger.epoch(epoch, train_stats, metrics)
+            ckpt.save(metrics if evaluated else None)
+            if ckpt.stop_requested():
+                log(ckpt.preemption_message())
+                return ckpt.exit_code()
     elapsed = time.time() - start
     export_dir = runlib.export_student(r, out_dir, accelerator, metrics)
-    summary = dict(teacher=teacher_metrics, student=metrics, best=best, epochs_run=state.epoch, steps=state.step,
+    summary = dict(teacher=teacher_metrics, student=metrics, best=ckpt.best, epochs_run=state.epoch, steps=state.step,
                    train_seconds=round(elapsed, 1), stop_reason=state.stop_reason or 'epochs done',
-                   student_export=str(export_dir))
+                   student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None)
     if accelerator.is_main_process:
         (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
     logger.finish()
     log(runlib.summary_table(cfg, summary))
     log(f'outputs in {out_dir}')
+    code = 0
+    if cfg.push_to_hub and accelerator.is_main_process:
+        code = push_run_to_hub(out_dir, cfg.hub_model_id, cfg.hub_private, log)
     accelerator.end_training()
-    return 0
+    return code
 
 
-if __name__ == '__main__':
+def main(argv=None) -> int:
+    """The command line: usage errors become one line on stderr and exit code 2 (VITKD_DEBUG=1 shows tracebacks)."""
     try:
-        sys.exit(main())
-    except (ConfigError, ValueError) as e:  # one-line usage errors (bad names, paths, options)
+        return train(argv)
+    except UsageError as e:
         if os.environ.get('VITKD_DEBUG'):
             raise
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        return 2
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(3)
+        return 3
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -6,6 +6,7 @@ embedded Fashion-MNIST one) < ``-c file.yaml`` < command-line flags. The resolve
 """
 from __future__ import annotations
 
+from .errors import UsageError
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ __all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'EMBEDDED_DEFA
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad option value (message is the one-line user error)."""
 
 
@@ -102,13 +103,19 @@ class Config:
     output_dir: Optional[str] = option(None, 'run dir (default output/<student>-<methods>-<time>)',
                                     aliases=('--output_dir',))
     overwrite: bool = option(False, 'reuse an output dir that holds another run')
-    resume: Optional[str] = option(None, 'auto (newest complete checkpoint in the output dir) or a checkpoint path')
+    resume: Optional[str] = option(None, 'auto (newest complete checkpoint in the output dir; none yet = start) or a '
+                                'checkpoint folder / run dir')
+    save_every_steps: Optional[int] = option(None, 'also save a training checkpoint every N optimizer steps (mid-epoch)')
+    keep_last: int = option(2, 'keep the newest K training checkpoints (checkpoints/best is kept apart)')
     log_every: int = option(50, 'log training terms every N steps')
     eval_every: int = option(1, 'evaluate every N epochs')
     eval_student: bool = option(False, 'only evaluate --student-ckpt', aliases=('--eval_student',))
     student_ckpt: Optional[str] = option(None, 'student to evaluate: export folder, checkpoint, .safetensors, hf-hub:id',
                                       aliases=('--student_ckpt',))
     eval_teacher: bool = option(True, 'report the teacher\'s own accuracy once')
+    push_to_hub: bool = option(False, 'upload the exported student with a model card to the Hugging Face Hub at the end')
+    hub_model_id: Optional[str] = option(None, 'Hub repo org/name for --push-to-hub (default: your namespace/<run name>)')
+    hub_private: bool = option(False, 'create the Hub repo as private')
 
 
 # The embedded default: Fashion-MNIST from Debian's files, the shipped RegNetY teacher, a tiny VkD-style student, a
@@ -219,7 +226,7 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if value is None or value <= 0:
             raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')
-    for name in ('max_steps', 'time_limit', 'clip_grad', 'num_classes'):
+    for name in ('max_steps', 'time_limit', 'clip_grad', 'num_classes', 'save_every_steps'):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')
@@ -227,6 +234,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError('--weight-decay, --min-lr and --warmup-epochs must be >= 0')
     if not 0 <= cfg.smoothing < 1:
         raise ConfigError(f'--smoothing must be in [0, 1), got {cfg.smoothing}')
+    if cfg.keep_last < 1:
+        raise ConfigError(f'--keep-last must be >= 1, got {cfg.keep_last}')
     if cfg.resume not in (None, 'auto') and not Path(cfg.resume).exists():
         raise ConfigError(f'--resume {cfg.resume!r}: no such checkpoint (use auto or a checkpoint folder)')
 

@@ -12,11 +12,13 @@ Transforms are timm's (``create_transform``); mixup is ``timm.data.Mixup``.
 """
 from __future__ import annotations
 
+from .errors import UsageError
 import gzip
 import logging
 import os
 import random
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -24,10 +26,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-__all__ = ['DataSpec', 'build_datasets', 'IndexedDataset', 'read_idx', 'find_fashion_mnist', 'DataError',
-           'DATASET_STATS', 'seed_worker']
+__all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EpochSampler', 'read_idx',
+           'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker']
 
 _logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ DATASET_STATS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data path or option that cannot be used (message is the one-line user error)."""
 
 
@@ -83,8 +85,56 @@ class ArrayImageDataset(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+class EpochSampler(Sampler):
+    """Shuffled sampling whose every random choice is a function of (seed, epoch): exact resume, any worker count.
+
+    Yields ``(index, sample_seed)`` keys for :class:`IndexedDataset`: the epoch's permutation is drawn from
+    ``(seed, epoch)`` and each sample's augmentation seed from ``(seed, epoch, index)``. A run resumed mid-epoch
+    (``skip_first_batches``) therefore sees the same batches with the same augmentations as an uninterrupted run,
+    whatever the number of loader workers or processes (each sample's seed does not depend on which worker or
+    rank loads it). Accelerate's data loaders call :meth:`set_epoch`.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        order_seq, augment_seq = np.random.SeedSequence((self.seed, self.epoch)).spawn(2)
+        gen = torch.Generator().manual_seed(int(order_seq.generate_state(1, np.uint64)[0]))
+        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        sample_seeds = augment_seq.generate_state(self.num_samples, np.uint64)  # [N], one per data-set index
+        for i in order:
+            yield i, int(sample_seeds[i])
+
+
+@contextmanager
+def _seeded_rngs(seed: int):
+    """Python's, NumPy's and torch's CPU global generators seeded for one sample, restored afterwards."""
+    saved = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.default_generator.set_state(saved[2])
+
+
 class IndexedDataset(Dataset):
-    """Wraps a (image, label) data set to yield (image, label, index); corrupt images are skipped and counted."""
+    """Wraps a (image, label) data set to yield (image, label, index); corrupt images are skipped and counted.
+
+    Keys are plain indices, or ``(index, sample_seed)`` pairs from :class:`EpochSampler`: then the sample's random
+    augmentation runs with the global Python/NumPy/torch-CPU generators seeded by ``sample_seed`` (and restored
+    afterwards, so loading in the main process leaves the training randomness untouched).
+    """
 
     def __init__(self, dataset: Dataset, skip_corrupt: bool = True):
         self.dataset, self.skip_corrupt = dataset, skip_corrupt
@@ -93,7 +143,14 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, sample_seed = key
+            with _seeded_rngs(sample_seed):
+                return self._load(index)
+        return self._load(key)
+
+    def _load(self, i: int):
         for offset in range(len(self)):
             j = (i + offset) % len(self)
             try:
@@ -245,6 +302,24 @@ def build_datasets(dataset: str, data_path: Optional[str], train_transform, eval
     val = TransformedDataset(val, eval_transform)
     val.classes = classes
     return train, val
+
+
+def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform) -> Dataset:
+    """The validation set alone (for ``--eval-student``: no scan of a large train/ folder); yields (image, label)."""
+    if dataset == 'fashion_mnist':
+        val = _fashion_mnist(data_path, False)
+    elif dataset in ('cifar10', 'cifar100'):
+        val = _cifar(dataset, data_path, False)
+    elif dataset == 'imagefolder':
+        if not data_path or not Path(data_path).is_dir():
+            raise DataError(f'--data-path {data_path!r} does not exist or is not a folder')
+        val = _image_folder(data_path, 'val', None, 0)
+    else:
+        raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
+    classes = list(val.classes)
+    val = TransformedDataset(val, eval_transform)
+    val.classes = classes
+    return val
 
 
 def seed_worker(worker_id: int) -> None:

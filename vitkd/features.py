@@ -14,7 +14,8 @@ tap                       ViT (DeiT, VkD student)                               
 ``blocks=(i, …)``         block i output (un-normed) as a grid [B, D, h, w],     feature i of
                           its prefix tokens in ``block_prefix[i]`` [B, P, D]     ``forward_intermediates`` (stem,
                                                                                  stages) [B, C_i, H_i, W_i]
-``modules=('a.b', …)``    output of any named submodule (forward hook)           same
+``modules=('a.b', …)``    output of any named submodule (forward hook);          same
+                          ``'a.b:input'`` = its input (pre-hook; pre-ReLU maps)
 ========================  =====================================================  ==================================
 
 Models without ``forward_intermediates`` fall back to forward hooks on the modules named by their timm
@@ -22,6 +23,7 @@ Models without ``forward_intermediates`` fall back to forward hooks on the modul
 """
 from __future__ import annotations
 
+from .errors import UsageError
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,7 +36,7 @@ from .models import student_head_logits
 __all__ = ['TapSpec', 'Features', 'extract', 'num_taps', 'TapError']
 
 
-class TapError(ValueError):
+class TapError(UsageError):
     """A tap that the model cannot provide (message is the one-line user error)."""
 
 
@@ -121,15 +123,30 @@ def _resolve(indices: tuple[int, ...], n: int, what: str) -> list[int]:
     return sorted(set(out))
 
 
+INPUT_SUFFIX = ':input'
+
+
 def _hook_outputs(model: nn.Module, names: list[str], store: dict) -> list:
+    """Forward hooks storing each named module's output, or its first input for ``'name:input'`` taps.
+
+    An input tap is taken by a forward pre-hook and cloned when the module works in place (timm's ResNet
+    ``act2`` is ``ReLU(inplace=True)``), so e.g. ``'layer4.1.act2:input'`` is the pre-ReLU map.
+    """
     modules = dict(model.named_modules())
     handles = []
     for name in names:
-        if name not in modules:
-            raise TapError(f'module tap {name!r} is not a submodule of {type(model).__name__}')
-        def hook(_m, _inp, out, name=name):
-            store[name] = out
-        handles.append(modules[name].register_forward_hook(hook))
+        module_name = name[:-len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+        if module_name not in modules:
+            raise TapError(f'module tap {module_name!r} is not a submodule of {type(model).__name__}')
+        module = modules[module_name]
+        if name.endswith(INPUT_SUFFIX):
+            def pre_hook(m, inp, name=name):
+                store[name] = inp[0].clone() if getattr(m, 'inplace', False) else inp[0]
+            handles.append(module.register_forward_pre_hook(pre_hook))
+        else:
+            def hook(_m, _inp, out, name=name):
+                store[name] = out
+            handles.append(module.register_forward_hook(hook))
     return handles
 
 

@@ -18,6 +18,7 @@ the trained module, re-normalising the student's input to its own mean/std.
 """
 from __future__ import annotations
 
+from .errors import UsageError
 import difflib
 import json
 import logging
@@ -42,7 +43,7 @@ _logger = logging.getLogger(__name__)
 TEACHER_ALIASES = {'regnety_160': 'regnety_160.deit_in1k'}
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UsageError):
     """A student/teacher name, file or option that cannot be used (message is the one-line user error)."""
 
 
@@ -269,6 +270,9 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay,
                                   num_classes=num_classes or 1000, **kwargs)
         source = f'{arch} from {path.resolve()}'
+    elif spec.startswith(('/', './', '../', '~')) or os.sep in spec and not spec.startswith('hf-hub:'):
+        raise ModelSpecError(f'teacher path {spec!r} does not exist (expected a save_for_hf folder or a .safetensors '
+                             'file; Hub ids are written hf-hub:org/name)')
     elif spec.startswith('hf-hub:'):
         model = _create_hub_teacher(spec, pretrained, **kwargs)
         source = spec

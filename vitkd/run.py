@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .build import (BatchMixer, build_data, build_distiller, build_optimizer, build_scheduler, build_student,
-                    build_teacher, scaled_lr, student_data_spec)
+from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
+                    build_teacher, eval_data_config, scaled_lr, student_data_spec)
 from .config import Config, ConfigError
 
-__all__ = ['make_accelerator', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'save_checkpoint',
-           'export_student', 'eval_student', 'format_heads', 'summary_table']
+__all__ = ['make_accelerator', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student',
+           'format_heads', 'summary_table']
 
 RUN_MARKER = 'config.yaml'
 
@@ -69,10 +68,12 @@ class Run:
     lr: float
     global_batch: int
     student_params: int
+    data_config: Optional[dict] = None  # the evaluation preprocessing (recorded with the exported student)
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     from engine import TrainState
+    build_losses(cfg)  # fail fast on unknown methods/options, before data and models are loaded
     probe = build_student(cfg, num_classes=1)  # only for the data config (input size, mean/std)
     input_size, mean, std, _ = student_data_spec(cfg, probe)
     del probe
@@ -93,16 +94,13 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(student, decay=cfg.model_ema_decay, device=accelerator.device)
     distiller, optimizer, train_loader, val_loader = accelerator.prepare(distiller, optimizer, train_loader, val_loader)
-    accelerator.register_for_checkpointing(scheduler)
-    state = TrainState(max_steps=cfg.max_steps)
-    accelerator.register_for_checkpointing(state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    state = TrainState(max_steps=cfg.max_steps)  # scheduler, state and EMA are checkpointed by vitkd.checkpoint
     unwrapped = accelerator.unwrap_model(distiller)
     return Run(student=unwrapped.student, teacher=teacher, distiller=distiller, distiller_unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                mixer=BatchMixer(cfg, spec.num_classes), spec=spec, state=state, ema=ema, lr=lr,
-               global_batch=global_batch, student_params=sum(p.numel() for p in unwrapped.student.parameters()))
+               global_batch=global_batch, student_params=sum(p.numel() for p in unwrapped.student.parameters()),
+               data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std))
 
 
 class MetricLogger:
@@ -137,34 +135,15 @@ class MetricLogger:
             self.jsonl.close()
 
 
-def save_checkpoint(r: Run, out_dir: Path, accelerator: Accelerator) -> Path:
-    """Full training state through Accelerate, written to a temporary folder then renamed (never half-written)."""
-    final = out_dir / 'checkpoints' / f'epoch_{r.state.epoch:04d}'
-    tmp = final.with_name(final.name + '.tmp')
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def export_student(r: Run, out_dir: Path, accelerator: Accelerator, metrics: dict) -> Path:
-    """The student alone in timm's format (config.json + model.safetensors), no distillation parts."""
-    from timm.models import save_for_hf
+    """The student alone in timm's format (config.json + model.safetensors), no distillation parts; the EMA student
+    beside it (``student_ema/``) when EMA is on. Written atomically (``.tmp`` then renamed)."""
+    from .checkpoint import export_model, folded_student
     export = out_dir / 'student'
     if accelerator.is_main_process:
-        student = r.student
-        cfg = dict(getattr(student, 'pretrained_cfg', {}) or {})
-        cfg.update(mean=list(r.spec.mean), std=list(r.spec.std), input_size=list(r.spec.input_size),
-                   num_classes=r.spec.num_classes)
-        student.pretrained_cfg = cfg
-        save_for_hf(student, export, safe_serialization=True)
+        export_model(folded_student(r.distiller_unwrapped), export, r.data_config)
+        if r.ema is not None:
+            export_model(folded_student(r.distiller_unwrapped, r.ema.module), out_dir / 'student_ema', r.data_config)
     accelerator.wait_for_everyone()
     return export
 
@@ -189,5 +168,51 @@ def summary_table(cfg: Config, summary: dict) -> str:
 
 
 def eval_student(cfg: Config, accelerator: Accelerator) -> int:
-    """--eval-student: evaluate an exported/saved student on the validation set."""
-    raise ConfigError('--eval-student is not available yet')
+    """--eval-student: top-1/top-5 of the cls head, the dist head and their average for ``--student-ckpt``.
+
+    The student loads strictly (:func:`vitkd.checkpoint.load_student`); the preprocessing is the one recorded in
+    its config.json (else the data set's / the student's, as in training). Prints a table and writes
+    ``eval_student.json`` in the output dir. On N processes each validation sample is counted once.
+    """
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader
+
+    from engine import evaluate
+    from .checkpoint import CheckpointError, load_student
+    from .data import build_eval_dataset
+    if not cfg.student_ckpt:
+        raise ConfigError('--eval-student needs --student-ckpt (an exported folder, a checkpoint folder, a run dir, '
+                          'a .safetensors file with --student, or hf-hub:org/name)')
+    val = build_eval_dataset(cfg.dataset, cfg.data_path, None)  # transform set below, from the student's config
+    model, pretrained_cfg, source = load_student(cfg.student_ckpt, cfg, num_classes=len(val.classes))
+    if model.num_classes != len(val.classes):
+        raise CheckpointError(f'student {source} has a {model.num_classes}-way head, the validation set '
+                              f'{len(val.classes)} classes')
+    if {'input_size', 'mean', 'std'} <= set(pretrained_cfg):
+        data_config = {k: pretrained_cfg[k] for k in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')
+                       if k in pretrained_cfg}
+    else:
+        input_size, mean, std, _ = student_data_spec(cfg, model)
+        data_config = eval_data_config(cfg, input_size, mean, std)
+    val.transform = create_transform(tuple(data_config['input_size']), is_training=False,
+                                     crop_pct=data_config.get('crop_pct', cfg.eval_crop_ratio),
+                                     interpolation=data_config.get('interpolation', 'bicubic'),
+                                     mean=tuple(data_config['mean']), std=tuple(data_config['std']))
+    loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers)
+    loader = accelerator.prepare(loader)
+    metrics = evaluate(model.to(accelerator.device), loader, accelerator)
+    out_dir = Path(cfg.output_dir or Path('output') / f'eval_student-{time.strftime("%Y%m%d-%H%M%S")}')
+    report = dict(student_ckpt=cfg.student_ckpt, source=source, architecture=getattr(model, 'pretrained_cfg', {})
+                  .get('architecture', type(model).__name__), num_classes=model.num_classes, dataset=cfg.dataset,
+                  data_path=cfg.data_path, data_config={k: list(v) if isinstance(v, tuple) else v
+                                                         for k, v in data_config.items()},
+                  processes=accelerator.num_processes, metrics=metrics)
+    rows = [f'{"":<6}{"top-1":>8}{"top-5":>8}'] + [f'{h:<6}{metrics[f"{h}_top1"]:>8.2f}{metrics[f"{h}_top5"]:>8.2f}'
+                                                   for h in ('cls', 'dist', 'avg') if f'{h}_top1' in metrics]
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / 'eval_student.json').write_text(json.dumps(report, indent=2) + '\n')
+    accelerator.print(f'student {source} on {metrics["samples"]} {cfg.dataset} validation images\n' + '\n'.join(rows))
+    accelerator.print(f'wrote {out_dir / "eval_student.json"}')
+    accelerator.end_training()
+    return 0

@@ -23,6 +23,7 @@ Generic hooks for methods with a special procedure (no engine branches):
 """
 from __future__ import annotations
 
+from ..errors import UsageError
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
@@ -38,7 +39,7 @@ __all__ = ['DistillationLoss', 'Batch', 'RunInfo', 'register_loss', 'create_loss
 LOSS_REGISTRY: dict[str, type['DistillationLoss']] = {}
 
 
-class LossSpecError(ValueError):
+class LossSpecError(UsageError):
     """An unknown loss, option or incompatible student (message is the one-line user error)."""
 
 
@@ -95,6 +96,35 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.student_taps = TapSpec()
         self.teacher_taps = TapSpec()
+
+    def adapt_models(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        """Change the networks' forward (called once by the distiller, before :meth:`configure_taps`).
+
+        For methods whose trainable parts sit inside the student's forward (NORM's foldable feature-transform
+        residual) or that change the logits every consumer sees (NORM's optional logit standardisation). Modules
+        inserted into the student are trained, DDP-synchronised and checkpointed with it; fold or remove them in
+        :meth:`export_student`. The teacher stays frozen: add no parameters to it and keep no reference to it.
+        """
+
+    def export_student(self, student: nn.Module) -> nn.Module:
+        """The student to export: what :meth:`adapt_models` inserted folded away (a copy), or ``student`` itself."""
+        return student
+
+    def ddp_ignored_buffers(self) -> set[str]:
+        """Buffer names (relative to this loss) that DDP must not broadcast from rank 0 at every forward.
+
+        For state the loss itself keeps identical on every rank (CRD's memory banks: all-gathered, identical
+        updates); the distiller registers them with DDP's ignore list.
+        """
+        return set()
+
+    def configure_taps(self, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+        """Choose taps that depend on the architectures (called once by the distiller before it merges the taps).
+
+        For taps a constructor cannot know, e.g. "the blocks at 1/3, 2/3, 3/3 of a ViT's depth, or a CNN's last three
+        stages": set ``student_taps`` / ``teacher_taps`` here. Only read the models (unwrapped timm models; the
+        teacher is None without one): keeping a reference would make the frozen teacher a submodule.
+        """
 
     def setup(self, student: Features, teacher: Features, info: RunInfo) -> None:
         """Build trainable parts from example features (shapes only; called once before the optimizer exists)."""
