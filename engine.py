@@ -88,7 +88,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
         batch = images.shape[0] * accelerator.num_processes
         seen += batch
         count += 1
-        terms = {'loss': loss.detach(), **out['terms']}
+        top1 = (out['logits'].detach().argmax(-1) == labels).float().mean() * 100  # vs y_a under mixup
+        terms = {'loss': loss.detach(), **out['terms'], 'top1': top1}
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if accelerator.sync_gradients and (state.step % log_every == 0 or it == num_batches - 1):

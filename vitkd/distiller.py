@@ -70,11 +70,17 @@ class Distiller(nn.Module):
         self.student_spec = TapSpec(logits=True)
         self.teacher_spec = TapSpec()
         for e in entries:
+            e.loss.adapt_models(student, teacher.model if teacher is not None else None)
+        for e in entries:
+            e.loss.configure_taps(student, teacher.model if teacher is not None else None)
             self.student_spec = self.student_spec.merge(e.loss.student_taps)
             self.teacher_spec = self.teacher_spec.merge(e.loss.teacher_taps)
         self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
         self.needs_input_grad = any(e.loss.needs_input_grad for e in entries)
         self._setup_losses(info)
+        ignored = sorted(f'losses.{name}.{b}' for name, loss in self.losses.items() for b in loss.ddp_ignored_buffers())
+        if ignored:  # state the losses keep identical on every rank themselves: DDP must not broadcast rank 0's
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
 
     @property
     def task_on_cls_head(self) -> bool:
@@ -158,6 +164,13 @@ class Distiller(nn.Module):
                     total = total + weight * value
                     terms[f'{name}.{term}'] = value.detach()
         return {'loss': total, 'logits': student.head_logits, 'terms': terms}
+
+    def export_student(self) -> nn.Module:
+        """The student as exported: each loss may fold away what it inserted into it (NORM's feature transform)."""
+        student = self.student
+        for loss in self.losses.values():
+            student = loss.export_student(student)
+        return student
 
     def no_weight_decay(self) -> set[str]:
         """Full parameter names that must not be decayed.

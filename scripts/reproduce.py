@@ -1,0 +1,160 @@
+"""The papers' table, small: every method on the embedded default, same student, same step budget, several seeds.
+
+    python scripts/reproduce.py                 # all methods x 3 seeds (about an hour on 2 CPU cores)
+    python scripts/reproduce.py --quick         # the main methods x 1 seed (about 10 minutes)
+
+Each cell is one ``main.py`` run (a subprocess) on the embedded default (Fashion-MNIST, the shipped RegNetY teacher,
+a 4-block VkD-style student) for ``--steps`` optimizer steps. Finished cells are skipped when the script is run again
+(results are kept per cell in ``<out>/cells/``), so an interrupted reproduction resumes. Writes ``results.md`` (mean ±
+std top-1 of the cls / dist / avg heads, img/s, extra trainable parameters during training, peak memory),
+``results.json`` and ``results.png`` in ``--out``. A method whose avg top-1 does not beat the no-teacher student by
+more than the larger of the two seed stds is flagged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# method -> extra main.py arguments; the distill spec is the method's registered name(s)
+QUICK_METHODS = {
+    'none (no teacher)': ['--distill', 'none', '--teacher', 'none'],
+    'DeiT hard': ['--distill', 'deit_hard'],
+    'DeiT soft': ['--distill', 'deit_soft'],
+    'KD': ['--distill', 'kd'],
+    'VkD': ['--distill', 'vkd'],
+    'DIST': ['--distill', 'dist'],
+    'DKD': ['--distill', 'dkd'],
+    'KD++ (KD + ND)': ['-c', 'scripts/configs/kd++.yaml'],
+}
+
+
+def all_methods() -> dict[str, list[str]]:
+    """The quick set plus every other registered method by name, and the "++" presets that exist."""
+    from vitkd.losses import list_losses
+    methods = dict(QUICK_METHODS)
+    covered = {'none', 'deit_hard', 'deit_soft', 'kd', 'vkd', 'dist', 'dkd'}
+    for preset in ('dist++', 'dkd++', 'deit++', 'norm', 'reviewkd', 'reviewkd++', 'norm+kd'):
+        if (REPO / 'scripts' / 'configs' / f'{preset}.yaml').exists():
+            methods[f'{preset} (preset)'] = ['-c', f'scripts/configs/{preset}.yaml']
+    for name, _ in list_losses():
+        if name not in covered:
+            methods[name] = ['--distill', name]
+    return methods
+
+
+def run_cell(name: str, extra: list[str], seed: int, args, cell_dir: Path) -> dict:
+    done = cell_dir / 'summary.json'
+    if done.exists():
+        return json.loads(done.read_text())
+    cmd = [sys.executable, str(REPO / 'main.py'), *extra, '--seed', str(seed), '--max-steps', str(args.steps),
+           '--epochs', '100', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000',
+           '--log-every', '1000', '--no-eval-teacher']
+    # preset files set their own data/model fields; the embedded default's student/teacher/recipe apply to the rest
+    start = time.time()
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO)))
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ['?']
+        return {'error': tail[0], 'seconds': time.time() - start}
+    return json.loads(done.read_text())
+
+
+def summarise(cells: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for name, runs in cells.items():
+        ok = [r for r in runs if 'error' not in r]
+        row = {'method': name, 'seeds': len(ok), 'errors': [r['error'] for r in runs if 'error' in r]}
+        for head in ('cls', 'dist', 'avg'):
+            values = [r['student'][f'{head}_top1'] for r in ok if f'{head}_top1' in r['student']]
+            if values:
+                row[f'{head}_mean'] = statistics.mean(values)
+                row[f'{head}_std'] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for key in ('img_per_s', 'extra_params', 'peak_rss_mb'):
+            values = [r[key] for r in ok if key in r]
+            if values:
+                row[key] = statistics.mean(values)
+        rows.append(row)
+    base = next((r for r in rows if r['method'].startswith('none')), None)
+    for row in rows:
+        if base and row is not base and 'avg_mean' in row and 'avg_mean' in base:
+            margin = max(row['avg_std'], base['avg_std'])
+            row['beats_baseline'] = row['avg_mean'] - base['avg_mean'] > margin
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    def cell(row, head):
+        return f'{row[f"{head}_mean"]:.2f} ± {row[f"{head}_std"]:.2f}' if f'{head}_mean' in row else '–'
+    lines = ['| method | cls top-1 | dist top-1 | avg top-1 | img/s | extra params | peak RSS (MB) | note |',
+             '|---|---|---|---|---|---|---|---|']
+    for row in rows:
+        note = '; '.join(row['errors']) if row['errors'] else ''
+        if row.get('beats_baseline') is False:
+            note = (note + '; ' if note else '') + 'not above the no-teacher student by more than its seed std'
+        lines.append(f'| {row["method"]} | {cell(row, "cls")} | {cell(row, "dist")} | {cell(row, "avg")} | '
+                     f'{row.get("img_per_s", 0):.0f} | {int(row.get("extra_params", 0)):,} | '
+                     f'{row.get("peak_rss_mb", 0):.0f} | {note} |')
+    lines.append('')
+    lines.append(f'{args.steps} steps of batch 128 per cell, seeds {", ".join(map(str, args.seeds))}; '
+                 f'command: `python scripts/reproduce.py {" ".join(sys.argv[1:])}`')
+    return '\n'.join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if 'avg_mean' in r]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r['avg_mean'] for r in rows], yerr=[r['avg_std'] for r in rows],
+           color=['gray' if r['method'].startswith('none') else 'tab:blue' for r in rows])
+    ax.set_xticks(range(len(rows)), [r['method'] for r in rows], rotation=60, ha='right', fontsize=8)
+    lo = min(r['avg_mean'] for r in rows) - 5
+    ax.set(ylabel='avg-head top-1 (%)', ylim=(max(0, lo), 100), title='vitkd methods on the embedded default')
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--quick', action='store_true', help='the main methods with one seed')
+    p.add_argument('--steps', type=int, default=None, help='optimizer steps per cell (default 150, quick 150)')
+    p.add_argument('--seeds', type=int, nargs='+', default=None)
+    p.add_argument('--methods', nargs='+', default=None, help='only these table rows (names as in the table)')
+    p.add_argument('--out', default='output/reproduce')
+    args = p.parse_args(argv)
+    args.steps = args.steps or 150
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    methods = QUICK_METHODS if args.quick else all_methods()
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+    out = Path(args.out)
+    cells: dict[str, list[dict]] = {}
+    for name, extra in methods.items():
+        for seed in args.seeds:
+            slug = ''.join(c if c.isalnum() else '_' for c in name)
+            result = run_cell(name, extra, seed, args, out / 'cells' / f'{slug}-seed{seed}')
+            cells.setdefault(name, []).append(result)
+            status = result.get('error') or f'avg top-1 {result["student"].get("avg_top1", 0):.2f}'
+            print(f'{name:<28} seed {seed}: {status}', flush=True)
+    rows = summarise(cells)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'results.json').write_text(json.dumps(rows, indent=2) + '\n')
+    table = markdown(rows, args)
+    (out / 'results.md').write_text(table + '\n')
+    plot(rows, out / 'results.png')
+    print(table)
+
+
+if __name__ == '__main__':
+    main()
