@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
                     build_teacher, eval_data_config, scaled_lr, student_data_spec)
+from .centers import attach_class_centers
 from .config import Config, ConfigError
 
 __all__ = ['make_accelerator', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student',
@@ -85,6 +86,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     steps_per_epoch = max(1, len(train_loader) // (accelerator.num_processes * cfg.grad_accum_steps))
     distiller = build_distiller(cfg, student, teacher, spec, len(train_loader.dataset), steps_per_epoch,
                                 accelerator.num_processes)
+    attach_class_centers(distiller, cfg, teacher, spec, accelerator)  # ND: teacher class centres, cached on disk
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
     optimizer = build_optimizer(cfg, distiller, lr)
