@@ -12,13 +12,13 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from .config import Config, ConfigError
-from .data import DATASET_STATS, DataSpec, build_datasets, seed_worker
+from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_worker
 from .distiller import Distiller, LossEntry
 from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
 from .models import Teacher, create_student, create_teacher
 
 __all__ = ['build_student', 'build_teacher', 'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
-           'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill']
+           'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill', 'eval_data_config']
 
 _logger = logging.getLogger(__name__)
 
@@ -61,9 +61,16 @@ def build_transforms(cfg: Config, input_size, mean, std):
     if cfg.three_augment:  # DeiT III 3-Augment: one of grayscale / solarize / blur, then colour jitter
         train_kwargs['auto_augment'] = '3a'
     train_tf = create_transform(input_size, **train_kwargs)
-    eval_tf = create_transform(input_size, is_training=False, crop_pct=cfg.eval_crop_ratio, interpolation='bicubic'
-                               if cfg.dataset == 'imagefolder' else 'bilinear', mean=mean, std=std)
+    eval_cfg = eval_data_config(cfg, input_size, mean, std)
+    eval_tf = create_transform(eval_cfg['input_size'], is_training=False, crop_pct=eval_cfg['crop_pct'],
+                               interpolation=eval_cfg['interpolation'], mean=mean, std=std)
     return train_tf, eval_tf
+
+
+def eval_data_config(cfg: Config, input_size, mean, std) -> dict:
+    """The evaluation preprocessing as a timm data config (also recorded in the exported student's config.json)."""
+    return dict(input_size=tuple(input_size), mean=tuple(mean), std=tuple(std), crop_pct=cfg.eval_crop_ratio,
+                interpolation='bicubic' if cfg.dataset == 'imagefolder' else 'bilinear')
 
 
 def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
@@ -74,10 +81,10 @@ def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
     classes = list(val.classes)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise ConfigError(f'--num-classes {cfg.num_classes} but the data set has {len(classes)} classes')
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train, cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-                              generator=gen, worker_init_fn=seed_worker, persistent_workers=cfg.num_workers > 0,
-                              pin_memory=torch.cuda.is_available())
+    gen = torch.Generator().manual_seed(cfg.seed)  # loader-internal draws never touch the global generators
+    train_loader = DataLoader(train, cfg.batch_size, sampler=EpochSampler(len(train), cfg.seed), drop_last=True,
+                              num_workers=cfg.num_workers, generator=gen, worker_init_fn=seed_worker,
+                              persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
     if len(train_loader) == 0:
         raise ConfigError(f'--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)')
     val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers,
@@ -158,14 +165,15 @@ def build_losses(cfg: Config) -> list[LossEntry]:
 
 
 def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: int, steps_per_epoch: int,
-                    world_size: int = 1) -> Distiller:
+                    world_size: int = 1, train_labels: Optional[torch.Tensor] = None) -> Distiller:
     entries = build_losses(cfg)
     if any(e.loss.disable_fused_attn for e in entries):
         from timm.layers import set_fused_attn
         set_fused_attn(False)  # second-order gradients do not pass through fused attention kernels
     info = RunInfo(num_classes=spec.num_classes, num_samples=num_samples, epochs=cfg.epochs,
                    steps_per_epoch=steps_per_epoch, input_size=spec.input_size, mean=spec.mean, std=spec.std,
-                   student_name=cfg.student, student_kwargs=dict(cfg.student_kwargs), world_size=world_size)
+                   student_name=cfg.student, student_kwargs=dict(cfg.student_kwargs), world_size=world_size,
+                   train_labels=train_labels)
     return Distiller(student, teacher, entries, info, task_weight=cfg.task_weight)
 
 

@@ -17,6 +17,7 @@ import gzip
 import logging
 import os
 import random
+import signal
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 __all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EpochSampler', 'read_idx',
-           'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker']
+           'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
+           'seeded_rngs', 'find_epoch_sampler']
 
 _logger = logging.getLogger(__name__)
 
@@ -104,17 +106,46 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return self.num_samples
 
+    def _streams(self, epoch: int):
+        return np.random.SeedSequence((self.seed, epoch)).spawn(2)  # (order, augmentation)
+
+    def sample_seeds(self, epoch: int) -> np.ndarray:
+        """[N] uint64: the augmentation seed of every data-set index in ``epoch``."""
+        return self._streams(epoch)[1].generate_state(self.num_samples, np.uint64)
+
+    def mix_seed(self, epoch: int, first_index: int) -> int:
+        """Seed of the batch-level randomness (mixup/cutmix λ, box, switch) of the batch that starts with data-set
+        index ``first_index`` in ``epoch``: batches of one epoch are disjoint, so (seed, epoch, first index) names the
+        batch whatever the process, worker or resume point."""
+        return int(np.random.SeedSequence((self.seed, epoch, 1 + int(first_index), 0x6d6978)).generate_state(
+            1, np.uint64)[0])
+
     def __iter__(self):
-        order_seq, augment_seq = np.random.SeedSequence((self.seed, self.epoch)).spawn(2)
+        order_seq, _ = self._streams(self.epoch)
         gen = torch.Generator().manual_seed(int(order_seq.generate_state(1, np.uint64)[0]))
         order = torch.randperm(self.num_samples, generator=gen).tolist()
-        sample_seeds = augment_seq.generate_state(self.num_samples, np.uint64)  # [N], one per data-set index
+        sample_seeds = self.sample_seeds(self.epoch)  # [N], one per data-set index
         for i in order:
             yield i, int(sample_seeds[i])
 
 
+def find_epoch_sampler(loader) -> Optional[EpochSampler]:
+    """The :class:`EpochSampler` behind a (possibly Accelerate-prepared) data loader, or None."""
+    seen = set()
+    stack = [loader]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, EpochSampler):
+            return obj
+        stack += [getattr(obj, name, None) for name in ('sampler', 'batch_sampler', 'base_dataloader')]
+    return None
+
+
 @contextmanager
-def _seeded_rngs(seed: int):
+def seeded_rngs(seed: int):
     """Python's, NumPy's and torch's CPU global generators seeded for one sample, restored afterwards."""
     saved = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
     random.seed(seed)
@@ -146,7 +177,7 @@ class IndexedDataset(Dataset):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             index, sample_seed = key
-            with _seeded_rngs(sample_seed):
+            with seeded_rngs(sample_seed):
                 return self._load(index)
         return self._load(key)
 
@@ -322,8 +353,22 @@ def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform) -
     return val
 
 
+def dataset_targets(dataset) -> Optional[torch.Tensor]:
+    """[N] labels of a (possibly wrapped) data set, found through ``.dataset`` links; None when it has none."""
+    while dataset is not None:
+        targets = getattr(dataset, 'targets', None)
+        if targets is not None:
+            return torch.as_tensor(targets, dtype=torch.long)
+        dataset = getattr(dataset, 'dataset', None)
+    return None
+
+
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker seeding: numpy/random follow torch's per-worker seed (deterministic augmentation)."""
+    """DataLoader worker init: numpy/random follow torch's per-worker seed (deterministic augmentation), and the
+    worker ignores SIGINT/SIGTERM — a preempted run's main process checkpoints at the next step boundary and then
+    shuts its workers down (a worker killed by the scheduler's SIGTERM would abort the main process at once)."""
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -11,12 +11,13 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
                     build_teacher, eval_data_config, scaled_lr, student_data_spec)
 from .centers import attach_class_centers
 from .config import Config, ConfigError
+from .data import dataset_targets
 
 __all__ = ['make_accelerator', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student',
            'format_heads', 'summary_table']
@@ -25,11 +26,24 @@ RUN_MARKER = 'config.yaml'
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """Accelerator with the run's precision and accumulation; one CPU process uses every core."""
+    """Accelerator with the run's precision and accumulation; one CPU process uses every core.
+
+    On N processes ``--batch-size`` is per process and Accelerate's default sharding (``split_batches=False``) gives
+    process p the loader batches p, p + N, …: optimizer step s trains on batches sN … sN + N − 1, i.e. on exactly the
+    samples, in the same order, that one process with batch N·B trains on at step s (the augmentation of each sample is
+    seeded by its index, whatever process loads it). DDP builds with ``find_unused_parameters`` only when some method
+    can leave a parameter without gradient (:func:`vitkd.distiller.may_leave_parameters_unused`, or
+    ``--ddp-find-unused``): the search costs a graph traversal per step, and without it such a step fails.
+    """
     if cfg.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise ConfigError('--mixed-precision fp16 needs a GPU; on CPU use bf16 or no')
+    find_unused = cfg.ddp_find_unused
+    if find_unused is None and not cfg.eval_student:
+        from .distiller import may_leave_parameters_unused
+        find_unused = may_leave_parameters_unused(build_losses(cfg), cfg.epochs, cfg.task_weight)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
     if accelerator.device.type == 'cpu' and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # `accelerate launch` sets OMP_NUM_THREADS=1 by default
     set_seed(cfg.seed + accelerator.process_index)
@@ -70,6 +84,7 @@ class Run:
     global_batch: int
     student_params: int
     data_config: Optional[dict] = None  # the evaluation preprocessing (recorded with the exported student)
+    teacher_cache: Any = None           # vitkd.teacher_cache.TeacherCache with --teacher-cache
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
@@ -83,9 +98,11 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     teacher = build_teacher(cfg, spec.num_classes, mean, std)
     if teacher is not None:
         teacher.to(accelerator.device)
+        if cfg.compile_teacher:
+            teacher.compile()
     steps_per_epoch = max(1, len(train_loader) // (accelerator.num_processes * cfg.grad_accum_steps))
     distiller = build_distiller(cfg, student, teacher, spec, len(train_loader.dataset), steps_per_epoch,
-                                accelerator.num_processes)
+                                accelerator.num_processes, dataset_targets(train_loader.dataset))
     attach_class_centers(distiller, cfg, teacher, spec, accelerator)  # ND: teacher class centres, cached on disk
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
@@ -98,11 +115,15 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     distiller, optimizer, train_loader, val_loader = accelerator.prepare(distiller, optimizer, train_loader, val_loader)
     state = TrainState(max_steps=cfg.max_steps)  # scheduler, state and EMA are checkpointed by vitkd.checkpoint
     unwrapped = accelerator.unwrap_model(distiller)
+    teacher_cache = None
+    if cfg.teacher_cache:
+        from .teacher_cache import TeacherCache
+        teacher_cache = TeacherCache.for_run(cfg, unwrapped, accelerator, len(train_loader.dataset), spec.input_size)
     return Run(student=unwrapped.student, teacher=teacher, distiller=distiller, distiller_unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                mixer=BatchMixer(cfg, spec.num_classes), spec=spec, state=state, ema=ema, lr=lr,
                global_batch=global_batch, student_params=sum(p.numel() for p in unwrapped.student.parameters()),
-               data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std))
+               data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache)
 
 
 class MetricLogger:

@@ -19,6 +19,7 @@ Generic hooks for methods with a special procedure (no engine branches):
   gradients) go through these;
 * :attr:`DistillationLoss.needs_input_grad` — the input batch requires grad (Sobolev, LwM);
 * :attr:`DistillationLoss.disable_fused_attn` — second-order gradients through attention;
+* :attr:`DistillationLoss.may_leave_parameters_unused` — DDP must look for parameters without gradient;
 * trainable second networks (DML's peer) are submodules of the loss.
 """
 from __future__ import annotations
@@ -76,6 +77,7 @@ class RunInfo:
     student_kwargs: dict = field(default_factory=dict)
     student_has_dist_head: bool = False
     world_size: int = 1
+    train_labels: Optional[torch.Tensor] = None  # [N] class of every training sample (CRD's negatives)
 
 
 class DistillationLoss(nn.Module):
@@ -91,6 +93,10 @@ class DistillationLoss(nn.Module):
     disable_fused_attn: ClassVar[bool] = False
     #: the method needs a teacher; False for teacher-free terms
     needs_teacher: ClassVar[bool] = True
+    #: some steps leave trainable parameters without gradient (a stage in which the method's adapters, or the heads
+    #: with the task CE off, sit idle): multi-process runs then build DDP with ``find_unused_parameters=True``
+    #: (see :func:`vitkd.distiller.may_leave_parameters_unused`; a ``task_weight`` of 0 is detected without it)
+    may_leave_parameters_unused: bool = False
 
     def __init__(self) -> None:
         super().__init__()
