@@ -15,7 +15,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'EMBEDDED_DEFAULT', 'load_yaml', 'resolve']
+__all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'embedded_default', 'load_yaml', 'resolve']
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,16 @@ class Config:
     teacher_arch: Optional[str] = option(None, 'timm architecture of a bare .safetensors teacher')
     teacher_kwargs: dict = option({}, 'timm kwargs for the teacher, key=value', nargs='*')
     teacher_pretrained: bool = option(True, 'load the teacher\'s weights (off only for smoke tests)')
+    compile_teacher: bool = option(False, 'torch.compile the teacher\'s forward (inductor; the first batches pay the '
+                                   'compilation; the student is not compiled)', aliases=('--compile',))
+    teacher_cache: Optional[str] = option(None, 'teacher-output cache folder: epochs not cached yet record the '
+                                       'teacher\'s logits/pooled features (fp16) per sample with their augmentation '
+                                       'seeds, cached epochs replay them without running the teacher '
+                                       '(see vitkd/teacher_cache.py, scripts/cache_teacher.py)')
+    teacher_cache_epochs: Optional[int] = option(None, 'distinct epochs of augmentation the cache holds; epoch e '
+                                              'replays data epoch e mod this (default: --epochs, no repetition)')
+    teacher_cache_topk: int = option(10, 'teacher logits kept per sample (the rest of the probability mass spread '
+                                     'uniformly, as TinyViT); >= the number of classes keeps every logit')
     # ---- distillation ----------------------------------------------------------------------------------------
     distill: list = option(['vkd'], 'methods as name[:weight] (e.g. vkd:1.0 deit_soft:0.5); see --list-losses',
                         nargs='+')
@@ -82,6 +92,8 @@ class Config:
     model_ema_decay: float = option(0.99996, 'EMA decay')
     mixed_precision: str = option('no', 'no, bf16 or fp16 (fp16 needs a GPU)', choices=('no', 'bf16', 'fp16'))
     seed: int = option(0, 'random seed (each process adds its rank)')
+    ddp_find_unused: Optional[bool] = option(None, 'DDP find_unused_parameters for multi-process runs (default: on '
+                                          'when some method can leave parameters without gradient in a step)')
     # ---- augmentation (timm) ---------------------------------------------------------------------------------
     aa: Optional[str] = option('rand-m9-mstd0.5-inc1', 'RandAugment policy (none to disable)')
     three_augment: bool = option(False, 'DeiT III 3-Augment (grayscale / solarize / blur) instead of RandAugment')
@@ -118,18 +130,14 @@ class Config:
     hub_private: bool = option(False, 'create the Hub repo as private')
 
 
-# The embedded default: Fashion-MNIST from Debian's files, the shipped RegNetY teacher, a tiny VkD-style student, a
-# budget of a few minutes on 2 CPU cores.
-EMBEDDED_DEFAULT = dict(
-    dataset='fashion_mnist',
-    student='deit_ti_distilled',
-    student_kwargs=dict(img_size=28, patch_size=4, depth=4, embed_dim=96, num_heads=3, in_chans=1),
-    teacher=str(REPO / 'checkpoints' / 'fmnist_regnety_002'),
-    distill=['deit_hard'],
-    epochs=2, batch_size=128, lr=2e-3, unscale_lr=True, warmup_epochs=0.2, min_lr=1e-5, weight_decay=0.05,
-    aa=None, color_jitter=0.0, scale=[0.7, 1.0], train_interpolation='bilinear', reprob=0.0, mixup=0.0, cutmix=0.0,
-    smoothing=0.1, eval_crop_ratio=1.0, time_limit=240.0, log_every=50, num_workers=1,
-)
+EMBEDDED_PRESET = REPO / 'scripts' / 'configs' / 'embedded.yaml'
+
+
+def embedded_default() -> dict:
+    """The embedded-default preset (``scripts/configs/embedded.yaml``), its teacher path made absolute."""
+    values = load_yaml(str(EMBEDDED_PRESET))
+    values['teacher'] = str(REPO / values['teacher'])
+    return values
 
 
 def _parse_value(text: str) -> Any:
@@ -202,7 +210,7 @@ def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
     dataset = explicit.get('dataset', 'auto')
     if dataset == 'auto':
         dataset = 'imagefolder' if explicit.get('data_path') else 'fashion_mnist'
-    values = dict(EMBEDDED_DEFAULT) if dataset == 'fashion_mnist' and not explicit.get('data_path') else {}
+    values = embedded_default() if dataset == 'fashion_mnist' and not explicit.get('data_path') else {}
     values.update(explicit)
     values['dataset'] = dataset
     for key in ('student_kwargs', 'teacher_kwargs'):
@@ -226,7 +234,7 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if value is None or value <= 0:
             raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')
-    for name in ('max_steps', 'time_limit', 'clip_grad', 'num_classes', 'save_every_steps'):
+    for name in ('max_steps', 'time_limit', 'clip_grad', 'num_classes', 'save_every_steps', 'teacher_cache_epochs'):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')
@@ -234,6 +242,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError('--weight-decay, --min-lr and --warmup-epochs must be >= 0')
     if not 0 <= cfg.smoothing < 1:
         raise ConfigError(f'--smoothing must be in [0, 1), got {cfg.smoothing}')
+    if cfg.teacher_cache_topk < 1:
+        raise ConfigError(f'--teacher-cache-topk must be >= 1, got {cfg.teacher_cache_topk}')
     if cfg.keep_last < 1:
         raise ConfigError(f'--keep-last must be >= 1, got {cfg.keep_last}')
     if cfg.resume not in (None, 'auto') and not Path(cfg.resume).exists():

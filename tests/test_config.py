@@ -1,0 +1,101 @@
+"""Config resolution (defaults < embedded preset < YAML < CLI), presets, recipe wiring and the run picture."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vitkd.build import build_transforms, scaled_lr
+from vitkd.config import Config, ConfigError, load_yaml, parse_args, resolve, to_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / 'scripts' / 'configs').glob('*.yaml'))
+
+
+def test_yaml_sets_defaults_and_cli_overrides_them(tmp_path):
+    path = tmp_path / 'c.yaml'
+    path.write_text('lr: 0.002\nepochs: 7\ndistill: [kd, deit_hard]\ndata-path: /data/x\n')
+    cfg, _ = parse_args(['-c', str(path), '--epochs', '3', '--output-dir', str(tmp_path / 'o')])
+    assert cfg.lr == 0.002 and cfg.epochs == 3 and cfg.distill == ['kd', 'deit_hard']
+    assert cfg.dataset == 'imagefolder' and cfg.student == 'deit_s_distilled'  # no embedded preset with a data path
+    assert cfg.teacher == 'regnety_160' and cfg.aa == 'rand-m9-mstd0.5-inc1'
+
+
+def test_no_arguments_is_the_embedded_default():
+    cfg, _ = parse_args([])
+    preset = load_yaml(str(REPO / 'scripts' / 'configs' / 'embedded.yaml'))
+    assert cfg.dataset == 'fashion_mnist' and cfg.student_kwargs == preset['student_kwargs']
+    assert Path(cfg.teacher) == REPO / 'checkpoints' / 'fmnist_regnety_002'
+    cfg, _ = parse_args(['--epochs', '1', '--student-kwargs', 'depth=2'])
+    assert cfg.epochs == 1 and cfg.student_kwargs == {'depth': 2}
+
+
+def test_saved_config_resolves_to_the_same_config(tmp_path):
+    cfg, _ = parse_args(['--lr', '3e-4', '--distill', 'kd:0.5', '--loss-opts', 'kd.temperature=2',
+                         '--data-path', '/data/imagenet', '--no-eval-teacher'])
+    saved = tmp_path / 'config.yaml'
+    saved.write_text(to_yaml(cfg))
+    again, _ = parse_args(['-c', str(saved)])
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_unknown_yaml_key_is_an_error_with_a_suggestion(tmp_path):
+    path = tmp_path / 'c.yaml'
+    path.write_text('learning_rate: 0.1\nepochs: 2\n')
+    with pytest.raises(ConfigError, match="unknown keys: learning_rate"):
+        load_yaml(str(path))
+    path.write_text('epoch: 2\n')
+    with pytest.raises(ConfigError, match="epoch \\(did you mean epochs\\?\\)"):
+        load_yaml(str(path))
+
+
+@pytest.mark.parametrize('preset', PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads_and_its_methods_build(preset):
+    from vitkd.build import build_losses
+    cfg = resolve({}, load_yaml(str(preset)))
+    entries = build_losses(cfg)
+    assert [e.loss.name for e in entries]
+
+
+def test_lr_scales_with_the_global_batch():
+    cfg = Config(lr=5e-4)
+    assert scaled_lr(cfg, 1024) == pytest.approx(1e-3)  # DeiT: 5e-4 * 1024 / 512
+    assert scaled_lr(Config(lr=5e-4, unscale_lr=True), 1024) == 5e-4
+
+
+def test_train_transform_is_wired_from_the_options():
+    cfg = Config(aa='rand-m9-mstd0.5-inc1', reprob=0.25, scale=[0.3, 1.0], hflip=0.0, dataset='imagefolder')
+    train_tf, eval_tf = build_transforms(cfg, (3, 32, 32), (0.5,) * 3, (0.5,) * 3)
+    text = repr(train_tf)
+    assert 'RandAugment' in text and 'RandomErasing' in text and 'scale=(0.3, 1.0)' in text
+    assert 'RandomHorizontalFlip' not in text
+    three = build_transforms(Config(three_augment=True, reprob=0.0, dataset='imagefolder'), (3, 32, 32),
+                             (0.5,) * 3, (0.5,) * 3)[0]
+    assert 'RandAugment' not in repr(three) and 'RandomErasing' not in repr(three)
+    assert 'CenterCrop' in repr(eval_tf)
+
+
+def test_ema_follows_the_timm_update_rule():
+    from timm.utils import ModelEmaV3
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEmaV3(model, decay=0.9)
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=100)
+    torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * model.weight)
+
+
+def test_run_picture_is_a_valid_png(tmp_path):
+    import json
+    from vitkd.plots import plot_run
+    log = tmp_path / 'log.jsonl'
+    lines = [{'kind': 'step', 'step': s, 'lr': 1e-3 / (s + 1), 'task': 2.0 / (s + 1), 'kd.kl': 1.0 / (s + 1)}
+             for s in range(5)]
+    lines += [{'kind': 'epoch', 'epoch': e, 'val_avg_top1': 50 + e, 'val_cls_top1': 48 + e, 'train_top1': 40 + e}
+              for e in range(3)]
+    log.write_text('\n'.join(json.dumps(l) for l in lines) + '\n')
+    png = plot_run(log, tmp_path / 'curves.png')
+    data = png.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
