@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
+from vitkd.data import find_epoch_sampler, seeded_rngs
 from vitkd.features import Features
 from vitkd.models import student_head_logits
 
@@ -52,24 +53,40 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
     images, soft targets and mixup metadata. Returns the epoch means of every logged term and img/s (over the
     batches trained in this call). A resumed epoch skips the ``state.batches_done`` batches already trained.
     ``step_hook(last_batch)`` runs after every optimizer step (periodic checkpoints, preemption); True stops the epoch.
+    With an :class:`~vitkd.data.EpochSampler`, each batch's mixup/cutmix draws are seeded by (seed, data epoch, batch)
+    so that resumes and the ``teacher_cache`` (:class:`vitkd.teacher_cache.TeacherCache`) see the same mixed images;
+    the cache also decides the data epoch (epoch mod its cached epochs) and serves the teacher's taps. On N processes
+    the logged terms are the means over the processes (the global-batch values for mean-reduced terms).
     """
     model.train()
     sums: dict[str, float] = {}
     seen, count, start = 0, 0, time.time()
     num_batches = len(loader)
+    data_epoch = teacher_cache.data_epoch(state.epoch) if teacher_cache is not None else state.epoch
     if hasattr(loader, 'set_epoch'):
-        loader.set_epoch(state.epoch)  # the sampler draws this epoch's order and augmentation seeds from (seed, epoch)
+        loader.set_epoch(data_epoch)  # the sampler draws this epoch's order and augmentation seeds from (seed, epoch)
+    sampler = find_epoch_sampler(loader)
+    if teacher_cache is not None:
+        if sampler is None:
+            raise ValueError('a teacher cache needs the EpochSampler loader of vitkd.build.build_data')
+        teacher_cache.begin_epoch(data_epoch, sampler.sample_seeds(data_epoch))
     first = state.batches_done
     if first:
         loader = accelerator.skip_first_batches(loader, first)
     progress = _progress(loader, accelerator, state.epoch)
     for it, (images, labels, index) in enumerate(progress, start=first):
-        images, targets, mix = mixup_fn(images, labels)
+        mix_seed = sampler.mix_seed(data_epoch, int(index[0])) if sampler is not None else None
+        if mix_seed is None:
+            images, targets, mix = mixup_fn(images, labels)
+        else:
+            with seeded_rngs(mix_seed):  # λ, box and mixup/cutmix switch are a function of the batch
+                images, targets, mix = mixup_fn(images, labels)
         epoch_float = state.epoch + it / max(1, num_batches)
         with accelerator.accumulate(model):
             with accelerator.autocast():
+                cached = teacher_cache.features(images, index, mix_seed) if teacher_cache is not None else None
                 out = model(images, targets, labels, mix['labels_b'], mix['lam'], index, epoch=epoch_float,
-                            step=state.step)
+                            step=state.step, teacher_features=cached)
             loss = out['loss']
             if not math.isfinite(loss.item()):
                 bad = [k for k, v in out['terms'].items() if not torch.isfinite(v).all()] or ['total']
@@ -90,6 +107,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
         count += 1
         top1 = (out['logits'].detach().argmax(-1) == labels).float().mean() * 100  # vs y_a under mixup
         terms = {'loss': loss.detach(), **out['terms'], 'top1': top1}
+        if accelerator.num_processes > 1:  # one all-reduce: the mean over processes of every term
+            values = accelerator.reduce(torch.stack([v.detach().float().reshape(()) for v in terms.values()]), 'mean')
+            terms = dict(zip(terms, values))
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if accelerator.sync_gradients and (state.step % log_every == 0 or it == num_batches - 1):
@@ -106,6 +126,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
             break
         if state.exhausted():
             break
+    if teacher_cache is not None:  # a fully recorded data epoch is marked complete: later epochs replay it
+        teacher_cache.end_epoch(complete=state.batches_done >= num_batches)
     means = {k: v / max(1, count) for k, v in sums.items()}
     means['img_per_s'] = seen / max(1e-9, time.time() - start)
     means['samples'] = seen

@@ -68,7 +68,7 @@ def train(argv=None) -> int:
             r.distiller_unwrapped.teacher and r.distiller_unwrapped.teacher.train(False)
             train_stats = train_one_epoch(r.distiller, r.train_loader, r.optimizer, r.scheduler, accelerator, r.mixer,
                                           state, r.spec.num_classes, cfg.clip_grad, r.ema, cfg.log_every, logger.step,
-                                          step_hook=ckpt.step_hook)
+                                          teacher_cache=r.teacher_cache, step_hook=ckpt.step_hook)
             if ckpt.preempted:  # saved mid-epoch by the step hook
                 log(ckpt.preemption_message())
                 return ckpt.exit_code()

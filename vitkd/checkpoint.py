@@ -1,0 +1,523 @@
+"""Training checkpoints: atomic saves, keep-last-k and best, exact resume, preemption, and loading students back.
+
+A run dir holds::
+
+    checkpoints/step_00001250/      one complete training state (the newest ``--keep-last`` are kept)
+        model.safetensors           the distiller, unwrapped: ``student.*`` + every trainable distillation part
+        optimizer.bin               optimizer state (accelerate; loaded with ``weights_only=True``)
+        random_states_<rank>.pkl    Python/NumPy/torch RNG states of each process (accelerate)
+        ema.safetensors             the EMA student (with ``--model-ema``)
+        student/                    the student alone in timm's format (what ``--eval-student`` loads)
+        trainer_state.json          epoch, step, batches done in the epoch, scheduler, best metrics, options
+    checkpoints/best/               a copy (hard links) of the checkpoint with the best validation avg top-1
+    student/, student_ema/          the final student in timm's format (config.json + model.safetensors)
+
+A checkpoint is written under ``<name>.tmp`` and renamed when complete, so a kill while saving leaves at most a
+``.tmp`` folder that :func:`find_checkpoints` ignores (and the next save removes). Nothing is unpickled with
+``weights_only=False``: scheduler, counters and EMA are stored as JSON / safetensors by vitkd itself (accelerate's
+custom-object checkpoints would unpickle them without that guard).
+
+Exact resume: the data order and every sample's augmentation are functions of (seed, epoch, index)
+(:class:`vitkd.data.EpochSampler`), the global RNG states come back from accelerate, and a mid-epoch resume skips
+the batches already trained (``skip_first_batches``). On CPU with a fixed seed a resumed run ends with weights
+bit-identical to an uninterrupted one (``tests/test_checkpoint.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import Config, ConfigError
+
+__all__ = ['CheckpointError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint', 'prune_checkpoints',
+           'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict', 'PreemptionSignal',
+           'CHECKPOINTS', 'STATE_FILE']
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINTS = 'checkpoints'
+STATE_FILE = 'trainer_state.json'
+EMA_FILE = 'ema.safetensors'
+MODEL_FILE = 'model.safetensors'
+STUDENT_DIR = 'student'
+BEST = 'best'
+_NAME = re.compile(r'^step_(\d{8,})$')
+FORMAT = 1
+
+# Options that do not change the trained weights: a resume may change them without a warning.
+_RUN_ONLY_OPTIONS = {'resume', 'overwrite', 'output_dir', 'time_limit', 'max_steps', 'epochs', 'log_every', 'eval_every',
+                     'save_every_steps', 'keep_last', 'push_to_hub', 'hub_model_id', 'hub_private', 'num_workers',
+                     'eval_teacher', 'eval_student', 'student_ckpt'}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (one-line message)."""
+
+
+# ---- folders ------------------------------------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    return f'step_{step:08d}'
+
+
+def find_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete training checkpoints of a run, oldest first: ``checkpoints/step_N`` folders with a state file.
+
+    ``.tmp`` folders (a save in progress or killed), ``best`` and anything else are ignored.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _NAME.match(path.name)
+        if m and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run (None when there is none)."""
+    found = find_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints and any stale ``.tmp``/``.old`` folder; returns the deleted."""
+    root = Path(out_dir) / CHECKPOINTS
+    found = find_checkpoints(out_dir)
+    doomed = [path for _, path in found[:max(0, len(found) - keep_last)]]
+    if root.is_dir():
+        doomed += [p for p in root.iterdir() if p.is_dir() and p.suffix in ('.tmp', '.old')]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename a finished ``tmp`` folder to ``final``, replacing an existing one (each rename is atomic)."""
+    old = final.with_name(final.name + '.old')
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def _atomic_dir(final: Path) -> Iterator[Path]:
+    """Write a folder under ``<final>.tmp``; on success it replaces ``final``, on error it is removed."""
+    tmp = final.with_name(final.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit(tmp, final)
+
+
+def _copy_tree_linked(src: Path, dst: Path) -> None:
+    """Copy a folder with hard links where possible (checkpoint files are never modified in place)."""
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+# ---- state dicts --------------------------------------------------------------------------------------------------
+
+def _key_list(keys, limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f' … and {len(keys) - limit} more' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def load_state_dict_strict(model: nn.Module, state: dict, what: str) -> None:
+    """``model.load_state_dict(state)`` with every key and shape checked first; a mismatch is a one-line error."""
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in sorted(set(state) & set(expected))
+              if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f'missing keys: {_key_list(missing)}' if missing else '',
+                 f'unexpected keys: {_key_list(unexpected)}' if unexpected else '',
+                 f'shape mismatch (checkpoint vs model): {_key_list(shapes, 6)}' if shapes else '']
+        raise CheckpointError(f'{what} does not match {type(model).__name__}: ' + '; '.join(p for p in parts if p))
+    model.load_state_dict(state, strict=True)
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (OSError, RuntimeError, ValueError) as e:  # a truncated/corrupt file
+        raise CheckpointError(f'cannot read {path}: {str(e).splitlines()[0]}') from None
+
+
+def _save_safetensors(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={'format': 'pt'})
+
+
+# ---- the student in timm's format ---------------------------------------------------------------------------------
+
+def export_model(model: nn.Module, folder: Path, data_config: dict) -> Path:
+    """Write ``model`` with timm's ``save_for_hf`` (config.json + model.safetensors), atomically.
+
+    ``data_config`` (input_size, mean, std, crop_pct, interpolation) is the preprocessing the model was trained and
+    evaluated with; it is recorded in ``pretrained_cfg`` so ``timm.data.resolve_data_config`` reproduces it.
+    """
+    from timm.models import save_for_hf
+    with _atomic_dir(Path(folder)) as tmp:
+        save_for_hf(model, tmp, safe_serialization=True, data_config=dict(data_config))
+    return Path(folder)
+
+
+def folded_student(distiller: nn.Module, model: Optional[nn.Module] = None) -> nn.Module:
+    """The student as exported: every loss folds away what it inserted into it (identity for most methods)."""
+    if model is None:
+        return distiller.export_student()
+    for loss in distiller.losses.values():
+        model = loss.export_student(model)
+    return model
+
+
+def _build_from_timm_config(config: dict, source: str) -> nn.Module:
+    import timm
+    arch = config.get('architecture')
+    if not arch:
+        raise CheckpointError(f'{source}: config.json has no "architecture"')
+    if not timm.is_model(arch):
+        raise CheckpointError(f'{source}: unknown architecture {arch!r} (a timm model, or vitkd\'s students)')
+    kwargs = dict(config.get('model_args') or {})
+    kwargs.setdefault('num_classes', config.get('num_classes'))
+    pcfg = dict(config.get('pretrained_cfg') or {})
+    return timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=pcfg, **kwargs)
+
+
+def _load_export_folder(folder: Path, source: str) -> tuple[nn.Module, dict]:
+    try:
+        config = json.loads((folder / 'config.json').read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f'{source}: no readable config.json in {folder} ({e})') from None
+    weights = folder / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f'{source}: {weights} is missing')
+    model = _build_from_timm_config(config, source)
+    load_state_dict_strict(model, _read_safetensors(weights), f'student weights {weights}')
+    return model, dict(config.get('pretrained_cfg') or {})
+
+
+def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> tuple[nn.Module, dict, str]:
+    """Load a student for evaluation, strictly.
+
+    Args:
+        spec: an exported folder (config.json + model.safetensors), a training checkpoint folder (its ``student/``
+            export), a run dir (its final ``student/``), ``hf-hub:org/name``, or a ``.safetensors`` file (then
+            ``cfg.student`` / ``cfg.student_kwargs`` name the architecture; keys may carry the checkpoint's
+            ``student.`` prefix, the other checkpoint parts are training-only and skipped).
+        cfg: the run options (architecture for bare files).
+        num_classes: classifier width for a bare ``.safetensors`` file.
+
+    Returns:
+        (model in eval mode, its pretrained_cfg — the data config when known — and a description of the source).
+    """
+    if spec.startswith('hf-hub:'):
+        repo = spec[len('hf-hub:'):]
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        try:
+            files = [hf_hub_download(repo, name) for name in ('config.json', MODEL_FILE)]
+        except LocalEntryNotFoundError:
+            raise CheckpointError(f'{spec}: not in the local Hub cache and the Hub cannot be reached '
+                                  '(HF_HUB_OFFLINE set or no network)') from None
+        except HfHubHTTPError as e:
+            raise CheckpointError(f'{spec}: {str(e).splitlines()[0]}') from None
+        model, pcfg = _load_export_folder(Path(files[0]).parent, spec)
+        return model.eval(), pcfg, spec
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        folder = path
+        if (path / STATE_FILE).is_file() or (path / 'config.yaml').is_file():
+            folder = path / STUDENT_DIR  # a training checkpoint or a run dir: their exported student
+        if not (folder / 'config.json').is_file():
+            raise CheckpointError(f'--student-ckpt {spec}: no exported student (config.json + model.safetensors) '
+                                  f'in {folder}')
+        model, pcfg = _load_export_folder(folder, spec)
+        return model.eval(), pcfg, str(folder)
+    if path.suffix == '.safetensors':
+        if not path.is_file():
+            raise CheckpointError(f'--student-ckpt {spec}: no such file')
+        from .models import create_student
+        state = _read_safetensors(path)
+        if any(k.startswith('student.') for k in state):
+            skipped = sorted(k for k in state if not k.startswith('student.'))
+            if skipped:
+                _logger.info('skipping %d training-only tensors of %s: %s', len(skipped), path, _key_list(skipped, 5))
+            state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
+        model = create_student(cfg.student, num_classes or 1000, **cfg.student_kwargs)
+        load_state_dict_strict(model, state, f'{path} (as --student {cfg.student})')
+        return model.eval(), {}, f'{path} as {cfg.student}'
+    raise CheckpointError(f'--student-ckpt {spec!r}: expected an exported folder, a checkpoint folder, a run dir, a '
+                          '.safetensors file or hf-hub:org/name')
+
+
+# ---- preemption ---------------------------------------------------------------------------------------------------
+
+class PreemptionSignal:
+    """SIGTERM/SIGINT set a flag (the run saves at the next step boundary); a second Ctrl-C aborts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                self.uninstall()
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM (e.g. forwarded by the launcher and sent by the scheduler)
+        self.signum = signum
+        print(f'\n{signal.Signals(signum).name} received: saving a checkpoint at the next step boundary, then '
+              'exiting (Ctrl-C again aborts without saving)', file=sys.stderr, flush=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ---- resume -------------------------------------------------------------------------------------------------------
+
+def resolve_resume(cfg: Config, log=print) -> Optional[Path]:
+    """The checkpoint ``--resume`` points at (None: start from scratch); fills ``cfg.output_dir`` from it if unset.
+
+    ``auto`` = the newest complete checkpoint of ``--output-dir`` (none yet: start, so a preemptible job can always
+    pass ``--resume auto``); a path = a checkpoint folder, or a run dir (its newest checkpoint).
+    """
+    if not cfg.resume:
+        return None
+    if cfg.resume == 'auto':
+        if cfg.output_dir is None:
+            raise ConfigError('--resume auto needs --output-dir (the run to continue)')
+        ckpt = latest_checkpoint(Path(cfg.output_dir))
+        if ckpt is None:
+            log(f'--resume auto: no complete checkpoint in {cfg.output_dir}, starting from scratch')
+        return ckpt
+    path = Path(cfg.resume)
+    ckpt = path if (path / STATE_FILE).is_file() else latest_checkpoint(path)
+    if ckpt is None:
+        raise ConfigError(f'--resume {cfg.resume}: neither a checkpoint folder (with {STATE_FILE}) nor a run dir with '
+                          'complete checkpoints')
+    if cfg.output_dir is None:
+        cfg.output_dir = str(ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent)
+    return ckpt
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+
+
+class Checkpointer:
+    """Saves, prunes, keeps the best, resumes and handles preemption for one training run.
+
+    Args:
+        cfg: the run options (``save_every_steps``, ``keep_last``, ``seed``).
+        run: the :class:`vitkd.run.Run` (prepared distiller, optimizer, scheduler, EMA, state, spec).
+        out_dir: the run dir.
+        accelerator: the run's accelerator.
+    """
+
+    def __init__(self, cfg: Config, run, out_dir: Path, accelerator):
+        self.cfg, self.r, self.out_dir, self.acc = cfg, run, Path(out_dir), accelerator
+        self.best: Optional[dict] = None
+        self.last_saved: Optional[Path] = None
+        self.resumed_from: Optional[Path] = None
+        self.signal = PreemptionSignal()
+        self.stopping = False
+        self.preempted = False
+        # accelerate saves a DDP model with 'module.' keys; store the unwrapped distiller instead (portable across
+        # world sizes, and the student is readable as 'student.*'), and load it back strictly ourselves.
+        accelerator.register_save_state_pre_hook(self._save_models_hook)
+        accelerator.register_load_state_pre_hook(self._load_models_hook)
+
+    # accelerate hooks
+    def _save_models_hook(self, models, weights, output_dir) -> None:
+        for i, model in enumerate(models):
+            weights[i] = self.acc.unwrap_model(model).state_dict()
+
+    def _load_models_hook(self, models, input_dir) -> None:
+        if len(models) != 1:
+            raise CheckpointError(f'expected one prepared model (the distiller), found {len(models)}')
+        state = _read_safetensors(Path(input_dir) / MODEL_FILE)
+        load_state_dict_strict(self.acc.unwrap_model(models[0]), state, f'checkpoint {input_dir}')
+        models.clear()  # loaded: accelerate must not load it again
+
+    # saving
+    def _trainer_state(self) -> dict:
+        r = self.r
+        return dict(format=FORMAT, state=r.state.state_dict(), scheduler=_jsonable(r.scheduler.state_dict()),
+                    best=self.best, world_size=self.acc.num_processes, batches_per_epoch=len(r.train_loader),
+                    global_batch=r.global_batch, has_ema=r.ema is not None, saved_at=time.strftime('%Y-%m-%d %H:%M:%S'),
+                    config=_jsonable(dataclasses.asdict(self.cfg)))
+
+    def save(self, metrics: Optional[dict] = None) -> Path:
+        """Save the full training state as ``checkpoints/step_<step>`` (atomically), prune, and update ``best``.
+
+        ``metrics``: validation metrics computed just before (None when this save follows no evaluation).
+        """
+        acc, r = self.acc, self.r
+        final = self.out_dir / CHECKPOINTS / checkpoint_name(r.state.step)
+        tmp = final.with_name(final.name + '.tmp')
+        improved = bool(metrics) and (self.best is None or metrics['avg_top1'] > self.best['avg_top1'])
+        if improved:
+            epoch = r.state.epoch - 1 if r.state.batches_done == 0 else r.state.epoch  # the epoch just evaluated
+            self.best = {**metrics, 'epoch': epoch, 'step': r.state.step}
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # distiller (via the hook), optimizer, RNG states of every process
+        if acc.is_main_process:
+            if r.ema is not None:
+                _save_safetensors(r.ema.state_dict(), tmp / EMA_FILE)
+            export_model(folded_student(r.distiller_unwrapped), tmp / STUDENT_DIR, r.data_config)
+            (tmp / STATE_FILE).write_text(json.dumps(self._trainer_state(), indent=1) + '\n')  # last: marks complete
+            _commit(tmp, final)
+            if improved:
+                with _atomic_dir(self.out_dir / CHECKPOINTS / BEST) as best_tmp:
+                    best_tmp.rmdir()
+                    _copy_tree_linked(final, best_tmp)
+                    (best_tmp / 'metrics.json').write_text(json.dumps(self.best, indent=1) + '\n')
+            prune_checkpoints(self.out_dir, self.cfg.keep_last)
+        acc.wait_for_everyone()
+        self.last_saved = final
+        return final
+
+    # resuming
+    def resume(self, ckpt: Optional[Path]) -> Optional[dict]:
+        """Restore everything from ``ckpt`` (None: nothing to do); returns its trainer state."""
+        if ckpt is None:
+            return None
+        acc, r = self.acc, self.r
+        ckpt = Path(ckpt)
+        try:
+            trainer = json.loads((ckpt / STATE_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f'{ckpt} is not a complete checkpoint ({e})') from None
+        mid_epoch = trainer['state'].get('batches_done', 0) > 0
+        layout = (trainer['world_size'], trainer['batches_per_epoch'])
+        if layout != (acc.num_processes, len(r.train_loader)):
+            msg = (f'{ckpt} was saved with {layout[0]} processes × {layout[1]} batches per epoch, this run has '
+                   f'{acc.num_processes} × {len(r.train_loader)}')
+            if mid_epoch:
+                raise CheckpointError(msg + '; a mid-epoch checkpoint needs the same layout (same number of processes '
+                                      'and batch size)')
+            _logger.warning('%s: resuming, but not bit-identically', msg)
+        changed = {k: (v, getattr(self.cfg, k)) for k, v in trainer.get('config', {}).items()
+                   if k not in _RUN_ONLY_OPTIONS and hasattr(self.cfg, k) and _jsonable(getattr(self.cfg, k)) != v}
+        if changed:
+            acc.print('warning: resuming with changed options (the result is no longer the same as an uninterrupted '
+                      'run): ' + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items())))
+        if trainer.get('has_ema') != (r.ema is not None):
+            raise CheckpointError(f'{ckpt} was saved {"with" if trainer.get("has_ema") else "without"} --model-ema; '
+                                  'resume with the same setting')
+        acc.load_state(str(ckpt))  # distiller (strict, via the hook), optimizer, RNG states
+        r.state.load_state_dict(trainer['state'])
+        r.scheduler.load_state_dict(trainer['scheduler'])
+        if r.ema is not None:
+            load_state_dict_strict(r.ema, _read_safetensors(ckpt / EMA_FILE), f'EMA weights {ckpt / EMA_FILE}')
+        self.best = trainer.get('best')
+        self.resumed_from = ckpt
+        s = r.state
+        acc.print(f'resumed from {ckpt}: epoch {s.epoch}, step {s.step}, batch {s.batches_done}/{len(r.train_loader)}')
+        return trainer
+
+    # preemption
+    @contextlib.contextmanager
+    def signals(self) -> Iterator['Checkpointer']:
+        """SIGTERM/SIGINT handlers for the duration of training."""
+        self.signal.install()
+        try:
+            yield self
+        finally:
+            self.signal.uninstall()
+
+    def stop_requested(self) -> bool:
+        """Whether any process received SIGTERM/SIGINT (a collective: every process must call it at the same point)."""
+        flag = self.signal.signum is not None
+        if self.acc.num_processes > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+            flag = bool(self.acc.reduce(t, reduction='sum').item() > 0)
+        self.stopping = self.stopping or flag
+        return self.stopping
+
+    def step_hook(self, last_batch: bool) -> bool:
+        """After every optimizer step: periodic checkpoints, and the preemption stop. True = stop the epoch.
+
+        On the last batch of an epoch nothing is saved here: the end-of-epoch checkpoint follows.
+        """
+        if self.stop_requested():
+            if not last_batch:
+                self.save()
+                self.preempted = True
+            return True
+        every = self.cfg.save_every_steps
+        if every and self.r.state.step % every == 0 and not last_batch:
+            self.save()
+        return False
+
+    def preemption_message(self, argv: Optional[list[str]] = None) -> str:
+        """How the run stopped and the command that resumes it."""
+        s = self.r.state
+        argv = list(sys.argv[1:] if argv is None else argv)
+        cleaned, skip = [], False
+        for a in argv:  # drop any previous --resume/--output-dir and their values
+            if skip:
+                skip = False
+                continue
+            if a in ('--resume', '--output-dir', '--output_dir'):
+                skip = True
+                continue
+            if a.startswith(('--resume=', '--output-dir=', '--output_dir=')):
+                continue
+            cleaned.append(a)
+        cmd = shlex.join(['python', 'main.py', *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
+        name = signal.Signals(self.signal.signum).name if self.signal.signum else 'a signal on another process'
+        return (f'stopped by {name} at epoch {s.epoch}, step {s.step} (batch {s.batches_done}/{len(self.r.train_loader)});'
+                f' checkpoint {self.last_saved}\nresume with: {cmd}')
+
+    def exit_code(self) -> int:
+        return 128 + (self.signal.signum or signal.SIGTERM)

@@ -1,0 +1,173 @@
+"""Push a run's exported student to the Hugging Face Hub with a model card.
+
+The upload is the run's ``student/`` folder (timm's format: config.json + model.safetensors) plus a ``README.md``
+model card written from the run's ``config.yaml`` and ``summary.json``: front matter for the Hub (library_name timm,
+tags, license, datasets) and a body with the student, the teacher, the methods with their weights and options, the
+recipe, the final metrics per head and how to load the model. It goes through ``huggingface_hub``
+(``create_repo`` + ``upload_folder``); the token comes from where huggingface_hub looks (``HF_TOKEN``, then the
+cached login) and is never printed or logged by vitkd.
+
+    python scripts/push_to_hub.py output/run --hub-model-id org/name [--hub-private]
+    python main.py ... --push-to-hub --hub-model-id org/name
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from .config import Config, ConfigError, load_yaml
+
+__all__ = ['HubPushError', 'model_card', 'push_run', 'push_run_to_hub', 'default_repo_name', 'HUB_DATASETS']
+
+EXPORT_DIR = 'student'
+UPLOADED = ('config.json', 'model.safetensors', 'README.md')
+
+# Hub ids of the data sets vitkd knows (an ImageFolder run names its folder instead).
+HUB_DATASETS = {'fashion_mnist': 'zalando-datasets/fashion_mnist', 'cifar10': 'uoft-cs/cifar10',
+                'cifar100': 'uoft-cs/cifar100'}
+
+
+class HubPushError(RuntimeError):
+    """An upload that failed (the message says what failed and how to retry)."""
+
+
+def default_repo_name(run_dir: Path) -> str:
+    """A Hub repo name from the run dir's name (letters, digits, ``-_.``; at most 96 characters)."""
+    name = re.sub(r'[^A-Za-z0-9._-]+', '-', Path(run_dir).resolve().name).strip('-.') or 'vitkd-student'
+    return name[:96]
+
+
+def _read_run(run_dir: Path) -> tuple[Config, dict, dict]:
+    try:
+        cfg = Config(**load_yaml(str(run_dir / 'config.yaml')))
+    except (ConfigError, TypeError) as e:
+        raise HubPushError(f'{run_dir} has no usable config.yaml ({e}); is it a vitkd run dir?') from None
+    summary_path = run_dir / 'summary.json'
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    export_config = json.loads((run_dir / EXPORT_DIR / 'config.json').read_text())
+    return cfg, summary, export_config
+
+
+def _metric_rows(summary: dict) -> list[str]:
+    rows = ['| model | head | top-1 (%) | top-5 (%) |', '|---|---|---|---|']
+    teacher = summary.get('teacher') or {}
+    if 'teacher_top1' in teacher:
+        rows.append(f'| teacher | — | {teacher["teacher_top1"]:.2f} | {teacher["teacher_top5"]:.2f} |')
+    student = summary.get('student') or {}
+    for prefix, label in (('', 'student'), ('ema_', 'student (EMA)')):
+        for head in ('cls', 'dist', 'avg'):
+            if f'{prefix}{head}_top1' in student:
+                rows.append(f'| {label} | {head} | {student[f"{prefix}{head}_top1"]:.2f} | '
+                            f'{student[f"{prefix}{head}_top5"]:.2f} |')
+    return rows
+
+
+def model_card(run_dir: Path, repo_id: str) -> str:
+    """The README.md (front matter + body) for the run's exported student."""
+    from .build import parse_distill
+    from .models import default_cfgs as vitkd_cfgs
+    run_dir = Path(run_dir)
+    cfg, summary, export = _read_run(run_dir)
+    arch = export['architecture']
+    pretrained_cfg = export.get('pretrained_cfg', {})
+    methods = parse_distill(cfg)
+    method_names = [name for name, _, _ in methods if name != 'none']
+    dataset = HUB_DATASETS.get(cfg.dataset) or (Path(cfg.data_path).name if cfg.data_path else cfg.dataset)
+    front = {'library_name': 'timm', 'license': pretrained_cfg.get('license', 'apache-2.0'),
+             'tags': ['image-classification', 'timm', 'vitkd', 'knowledge-distillation', *method_names],
+             'datasets': [dataset], 'metrics': ['accuracy'], 'pipeline_tag': 'image-classification'}
+    needs_vitkd = arch.split('.')[0] in {name.split('.')[0] for name in vitkd_cfgs}
+    load = ['import timm, torch', *(['import vitkd  # registers the VkD student architecture in timm']
+                                    if needs_vitkd else []),
+            f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
+            'data_config = timm.data.resolve_data_config(model=model)',
+            'transform = timm.data.create_transform(**data_config)',
+            'logits = model(transform(image).unsqueeze(0))  # eval mode: the mean of the cls and dist heads']
+    method_rows = ['| method | weight | options |', '|---|---|---|']
+    method_rows += [f'| {name} | {weight:g} | {", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"} |'
+                    for name, weight, opts in methods]
+    epochs_run = summary.get('epochs_run', '?')
+    recipe = [f'- data: {cfg.dataset}' + (f' ({cfg.data_path})' if cfg.data_path else '') +
+              (f', train subset {cfg.train_subset}' if cfg.train_subset else ''),
+              f'- input {tuple(pretrained_cfg.get("input_size", ()))}, mean {tuple(pretrained_cfg.get("mean", ()))}, '
+              f'std {tuple(pretrained_cfg.get("std", ()))}, eval crop {pretrained_cfg.get("crop_pct")} '
+              f'{pretrained_cfg.get("interpolation", "")}',
+              f'- {epochs_run} of {cfg.epochs} epochs, {summary.get("steps", "?")} steps '
+              f'({summary.get("stop_reason", "?")}), batch {cfg.batch_size} per process × grad-accum '
+              f'{cfg.grad_accum_steps}',
+              f'- optimizer {cfg.opt}, lr {cfg.lr:g}{" (unscaled)" if cfg.unscale_lr else " × global batch / 512"}, '
+              f'weight decay {cfg.weight_decay:g}, schedule {cfg.sched} (warm-up {cfg.warmup_epochs:g} epochs, '
+              f'min lr {cfg.min_lr:g}), clip-grad {cfg.clip_grad}',
+              f'- augmentation: RandAugment {cfg.aa}, 3-Augment {cfg.three_augment}, colour jitter {cfg.color_jitter:g},'
+              f' random erasing {cfg.reprob:g}, mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g}, label smoothing '
+              f'{cfg.smoothing:g}',
+              f'- precision {cfg.mixed_precision}, seed {cfg.seed}, EMA {cfg.model_ema}'
+              + (f' (decay {cfg.model_ema_decay:g})' if cfg.model_ema else '')]
+    params = ', '.join(f'{k}={v}' for k, v in export.get('model_args', {}).items())
+    body = [f'# {repo_id.split("/")[-1]}', '',
+            f'A `{arch}` student ({params}) distilled with vitkd from the teacher `{cfg.teacher or "none"}`.', '',
+            '## Distillation', '', *method_rows, '',
+            '## Recipe', '', *recipe, '',
+            '## Results (validation set, final weights)', '', *_metric_rows(summary), '',
+            '## How to load', '', '```python', *load, '```', '']
+    return '---\n' + yaml.safe_dump(front, sort_keys=False) + '---\n\n' + '\n'.join(body)
+
+
+def _retry_hint(run_dir: Path, repo_id: Optional[str], private: bool) -> str:
+    cmd = f'python scripts/push_to_hub.py {run_dir}' + (f' --hub-model-id {repo_id}' if repo_id else '')
+    return cmd + (' --hub-private' if private else '')
+
+
+def push_run(run_dir: Path, repo_id: Optional[str] = None, private: bool = False) -> str:
+    """Upload ``<run_dir>/student`` with a model card; returns the repo URL.
+
+    Args:
+        run_dir: a finished vitkd run dir (config.yaml, summary.json, student/).
+        repo_id: ``org/name`` or ``name`` (then the token's namespace); default: the run dir's name.
+        private: create the repo as private (an existing repo keeps its visibility).
+
+    Raises:
+        HubPushError: nothing to upload, no token, or the Hub refused/failed; the local export is never modified
+            except for its README.md model card.
+    """
+    import huggingface_hub
+    run_dir = Path(run_dir)
+    export = run_dir / EXPORT_DIR
+    hint = _retry_hint(run_dir, repo_id, private)
+    if not ((export / 'config.json').is_file() and (export / 'model.safetensors').is_file()):
+        raise HubPushError(f'no exported student in {export} (config.json + model.safetensors); finish the run first')
+    if huggingface_hub.get_token() is None:
+        raise HubPushError('no Hugging Face token: set HF_TOKEN or run `hf auth login`, then retry: ' + hint)
+    name = repo_id or default_repo_name(run_dir)
+    api = huggingface_hub.HfApi(library_name='vitkd')
+    try:
+        url = api.create_repo(name, private=private, exist_ok=True)
+        repo_id = url.repo_id
+        (export / 'README.md').write_text(model_card(run_dir, repo_id))
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(export), allow_patterns=list(UPLOADED),
+                                 commit_message=f'vitkd: {default_repo_name(run_dir)}')
+    except HubPushError:
+        raise
+    except Exception as e:  # noqa: BLE001 - HTTP, network and validation errors all become one retry message
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HubPushError(f'upload of {export} to {repo_id or name} failed ({type(e).__name__}: {first}); the local '
+                           f'export is intact; retry with: {hint}') from None
+    (run_dir / 'hub.json').write_text(json.dumps({'repo_id': repo_id, 'url': str(url),
+                                                  'commit': getattr(info, 'oid', None)}, indent=2) + '\n')
+    return str(url)
+
+
+def push_run_to_hub(run_dir: Path, repo_id: Optional[str], private: bool, log: Callable[[str], None] = print) -> int:
+    """:func:`push_run` for command lines: 0 on success, 4 (with the retry message on stderr) on failure."""
+    import sys
+    try:
+        url = push_run(run_dir, repo_id, private)
+    except HubPushError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 4
+    log(f'pushed the student to {url}')
+    return 0
