@@ -150,7 +150,8 @@ def _hook_outputs(model: nn.Module, names: list[str], store: dict) -> list:
     return handles
 
 
-def extract(model: nn.Module, x: torch.Tensor, spec: TapSpec, what: str = 'model') -> Features:
+def extract(model: nn.Module, x: torch.Tensor, spec: TapSpec, what: str = 'model', only_requested: bool = False
+            ) -> Features:
     """Run ``model`` once on ``x`` and return the taps of ``spec`` (plus logits).
 
     Args:
@@ -158,6 +159,10 @@ def extract(model: nn.Module, x: torch.Tensor, spec: TapSpec, what: str = 'model
         x: input [B, C, H, W].
         spec: the union of what the losses need.
         what: 'student' / 'teacher', for error messages.
+        only_requested: compute logits only when ``spec.logits`` asks for them, and when nothing needs the final
+            features (no logits, pooled, tokens or module taps) stop the forward after the deepest tapped block
+            (``forward_intermediates(stop_early=True, intermediates_only=True)``). The distiller uses it for the
+            frozen teacher, whose unused tail would be wasted compute (e.g. FitNet on a middle stage).
     """
     n = num_taps(model)
     indices = _resolve(spec.blocks, n, what) if spec.blocks else []
@@ -165,10 +170,17 @@ def extract(model: nn.Module, x: torch.Tensor, spec: TapSpec, what: str = 'model
     handles = _hook_outputs(model, list(spec.modules), hooked)
     vit = _is_vit(model)
     feats = Features(num_blocks=n)
+    needs_final = not only_requested or spec.logits or spec.pooled or spec.tokens or bool(spec.modules)
+    final = None
     try:
         if indices and hasattr(model, 'forward_intermediates'):
             kwargs = dict(return_prefix_tokens=True) if vit and model.num_prefix_tokens else {}
-            final, inter = model.forward_intermediates(x, indices=indices, norm=False, output_fmt='NCHW', **kwargs)
+            if needs_final:
+                final, inter = model.forward_intermediates(x, indices=indices, norm=False, output_fmt='NCHW',
+                                                           **kwargs)
+            else:  # only intermediate taps: the blocks after the deepest one never run
+                inter = model.forward_intermediates(x, indices=indices, norm=False, output_fmt='NCHW', stop_early=True,
+                                                    intermediates_only=True, **kwargs)
             for i, t in zip(indices, inter):
                 if isinstance(t, tuple):
                     feats.blocks[i], feats.block_prefix[i] = t
@@ -190,7 +202,10 @@ def extract(model: nn.Module, x: torch.Tensor, spec: TapSpec, what: str = 'model
         for h in handles:
             h.remove()
     feats.modules = hooked
-    feats.logits, feats.logits_dist = student_head_logits(model, final)
+    if final is None:
+        return feats
+    if spec.logits or not only_requested:
+        feats.logits, feats.logits_dist = student_head_logits(model, final)
     if spec.pooled:
         feats.pooled = model.forward_head(final, pre_logits=True)
     if spec.tokens:
