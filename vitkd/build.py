@@ -12,7 +12,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from .config import Config, ConfigError
-from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_worker
+from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_worker, worker_context
 from .distiller import Distiller, LossEntry
 from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
 from .models import Teacher, create_student, create_teacher
@@ -84,11 +84,13 @@ def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
     gen = torch.Generator().manual_seed(cfg.seed)  # loader-internal draws never touch the global generators
     train_loader = DataLoader(train, cfg.batch_size, sampler=EpochSampler(len(train), cfg.seed), drop_last=True,
                               num_workers=cfg.num_workers, generator=gen, worker_init_fn=seed_worker,
-                              persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
+                              persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                              multiprocessing_context=worker_context(cfg.num_workers))
     if len(train_loader) == 0:
         raise ConfigError(f'--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)')
     val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(),
+                            multiprocessing_context=worker_context(cfg.num_workers))
     spec = DataSpec(num_classes=len(classes), input_size=tuple(input_size), mean=tuple(mean), std=tuple(std),
                     classes=classes)
     return train_loader, val_loader, spec
@@ -167,9 +169,6 @@ def build_losses(cfg: Config) -> list[LossEntry]:
 def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: int, steps_per_epoch: int,
                     world_size: int = 1, train_labels: Optional[torch.Tensor] = None) -> Distiller:
     entries = build_losses(cfg)
-    if any(e.loss.disable_fused_attn for e in entries):
-        from timm.layers import set_fused_attn
-        set_fused_attn(False)  # second-order gradients do not pass through fused attention kernels
     info = RunInfo(num_classes=spec.num_classes, num_samples=num_samples, epochs=cfg.epochs,
                    steps_per_epoch=steps_per_epoch, input_size=spec.input_size, mean=spec.mean, std=spec.std,
                    student_name=cfg.student, student_kwargs=dict(cfg.student_kwargs), world_size=world_size,

@@ -89,13 +89,22 @@ class Run:
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     from engine import TrainState
-    build_losses(cfg)  # fail fast on unknown methods/options, before data and models are loaded
+    entries = build_losses(cfg)  # fail fast on unknown methods/options, before data and models are loaded
+    if any(e.loss.disable_fused_attn for e in entries):
+        from timm.layers import set_fused_attn
+        set_fused_attn(False)  # read when attention layers are built: second-order gradients need the plain path
+    set_seed(cfg.seed)  # models and distillation parts start identical on every process (a random teacher too)
     probe = build_student(cfg, num_classes=1)  # only for the data config (input size, mean/std)
     input_size, mean, std, _ = student_data_spec(cfg, probe)
     del probe
     train_loader, val_loader, spec = build_data(cfg, input_size, mean, std, accelerator.num_processes)
     student = build_student(cfg, spec.num_classes)
     teacher = build_teacher(cfg, spec.num_classes, mean, std)
+    if accelerator.device.type == 'cpu' and cfg.mixed_precision == 'bf16':  # CPU bf16 flash-attention backward is slow
+        from .models import set_fused_attention
+        for model in (student, teacher.model if teacher is not None else None):
+            if model is not None:
+                set_fused_attention(model, False)
     if teacher is not None:
         teacher.to(accelerator.device)
         if cfg.compile_teacher:
@@ -104,6 +113,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     distiller = build_distiller(cfg, student, teacher, spec, len(train_loader.dataset), steps_per_epoch,
                                 accelerator.num_processes, dataset_targets(train_loader.dataset))
     attach_class_centers(distiller, cfg, teacher, spec, accelerator)  # ND: teacher class centres, cached on disk
+    set_seed(cfg.seed + accelerator.process_index)  # per-process streams from here on (dropout, drop-path)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
     optimizer = build_optimizer(cfg, distiller, lr)
