@@ -56,12 +56,12 @@ def train(argv=None) -> int:
         log(f'teacher top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%')
 
     state = r.state
-    ckpt = Checkpointer(cfg, r, out_dir, accelerator)
+    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv)
     ckpt.resume(resume_from)
     if cfg.time_limit:
         state.deadline = time.time() + cfg.time_limit
-    start, metrics = time.time(), {}
-    logger = runlib.MetricLogger(out_dir, accelerator)
+    start, metrics, train_stats = time.time(), {}, {}
+    logger = runlib.MetricLogger(out_dir, accelerator, cfg)
     with ckpt.signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
         while state.epoch < cfg.epochs and not state.stop_reason:
             epoch = state.epoch
@@ -93,10 +93,12 @@ def train(argv=None) -> int:
     export_dir = runlib.export_student(r, out_dir, accelerator, metrics)
     summary = dict(teacher=teacher_metrics, student=metrics, best=ckpt.best, epochs_run=state.epoch, steps=state.step,
                    train_seconds=round(elapsed, 1), stop_reason=state.stop_reason or 'epochs done',
-                   student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None)
+                   student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None,
+                   **runlib.run_costs(r, train_stats if state.step else {}))
     if accelerator.is_main_process:
         (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
     logger.finish()
+    runlib.plot_curves(out_dir, cfg, accelerator)
     log(runlib.summary_table(cfg, summary))
     log(f'outputs in {out_dir}')
     code = 0

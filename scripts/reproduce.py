@@ -78,7 +78,7 @@ def summarise(cells: dict[str, list[dict]]) -> list[dict]:
             if values:
                 row[f'{head}_mean'] = statistics.mean(values)
                 row[f'{head}_std'] = statistics.stdev(values) if len(values) > 1 else 0.0
-        for key in ('img_per_s', 'extra_params', 'peak_rss_mb'):
+        for key in ('img_per_s', 'extra_params', 'peak_memory_mb'):
             values = [r[key] for r in ok if key in r]
             if values:
                 row[key] = statistics.mean(values)
@@ -94,7 +94,7 @@ def summarise(cells: dict[str, list[dict]]) -> list[dict]:
 def markdown(rows: list[dict], args) -> str:
     def cell(row, head):
         return f'{row[f"{head}_mean"]:.2f} ± {row[f"{head}_std"]:.2f}' if f'{head}_mean' in row else '–'
-    lines = ['| method | cls top-1 | dist top-1 | avg top-1 | img/s | extra params | peak RSS (MB) | note |',
+    lines = ['| method | cls top-1 | dist top-1 | avg top-1 | img/s | extra params | peak memory (MB) | note |',
              '|---|---|---|---|---|---|---|---|']
     for row in rows:
         note = '; '.join(row['errors']) if row['errors'] else ''
@@ -102,7 +102,7 @@ def markdown(rows: list[dict], args) -> str:
             note = (note + '; ' if note else '') + 'not above the no-teacher student by more than its seed std'
         lines.append(f'| {row["method"]} | {cell(row, "cls")} | {cell(row, "dist")} | {cell(row, "avg")} | '
                      f'{row.get("img_per_s", 0):.0f} | {int(row.get("extra_params", 0)):,} | '
-                     f'{row.get("peak_rss_mb", 0):.0f} | {note} |')
+                     f'{row.get("peak_memory_mb", 0):.0f} | {note} |')
     lines.append('')
     lines.append(f'{args.steps} steps of batch 128 per cell, seeds {", ".join(map(str, args.seeds))}; '
                  f'command: `python scripts/reproduce.py {" ".join(sys.argv[1:])}`')

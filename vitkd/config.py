@@ -63,7 +63,8 @@ class Config:
                                        'seeds, cached epochs replay them without running the teacher '
                                        '(see vitkd/teacher_cache.py, scripts/cache_teacher.py)')
     teacher_cache_epochs: Optional[int] = option(None, 'distinct epochs of augmentation the cache holds; epoch e '
-                                              'replays data epoch e mod this (default: --epochs, no repetition)')
+                                              'uses data epoch e mod this (default: an existing cache\'s, else '
+                                              '--epochs: no repetition)')
     teacher_cache_topk: int = option(10, 'teacher logits kept per sample (the rest of the probability mass spread '
                                      'uniformly, as TinyViT); >= the number of classes keeps every logit')
     # ---- distillation ----------------------------------------------------------------------------------------
@@ -117,16 +118,18 @@ class Config:
     overwrite: bool = option(False, 'reuse an output dir that holds another run')
     resume: Optional[str] = option(None, 'auto (newest complete checkpoint in the output dir; none yet = start) or a '
                                 'checkpoint folder / run dir')
-    save_every_steps: Optional[int] = option(None, 'also save a training checkpoint every N optimizer steps (mid-epoch)')
+    save_every_steps: Optional[int] = option(None, 'also save a training checkpoint every N optimizer steps')
     keep_last: int = option(2, 'keep the newest K training checkpoints (checkpoints/best is kept apart)')
+    log_with: Optional[str] = option(None, 'Accelerate trackers (tensorboard, wandb, mlflow, comet_ml, aim, all) beside '
+                                     'the run dir\'s log.jsonl/epochs.csv; the tracker package must be installed')
     log_every: int = option(50, 'log training terms every N steps')
     eval_every: int = option(1, 'evaluate every N epochs')
     eval_student: bool = option(False, 'only evaluate --student-ckpt', aliases=('--eval_student',))
     student_ckpt: Optional[str] = option(None, 'student to evaluate: export folder, checkpoint, .safetensors, hf-hub:id',
                                       aliases=('--student_ckpt',))
     eval_teacher: bool = option(True, 'report the teacher\'s own accuracy once')
-    push_to_hub: bool = option(False, 'upload the exported student with a model card to the Hugging Face Hub at the end')
-    hub_model_id: Optional[str] = option(None, 'Hub repo org/name for --push-to-hub (default: your namespace/<run name>)')
+    push_to_hub: bool = option(False, 'upload the exported student with a model card to the Hugging Face Hub')
+    hub_model_id: Optional[str] = option(None, 'Hub repo org/name for --push-to-hub (default: <you>/<run dir name>)')
     hub_private: bool = option(False, 'create the Hub repo as private')
 
 

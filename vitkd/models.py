@@ -35,7 +35,7 @@ from timm.models._builder import build_model_with_cfg
 from timm.models.deit import VisionTransformerDistilled, checkpoint_filter_fn
 
 __all__ = ['create_student', 'create_teacher', 'Teacher', 'ConvStemPatchEmbed', 'VkDDistilledViT',
-           'student_head_logits', 'has_dist_head', 'resolve_teacher_name', 'ModelSpecError']
+           'student_head_logits', 'has_dist_head', 'resolve_teacher_name', 'ModelSpecError', 'set_fused_attention']
 
 _logger = logging.getLogger(__name__)
 
@@ -168,6 +168,22 @@ def create_student(name: str, num_classes: int, pretrained: bool = False, **over
     return model
 
 
+def set_fused_attention(model: nn.Module, enabled: bool) -> int:
+    """Switch timm's fused attention (``F.scaled_dot_product_attention``) on or off in every attention module.
+
+    vitkd turns it off on CPU under bf16 autocast (:func:`vitkd.run.build_run`): PyTorch's CPU flash-attention backward
+    in bf16 is slow, and timm's explicit path (q·kᵀ, softmax, ·v) made the whole training step 1.5–2× faster on 2 CPU
+    cores (embedded student, 51 tokens, batch 128: 305 → 152 ms; deit_tiny @224, batch 16: 658 → 433 ms), while in fp32
+    the two are within ±5 %. GPUs keep the fused kernels. Returns the number of modules switched.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, 'fused_attn'):
+            module.fused_attn = enabled
+            count += 1
+    return count
+
+
 def has_dist_head(model: nn.Module) -> bool:
     """True when the model has a distillation head (``head_dist``) fed by a distillation token."""
     return isinstance(getattr(model, 'head_dist', None), nn.Module) and getattr(model, 'num_prefix_tokens', 1) >= 2
@@ -198,12 +214,26 @@ class Teacher(nn.Module):
 
     It is deliberately kept out of the trained module (not a submodule of the distiller), so DDP never wraps it,
     the optimizer never sees it and student checkpoints never contain it.
+
+    Convolutional teachers run in ``channels_last`` memory format (their weights are converted; a convolution with
+    channels_last weights gives channels_last outputs, so the whole body follows; the distiller hands the losses
+    contiguous NCHW copies of the taps). Measured on 2 CPU cores (oneDNN), teacher forward only: regnety_002 @224 74 →
+    111 img/s fp32 and 132 → 224 img/s bf16, resnet18 @112 87 → 115 / 156 → 223; @28 px batch 128 neutral in fp32 and
+    ~1.2× in bf16. On GPUs channels_last is the format tensor cores want under mixed precision. ViT teachers are left
+    as they are (no convolutions past the stem). :meth:`compile` wraps the forward paths in ``torch.compile``.
     """
 
-    def __init__(self, model: nn.Module, source: str, student_mean=None, student_std=None):
+    def __init__(self, model: nn.Module, source: str, student_mean=None, student_std=None,
+                 channels_last: Optional[bool] = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.source = source
+        if channels_last is None:  # auto: convolutional teachers, not patch-embedding transformers (ViT, Swin, …)
+            channels_last = not hasattr(model, 'patch_embed') and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.compiled = False
         cfg = getattr(model, 'pretrained_cfg', {}) or {}
         self.mean, self.std = tuple(cfg.get('mean', (0.485, 0.456, 0.406))), tuple(cfg.get('std', (0.229, 0.224, 0.225)))
         self.set_student_normalization(student_mean or self.mean, student_std or self.std)
@@ -227,6 +257,21 @@ class Teacher(nn.Module):
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] student-normalised → teacher-normalised."""
         return x * self.in_scale + self.in_shift if self.renormalize else x
+
+    def compile(self, **compile_kwargs: Any) -> 'Teacher':
+        """``torch.compile`` the model's forward paths that feature extraction calls.
+
+        :func:`vitkd.features.extract` calls ``forward_intermediates`` / ``forward_features`` / ``forward_head``
+        rather than ``forward`` (compiling the module would only compile ``forward``), so each of these bound methods is
+        replaced on the instance by its compiled version. The first batches pay the compilation (tens of seconds on
+        CPU; once per distinct input shape and tap set).
+        """
+        for name in ('forward_intermediates', 'forward_features', 'forward_head', 'forward'):
+            method = getattr(self.model, name, None)
+            if method is not None:
+                setattr(self.model, name, torch.compile(method, **compile_kwargs))
+        self.compiled = True
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -282,8 +327,8 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
             raise _unknown_model_error(spec, 'teacher')
         model = _create_hub_teacher(name, pretrained, **({'num_classes': num_classes} if not pretrained and num_classes
                                                         else {}), **kwargs)
-        tag = getattr(model, 'pretrained_cfg', {}).get('tag', '')
-        source = f'{name.split(".")[0]}.{tag}' if tag else name
+        tag = getattr(model, 'pretrained_cfg', {}).get('tag', '') if pretrained else ''
+        source = f'{name.split(".")[0]}.{tag}' if tag else f'{name} (random weights)' if not pretrained else name
         if name != spec:
             _logger.info('teacher %r resolved to %r (the DeiT teacher)', spec, name)
     if num_classes is not None and model.num_classes != num_classes:

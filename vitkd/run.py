@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -41,7 +42,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if find_unused is None and not cfg.eval_student:
         from .distiller import may_leave_parameters_unused
         find_unused = may_leave_parameters_unused(build_losses(cfg), cfg.epochs, cfg.task_weight)
+    name_output_dir(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+                              log_with=cfg.log_with, project_dir=cfg.output_dir,
                               cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
     if accelerator.device.type == 'cpu' and accelerator.num_processes == 1:
@@ -50,11 +53,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """The run dir; refuse one that already holds a run unless --resume or --overwrite (nothing is deleted)."""
+def name_output_dir(cfg: Config) -> None:
+    """Default run dir: output/<student>-<methods>-<time>."""
     if cfg.output_dir is None:
         methods = '+'.join(m.split(':')[0] if isinstance(m, str) else m.get('name', 'm') for m in cfg.distill)
         cfg.output_dir = str(Path('output') / f'{cfg.student.replace("/", "_")}-{methods}-{time.strftime("%Y%m%d-%H%M%S")}')
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The run dir; refuse one that already holds a run unless --resume or --overwrite (nothing is deleted)."""
+    name_output_dir(cfg)
     out = Path(cfg.output_dir)
     if (out / RUN_MARKER).exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f'--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite '
@@ -139,16 +147,25 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
 class MetricLogger:
     """Per-step and per-epoch records as JSONL (``log.jsonl``) and CSV (``epochs.csv``) in the run dir."""
 
-    def __init__(self, out_dir: Path, accelerator: Accelerator):
-        self.out_dir, self.main = out_dir, accelerator.is_main_process
+    def __init__(self, out_dir: Path, accelerator: Accelerator, cfg: Optional[Config] = None):
+        self.out_dir, self.main, self.accelerator = out_dir, accelerator.is_main_process, accelerator
         self.jsonl = open(out_dir / 'log.jsonl', 'a') if self.main else None
+        self.trackers = bool(cfg and cfg.log_with)
+        if self.trackers:  # flat, tracker-friendly hyper-parameters
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in dataclasses.asdict(cfg).items() if v is not None}
+            accelerator.init_trackers('vitkd', config=hparams)
 
     def step(self, record: dict) -> None:
+        if self.trackers:
+            self.accelerator.log({f'train/{k}': v for k, v in record.items() if k != 'step'}, step=record['step'])
         if self.jsonl:
             self.jsonl.write(json.dumps({'kind': 'step', **record}) + '\n')
             self.jsonl.flush()
 
     def epoch(self, epoch: int, train: dict, val: dict) -> None:
+        if self.trackers and val:
+            self.accelerator.log({f'val/{k}': v for k, v in val.items()}, step=None)
         if not self.main:
             return
         record = {'epoch': epoch, **{f'train_{k}': v for k, v in train.items()}, **{f'val_{k}': v for k, v in val.items()}}
@@ -179,6 +196,24 @@ def export_student(r: Run, out_dir: Path, accelerator: Accelerator, metrics: dic
             export_model(folded_student(r.distiller_unwrapped, r.ema.module), out_dir / 'student_ema', r.data_config)
     accelerator.wait_for_everyone()
     return export
+
+
+def run_costs(r: Run, train_stats: dict) -> dict:
+    """Throughput, trainable parameters beyond the student (projectors, adapters, banks' heads), peak memory."""
+    import resource
+    extra = sum(p.numel() for p in r.distiller_unwrapped.parameters()) - r.student_params
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    return dict(img_per_s=round(train_stats.get('img_per_s', 0.0), 1), extra_params=extra,
+                peak_memory_mb=round(peak, 1), peak_memory_kind='cuda_allocated' if torch.cuda.is_available() else 'rss')
+
+
+def plot_curves(out_dir: Path, cfg: Config, accelerator: Accelerator) -> None:
+    """``curves.png`` in the run dir: loss terms, lr, accuracy per head (main process)."""
+    if accelerator.is_main_process and (out_dir / 'log.jsonl').exists():
+        from .plots import plot_run
+        methods = ' + '.join(str(m) for m in cfg.distill)
+        plot_run(out_dir / 'log.jsonl', out_dir / 'curves.png', f'{cfg.student} ← {cfg.teacher} ({methods})')
 
 
 def format_heads(metrics: dict) -> str:
