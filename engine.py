@@ -1,20 +1,26 @@
 """Train one epoch and evaluate — nothing else (the shape of DeiT's engine.py, on Accelerate)."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from vitkd.data import find_epoch_sampler, seeded_rngs
+from vitkd.data import find_epoch_sampler, mix_batch
 from vitkd.features import Features
 from vitkd.models import student_head_logits
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the terms and the step."""
+    """The loss or the gradients became NaN/inf; the message names the terms, the step and the diagnostic file."""
+
+
+MAX_NONFINITE_REPORTS = 100  # diagnostic files written per process run (a run skipping every step would flood the dir)
 
 
 @dataclass
@@ -27,6 +33,7 @@ class TrainState:
     deadline: Optional[float] = None  # time.time() after which training stops
     stop_reason: str = ''
     history: list = field(default_factory=list)
+    nonfinite_reports: int = 0    # diagnostic files written by this process (not checkpointed)
 
     def exhausted(self) -> bool:
         if self.max_steps is not None and self.step >= self.max_steps:
@@ -46,7 +53,8 @@ class TrainState:
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: Callable, state: TrainState,
                     num_classes: int, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
                     log_fn: Optional[Callable[[dict], None]] = None, teacher_cache=None,
-                    step_hook: Optional[Callable[[bool], bool]] = None) -> dict:
+                    step_hook: Optional[Callable[[bool], bool]] = None, nan_policy: str = 'stop',
+                    report_dir: Optional[Path] = None) -> dict:
     """One pass over ``loader`` (or until the step/time budget runs out).
 
     ``model`` is the prepared :class:`vitkd.distiller.Distiller`; ``mixup_fn(images, labels)`` returns the mixed
@@ -57,10 +65,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
     so that resumes and the ``teacher_cache`` (:class:`vitkd.teacher_cache.TeacherCache`) see the same mixed images;
     the cache also decides the data epoch (epoch mod its cached epochs) and serves the teacher's taps. On N processes
     the logged terms are the means over the processes (the global-batch values for mean-reduced terms).
+
+    Faults: a non-finite loss term (any micro-batch) or gradient norm (at the optimizer step; not under fp16, whose
+    GradScaler skips such steps itself) writes ``<report_dir>/nonfinite_step<N>.json`` (the terms, the step, the lr,
+    the batch's sample indices) and then raises :class:`NonFiniteLossError` (``nan_policy='stop'``) or skips the
+    optimizer step, zeroing the gradients (``'skip'``: weights, optimizer state and EMA are untouched by that step; the
+    schedule advances). The decision uses values reduced over the processes, so every process takes it alike. The
+    returned dict adds ``skipped_steps`` and, for an :class:`~vitkd.data.IndexedDataset`, ``corrupt_images`` (the
+    unreadable images met this epoch, summed over the processes).
     """
     model.train()
     sums: dict[str, float] = {}
     seen, count, start = 0, 0, time.time()
+    skipped, window_bad = 0, False
+    dataset = getattr(loader, 'dataset', None)
+    if hasattr(dataset, 'reset_corrupt'):
+        dataset.reset_corrupt()  # the workers' flags are in shared memory: this epoch's count starts at 0
     num_batches = len(loader)
     data_epoch = teacher_cache.data_epoch(state.epoch) if teacher_cache is not None else state.epoch
     if hasattr(loader, 'set_epoch'):
@@ -75,12 +95,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
         loader = accelerator.skip_first_batches(loader, first)
     progress = _progress(loader, accelerator, state.epoch)
     for it, (images, labels, index) in enumerate(progress, start=first):
-        mix_seed = sampler.mix_seed(data_epoch, int(index[0])) if sampler is not None else None
-        if mix_seed is None:
-            images, targets, mix = mixup_fn(images, labels)
-        else:
-            with seeded_rngs(mix_seed):  # λ, box and mixup/cutmix switch are a function of the batch
-                images, targets, mix = mixup_fn(images, labels)
+        images, targets, mix, mix_seed = mix_batch(mixup_fn, sampler, data_epoch, images, labels, index)
         epoch_float = state.epoch + it / max(1, num_batches)
         with accelerator.accumulate(model):
             with accelerator.autocast():
@@ -88,36 +103,57 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
                 out = model(images, targets, labels, mix['labels_b'], mix['lam'], index, epoch=epoch_float,
                             step=state.step, teacher_features=cached)
             loss = out['loss']
-            if not math.isfinite(loss.item()):
-                bad = [k for k, v in out['terms'].items() if not torch.isfinite(v).all()] or ['total']
-                raise NonFiniteLossError(f'non-finite loss at epoch {state.epoch} step {state.step} '
-                                         f'(terms: {", ".join(bad)})')
             accelerator.backward(loss)
-            if accelerator.sync_gradients and clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = None
+            if accelerator.sync_gradients:
+                if clip_grad:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                elif accelerator.scaler is None:
+                    grad_norm = _grad_norm(model)
+            top1 = (out['logits'].detach().argmax(-1) == labels).float().mean() * 100  # vs y_a under mixup
+            terms = {'loss': loss.detach(), **out['terms'], 'top1': top1}
+            if accelerator.num_processes > 1:  # one all-reduce: the mean over processes of every term
+                values = accelerator.reduce(torch.stack([v.detach().float().reshape(()) for v in terms.values()]),
+                                            'mean')
+                terms = dict(zip(terms, values))
+            values = {k: float(v) for k, v in terms.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if grad_norm is not None and accelerator.scaler is None and not math.isfinite(float(grad_norm)):
+                bad.append('gradients')  # DDP has averaged the gradients: every process sees the same norm
+            if bad:
+                path = _report_nonfinite(report_dir, accelerator, state, nan_policy, it, epoch_float, values, bad,
+                                         grad_norm, optimizer, index, mix)
+                where = f'non-finite {", ".join(bad)} at epoch {state.epoch} step {state.step + 1}' + (
+                    f' (diagnostic: {path})' if path else '')
+                if nan_policy == 'stop':
+                    raise NonFiniteLossError(where)
+                accelerator.print(f'warning: {where}: optimizer step skipped (--nan-policy skip)')
+                window_bad = True
+            if accelerator.sync_gradients and window_bad:
+                optimizer.zero_grad(set_to_none=True)  # no optimizer.step(): no update, no weight decay, no moments
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        step_skipped = accelerator.sync_gradients and window_bad
         if accelerator.sync_gradients:
             state.step += 1
             scheduler.step_update(num_updates=state.step)
-            if ema is not None:
+            if ema is not None and not step_skipped:
                 ema.update(accelerator.unwrap_model(model).student, step=state.step)
+            skipped += step_skipped
+            window_bad = False
         batch = images.shape[0] * accelerator.num_processes
         seen += batch
-        count += 1
-        top1 = (out['logits'].detach().argmax(-1) == labels).float().mean() * 100  # vs y_a under mixup
-        terms = {'loss': loss.detach(), **out['terms'], 'top1': top1}
-        if accelerator.num_processes > 1:  # one all-reduce: the mean over processes of every term
-            values = accelerator.reduce(torch.stack([v.detach().float().reshape(()) for v in terms.values()]), 'mean')
-            terms = dict(zip(terms, values))
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        if accelerator.sync_gradients and (state.step % log_every == 0 or it == num_batches - 1):
+        if not bad:  # a skipped micro-batch's NaN terms stay out of the epoch means
+            count += 1
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+        if accelerator.sync_gradients and not step_skipped and (state.step % log_every == 0 or it == num_batches - 1):
             rate = seen / max(1e-9, time.time() - start)
             record = {'epoch': epoch_float, 'step': state.step, 'lr': optimizer.param_groups[0]['lr'],
-                      'img_per_s': rate, **{k: float(v) for k, v in terms.items()}}
+                      'img_per_s': rate, **values}
             if hasattr(progress, 'set_postfix'):
-                progress.set_postfix({k: f'{float(v):.3f}' for k, v in terms.items()} |
+                progress.set_postfix({k: f'{v:.3f}' for k, v in values.items()} |
                                      {'lr': f'{record["lr"]:.2e}', 'img/s': f'{rate:.0f}'})
             if log_fn is not None:
                 log_fn(record)
@@ -131,7 +167,44 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
     means = {k: v / max(1, count) for k, v in sums.items()}
     means['img_per_s'] = seen / max(1e-9, time.time() - start)
     means['samples'] = seen
+    means['skipped_steps'] = skipped
+    if hasattr(dataset, 'num_corrupt'):
+        corrupt = torch.tensor(float(dataset.num_corrupt), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            corrupt = accelerator.reduce(corrupt, 'sum')
+        means['corrupt_images'] = int(corrupt.item())
     return means
+
+
+def _grad_norm(model) -> torch.Tensor:
+    """The total 2-norm of the gradients (non-finite if any gradient is), without touching them."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def _json_number(value) -> object:
+    value = float(value)
+    return value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
+
+
+def _report_nonfinite(report_dir: Optional[Path], accelerator, state: TrainState, policy: str, batch: int,
+                      epoch_float: float, values: dict, bad: list, grad_norm, optimizer, index, mix) -> Optional[Path]:
+    """Write ``nonfinite_step<N>.json`` (main process; at most :data:`MAX_NONFINITE_REPORTS` per run)."""
+    if report_dir is None or not accelerator.is_main_process or state.nonfinite_reports >= MAX_NONFINITE_REPORTS:
+        return None
+    state.nonfinite_reports += 1
+    step = state.step + 1  # the optimizer step being attempted, numbered as log.jsonl numbers steps
+    record = dict(step=step, epoch=state.epoch, epoch_float=epoch_float, batch=batch, policy=policy,
+                  nonfinite=bad, terms={k: _json_number(v) for k, v in values.items()},
+                  grad_norm=None if grad_norm is None else _json_number(grad_norm),
+                  lr=[g['lr'] for g in optimizer.param_groups], mixup_lam=_json_number(mix['lam']),
+                  sample_indices=[int(i) for i in index.tolist()] if index is not None else None,
+                  processes=accelerator.num_processes)
+    path = Path(report_dir) / f'nonfinite_step{step}.json'
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(record, indent=1) + '\n')
+    os.replace(tmp, path)
+    return path
 
 
 def _progress(loader, accelerator, epoch: int):

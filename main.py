@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import torch
 
 from engine import NonFiniteLossError, TrainState, evaluate, evaluate_teacher, train_one_epoch
 from vitkd import run as runlib
-from vitkd.checkpoint import Checkpointer, resolve_resume
+from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
 from vitkd.config import parse_args, to_yaml
 from vitkd.errors import UsageError
 from vitkd.hub import push_run_to_hub
@@ -41,23 +42,27 @@ def train(argv=None) -> int:
     if cfg.eval_student:
         return runlib.eval_student(cfg, accelerator)
 
+    # Everything that can reject the command (options, output dir, data, models, losses, the checkpoint to resume)
+    # runs before anything is written: a bad command leaves an existing run dir as it was.
     resume_from = resolve_resume(cfg, log)
-    out_dir = runlib.prepare_output_dir(cfg, accelerator)
+    out_dir = runlib.check_output_dir(cfg)
     r = runlib.build_run(cfg, accelerator)
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
         f'{r.teacher.source if r.teacher else "none"}, methods {", ".join(r.distiller_unwrapped.entries) or "none"}, '
         f'{len(r.train_loader.dataset)} train / {len(r.val_loader.dataset)} val images, global batch '
         f'{r.global_batch}, lr {r.lr:.2e}')
+    state = r.state
+    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv)
+    ckpt.resume(resume_from)
+    out_dir = runlib.prepare_output_dir(cfg, accelerator)
     if accelerator.is_main_process:
         (out_dir / 'config.yaml').write_text(to_yaml(cfg))
     teacher_metrics = {}
     if r.teacher is not None and cfg.eval_teacher:
-        teacher_metrics = evaluate_teacher(r.teacher, r.val_loader, accelerator)
+        with _rng_untouched(accelerator):  # so a resumed run continues from exactly the checkpoint's RNG states
+            teacher_metrics = evaluate_teacher(r.teacher, r.val_loader, accelerator)
         log(f'teacher top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%')
 
-    state = r.state
-    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv)
-    ckpt.resume(resume_from)
     if cfg.time_limit:
         state.deadline = time.time() + cfg.time_limit
     start, metrics, train_stats = time.time(), {}, {}
@@ -68,7 +73,11 @@ def train(argv=None) -> int:
             r.distiller_unwrapped.teacher and r.distiller_unwrapped.teacher.train(False)
             train_stats = train_one_epoch(r.distiller, r.train_loader, r.optimizer, r.scheduler, accelerator, r.mixer,
                                           state, r.spec.num_classes, cfg.clip_grad, r.ema, cfg.log_every, logger.step,
-                                          teacher_cache=r.teacher_cache, step_hook=ckpt.step_hook)
+                                          teacher_cache=r.teacher_cache, step_hook=ckpt.step_hook,
+                                          nan_policy=cfg.nan_policy, report_dir=out_dir)
+            faults = runlib.format_faults(train_stats)
+            if faults:
+                log(f'warning: epoch {epoch}: {faults}')
             if ckpt.preempted:  # saved mid-epoch by the step hook
                 log(ckpt.preemption_message())
                 return ckpt.exit_code()
@@ -78,19 +87,23 @@ def train(argv=None) -> int:
             evaluated = not ckpt.stop_requested() and (last or (state.batches_done == 0 and
                                                                 state.epoch % cfg.eval_every == 0))
             if evaluated:
-                metrics = evaluate(r.student, r.val_loader, accelerator)
-                if r.ema is not None:
-                    metrics.update({f'ema_{k}': v for k, v in evaluate(r.ema.module, r.val_loader, accelerator).items()
-                                    if k != 'samples'})
+                metrics = _evaluate_student(r, accelerator)
                 log(f'epoch {epoch}: ' + ', '.join(f'{k} {v:.3f}' for k, v in train_stats.items()
-                                                   if k not in ('samples',)) + ' | ' + runlib.format_heads(metrics))
+                                                   if k not in runlib.COUNTS) + ' | ' + runlib.format_heads(metrics))
             logger.epoch(epoch, train_stats, metrics)
             ckpt.save(metrics if evaluated else None)
             if ckpt.stop_requested():
                 log(ckpt.preemption_message())
                 return ckpt.exit_code()
     elapsed = time.time() - start
-    export_dir = runlib.export_student(r, out_dir, accelerator, metrics)
+    if not metrics and state.step:  # resumed from the final checkpoint (e.g. killed while exporting): nothing trained
+        metrics = _evaluate_student(r, accelerator)
+    try:
+        export_dir = runlib.export_student(r, out_dir, accelerator, metrics)
+    except OSError as e:
+        raise SaveError(f'could not write the exported student to {out_dir / "student"} ({e.strerror or e}); the '
+                        f'last checkpoint {ckpt.last_saved or ckpt.resumed_from} is intact: free space and rerun the '
+                        'same command with --resume auto to export it') from None
     summary = dict(teacher=teacher_metrics, student=metrics, best=ckpt.best, epochs_run=state.epoch, steps=state.step,
                    train_seconds=round(elapsed, 1), stop_reason=state.stop_reason or 'epochs done',
                    student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None,
@@ -108,18 +121,50 @@ def train(argv=None) -> int:
     return code
 
 
+def _evaluate_student(r, accelerator) -> dict:
+    """Validation metrics of the student (and of its EMA)."""
+    metrics = evaluate(r.student, r.val_loader, accelerator)
+    if r.ema is not None:
+        metrics.update({f'ema_{k}': v for k, v in evaluate(r.ema.module, r.val_loader, accelerator).items()
+                        if k != 'samples'})
+    return metrics
+
+
+@contextlib.contextmanager
+def _rng_untouched(accelerator):
+    """Run a block without consuming the global torch generators (a data loader draws its base seed from them)."""
+    cuda = accelerator.device.type == 'cuda'
+    with torch.random.fork_rng(devices=[accelerator.device.index or 0] if cuda else []):
+        yield
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of an error raised in a data-loader worker is wrapped in the worker's traceback: keep its last line."""
+    text = str(error).strip()
+    if '\n' in text and 'Traceback' in text:
+        text = text.splitlines()[-1]
+        text = text.split(': ', 1)[1] if ': ' in text and '.' in text.split(': ', 1)[0] else text
+    return ' '.join(text.split())
+
+
 def main(argv=None) -> int:
-    """The command line: usage errors become one line on stderr and exit code 2 (VITKD_DEBUG=1 shows tracebacks)."""
+    """The command line. Exit codes: 0 done; 2 a usage error (one line on stderr, before anything is written;
+    VITKD_DEBUG=1 shows tracebacks); 3 a non-finite loss under --nan-policy stop; 1 an output that could not be
+    written (e.g. a full disk; the last checkpoint is intact); 4 a failed --push-to-hub; 128+N stopped by signal N."""
     try:
         return train(argv)
     except UsageError as e:
         if os.environ.get('VITKD_DEBUG'):
             raise
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {_one_line(e)}', file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {e}; the run stopped (--nan-policy stop) without applying that step: resume from the last '
+              'checkpoint with --resume auto, adding --nan-policy skip to skip such steps', file=sys.stderr)
         return 3
+    except SaveError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

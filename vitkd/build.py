@@ -23,7 +23,16 @@ __all__ = ['build_student', 'build_teacher', 'build_data', 'build_losses', 'buil
 _logger = logging.getLogger(__name__)
 
 
+def _reject_head_width(kwargs: dict, role: str) -> None:
+    if 'num_classes' in kwargs:
+        raise ConfigError(f'--{role}-kwargs num_classes={kwargs["num_classes"]}: the {role}\'s head is not set by hand '
+                          + ('(vitkd sizes it from the data set\'s classes; --num-classes checks the count)'
+                             if role == 'student' else '(it comes with the teacher\'s weights and must match the '
+                             'data set\'s classes)'))
+
+
 def build_student(cfg: Config, num_classes: int):
+    _reject_head_width(cfg.student_kwargs, 'student')
     kwargs = dict(cfg.student_kwargs)
     if cfg.drop_path:
         kwargs.setdefault('drop_path_rate', cfg.drop_path)
@@ -35,6 +44,7 @@ def build_student(cfg: Config, num_classes: int):
 def build_teacher(cfg: Config, num_classes: int, student_mean, student_std) -> Optional[Teacher]:
     if cfg.teacher is None:
         return None
+    _reject_head_width(cfg.teacher_kwargs, 'teacher')
     teacher = create_teacher(cfg.teacher, num_classes, arch=cfg.teacher_arch, pretrained=cfg.teacher_pretrained,
                              **cfg.teacher_kwargs)
     teacher.set_student_normalization(student_mean, student_std)
@@ -173,7 +183,30 @@ def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: 
                    steps_per_epoch=steps_per_epoch, input_size=spec.input_size, mean=spec.mean, std=spec.std,
                    student_name=cfg.student, student_kwargs=dict(cfg.student_kwargs), world_size=world_size,
                    train_labels=train_labels)
-    return Distiller(student, teacher, entries, info, task_weight=cfg.task_weight)
+    distiller = Distiller(student, teacher, entries, info, task_weight=cfg.task_weight)
+    check_taps(distiller)
+    return distiller
+
+
+def check_taps(distiller: Distiller) -> None:
+    """Every block index and module name a loss taps exists in its network (else a one-line error, before training:
+    losses without a ``setup`` would otherwise meet a bad tap only in the first training step)."""
+    from .features import num_taps
+    nets = {'student': distiller.student, 'teacher': distiller.teacher.model if distiller.teacher is not None else None}
+    for name, entry in distiller.entries.items():
+        for role, model in nets.items():
+            taps = getattr(entry.loss, f'{role}_taps', None)
+            if model is None or taps is None:
+                continue
+            n = num_taps(model)
+            for i in taps.blocks:
+                if not -n <= i < n:
+                    raise LossSpecError(f'loss {name!r} taps {role} block {i}, out of range: the {role} '
+                                        f'({type(model).__name__}) has {n} taps (valid: {-n}..{n - 1})')
+            missing = sorted(set(taps.modules) - {m for m, _ in model.named_modules()})
+            if missing:
+                raise LossSpecError(f'loss {name!r} taps {role} modules that do not exist: {", ".join(missing)} '
+                                    f'(see dict({role}.named_modules()))')
 
 
 def scaled_lr(cfg: Config, global_batch: int) -> float:

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -44,8 +45,8 @@ import torch.nn as nn
 
 from .config import Config, ConfigError
 
-__all__ = ['CheckpointError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint', 'prune_checkpoints',
-           'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict', 'PreemptionSignal',
+__all__ = ['CheckpointError', 'SaveError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint',
+           'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict', 'PreemptionSignal',
            'CHECKPOINTS', 'STATE_FILE']
 
 _logger = logging.getLogger(__name__)
@@ -60,13 +61,41 @@ _NAME = re.compile(r'^step_(\d{8,})$')
 FORMAT = 1
 
 # Options that do not change the trained weights: a resume may change them without a warning.
-_RUN_ONLY_OPTIONS = {'resume', 'overwrite', 'output_dir', 'time_limit', 'max_steps', 'epochs', 'log_every', 'eval_every',
-                     'save_every_steps', 'keep_last', 'push_to_hub', 'hub_model_id', 'hub_private', 'num_workers',
-                     'eval_teacher', 'eval_student', 'student_ckpt'}
+_RUN_ONLY_OPTIONS = {'resume', 'overwrite', 'output_dir', 'time_limit', 'max_steps', 'epochs', 'log_every',
+                     'eval_every', 'save_every_steps', 'keep_last', 'push_to_hub', 'hub_model_id', 'hub_private',
+                     'num_workers', 'eval_teacher', 'eval_student', 'student_ckpt'}
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used (one-line message)."""
+
+
+class SaveError(RuntimeError):
+    """An output that could not be written (a full disk…); the message says what is intact and how to continue."""
+
+
+PICKLE_FILES = ('.pth', '.pt', '.bin')
+
+
+def _read_pickle_weights(path: Path, what: str):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+
+    A file that needs anything else (a class, a function: what a malicious pickle uses to run code) is refused with a
+    one-line :class:`CheckpointError`; nothing in it is executed.
+    """
+    import pickle
+    from accelerate.utils import load  # torch.load(weights_only=True) + accelerate's numpy RNG-state allow-list
+    try:
+        return load(str(path), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line or 'global' in line), '')
+        raise CheckpointError(f'{what} {path}: refused to unpickle it: it holds more than tensors '
+                              f'{("(" + detail + ") ") if detail else ""}and vitkd only loads pickles with '
+                              'weights_only=True (code in a checkpoint never runs); convert a trusted file to '
+                              'safetensors') from None
+    except (OSError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'{what} {path}: unreadable ({first})') from None
 
 
 # ---- folders ------------------------------------------------------------------------------------------------------
@@ -98,7 +127,11 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
 
 
 def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints and any stale ``.tmp``/``.old`` folder; returns the deleted."""
+    """Delete all but the newest ``keep_last`` checkpoints and any stale ``.tmp``/``.old`` folder.
+
+    Returns:
+        The deleted folders.
+    """
     root = Path(out_dir) / CHECKPOINTS
     found = find_checkpoints(out_dir)
     doomed = [path for _, path in found[:max(0, len(found) - keep_last)]]
@@ -252,8 +285,11 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
         try:
             files = [hf_hub_download(repo, name) for name in ('config.json', MODEL_FILE)]
         except LocalEntryNotFoundError:
-            raise CheckpointError(f'{spec}: not in the local Hub cache and the Hub cannot be reached '
-                                  '(HF_HUB_OFFLINE set or no network)') from None
+            offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no')
+            why = 'HF_HUB_OFFLINE is set (offline mode)' if offline else 'the Hub cannot be reached (no network)'
+            raise CheckpointError(f'{spec}: not in the local Hub cache and {why}; fix: run `hf download {repo}` once '
+                                  'on a machine online with the same HF_HOME (or unset HF_HUB_OFFLINE), or pass the '
+                                  'exported folder') from None
         except HfHubHTTPError as e:
             raise CheckpointError(f'{spec}: {str(e).splitlines()[0]}') from None
         model, pcfg = _load_export_folder(Path(files[0]).parent, spec)
@@ -268,11 +304,24 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
                                   f'in {folder}')
         model, pcfg = _load_export_folder(folder, spec)
         return model.eval(), pcfg, str(folder)
-    if path.suffix == '.safetensors':
+    if path.suffix == '.safetensors' or path.suffix in PICKLE_FILES:
         if not path.is_file():
             raise CheckpointError(f'--student-ckpt {spec}: no such file')
         from .models import create_student
-        state = _read_safetensors(path)
+        if path.suffix == '.safetensors':
+            state = _read_safetensors(path)
+        else:  # a pickle: tensors only (weights_only=True); {'model': …} / {'state_dict': …} wrappers are opened
+            state = _read_pickle_weights(path, '--student-ckpt')
+            while isinstance(state, dict) and len(state) and not any(torch.is_tensor(v) for v in state.values()):
+                inner = next((state[k] for k in ('state_dict', 'model', 'module') if isinstance(state.get(k), dict)),
+                             None)
+                if inner is None:
+                    break
+                state = inner
+            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+                raise CheckpointError(f'--student-ckpt {spec}: not a state dict of tensors')
+            if state and all(k.startswith('module.') for k in state):  # saved from a DDP-wrapped model
+                state = {k[len('module.'):]: v for k, v in state.items()}
         if any(k.startswith('student.') for k in state):
             skipped = sorted(k for k in state if not k.startswith('student.'))
             if skipped:
@@ -282,7 +331,7 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
         load_state_dict_strict(model, state, f'{path} (as --student {cfg.student})')
         return model.eval(), {}, f'{path} as {cfg.student}'
     raise CheckpointError(f'--student-ckpt {spec!r}: expected an exported folder, a checkpoint folder, a run dir, a '
-                          '.safetensors file or hf-hub:org/name')
+                          '.safetensors (or .pth/.bin, read with weights_only=True) file, or hf-hub:org/name')
 
 
 # ---- preemption ---------------------------------------------------------------------------------------------------
@@ -357,10 +406,12 @@ class Checkpointer:
         run: the :class:`vitkd.run.Run` (prepared distiller, optimizer, scheduler, EMA, state, spec).
         out_dir: the run dir.
         accelerator: the run's accelerator.
+        argv: the command-line arguments of the run (default ``sys.argv[1:]``), for the resume command.
     """
 
-    def __init__(self, cfg: Config, run, out_dir: Path, accelerator):
+    def __init__(self, cfg: Config, run, out_dir: Path, accelerator, argv: Optional[list[str]] = None):
         self.cfg, self.r, self.out_dir, self.acc = cfg, run, Path(out_dir), accelerator
+        self.argv = list(sys.argv[1:] if argv is None else argv)
         self.best: Optional[dict] = None
         self.last_saved: Optional[Path] = None
         self.resumed_from: Optional[Path] = None
@@ -392,39 +443,80 @@ class Checkpointer:
                     global_batch=r.global_batch, has_ema=r.ema is not None, saved_at=time.strftime('%Y-%m-%d %H:%M:%S'),
                     config=_jsonable(dataclasses.asdict(self.cfg)))
 
-    def save(self, metrics: Optional[dict] = None) -> Path:
+    def save(self, metrics: Optional[dict] = None) -> Optional[Path]:
         """Save the full training state as ``checkpoints/step_<step>`` (atomically), prune, and update ``best``.
 
         ``metrics``: validation metrics computed just before (None when this save follows no evaluation).
+
+        A write that fails with an ``OSError`` (a full disk, a quota) on any process removes the partial
+        ``.tmp`` folder, says which previous checkpoint is intact (``--resume auto`` would take it) and returns None:
+        training continues and the next save tries again. Every process takes the same decision.
         """
         acc, r = self.acc, self.r
         final = self.out_dir / CHECKPOINTS / checkpoint_name(r.state.step)
         tmp = final.with_name(final.name + '.tmp')
         improved = bool(metrics) and (self.best is None or metrics['avg_top1'] > self.best['avg_top1'])
+        best = self.best
         if improved:
             epoch = r.state.epoch - 1 if r.state.batches_done == 0 else r.state.epoch  # the epoch just evaluated
-            self.best = {**metrics, 'epoch': epoch, 'step': r.state.step}
-        if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # distiller (via the hook), optimizer, RNG states of every process
-        if acc.is_main_process:
-            if r.ema is not None:
-                _save_safetensors(r.ema.state_dict(), tmp / EMA_FILE)
-            export_model(folded_student(r.distiller_unwrapped), tmp / STUDENT_DIR, r.data_config)
-            (tmp / STATE_FILE).write_text(json.dumps(self._trainer_state(), indent=1) + '\n')  # last: marks complete
-            _commit(tmp, final)
-            if improved:
-                with _atomic_dir(self.out_dir / CHECKPOINTS / BEST) as best_tmp:
-                    best_tmp.rmdir()
-                    _copy_tree_linked(final, best_tmp)
-                    (best_tmp / 'metrics.json').write_text(json.dumps(self.best, indent=1) + '\n')
-            prune_checkpoints(self.out_dir, self.cfg.keep_last)
-        acc.wait_for_everyone()
+            best = {**metrics, 'epoch': epoch, 'step': r.state.step}
+        error: Optional[OSError] = None
+        try:
+            if acc.is_main_process:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+        failed = self._failed_anywhere(error)  # a collective: also the barrier before every process writes
+        if not failed:
+            try:
+                acc.save_state(str(tmp))  # distiller (via the hook), optimizer, RNG states of every process
+            except OSError as e:
+                error = e
+            failed = self._failed_anywhere(error)  # every process has written its RNG state before the rename
+        committed = False
+        if not failed and acc.is_main_process:
+            try:
+                if r.ema is not None:
+                    _save_safetensors(r.ema.state_dict(), tmp / EMA_FILE)
+                export_model(folded_student(r.distiller_unwrapped), tmp / STUDENT_DIR, r.data_config)
+                state = dict(self._trainer_state(), best=best)
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + '\n')  # last: marks complete
+                _commit(tmp, final)
+                committed = True
+                if improved:
+                    with _atomic_dir(self.out_dir / CHECKPOINTS / BEST) as best_tmp:
+                        best_tmp.rmdir()
+                        _copy_tree_linked(final, best_tmp)
+                        (best_tmp / 'metrics.json').write_text(json.dumps(best, indent=1) + '\n')
+                prune_checkpoints(self.out_dir, self.cfg.keep_last)
+            except OSError as e:
+                error = e
+        failed = self._failed_anywhere(error if not committed else None) or failed
+        if error is not None and committed:  # the checkpoint is complete; only the best copy or the pruning failed
+            acc.print(f'warning: checkpoint {final} saved, but updating checkpoints/best or pruning failed '
+                      f'({error.strerror or error})')
+        if failed:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # frees what the partial write took
+            previous = latest_checkpoint(self.out_dir)
+            reason = (error.strerror or str(error)) if error is not None else 'a write failed on another process'
+            acc.print(f'warning: could not save checkpoint {final.name} ({reason}); the previous checkpoint '
+                      f'{previous or "(none yet)"} is intact and is what --resume auto would continue from; '
+                      'training continues and the next save tries again')
+            return None
+        self.best = best
         self.last_saved = final
         return final
+
+    def _failed_anywhere(self, error: Optional[BaseException]) -> bool:
+        """Whether any process failed (a collective on N processes: every process must call it at the same point)."""
+        flag = error is not None
+        if self.acc.num_processes > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+            flag = bool(self.acc.reduce(t, reduction='sum').item() > 0)
+        return flag
 
     # resuming
     def resume(self, ckpt: Optional[Path]) -> Optional[dict]:
@@ -454,7 +546,19 @@ class Checkpointer:
         if trainer.get('has_ema') != (r.ema is not None):
             raise CheckpointError(f'{ckpt} was saved {"with" if trainer.get("has_ema") else "without"} --model-ema; '
                                   'resume with the same setting')
-        acc.load_state(str(ckpt))  # distiller (strict, via the hook), optimizer, RNG states
+        rng_file = ckpt / f'random_states_{acc.process_index}.pkl'
+        if rng_file.is_file():  # accelerate would swallow a refused RNG pickle and resume with other random states
+            _read_pickle_weights(rng_file, 'checkpoint RNG state')
+        try:
+            acc.load_state(str(ckpt))  # distiller (strict, via the hook), optimizer (weights_only=True), RNG states
+        except pickle.UnpicklingError:
+            _read_pickle_weights(ckpt / 'optimizer.bin', 'checkpoint optimizer state')  # raises the one-line error
+            raise
+        except (EOFError, RuntimeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f'{ckpt} cannot be resumed ({first})') from None
         r.state.load_state_dict(trainer['state'])
         r.scheduler.load_state_dict(trainer['scheduler'])
         if r.ema is not None:
@@ -499,12 +603,11 @@ class Checkpointer:
             self.save()
         return False
 
-    def preemption_message(self, argv: Optional[list[str]] = None) -> str:
+    def preemption_message(self) -> str:
         """How the run stopped and the command that resumes it."""
         s = self.r.state
-        argv = list(sys.argv[1:] if argv is None else argv)
         cleaned, skip = [], False
-        for a in argv:  # drop any previous --resume/--output-dir and their values
+        for a in self.argv:  # drop any previous --resume/--output-dir and their values
             if skip:
                 skip = False
                 continue
@@ -514,10 +617,11 @@ class Checkpointer:
             if a.startswith(('--resume=', '--output-dir=', '--output_dir=')):
                 continue
             cleaned.append(a)
-        cmd = shlex.join(['python', 'main.py', *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
+        launcher = 'python' if self.acc.num_processes == 1 else 'accelerate launch <the same launch options>'
+        cmd = launcher + ' ' + shlex.join(['main.py', *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
         name = signal.Signals(self.signal.signum).name if self.signal.signum else 'a signal on another process'
-        return (f'stopped by {name} at epoch {s.epoch}, step {s.step} (batch {s.batches_done}/{len(self.r.train_loader)});'
-                f' checkpoint {self.last_saved}\nresume with: {cmd}')
+        where = f'epoch {s.epoch}, step {s.step} (batch {s.batches_done}/{len(self.r.train_loader)})'
+        return f'stopped by {name} at {where}; checkpoint {self.last_saved}\nresume with: {cmd}'
 
     def exit_code(self) -> int:
         return 128 + (self.signal.signum or signal.SIGTERM)

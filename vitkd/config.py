@@ -89,6 +89,9 @@ class Config:
     warmup_epochs: float = option(5, 'linear warm-up epochs')
     warmup_lr: float = option(1e-6, 'learning rate at the start of the warm-up')
     clip_grad: Optional[float] = option(None, 'clip the gradient norm to this value')
+    nan_policy: str = option('stop', 'a non-finite loss or gradient: stop the run, or skip that optimizer step; both '
+                             'write <run>/nonfinite_step<N>.json (terms, step, lr, sample indices)',
+                             choices=('stop', 'skip'))
     model_ema: bool = option(False, 'keep an EMA of the student (timm ModelEmaV3), evaluated beside it')
     model_ema_decay: float = option(0.99996, 'EMA decay')
     mixed_precision: str = option('no', 'no, bf16 or fp16 (fp16 needs a GPU)', choices=('no', 'bf16', 'fp16'))
@@ -163,9 +166,25 @@ def _hints() -> dict:
     return get_type_hints(Config)
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are :class:`ConfigError` (one line, exit code 2 from ``main``), not usage + SystemExit."""
+
+    def error(self, message: str):
+        if message.startswith('unrecognized arguments:'):
+            import difflib
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith('--')]
+            hints = []
+            for arg in message.split(':', 1)[1].split():
+                close = difflib.get_close_matches(arg.split('=')[0], flags, 1) if arg.startswith('-') else []
+                hints += [f'{arg} (did you mean {close[0]}?)'] if close else []
+            if hints:
+                message += '; ' + ', '.join(hints)
+        raise ConfigError(f'{message} (see --help)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse over the Config fields; every default is None so only what the user typed is known as set."""
-    p = argparse.ArgumentParser(description='vitkd: knowledge distillation into vision transformers',
+    p = _ArgumentParser(description='vitkd: knowledge distillation into vision transformers',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
     p.add_argument('-c', '--config', help='YAML file of defaults (CLI flags override it)')
     p.add_argument('--list-losses', action='store_true', help='list the registered distillation methods and exit')
@@ -203,13 +222,34 @@ def load_yaml(path: str) -> dict:
         import difflib
         hints = [f'{u} (did you mean {m[0]}?)' if (m := difflib.get_close_matches(u, valid, 1)) else u for u in unknown]
         raise ConfigError(f'config {path!r} has unknown keys: {", ".join(hints)}')
+    for key, value in data.items():
+        _check_yaml_type(path, key, value)
     return data
+
+
+def _check_yaml_type(path: str, key: str, value: Any) -> None:
+    """A YAML value of the wrong type (``lr: fast``) is a one-line error naming the key and the expected type."""
+    typ = _hints()[key]
+    optional = get_origin(typ) is Union and type(None) in get_args(typ)
+    base = next(t for t in get_args(typ) if t is not type(None)) if get_origin(typ) is Union else typ
+    if value is None and optional:
+        return
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, str), dict: (dict, list)}
+    ok = accepted.get(base)
+    if ok is None or (isinstance(value, ok) and not (base in (int, float) and isinstance(value, bool))):
+        return
+    name = getattr(base, '__name__', str(base))
+    raise ConfigError(f'config {path!r}: {key} must be {"a" if name != "int" else "an"} {name}'
+                      f'{" or null" if optional else ""}, got {value!r}')
 
 
 def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
     """Config from explicitly-set CLI values and YAML values (see the module docstring for the order)."""
     yaml_values = yaml_values or {}
     explicit = {**yaml_values, **{k: v for k, v in cli.items() if v is not None}}
+    if isinstance(explicit.get('data_path'), str) and not explicit['data_path'].strip():
+        raise ConfigError('--data-path is empty (an unset shell variable?); give the folder with train/ and val/, or '
+                          'leave --data-path out for the embedded Fashion-MNIST')
     dataset = explicit.get('dataset', 'auto')
     if dataset == 'auto':
         dataset = 'imagefolder' if explicit.get('data_path') else 'fashion_mnist'
@@ -232,6 +272,10 @@ def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject impossible values with a one-line message naming the value and what is accepted."""
+    for f in dataclasses.fields(Config):  # choices also bind values that come from a YAML file
+        choices, value = f.metadata.get('choices'), getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f'--{f.name.replace("_", "-")} {value!r} is not one of {", ".join(choices)}')
     positive = dict(batch_size=cfg.batch_size, epochs=cfg.epochs, grad_accum_steps=cfg.grad_accum_steps,
                     lr=cfg.lr)
     for name, value in positive.items():

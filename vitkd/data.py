@@ -16,9 +16,12 @@ from .errors import UsageError
 import gzip
 import logging
 import os
+import multiprocessing
+import multiprocessing.context
 import random
 import signal
 import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EpochSampler', 'read_idx',
            'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
-           'seeded_rngs', 'find_epoch_sampler']
+           'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path']
 
 _logger = logging.getLogger(__name__)
 
@@ -129,6 +132,20 @@ class EpochSampler(Sampler):
             yield i, int(sample_seeds[i])
 
 
+def mix_batch(mixup_fn: Callable, sampler: Optional[EpochSampler], data_epoch: int, images: torch.Tensor,
+              labels: torch.Tensor, index: torch.Tensor):
+    """``mixup_fn(images, labels)`` with its random draws seeded by the batch (:meth:`EpochSampler.mix_seed`).
+
+    Returns (images, targets, mix metadata, mix seed); without an :class:`EpochSampler` the draws come from the global
+    generators as they are and the seed is None.
+    """
+    if sampler is None:
+        return (*mixup_fn(images, labels), None)
+    seed = sampler.mix_seed(data_epoch, int(index[0]))
+    with seeded_rngs(seed):  # λ, cutmix box and the mixup/cutmix switch are a function of the batch
+        return (*mixup_fn(images, labels), seed)
+
+
 def find_epoch_sampler(loader) -> Optional[EpochSampler]:
     """The :class:`EpochSampler` behind a (possibly Accelerate-prepared) data loader, or None."""
     seen = set()
@@ -165,11 +182,24 @@ class IndexedDataset(Dataset):
     Keys are plain indices, or ``(index, sample_seed)`` pairs from :class:`EpochSampler`: then the sample's random
     augmentation runs with the global Python/NumPy/torch-CPU generators seeded by ``sample_seed`` (and restored
     afterwards, so loading in the main process leaves the training randomness untouched).
+
+    An unreadable image (PIL's errors on corrupt or truncated files) is replaced by the next readable index, with a
+    warning naming the file, and flagged in :attr:`corrupt`: a [N] uint8 tensor in shared memory, so the flags set by
+    loader worker processes are seen by the main process (:attr:`num_corrupt`; the engine clears them at the start of
+    each epoch and reports the epoch's count). With ``skip_corrupt=False`` the first unreadable image is an error.
     """
 
     def __init__(self, dataset: Dataset, skip_corrupt: bool = True):
         self.dataset, self.skip_corrupt = dataset, skip_corrupt
-        self.num_corrupt = 0
+        self.corrupt = torch.zeros(len(dataset), dtype=torch.uint8).share_memory_()  # [N] 1 = found unreadable
+
+    @property
+    def num_corrupt(self) -> int:
+        """Distinct unreadable images found since the last :meth:`reset_corrupt`."""
+        return int(self.corrupt.sum())
+
+    def reset_corrupt(self) -> None:
+        self.corrupt.zero_()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -188,11 +218,26 @@ class IndexedDataset(Dataset):
                 image, label = self.dataset[j]
                 return image, label, j
             except (OSError, ValueError, SyntaxError) as e:  # PIL raises these on corrupt/truncated files
+                where = sample_path(self.dataset, j)
                 if not self.skip_corrupt:
-                    raise DataError(f'corrupt image at index {j}: {e}') from None
-                self.num_corrupt += 1
-                _logger.warning('skipping corrupt image %d (%s)', j, e)
+                    raise DataError(f'unreadable image {where} ({e}); fix or remove it, or pass --skip-corrupt to '
+                                    'skip and count such images') from None
+                self.corrupt[j] = 1
+                _logger.warning('skipping unreadable image %s (%s)', where, e)
         raise DataError('every image in the data set is unreadable')
+
+
+def sample_path(dataset, index: int) -> str:
+    """The file behind ``dataset[index]`` through Transformed/Subset wrappers (``index <i>`` when not a file)."""
+    while dataset is not None:
+        if hasattr(dataset, 'indices') and hasattr(dataset, 'dataset'):  # torch Subset
+            index, dataset = int(dataset.indices[index]), dataset.dataset
+            continue
+        samples = getattr(dataset, 'samples', None)
+        if samples is not None:  # torchvision ImageFolder: (path, class) pairs
+            return str(samples[index][0])
+        dataset = getattr(dataset, 'dataset', None)
+    return f'index {index}'
 
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -237,15 +282,16 @@ def _image_folder(path: str, split: str, subset: Optional[str], seed: int) -> Da
     class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir()]
     if not class_dirs:
         raise DataError(f'{root} holds no class folders; expected {root}/<class>/<image>')
-    empty = [d.name for d in class_dirs if not any(f.is_file() for f in d.rglob('*'))]
-    if empty:
-        _logger.warning('empty class folders in %s: %s', root, ', '.join(empty))
     try:
         ds = ImageFolder(str(root), allow_empty=True)
     except (FileNotFoundError, TypeError) as e:
         raise DataError(f'{root} is not an ImageFolder tree ({e})') from None
     if len(ds) == 0:
         raise DataError(f'{root} holds no images with a known extension')
+    counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
+    empty = [name for name, n in zip(ds.classes, counts) if n == 0]
+    if empty:  # the class keeps its output unit (train/ and val/ must agree) but has nothing to learn from
+        _logger.warning('%d class folder(s) of %s hold no images: %s', len(empty), root, ', '.join(empty))
     if subset and split == 'train':
         ds = _subset(ds, subset, seed)
     return ds
@@ -364,11 +410,49 @@ def dataset_targets(dataset) -> Optional[torch.Tensor]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker init: numpy/random follow torch's per-worker seed (deterministic augmentation), and the
-    worker ignores SIGINT/SIGTERM — a preempted run's main process checkpoints at the next step boundary and then
-    shuts its workers down (a worker killed by the scheduler's SIGTERM would abort the main process at once)."""
+    """DataLoader worker seeding: numpy/random follow torch's per-worker seed (deterministic augmentation)."""
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _PreemptibleWorker(multiprocessing.context.ForkProcess):
+    """A loader worker that leaves Ctrl-C and the scheduler's SIGTERM to the main process.
+
+    A preempted job gets SIGTERM on every process, Ctrl-C reaches the whole process group, and torch aborts the
+    main process as soon as a worker dies; the main process instead checkpoints at the next step boundary and then
+    shuts its workers down. The worker is forked with SIGTERM blocked (so every thread it starts blocks it too) and
+    a watcher thread exits it only when the sender is its parent or the parent is gone — the parent terminates its
+    workers at exit — which is what torch's own worker handler checks and a Python handler cannot.
+    """
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def run(self) -> None:  # in the worker, before torch's worker loop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        parent = os.getppid()
+
+        def watch() -> None:
+            while True:
+                info = signal.sigwaitinfo({signal.SIGTERM})
+                if info.si_pid == parent or os.getppid() != parent:
+                    os._exit(0)
+
+        threading.Thread(target=watch, name='vitkd-sigterm-watch', daemon=True).start()
+        super().run()
+
+
+class _PreemptibleContext(multiprocessing.context.ForkContext):
+    Process = _PreemptibleWorker
+
+
+def worker_context(num_workers: int):
+    """The ``multiprocessing_context`` for vitkd's loaders: preemption-safe workers on POSIX (else the default)."""
+    if num_workers <= 0 or not hasattr(signal, 'sigwaitinfo') or 'fork' not in multiprocessing.get_all_start_methods():
+        return None
+    return _PreemptibleContext()

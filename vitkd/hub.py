@@ -13,6 +13,7 @@ cached login) and is never printed or logged by vitkd.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,6 +53,11 @@ def _read_run(run_dir: Path) -> tuple[Config, dict, dict]:
     return cfg, summary, export_config
 
 
+def _public_name(spec: str) -> str:
+    """A local path shown by its last component (the card is public; the machine's layout is not its business)."""
+    return Path(spec).name if os.path.isabs(spec) or os.path.exists(spec) else spec
+
+
 def _metric_rows(summary: dict) -> list[str]:
     rows = ['| model | head | top-1 (%) | top-5 (%) |', '|---|---|---|---|']
     teacher = summary.get('teacher') or {}
@@ -86,12 +92,15 @@ def model_card(run_dir: Path, repo_id: str) -> str:
             f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
             'data_config = timm.data.resolve_data_config(model=model)',
             'transform = timm.data.create_transform(**data_config)',
-            'logits = model(transform(image).unsqueeze(0))  # eval mode: the mean of the cls and dist heads']
+            'logits = model(transform(image).unsqueeze(0))' + (
+                '  # eval mode: the mean of the cls and dist heads' if 'head_dist' in str(pretrained_cfg.get(
+                    'classifier', '')) else '')]
     method_rows = ['| method | weight | options |', '|---|---|---|']
     method_rows += [f'| {name} | {weight:g} | {", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"} |'
                     for name, weight, opts in methods]
     epochs_run = summary.get('epochs_run', '?')
-    recipe = [f'- data: {cfg.dataset}' + (f' ({cfg.data_path})' if cfg.data_path else '') +
+    teacher = _public_name(cfg.teacher) if cfg.teacher else 'none'
+    recipe = [f'- data: {cfg.dataset}' + (f' ({_public_name(cfg.data_path)})' if cfg.data_path else '') +
               (f', train subset {cfg.train_subset}' if cfg.train_subset else ''),
               f'- input {tuple(pretrained_cfg.get("input_size", ()))}, mean {tuple(pretrained_cfg.get("mean", ()))}, '
               f'std {tuple(pretrained_cfg.get("std", ()))}, eval crop {pretrained_cfg.get("crop_pct")} '
@@ -102,14 +111,14 @@ def model_card(run_dir: Path, repo_id: str) -> str:
               f'- optimizer {cfg.opt}, lr {cfg.lr:g}{" (unscaled)" if cfg.unscale_lr else " × global batch / 512"}, '
               f'weight decay {cfg.weight_decay:g}, schedule {cfg.sched} (warm-up {cfg.warmup_epochs:g} epochs, '
               f'min lr {cfg.min_lr:g}), clip-grad {cfg.clip_grad}',
-              f'- augmentation: RandAugment {cfg.aa}, 3-Augment {cfg.three_augment}, colour jitter {cfg.color_jitter:g},'
-              f' random erasing {cfg.reprob:g}, mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g}, label smoothing '
-              f'{cfg.smoothing:g}',
+              f'- augmentation: RandAugment {cfg.aa}, 3-Augment {cfg.three_augment}, colour jitter '
+              f'{cfg.color_jitter:g}, random erasing {cfg.reprob:g}, mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g}, '
+              f'label smoothing {cfg.smoothing:g}',
               f'- precision {cfg.mixed_precision}, seed {cfg.seed}, EMA {cfg.model_ema}'
               + (f' (decay {cfg.model_ema_decay:g})' if cfg.model_ema else '')]
     params = ', '.join(f'{k}={v}' for k, v in export.get('model_args', {}).items())
     body = [f'# {repo_id.split("/")[-1]}', '',
-            f'A `{arch}` student ({params}) distilled with vitkd from the teacher `{cfg.teacher or "none"}`.', '',
+            f'A `{arch}` student ({params}) distilled with vitkd from the teacher `{teacher}`.', '',
             '## Distillation', '', *method_rows, '',
             '## Recipe', '', *recipe, '',
             '## Results (validation set, final weights)', '', *_metric_rows(summary), '',

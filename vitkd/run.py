@@ -20,8 +20,8 @@ from .centers import attach_class_centers
 from .config import Config, ConfigError
 from .data import dataset_targets
 
-__all__ = ['make_accelerator', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student',
-           'format_heads', 'summary_table']
+__all__ = ['make_accelerator', 'check_output_dir', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger',
+           'export_student', 'eval_student', 'format_heads', 'format_faults', 'summary_table']
 
 RUN_MARKER = 'config.yaml'
 
@@ -38,6 +38,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """
     if cfg.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise ConfigError('--mixed-precision fp16 needs a GPU; on CPU use bf16 or no')
+    if cfg.mixed_precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f'--mixed-precision bf16: this GPU ({torch.cuda.get_device_name()}) cannot do bf16; use fp16 '
+                          'or no')
     find_unused = cfg.ddp_find_unused
     if find_unused is None and not cfg.eval_student:
         from .distiller import may_leave_parameters_unused
@@ -54,21 +57,48 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def name_output_dir(cfg: Config) -> None:
-    """Default run dir: output/<student>-<methods>-<time>."""
+    """Default run dir: the run of ``--resume <checkpoint or run dir>``, else output/<student>-<methods>-<time>."""
+    if cfg.output_dir is None and cfg.resume not in (None, 'auto'):
+        from .checkpoint import resolve_resume
+        resolve_resume(cfg, log=lambda *_: None)  # fills output_dir with the checkpoint's run dir (or fails)
     if cfg.output_dir is None:
         methods = '+'.join(m.split(':')[0] if isinstance(m, str) else m.get('name', 'm') for m in cfg.distill)
         cfg.output_dir = str(Path('output') / f'{cfg.student.replace("/", "_")}-{methods}-{time.strftime("%Y%m%d-%H%M%S")}')
 
 
-def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """The run dir; refuse one that already holds a run unless --resume or --overwrite (nothing is deleted)."""
+# What a run writes into its dir; ``--overwrite`` moves a previous run's copies aside (see prepare_output_dir).
+RUN_OUTPUTS = (RUN_MARKER, 'checkpoints', 'student', 'student_ema', 'log.jsonl', 'epochs.csv', 'summary.json',
+               'curves.png', 'hub.json', 'nonfinite_step*.json')
+
+
+def check_output_dir(cfg: Config) -> Path:
+    """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite. Writes nothing."""
     name_output_dir(cfg)
     out = Path(cfg.output_dir)
     if (out / RUN_MARKER).exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f'--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite '
                           'to train into it anyway, or another --output-dir')
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f'--output-dir {out} exists and is not a folder')
+    return out
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """Create the run dir (after :func:`check_output_dir`'s refusal rule). Nothing is deleted.
+
+    With ``--overwrite`` (and no ``--resume``) a previous run's outputs are moved into ``replaced-<time>/`` inside the
+    dir first: its checkpoints must never be mistaken for this run's by ``--resume auto`` or pruned by its saves.
+    """
+    out = check_output_dir(cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and not cfg.resume and (out / RUN_MARKER).exists():
+            old = [p for pattern in RUN_OUTPUTS for p in sorted(out.glob(pattern))]
+            aside = out / f'replaced-{time.strftime("%Y%m%d-%H%M%S")}'
+            aside.mkdir()
+            for path in old:
+                os.replace(path, aside / path.name)
+            accelerator.print(f'--overwrite: the previous run\'s outputs in {out} were moved to {aside}')
     accelerator.wait_for_everyone()
     return out
 
@@ -108,6 +138,9 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     train_loader, val_loader, spec = build_data(cfg, input_size, mean, std, accelerator.num_processes)
     student = build_student(cfg, spec.num_classes)
     teacher = build_teacher(cfg, spec.num_classes, mean, std)
+    check_input(student, spec.input_size, f'student {cfg.student}')
+    if teacher is not None:
+        check_input(teacher.model, spec.input_size, f'teacher {teacher.source}', teacher.prepare_input)
     if accelerator.device.type == 'cpu' and cfg.mixed_precision == 'bf16':  # CPU bf16 flash-attention backward is slow
         from .models import set_fused_attention
         for model in (student, teacher.model if teacher is not None else None):
@@ -142,6 +175,23 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
                mixer=BatchMixer(cfg, spec.num_classes), spec=spec, state=state, ema=ema, lr=lr,
                global_batch=global_batch, student_params=sum(p.numel() for p in unwrapped.student.parameters()),
                data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache)
+
+
+@torch.no_grad()
+def check_input(model: torch.nn.Module, input_size, what: str, prepare=None) -> None:
+    """One eval-mode forward of a [2, C, H, W] zero batch: a model that cannot take the data's images (channels,
+    a fixed input size, a patch size that does not divide it) fails here in one line, not in the first step."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(2, *input_size, device=next(model.parameters()).device)
+    try:
+        model(prepare(x) if prepare is not None else x)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f'{what} cannot take the data\'s {"×".join(map(str, input_size))} images ({first}); '
+                          'check --input-size and the model kwargs (img_size, patch_size, in_chans)') from None
+    finally:
+        model.train(was_training)
 
 
 class MetricLogger:
@@ -214,6 +264,22 @@ def plot_curves(out_dir: Path, cfg: Config, accelerator: Accelerator) -> None:
         from .plots import plot_run
         methods = ' + '.join(str(m) for m in cfg.distill)
         plot_run(out_dir / 'log.jsonl', out_dir / 'curves.png', f'{cfg.student} ← {cfg.teacher} ({methods})')
+
+
+# Integer counts in an epoch's training stats (not means).
+COUNTS = ('samples', 'skipped_steps', 'corrupt_images')
+
+
+def format_faults(train_stats: dict) -> str:
+    """'3 unreadable images skipped, 1 non-finite optimizer step skipped' (empty when the epoch had none)."""
+    parts = []
+    if train_stats.get('corrupt_images'):
+        n = train_stats['corrupt_images']
+        parts.append(f'{n} unreadable image{"s" * (n != 1)} skipped (see the warnings above)')
+    if train_stats.get('skipped_steps'):
+        n = train_stats['skipped_steps']
+        parts.append(f'{n} optimizer step{"s" * (n != 1)} skipped for non-finite values (nonfinite_step*.json)')
+    return ', '.join(parts)
 
 
 def format_heads(metrics: dict) -> str:
