@@ -59,7 +59,8 @@ def student_data_spec(cfg: Config, student) -> tuple[tuple[int, int, int], tuple
         side = cfg.input_size or cfg.student_kwargs.get('img_size') or stats['input_size'][1]
         return (c, side, side), stats['mean'], stats['std'], None
     data_cfg = resolve_data_config({}, model=student)
-    side = cfg.input_size or data_cfg['input_size'][1]
+    img_size = cfg.student_kwargs.get('img_size')  # a resized student's config still says 224
+    side = cfg.input_size or (img_size if isinstance(img_size, int) else None) or data_cfg['input_size'][1]
     return (data_cfg['input_size'][0], side, side), data_cfg['mean'], data_cfg['std'], data_cfg.get('crop_pct')
 
 

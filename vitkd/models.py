@@ -160,7 +160,7 @@ def create_student(name: str, num_classes: int, pretrained: bool = False, **over
     if not name.startswith(('hf-hub:', 'local-dir:')) and not timm.is_model(name.split('.')[0]):
         raise _unknown_model_error(name, 'student')
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **overrides)
+        model = _timm_create(f'student {name!r}', name, pretrained=pretrained, num_classes=num_classes, **overrides)
     except TypeError as e:
         raise ModelSpecError(f'student {name!r} does not accept these options {sorted(overrides)}: {e}') from None
     if hasattr(model, 'set_distilled_training'):
@@ -299,34 +299,38 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
         **kwargs: timm kwargs for the architecture.
     """
     path = Path(spec).expanduser()
+    what = f'teacher {spec!r}'
     if spec.startswith('local-dir:') or path.is_dir():
         folder = Path(spec[len('local-dir:'):]) if spec.startswith('local-dir:') else path
         _read_local_config(folder)
-        model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=pretrained, **kwargs)
+        model = _timm_create(what, f'local-dir:{folder.resolve()}', pretrained=pretrained, **kwargs)
         source = f'local-dir:{folder.resolve()}'
-    elif spec.endswith('.safetensors'):
+    elif spec.endswith(WEIGHT_FILES):
         if not path.is_file():
             raise ModelSpecError(f'teacher weights file {spec!r} does not exist')
         if not arch:
             raise ModelSpecError(f'teacher {spec!r} is a bare weights file: also pass --teacher-arch <timm model name>')
         if not timm.is_model(arch.split('.')[0]):
             raise _unknown_model_error(arch, 'teacher')
+        if not spec.endswith('.safetensors'):
+            _logger.warning('teacher %s is a pickle file: loading tensors only (weights_only=True); safetensors files '
+                            'are preferred', spec)
         overlay = dict(file=str(path.resolve()), num_classes=num_classes or 1000)
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay,
-                                  num_classes=num_classes or 1000, **kwargs)
+        model = _timm_create(f'{what} (as --teacher-arch {arch} with a {num_classes or 1000}-way head)', arch,
+                             pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes or 1000, **kwargs)
         source = f'{arch} from {path.resolve()}'
     elif spec.startswith(('/', './', '../', '~')) or os.sep in spec and not spec.startswith('hf-hub:'):
-        raise ModelSpecError(f'teacher path {spec!r} does not exist (expected a save_for_hf folder or a .safetensors '
-                             'file; Hub ids are written hf-hub:org/name)')
+        raise ModelSpecError(f'teacher path {spec!r} does not exist (expected a save_for_hf folder or a '
+                             f'{"/".join(WEIGHT_FILES)} file; Hub ids are written hf-hub:org/name)')
     elif spec.startswith('hf-hub:'):
-        model = _create_hub_teacher(spec, pretrained, **kwargs)
+        model = _timm_create(what, spec, pretrained=pretrained, **kwargs)
         source = spec
     else:
         name = resolve_teacher_name(spec)
         if not timm.is_model(name.split('.')[0]):
             raise _unknown_model_error(spec, 'teacher')
-        model = _create_hub_teacher(name, pretrained, **({'num_classes': num_classes} if not pretrained and num_classes
-                                                        else {}), **kwargs)
+        model = _timm_create(what, name, pretrained=pretrained,
+                             **({'num_classes': num_classes} if not pretrained and num_classes else {}), **kwargs)
         tag = getattr(model, 'pretrained_cfg', {}).get('tag', '') if pretrained else ''
         source = f'{name.split(".")[0]}.{tag}' if tag else f'{name} (random weights)' if not pretrained else name
         if name != spec:
@@ -337,17 +341,69 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
     return Teacher(model, source)
 
 
-def _create_hub_teacher(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """timm.create_model with the Hub path, turning offline cache misses into a one-line error."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
+WEIGHT_FILES = ('.safetensors', '.pth', '.pt', '.bin')  # pickles (.pth/.pt/.bin) are read with weights_only=True
+
+
+def _hub_id(name: str) -> str:
+    """The Hub repo behind a model name (``hf-hub:org/name``, or a timm name's pretrained tag), for messages."""
+    if name.startswith('hf-hub:'):
+        return name[len('hf-hub:'):].split('@')[0]
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return timm.models.get_pretrained_cfg(name).hf_hub_id or name
+    except Exception:  # noqa: BLE001 - only for a hint in a message
+        return name
+
+
+def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` whose loading failures are one-line :class:`ModelSpecError` messages.
+
+    Offline cache misses say so and how to fix them; a pickle holding anything but tensors is refused (timm reads
+    ``.pth``/``.bin`` with ``weights_only=True``: nothing in a checkpoint or a Hub repo is executed); weights that do
+    not fit the architecture name the keys; a Hub config naming an architecture timm does not know is rejected.
+    """
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        return timm.create_model(name, **kwargs)
     except LocalEntryNotFoundError:
-        offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False')
-        why = 'HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached'
-        raise ModelSpecError(f'teacher weights for {name!r} are not in the local Hub cache and {why}; download them '
-                             f'once online (huggingface-cli download), or pass a local folder/.safetensors') from None
+        offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no')
+        why = 'HF_HUB_OFFLINE is set (offline mode)' if offline else 'the Hub cannot be reached (no network)'
+        raise ModelSpecError(f'{what}: the weights are not in the local Hub cache and {why}; fix: run '
+                             f'`hf download {_hub_id(name)}` once on a machine online with the same HF_HOME (or unset '
+                             'HF_HUB_OFFLINE), or pass a local save_for_hf folder or weights file') from None
+    except (EntryNotFoundError, HfHubHTTPError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSpecError(f'{what}: the Hub refused or has no such file ({first})') from None
     except RuntimeError as e:
-        if 'No pretrained weights' in str(e) or 'pretrained' in str(e).lower():
-            raise ModelSpecError(f'teacher {name!r}: {e}') from None
+        text = str(e)
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        if 'weights_only' in text:
+            raise ModelSpecError(f'{what}: refused to load a pickle that holds more than tensors (vitkd unpickles only '
+                                 'with weights_only=True: code in a checkpoint never runs); convert a trusted file to '
+                                 f'safetensors ({first})') from None
+        if 'Error(s) in loading state_dict' in text:
+            raise ModelSpecError(f'{what}: the weights do not fit the architecture ({_state_dict_mismatch(text)}); '
+                                 'another architecture, or a head trained on another number of classes?') from None
+        if 'Unknown model' in text:
+            raise ModelSpecError(f'{what}: {first} (its config names an architecture timm does not know; vitkd never '
+                                 'runs code from a checkpoint or a Hub repo)') from None
+        if 'pretrained' in text.lower():
+            raise ModelSpecError(f'{what}: {first}') from None
         raise
+
+
+def _state_dict_mismatch(text: str) -> str:
+    """A one-line digest of PyTorch's multi-line ``load_state_dict`` error."""
+    import re
+    parts = []
+    missing = re.search(r'Missing key\(s\) in state_dict: (.*?)\.\s*$', text, re.M)
+    unexpected = re.search(r'Unexpected key\(s\) in state_dict: (.*?)\.\s*$', text, re.M)
+    shapes = re.findall(r'size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from '
+                        r'checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)', text)
+    for label, m in (('missing', missing), ('unexpected', unexpected)):
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f'{len(keys)} {label} keys, e.g. {", ".join(keys[:3])}')
+    if shapes:
+        parts.append(f'{len(shapes)} shape mismatches, e.g. ' + ', '.join(f'{k} {a} in the file vs {b} in the model'
+                                                                          for k, a, b in shapes[:2]))
+    return '; '.join(parts) or text.strip().splitlines()[0]

@@ -71,6 +71,8 @@ def ab_loss(student_preact: torch.Tensor, teacher_preact: torch.Tensor, margin: 
 class ActivationBoundaries(PairedTaps, DistillationLoss):
     """Activation-boundary transfer through student connectors; CE-off init stage, then off (Zoo)."""
     paper = 'AB, Heo et al., AAAI 2019, arXiv:1811.03233 (Knowledge-Distillation-Zoo)'
+    # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
+    may_leave_parameters_unused = True
 
     def __init__(self, lambda_kd: float = 10.0, margin: float = 2.0, init_epochs: int = 50,
                  student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):

@@ -76,6 +76,8 @@ def fsp_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.
 class FSP(PairedTaps, DistillationLoss):
     """FSP: λ·mean-MSE between Gram matrices of consecutive maps; CE-off init stage, then off (Zoo)."""
     paper = 'FSP, Yim et al., CVPR 2017 (Knowledge-Distillation-Zoo)'
+    # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
+    may_leave_parameters_unused = True
 
     def __init__(self, lambda_kd: float = 1.0, init_epochs: int = 50, connector: bool = True,
                  student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):

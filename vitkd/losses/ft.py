@@ -109,6 +109,8 @@ class Translator(nn.Module):
 class FactorTransfer(PairedTaps, DistillationLoss):
     """Factor transfer: paraphraser pre-training phase, then λ·mean-L1 of normalised factors."""
     paper = 'FT, Kim, Park & Kwak, NeurIPS 2018, arXiv:1802.04977 (Knowledge-Distillation-Zoo)'
+    # translator and student idle during the paraphraser pre-training: DDP needs find_unused_parameters
+    may_leave_parameters_unused = True
     default_positions = MIDDLE_TAP
 
     def __init__(self, lambda_kd: float = 200.0, k: float = 0.5, paraphraser_epochs: int = 30, use_bn: bool = True,

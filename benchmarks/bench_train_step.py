@@ -1,0 +1,283 @@
+"""Training-step throughput: vitkd vs timm.task, student-only vs live teacher vs cached teacher (not a test).
+
+One process measures every variant side by side on the same student, teacher, batches and precision, interleaving
+them in rounds (so a change of machine load hits every variant alike) after ≥ 3 warm-up steps each, and reports the
+median img/s of a full training step (forward, backward, AdamW step) plus the peak memory:
+
+* ``student_only``  — vitkd's Distiller with ``none`` (task CE only; no teacher).
+* ``vitkd_live``    — vitkd's Distiller with ``deit_hard`` (α = 0.5), teacher run live (channels_last CNN teacher,
+  logits only), configured as ``vitkd.run.build_run`` does: on CPU under bf16 the attention runs timm's unfused path
+  (:func:`vitkd.models.set_fused_attention`).
+* ``vitkd_live_fused`` (bf16 on CPU only) — the same with timm's fused attention kept (isolates that choice).
+* ``vitkd_live_nchw`` — the same as ``vitkd_live`` with the teacher left in NCHW (isolates the channels_last gain).
+* ``vitkd_cached``  — the same step with the teacher outputs replayed from a :class:`vitkd.teacher_cache.TeacherCache`
+  (memory-mapped files in a temp dir; the read and the logit rebuild are inside the timed step).
+* ``timm_task``     — timm's own loop: ``timm.task.TokenDistillationTask(distill_type='hard', task_loss_weight=0.5)``
+  with ``SoftTargetCrossEntropy`` on the same soft targets (the same loss as vitkd's deit_hard), its teacher wrapped in
+  ``timm.task.DistillationTeacher``; ``create_optimizer_v2`` AdamW for both.
+
+Default setup: the embedded student (``deit_ti_distilled`` img 28, patch 4, depth 4, embed 96, 3 heads, 1 channel),
+a random ``regnety_002`` (1 channel, 10 classes) teacher, batch 128, fp32 and bf16 autocast, 1 thread. Targets stated:
+vitkd step ≥ 1.2× timm.task's; cached-teacher step ≥ 0.9× student-only. Memory: CPU peak RSS sampled every 2 ms during
+a variant's timed steps (psutil), reported as the rise over the RSS before it (allocator caching makes it approximate);
+on CUDA ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/bench_train_step.py                      # writes output/bench_train_step.json
+    python benchmarks/bench_train_step.py --precisions bf16 --rounds 3 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from timm.loss import SoftTargetCrossEntropy  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+
+import vitkd  # noqa: E402,F401
+from vitkd.distiller import Distiller, LossEntry  # noqa: E402
+from vitkd.losses import RunInfo, create_loss  # noqa: E402
+from vitkd.models import Teacher, set_fused_attention  # noqa: E402
+from vitkd.teacher_cache import TeacherCache  # noqa: E402
+
+TARGETS = {'vitkd_live / timm_task': 1.2, 'vitkd_cached / student_only': 0.9}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the context is open (sampled; psutil, else ru_maxrss)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self.base = interval, 0, 0
+        try:
+            import psutil
+            self.proc = psutil.Process()
+        except ImportError:
+            self.proc = None
+
+    def _rss(self) -> int:
+        if self.proc is not None:
+            return self.proc.memory_info().rss
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    student = vitkd.create_student('deit_ti_distilled', args.classes, img_size=args.img, patch_size=args.patch,
+                                   depth=args.depth, embed_dim=args.embed, num_heads=args.heads, in_chans=1)
+    torch.manual_seed(1)
+    teacher_model = timm.create_model(args.teacher, num_classes=args.classes, in_chans=1).eval()
+    return student.to(device), teacher_model.to(device)
+
+
+def make_batches(args, device):
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for b in range(args.batches):
+        x = torch.randn(args.batch, 1, args.img, args.img, generator=g)
+        labels = torch.randint(0, args.classes, (args.batch,), generator=g)
+        targets = F.one_hot(labels, args.classes).float() * 0.9 + 0.1 / args.classes
+        index = torch.arange(b * args.batch, (b + 1) * args.batch)
+        batches.append(tuple(t.to(device) for t in (x, targets, labels, index)))
+    return batches
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
+
+def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_dir=None, channels_last=None,
+                  fused_attention=None):
+    """Step function of a vitkd Distiller; with ``cache_dir`` the teacher outputs are replayed from a cache."""
+    t = Teacher(copy.deepcopy(teacher), args.teacher, channels_last=channels_last) if teacher is not None else None
+    student = copy.deepcopy(student)
+    if fused_attention is None:  # vitkd's choice (build_run): unfused attention on CPU under bf16
+        fused_attention = not (device.type == 'cpu' and precision == 'bf16')
+    set_fused_attention(student, fused_attention)
+    info = RunInfo(num_classes=args.classes, input_size=(1, args.img, args.img))
+    distiller = Distiller(student, t, [LossEntry(create_loss(loss))], info).to(device)
+    opt = create_optimizer_v2(distiller, 'adamw', lr=1e-3, weight_decay=0.05)
+    cache = None
+    if cache_dir is not None:
+        n = args.batches * args.batch
+        meta = dict(num_samples=n, num_classes=args.classes, topk=args.classes, pooled_dim=None, logits=True,
+                    pooled=False)
+        cache = TeacherCache(cache_dir, meta, 1, distiller.teacher_features, device=device)
+        seeds = np.arange(n, dtype=np.uint64)
+        cache.begin_epoch(0, seeds)
+        with torch.no_grad(), autocast(device, precision):
+            for b, (x, _, _, index) in enumerate(make_batches(args, device)):
+                cache.features(x, index, b)
+        cache.end_epoch(complete=True)
+        assert cache.begin_epoch(0, seeds) == 'replay'
+    distiller.train()
+
+    def step(batch_no, batch):
+        x, targets, labels, index = batch
+        with autocast(device, precision):
+            feats = cache.features(x, index, batch_no) if cache is not None else None
+            out = distiller(x, targets, labels, index=index, teacher_features=feats)
+        loss_value = out['loss']
+        loss_value.item()  # the engine's non-finite check syncs every step too
+        loss_value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timm_task_variant(student, teacher, args, device, precision):
+    from timm.task import DistillationTeacher, TokenDistillationTask
+    task = TokenDistillationTask(student_model=copy.deepcopy(student),
+                                 teacher_model=DistillationTeacher(copy.deepcopy(teacher)),
+                                 criterion=SoftTargetCrossEntropy(), distill_type='hard', task_loss_weight=0.5,
+                                 device=device, verbose=False)
+    task.train()
+    opt = create_optimizer_v2(task.trainable_module, 'adamw', lr=1e-3, weight_decay=0.05)
+
+    def step(batch_no, batch):
+        x, targets, _, _ = batch
+        with autocast(device, precision):
+            out = task(x, targets)
+        out['loss'].item()
+        out['loss'].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--img', type=int, default=28)
+    p.add_argument('--patch', type=int, default=4)
+    p.add_argument('--depth', type=int, default=4)
+    p.add_argument('--embed', type=int, default=96)
+    p.add_argument('--heads', type=int, default=3)
+    p.add_argument('--classes', type=int, default=10)
+    p.add_argument('--teacher', default='regnety_002')
+    p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
+    p.add_argument('--batches', type=int, default=4, help='distinct batches cycled through (the cached "epoch")')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps per variant and precision')
+    p.add_argument('--rounds', type=int, default=5, help='interleaved rounds; each times --steps steps per variant')
+    p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--out', default='output/bench_train_step.json')
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    load_before = os.getloadavg()
+    student, teacher = build(args, device)
+    batches = make_batches(args, device)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in args.precisions:
+            variants = {
+                'student_only': vitkd_variant(student, None, 'none', args, device, precision),
+                'vitkd_live': vitkd_variant(student, teacher, 'deit_hard', args, device, precision),
+                'vitkd_live_fused': vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
+                                                  fused_attention=True),
+                'vitkd_live_nchw': vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
+                                                 channels_last=False),
+                'vitkd_cached': vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
+                                              cache_dir=Path(tmp) / precision),
+                'timm_task': timm_task_variant(student, teacher, args, device, precision),
+            }
+            if device.type != 'cpu' or precision != 'bf16':
+                del variants['vitkd_live_fused']  # identical to vitkd_live there
+            times = {name: [] for name in variants}
+            memory = {name: {'peak_rss_mb': 0.0, 'rss_rise_mb': 0.0} for name in variants}
+            for name, step in variants.items():
+                for i in range(args.warmup):
+                    step(i % args.batches, batches[i % args.batches])
+            for _ in range(args.rounds):
+                for name, step in variants.items():
+                    if device.type == 'cuda':
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    with PeakRSS() as rss:
+                        start = time.perf_counter()
+                        for i in range(args.steps):
+                            step(i % args.batches, batches[i % args.batches])
+                        if device.type == 'cuda':
+                            torch.cuda.synchronize()
+                        times[name].append((time.perf_counter() - start) / args.steps)
+                    m = memory[name]
+                    m['peak_rss_mb'] = max(m['peak_rss_mb'], rss.peak / 2 ** 20)
+                    m['rss_rise_mb'] = max(m['rss_rise_mb'], (rss.peak - rss.base) / 2 ** 20)
+                    if device.type == 'cuda':
+                        m['cuda_max_allocated_mb'] = max(m.get('cuda_max_allocated_mb', 0.0),
+                                                         torch.cuda.max_memory_allocated() / 2 ** 20)
+            rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
+            spread = {name: (args.batch / max(ts), args.batch / min(ts)) for name, ts in times.items()}
+            ratios = {
+                'vitkd_live / timm_task': rates['vitkd_live'] / rates['timm_task'],
+                **({'vitkd_live_fused / timm_task': rates['vitkd_live_fused'] / rates['timm_task']}
+                   if 'vitkd_live_fused' in rates else {}),
+                'vitkd_live_nchw / timm_task': rates['vitkd_live_nchw'] / rates['timm_task'],
+                'vitkd_cached / student_only': rates['vitkd_cached'] / rates['student_only'],
+                'vitkd_live / student_only': rates['vitkd_live'] / rates['student_only'],
+                'vitkd_cached / vitkd_live': rates['vitkd_cached'] / rates['vitkd_live'],
+            }
+            results[precision] = dict(img_per_s=rates, img_per_s_range=spread, memory=memory, ratios=ratios)
+    load_after = os.getloadavg()
+    setup = dict(student=f'deit_ti_distilled img {args.img} patch {args.patch} depth {args.depth} embed {args.embed} '
+                 f'heads {args.heads} in_chans 1', teacher=f'{args.teacher} in_chans 1 (random weights)',
+                 batch=args.batch, classes=args.classes, threads=args.threads, device=str(device),
+                 rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup, torch=torch.__version__,
+                 timm=timm.__version__, cpu_count=os.cpu_count(), load_avg_before=load_before,
+                 load_avg_after=load_after)
+    report = dict(setup=setup, targets=TARGETS, results=results)
+    print(f'setup: {setup["student"]}, teacher {setup["teacher"]}, batch {args.batch}, {args.threads} thread(s), '
+          f'{device}')
+    print(f'NOTE: shared machine — load average {load_before[0]:.1f} → {load_after[0]:.1f} on {os.cpu_count()} cores; '
+          'absolute img/s are noisy, the interleaved ratios less so (min–max per variant in the JSON)')
+    for precision, res in results.items():
+        print(f'\n[{precision}]  {"variant":<17}{"img/s":>9}{"peak RSS MB":>13}{"RSS rise MB":>13}')
+        for name, rate in res['img_per_s'].items():
+            m = res['memory'][name]
+            print(f'{"":<8}{name:<17}{rate:>9.0f}{m["peak_rss_mb"]:>13.0f}{m["rss_rise_mb"]:>13.0f}')
+        for name, value in res['ratios'].items():
+            target = TARGETS.get(name)
+            verdict = '' if target is None else f'  (target ≥ {target}: {"met" if value >= target else "NOT met"})'
+            print(f'{"":<8}{name:<30}{value:>6.2f}×{verdict}')
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + '\n')
+    print(f'\nwrote {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Record the teacher-output cache up front (TinyViT-style), without training a student.
+
+Takes exactly the options of ``main.py`` (the same YAML / flags: data, augmentation, mixup, seed, batch size,
+precision, teacher, methods) plus ``--teacher-cache DIR``, and runs the teacher over ``--teacher-cache-epochs`` data
+epochs (default ``--epochs``) with the augmentation and mixup each training epoch will draw, storing what the selected
+methods need (see :mod:`vitkd.teacher_cache`). A later ``main.py`` run with the same options and ``--teacher-cache DIR``
+then replays every epoch without a teacher forward. Launch it the way training will be launched: the mixup pairing is
+inside each process's batch, so the number of processes and the per-process batch must match.
+
+    python scripts/cache_teacher.py --teacher-cache cache/fmnist --teacher-cache-epochs 4
+    accelerate launch --num_processes 2 scripts/cache_teacher.py -c run.yaml --teacher-cache /data/cache
+
+Epochs already complete are skipped (an interrupted recording resumes where its last complete epoch ended). Prints
+img/s and the bytes stored per sample per epoch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from vitkd import run as runlib  # noqa: E402
+from vitkd.config import ConfigError, parse_args  # noqa: E402
+from vitkd.data import find_epoch_sampler, mix_batch  # noqa: E402
+from vitkd.errors import UsageError  # noqa: E402
+
+
+def record(argv=None) -> int:
+    cfg, _ = parse_args(argv)
+    if not cfg.teacher_cache:
+        raise ConfigError('scripts/cache_teacher.py needs --teacher-cache DIR')
+    accelerator = runlib.make_accelerator(cfg)
+    r = runlib.build_run(cfg, accelerator)
+    cache, loader = r.teacher_cache, r.train_loader
+    sampler = find_epoch_sampler(loader)
+    todo = [e for e in range(cache.epochs) if not cache.is_complete(e)]
+    accelerator.print(f'teacher {r.teacher.source}: recording data epochs {todo or "(none: all complete)"} of '
+                      f'{cache.epochs} into {cache.root} ({len(loader.dataset)} images, {accelerator.num_processes} '
+                      f'process(es) × batch {cfg.batch_size})')
+    seen, start = 0, time.time()
+    with torch.no_grad():
+        for data_epoch in todo:
+            loader.set_epoch(data_epoch)
+            cache.begin_epoch(data_epoch, sampler.sample_seeds(data_epoch))
+            for images, labels, index in loader:
+                images, _, _, mix_seed = mix_batch(r.mixer, sampler, data_epoch, images, labels, index)
+                with accelerator.autocast():
+                    cache.features(images, index, mix_seed)
+                seen += images.shape[0] * accelerator.num_processes
+            cache.end_epoch(complete=True)
+            accelerator.print(f'data epoch {data_epoch} recorded')
+    elapsed = time.time() - start
+    folder = cache.root / 'epoch_0000'
+    per_sample = sum(os.path.getsize(p) for p in folder.glob('*.npy')) / cache.num_samples if folder.exists() else 0
+    accelerator.print(f'{seen} images in {elapsed:.1f} s ({seen / max(elapsed, 1e-9):.0f} img/s); '
+                      f'{per_sample:.0f} bytes per sample per epoch (incl. .npy headers)')
+    accelerator.end_training()
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return record(argv)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

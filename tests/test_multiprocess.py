@@ -1,0 +1,251 @@
+"""Two CPU processes through Accelerate train exactly like one process with the doubled batch.
+
+The end-to-end tests launch ``main.py`` with ``accelerate launch --multi_gpu --num_processes 2`` (gloo, CPU) at a
+per-process batch of 8 and plain ``python main.py`` at batch 16 on a tiny ImageFolder (64 train / 22 val images, random
+crop + flip on: each sample's augmentation is seeded by its index, so it does not depend on the process that loads it;
+mixup off: it pairs samples inside each process's batch), and compare the logged loss terms step by step and the
+exported student weights. A probe wrapped around ``vitkd.run.build_run`` records, on every rank, that the distiller is
+DDP-wrapped and the teacher is not (and holds identical weights on both ranks). Students are LayerNorm-only (timm's
+distilled DeiT): a BatchNorm student (the VkD conv stem) uses per-process batch statistics, as the official DDP runs do.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import vitkd  # noqa: F401  (registers students and losses)
+from vitkd.distiller import LossEntry, may_leave_parameters_unused
+from vitkd.losses import create_loss
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+VAL_IMAGES = 22
+
+
+# ---- fast: which runs need DDP's unused-parameter search ----------------------------------------------------------
+
+@pytest.mark.parametrize('methods,epochs,task_weight,expected', [
+    ([('vkd', 1.0, 0.0)], 3, None, False),
+    ([('dist', 1.0, 0.0), ('kd', 0.5, 0.0)], 3, None, False),
+    ([('vkd', 0.0, 0.0)], 3, None, True),              # a zero-weight term is skipped: its projector idles
+    ([('kd', 1.0, 2.0)], 3, None, True),               # epoch 0 of a linear warm-up has weight 0
+    ([('kd', 1.0, 0.0)], 3, 0.0, True),                # --task-weight 0: nothing trains the cls head
+    ([('fsp', 1.0, 0.0)], 3, None, True),              # the method says so (and its CE-off stage)
+    ([('ft', 1.0, 0.0)], 3, None, True),
+    ([('ab', 1.0, 0.0)], 3, None, True),
+])
+def test_unused_parameter_detection(methods, epochs, task_weight, expected):
+    entries = [LossEntry(create_loss(name), weight, warmup) for name, weight, warmup in methods]
+    assert may_leave_parameters_unused(entries, epochs, task_weight) is expected
+
+
+def test_task_weight_zero_in_a_later_epoch_is_detected():
+    # DeiT hard distillation with α = 1 keeps no task CE: found by scanning every epoch's task_weight
+    assert may_leave_parameters_unused([LossEntry(create_loss('deit_hard', alpha=1.0))], 2) is True
+    assert may_leave_parameters_unused([LossEntry(create_loss('deit_hard', alpha=0.5))], 2) is False
+
+
+# ---- fast: Accelerate's sharding of vitkd's loader gives each step the same samples -------------------------------
+
+def test_accelerate_sharding_of_the_epoch_sampler_keeps_the_global_batches():
+    """Process p of N gets loader batches p, p+N, …: step s of N processes at batch B = step s of 1 process at N·B."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from vitkd.data import EpochSampler
+    n, per_process, world = 70, 4, 2
+    sampler = EpochSampler(n, seed=3)
+    sampler.set_epoch(5)
+    single = list(BatchSampler(sampler, per_process * world, drop_last=True))
+    shards = [list(BatchSamplerShard(BatchSampler(sampler, per_process, drop_last=True), world, p))
+              for p in range(world)]
+    assert len(shards[0]) == len(shards[1]) == len(single) == n // (per_process * world)
+    for step, batch in enumerate(single):
+        assert [key for p in range(world) for key in shards[p][step]] == batch  # same keys (index, seed), same order
+
+
+# ---- end to end: accelerate launch with 2 processes ---------------------------------------------------------------
+
+PROBE = textwrap.dedent('''
+    """Runs main.py, recording on every rank what build_run built (DDP wrapping, teacher identity)."""
+    import json, os, sys
+    from pathlib import Path
+    sys.path.insert(0, os.environ['VITKD_REPO'])
+    import main
+    from vitkd import run as runlib
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    build_run = runlib.build_run
+
+    def probed(cfg, accelerator):
+        r = build_run(cfg, accelerator)
+        teacher_ids = {id(p) for p in r.teacher.model.parameters()}
+        info = dict(rank=accelerator.process_index, world=accelerator.num_processes,
+                    distiller_is_ddp=isinstance(r.distiller, DDP),
+                    teacher_is_ddp=isinstance(r.teacher, DDP) or isinstance(r.teacher.model, DDP),
+                    teacher_params_in_ddp=any(id(p) in teacher_ids for p in r.distiller.parameters()),
+                    find_unused=getattr(r.distiller, 'find_unused_parameters', None),
+                    teacher_checksum=float(sum(p.double().abs().sum() for p in r.teacher.model.parameters())))
+        Path(os.environ['PROBE_OUT'], f'rank{accelerator.process_index}.json').write_text(json.dumps(info))
+        return r
+
+    runlib.build_run = probed
+    sys.exit(main.main(sys.argv[1:]))
+''')
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory) -> Path:
+    """64 train images (8 classes × 8), 22 val images (8 classes × 3, two classes one short: odd), 32 px RGB."""
+    root = tmp_path_factory.mktemp('imgs')
+    rng = np.random.default_rng(0)
+    for split, per_class in (('train', 8), ('val', 3)):
+        for c in range(8):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True)
+            for i in range(per_class - (split == 'val' and c >= 6)):
+                base = np.zeros((32, 32, 3), np.uint8)
+                base[..., c % 3] = 30 * (c + 1)
+                Image.fromarray(np.clip(base + rng.integers(0, 80, (32, 32, 3)), 0, 255).astype(np.uint8)).save(
+                    folder / f'{i}.png')
+    return root
+
+
+def _args(data: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    return ['--data-path', str(data), '--input-size', '32', '--student', 'deit_tiny_distilled_patch16_224',
+            '--student-kwargs', 'img_size=32', 'patch_size=8', 'depth=2', 'embed_dim=32', 'num_heads=2',
+            '--teacher', 'regnety_002', '--no-teacher-pretrained', '--epochs', '2', '--batch-size', str(batch),
+            '--num-workers', '0', '--lr', '1e-3', '--unscale-lr', '--warmup-epochs', '0', '--aa', 'none',
+            '--reprob', '0', '--color-jitter', '0', '--mixup', '0', '--cutmix', '0', '--scale', '0.5', '1',
+            '--hflip', '0.5', '--log-every', '1', '--mixed-precision', 'no', '--output-dir', str(out), *extra]
+
+
+def _env(probe_out: Path | None = None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO), OMP_WAIT_POLICY='PASSIVE', VITKD_REPO=str(REPO),
+               ACCELERATE_USE_CPU='1', PYTHONUNBUFFERED='1')
+    if probe_out is not None:
+        env['PROBE_OUT'] = str(probe_out)
+    return env
+
+
+def run_one_process(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / 'main.py'), *args], capture_output=True, text=True, env=_env(),
+                          cwd=REPO, timeout=300)
+
+
+def run_two_processes(args: list[str], tmp: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``accelerate launch`` with 2 CPU processes on the probe; returns the result and each rank's probe record."""
+    probe_out = tmp / f'probe-{len(list(tmp.glob("probe-*")))}'
+    probe_out.mkdir()
+    script = tmp / 'probe_main.py'
+    script.write_text(PROBE)
+    launcher = Path(sys.executable).with_name('accelerate')
+    launch = [str(launcher), 'launch'] if launcher.exists() else [sys.executable, '-m', 'accelerate.commands.launch']
+    cmd = [*launch, '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
+           '--dynamo_backend', 'no', '--main_process_port', '0', '--num_cpu_threads_per_process', '1', str(script),
+           *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(probe_out), cwd=REPO, timeout=300)
+    probes = [json.loads(p.read_text()) for p in sorted(probe_out.glob('rank*.json'))]
+    return result, probes
+
+
+def step_records(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if r['kind'] == 'step']
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    a, b = step_records(one), step_records(two)
+    assert len(a) == len(b) == 8  # 64 images / global batch 16 × 2 epochs
+    for ra, rb in zip(a, b):
+        terms = [k for k in ra if k not in ('kind', 'epoch', 'step', 'lr', 'img_per_s')]
+        assert terms and set(terms) == set(k for k in rb if k not in ('kind', 'epoch', 'step', 'lr', 'img_per_s'))
+        assert ra['step'] == rb['step'] and ra['lr'] == pytest.approx(rb['lr'], rel=1e-9)
+        for k in terms:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (ra['step'], k, ra[k], rb[k])
+    wa, wb = load_file(one / 'student' / 'model.safetensors'), load_file(two / 'student' / 'model.safetensors')
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=2e-4, msg=k)
+    assert abs(a[-1]['loss'] - a[0]['loss']) > 1e-2  # it trained: the curves compared are not flat
+
+
+def assert_probes(probes: list[dict], find_unused: bool) -> None:
+    assert [p['rank'] for p in probes] == [0, 1] and all(p['world'] == 2 for p in probes)
+    for p in probes:
+        assert p['distiller_is_ddp'] and not p['teacher_is_ddp'] and not p['teacher_params_in_ddp']
+        assert p['find_unused'] is find_unused
+    assert probes[0]['teacher_checksum'] == probes[1]['teacher_checksum']  # same (random) teacher on both ranks
+
+
+def assert_each_val_sample_counted_once(out: Path) -> None:
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['student']['samples'] == VAL_IMAGES
+    assert summary['teacher']['samples'] == VAL_IMAGES
+
+
+@pytest.mark.slow
+@pytest.mark.ci_once
+def test_two_processes_match_one_feature_loss_vkd(image_folder, tmp_path):
+    one = run_one_process(_args(image_folder, tmp_path / 'one', 16, '--distill', 'vkd'))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, probes = run_two_processes(_args(image_folder, tmp_path / 'two', 8, '--distill', 'vkd'), tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert 'global batch 16' in one.stdout and 'global batch 16' in two.stdout
+    assert_probes(probes, find_unused=False)
+    assert_same_training(tmp_path / 'one', tmp_path / 'two')
+    assert_each_val_sample_counted_once(tmp_path / 'two')
+
+
+@pytest.mark.slow
+@pytest.mark.ci_once
+def test_two_processes_match_one_relational_loss_dist_global_scope(image_folder, tmp_path):
+    one = run_one_process(_args(image_folder, tmp_path / 'one', 16, '--distill', 'dist'))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, probes = run_two_processes(_args(image_folder, tmp_path / 'two', 8, '--distill', 'dist'), tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_probes(probes, find_unused=False)
+    assert_same_training(tmp_path / 'one', tmp_path / 'two')
+    assert_each_val_sample_counted_once(tmp_path / 'two')
+    # control: the per-process intra-class term (DIST's official scope) is a different loss on 2 processes
+    local, _ = run_two_processes(_args(image_folder, tmp_path / 'local', 8, '--distill', 'dist', '--loss-opts',
+                                       'dist.intra_scope=local'), tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    first_one, first_local = step_records(tmp_path / 'one')[0], step_records(tmp_path / 'local')[0]
+    assert first_local['dist.inter'] == pytest.approx(first_one['dist.inter'], rel=1e-5)  # per-sample term: equal
+    assert abs(first_local['dist.intra'] - first_one['dist.intra']) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_with_idle_parameters_need_and_get_find_unused(image_folder, tmp_path):
+    """FSP's first stage keeps the task CE off: the heads get no gradient, which plain DDP rejects."""
+    args = ['--distill', 'fsp', '--epochs', '1']
+    auto, probes = run_two_processes(_args(image_folder, tmp_path / 'auto', 8, *args), tmp_path)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert_probes(probes, find_unused=True)
+    off, _ = run_two_processes(_args(image_folder, tmp_path / 'off', 8, *args, '--no-ddp-find-unused'), tmp_path)
+    assert off.returncode != 0 and 'find_unused_parameters' in off.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_record_and_replay_the_teacher_cache(image_folder, tmp_path):
+    """Each process writes its own samples' teacher outputs; a second run replays every epoch (mixup on)."""
+    cache = tmp_path / 'cache'
+    mix = ['--distill', 'vkd', '--mixup', '0.8', '--cutmix', '1.0', '--teacher-cache', str(cache)]
+    first, _ = run_two_processes(_args(image_folder, tmp_path / 'first', 8, *mix, '--teacher-cache-epochs', '1'),
+                                 tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((cache / 'epoch_0000' / 'complete').read_text()) == {'samples': 64}  # both ranks' rows
+    second, _ = run_two_processes(_args(image_folder, tmp_path / 'second', 8, *mix), tmp_path)  # epochs from meta
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = step_records(tmp_path / 'first'), step_records(tmp_path / 'second')
+    assert len(a) == len(b) == 8
+    for ra, rb in zip(a, b):  # first run: epoch 0 live, epoch 1 replayed; second run: both replayed
+        for k in ('loss', 'task', 'vkd.repr', 'vkd.kl'):
+            assert rb[k] == pytest.approx(ra[k], rel=2e-3, abs=1e-4), (ra['step'], k)
