@@ -50,6 +50,18 @@ class TrainState:
         self.batches_done = int(state.get('batches_done', 0))
 
 
+def _all_agree_to_stop(state: TrainState, accelerator) -> bool:
+    """The step/time budget as the main process decides it, so every rank stops at the same step (ranks that
+    disagreed about a wall-clock deadline would leave the others waiting in DDP's all-reduce for ever)."""
+    stop = state.exhausted()
+    if accelerator.num_processes > 1 and state.deadline is not None:
+        from accelerate.utils import broadcast
+        stop = bool(broadcast(torch.tensor([float(stop)], device=accelerator.device), from_process=0).item())
+        if stop and not state.stop_reason:
+            state.stop_reason = 'time limit reached'
+    return stop
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: Callable, state: TrainState,
                     num_classes: int, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
                     log_fn: Optional[Callable[[dict], None]] = None, teacher_cache=None,
@@ -160,7 +172,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
         state.batches_done = it + 1
         if accelerator.sync_gradients and step_hook is not None and step_hook(it == num_batches - 1):
             break
-        if state.exhausted():
+        if _all_agree_to_stop(state, accelerator):
             break
     if teacher_cache is not None:  # a fully recorded data epoch is marked complete: later epochs replay it
         teacher_cache.end_epoch(complete=state.batches_done >= num_batches)

@@ -56,7 +56,7 @@ def run_cell(name: str, extra: list[str], seed: int, args, cell_dir: Path) -> di
     if done.exists():
         return json.loads(done.read_text())
     cmd = [sys.executable, str(REPO / 'main.py'), *extra, '--seed', str(seed), '--max-steps', str(args.steps),
-           '--epochs', '100', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000',
+           '--epochs', '1', '--time-limit', '1000000', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000',
            '--log-every', '1000', '--no-eval-teacher']
     # preset files set their own data/model fields; the embedded default's student/teacher/recipe apply to the rest
     start = time.time()

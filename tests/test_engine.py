@@ -68,7 +68,7 @@ def test_non_finite_loss_stops_with_the_term_named():
     with torch.no_grad():
         distiller.student.head_dist.weight.fill_(float('nan'))
     accelerator = Accelerator(cpu=True)
-    with pytest.raises(NonFiniteLossError, match=r'step 0 \(terms: kd.kl'):
+    with pytest.raises(NonFiniteLossError, match=r'non-finite loss.*kd\.kl.*step'):
         train_one_epoch(distiller, loader, optimizer, scheduler, accelerator, BatchMixer(cfg, 10), TrainState(), 10)
 
 
