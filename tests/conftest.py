@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never touch the network; must precede huggingface_hub's import
 os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # spinning OpenMP threads crawl on shared cores
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
