@@ -21,6 +21,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 MAX_NONFINITE_REPORTS = 100  # diagnostic files written per process run (a run skipping every step would flood the dir)
+# Under --nan-policy skip the buffers a forward updates (BatchNorm statistics, small loss state) are copied before each
+# step and restored when it is skipped; larger ones (memory banks) are not copied every step and are not rolled back.
+MAX_RESTORED_BUFFER = 2 ** 20
 
 
 @dataclass
@@ -82,7 +85,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
     GradScaler skips such steps itself) writes ``<report_dir>/nonfinite_step<N>.json`` (the terms, the step, the lr,
     the batch's sample indices) and then raises :class:`NonFiniteLossError` (``nan_policy='stop'``) or skips the
     optimizer step, zeroing the gradients (``'skip'``: weights, optimizer state and EMA are untouched by that step; the
-    schedule advances). The decision uses values reduced over the processes, so every process takes it alike. The
+    schedule advances; buffers the forward updated, e.g. BatchNorm statistics, are restored, up to
+    :data:`MAX_RESTORED_BUFFER` elements each). The decision uses values reduced over the processes, so every process
+    takes it alike. The
     returned dict adds ``skipped_steps`` and, for an :class:`~vitkd.data.IndexedDataset`, ``corrupt_images`` (the
     unreadable images met this epoch, summed over the processes).
     """
@@ -90,6 +95,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
     sums: dict[str, float] = {}
     seen, count, start = 0, 0, time.time()
     skipped, window_bad = 0, False
+    restorable = [b for b in accelerator.unwrap_model(model).buffers() if b.numel() <= MAX_RESTORED_BUFFER] \
+        if nan_policy == 'skip' else []
     dataset = getattr(loader, 'dataset', None)
     if hasattr(dataset, 'reset_corrupt'):
         dataset.reset_corrupt()  # the workers' flags are in shared memory: this epoch's count starts at 0
@@ -109,6 +116,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
     for it, (images, labels, index) in enumerate(progress, start=first):
         images, targets, mix, mix_seed = mix_batch(mixup_fn, sampler, data_epoch, images, labels, index)
         epoch_float = state.epoch + it / max(1, num_batches)
+        saved = [b.detach().clone() for b in restorable]  # the forward updates BatchNorm statistics in place
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 cached = teacher_cache.features(images, index, mix_seed) if teacher_cache is not None else None
@@ -141,6 +149,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, mixup_fn: 
                     raise NonFiniteLossError(where)
                 accelerator.print(f'warning: {where}: optimizer step skipped (--nan-policy skip)')
                 window_bad = True
+                with torch.no_grad():
+                    for buffer, value in zip(restorable, saved):
+                        buffer.copy_(value)
             if accelerator.sync_gradients and window_bad:
                 optimizer.zero_grad(set_to_none=True)  # no optimizer.step(): no update, no weight decay, no moments
             else:

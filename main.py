@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 from engine import NonFiniteLossError, TrainState, evaluate, evaluate_teacher, train_one_epoch
 from vitkd import run as runlib
@@ -142,7 +143,8 @@ def _rng_untouched(accelerator):
 
 
 def _one_line(error: BaseException) -> str:
-    """The message of an error raised in a data-loader worker is wrapped in the worker's traceback: keep its last line."""
+    """One line: an error raised in a data-loader worker arrives wrapped in the worker's traceback (keep its last
+    line); any other message has its line breaks folded."""
     text = str(error).strip()
     if '\n' in text and 'Traceback' in text:
         text = text.splitlines()[-1]

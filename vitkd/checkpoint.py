@@ -46,8 +46,8 @@ import torch.nn as nn
 from .config import Config, ConfigError
 
 __all__ = ['CheckpointError', 'SaveError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint',
-           'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict', 'PreemptionSignal',
-           'CHECKPOINTS', 'STATE_FILE']
+           'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict',
+           'PreemptionSignal', 'CHECKPOINTS', 'STATE_FILE']
 
 _logger = logging.getLogger(__name__)
 
@@ -84,7 +84,6 @@ def _read_pickle_weights(path: Path, what: str):
     A file that needs anything else (a class, a function: what a malicious pickle uses to run code) is refused with a
     one-line :class:`CheckpointError`; nothing in it is executed.
     """
-    import pickle
     from accelerate.utils import load  # torch.load(weights_only=True) + accelerate's numpy RNG-state allow-list
     try:
         return load(str(path), map_location='cpu', weights_only=True)

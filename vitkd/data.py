@@ -370,8 +370,10 @@ def build_datasets(dataset: str, data_path: Optional[str], train_transform, eval
         train = _image_folder(data_path, 'train', subset, seed)
         val = _image_folder(data_path, 'val', None, seed)
         if train.classes != val.classes:
-            raise DataError(f'train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; '
-                            'they must hold the same class folders')
+            only = [f'{split} only: {", ".join(sorted(set(a) - set(b))[:5])}' for split, a, b in
+                    (('train/', train.classes, val.classes), ('val/', val.classes, train.classes)) if set(a) - set(b)]
+            raise DataError(f'train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; they must hold '
+                            f'the same class folders ({"; ".join(only)})')
     else:
         raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
     classes = list(train.classes)

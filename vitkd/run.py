@@ -72,7 +72,10 @@ RUN_OUTPUTS = (RUN_MARKER, 'checkpoints', 'student', 'student_ema', 'log.jsonl',
 
 
 def check_output_dir(cfg: Config) -> Path:
-    """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite. Writes nothing."""
+    """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite.
+
+    Writes nothing: ``main`` calls it before building anything and creates the dir only once every check passed.
+    """
     name_output_dir(cfg)
     out = Path(cfg.output_dir)
     if (out / RUN_MARKER).exists() and not (cfg.resume or cfg.overwrite):
