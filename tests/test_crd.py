@@ -302,7 +302,7 @@ def _free_port():
 
 def test_two_processes_hold_identical_banks(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     # the banks at the first update are rank 0's initial banks on both ranks (broadcast once)
     assert torch.equal(r0['updates'][0][0], r1['updates'][0][0])
     assert torch.equal(r0['updates'][0][1], r1['updates'][0][1])

@@ -180,7 +180,7 @@ def test_two_process_gloo_global_scope(tmp_path):
     z_s, z_t = torch.randn(8, 5, generator=g) * 2, torch.randn(8, 5, generator=g) * 2
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / 'init'), str(tmp_path), z_s, z_t), nprocs=2, join=True)
     ref_intra = dist_loss(z_s, z_t, temperature=2.0)[1]
-    results = [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
+    results = [torch.load(tmp_path / f'rank{rank}.pt', weights_only=True) for rank in range(2)]
     for split in (4, 5):
         rows = [slice(0, split), slice(split, 8)]
         # what DDP optimises: the mean over ranks of each rank's (local inter + global intra)

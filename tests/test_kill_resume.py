@@ -143,7 +143,8 @@ def test_ten_sigkills_at_random_points_then_resume_auto_matches_an_uninterrupted
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = re.search(r'resumed from (\S+): epoch \d+, step (\d+)', result.stdout)
     assert resumed and int(resumed.group(2)) == history[-1][2], result.stdout[-2000:]
-    assert not list((out / 'checkpoints').glob('*.tmp'))
+    assert not list((out / 'checkpoints').glob('*.tmp')) and not list((out / 'checkpoints').glob('*.old'))
+    assert (out / 'checkpoints' / 'best' / 'metrics.json').is_file()
 
     for name in ('student/model.safetensors', 'student_ema/model.safetensors'):
         assert_same(ref / name, out / name)

@@ -634,6 +634,52 @@ def test_full_disk_while_exporting_is_one_line_and_the_resume_exports(data, tmp_
     assert json.loads((out / 'summary.json').read_text())['student']['avg_top1'] == last_epoch['val_avg_top1']
 
 
+# ---- kills while pruning or updating best (the random version: tests/test_kill_resume.py) ---------------------------
+
+def fake_checkpoint(root: Path, name: str, files=('model.safetensors', 'optimizer.bin', 'trainer_state.json')) -> Path:
+    folder = root / 'checkpoints' / name
+    folder.mkdir(parents=True)
+    for f in files:
+        (folder / f).write_text(f'{name}/{f}')
+    return folder
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    import vitkd.checkpoint as ck
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, f'step_{step:08d}')
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):  # deletes the weights, then the process dies
+        if not Path(path).exists():
+            return
+        Path(path, 'model.safetensors').unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ck.shutil, 'rmtree', killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        ck.prune_checkpoints(tmp_path, keep_last=1)
+    monkeypatch.setattr(ck.shutil, 'rmtree', real_rmtree)
+    listed = ck.find_checkpoints(tmp_path)
+    assert all((path / 'model.safetensors').is_file() for _, path in listed), listed
+    assert [s for s, _ in listed] == [4, 6]  # step 2 was being deleted: no longer offered to --resume
+    ck.prune_checkpoints(tmp_path, keep_last=1)  # the next save finishes the job
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000006']
+
+
+@pytest.mark.parametrize('new_copy_finished', [True, False])
+def test_best_lost_between_the_renames_of_its_update_is_recovered(new_copy_finished, tmp_path):
+    import vitkd.checkpoint as ck
+    fake_checkpoint(tmp_path, 'step_00000008')
+    fake_checkpoint(tmp_path, 'best.old', ('model.safetensors', 'trainer_state.json', 'metrics.json'))
+    fake_checkpoint(tmp_path, 'best.tmp', ('model.safetensors', 'trainer_state.json') +
+                    (('metrics.json',) if new_copy_finished else ()))
+    ck.prune_checkpoints(tmp_path, keep_last=2)
+    best = tmp_path / 'checkpoints' / 'best'
+    expected = 'best.tmp' if new_copy_finished else 'best.old'
+    assert (best / 'metrics.json').read_text() == f'{expected}/metrics.json'
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['best', 'step_00000008']
+
+
 # ---- security -------------------------------------------------------------------------------------------------------
 
 def _calls(tree):

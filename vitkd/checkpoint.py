@@ -129,6 +129,10 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
 def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints and any stale ``.tmp``/``.old`` folder.
 
+    A checkpoint is first renamed to ``<name>.old`` (atomic), then deleted: a kill while deleting never leaves a
+    half-deleted folder that still has its state file (which :func:`find_checkpoints` would take as complete). A
+    ``best`` folder lost to a kill between the two renames of its update is restored first (:func:`_recover_best`).
+
     Returns:
         The deleted folders.
     """
@@ -136,10 +140,28 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
     found = find_checkpoints(out_dir)
     doomed = [path for _, path in found[:max(0, len(found) - keep_last)]]
     if root.is_dir():
+        _recover_best(root)
         doomed += [p for p in root.iterdir() if p.is_dir() and p.suffix in ('.tmp', '.old')]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        target = path
+        if path.suffix not in ('.tmp', '.old'):
+            target = path.with_name(path.name + '.old')
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+        shutil.rmtree(target, ignore_errors=True)
     return doomed
+
+
+def _recover_best(root: Path) -> None:
+    """``checkpoints/best`` missing (killed between the renames of :func:`_commit`): take the finished new copy
+    (``best.tmp`` with its metrics.json, written last) or else the previous one (``best.old``)."""
+    best = root / BEST
+    if best.exists():
+        return
+    for candidate in (root / f'{BEST}.tmp', root / f'{BEST}.old'):
+        if (candidate / 'metrics.json').is_file() and (candidate / STATE_FILE).is_file():
+            os.replace(candidate, best)
+            return
 
 
 def _commit(tmp: Path, final: Path) -> None:
