@@ -101,6 +101,22 @@ def pair_taps(student: nn.Module, teacher: Optional[nn.Module], student_blocks: 
     return s, t
 
 
+class InitStage:
+    """Mixin for the Zoo's two-stage methods (AB, FSP): the term alone, task CE off, for ``init_epochs`` epochs;
+    afterwards the term is not computed (Zoo λ = 0) and training is CE only. ``init_epochs = 0`` = a plain term."""
+    init_epochs: int = 0
+
+    def in_init_stage(self, epoch: int) -> bool:
+        return epoch < self.init_epochs
+
+    def task_weight(self, epoch: int) -> float:
+        return 0.0 if self.in_init_stage(epoch) else 1.0
+
+    def stage_done(self, epoch: int) -> bool:
+        """True once the initialisation stage is over (the method then returns no term)."""
+        return bool(self.init_epochs) and not self.in_init_stage(epoch)
+
+
 class PairedTaps:
     """Mixin for methods comparing student and teacher maps tap by tap (put it before ``DistillationLoss``).
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from ..features import Features
-from ._adapt import PairedTaps, align_spatial, as_taps, conv1x1_connector
+from ._adapt import InitStage, PairedTaps, align_spatial, as_taps, conv1x1_connector
 from .base import Batch, DistillationLoss, RunInfo, register_loss
 
 __all__ = ['ab_loss', 'ActivationBoundaries']
@@ -68,7 +68,7 @@ def ab_loss(student_preact: torch.Tensor, teacher_preact: torch.Tensor, margin: 
 
 
 @register_loss('ab')
-class ActivationBoundaries(PairedTaps, DistillationLoss):
+class ActivationBoundaries(InitStage, PairedTaps, DistillationLoss):
     """Activation-boundary transfer through student connectors; CE-off init stage, then off (Zoo)."""
     paper = 'AB, Heo et al., AAAI 2019, arXiv:1811.03233 (Knowledge-Distillation-Zoo)'
     # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
@@ -94,14 +94,8 @@ class ActivationBoundaries(PairedTaps, DistillationLoss):
         self.connectors = nn.ModuleList(conv1x1_connector(s.shape[1], t.shape[1], bn=True)
                                         for s, t in self.map_pairs(student, teacher))
 
-    def in_init_stage(self, epoch: int) -> bool:
-        return epoch < self.init_epochs
-
-    def task_weight(self, epoch: int) -> float:
-        return 0.0 if self.in_init_stage(epoch) else 1.0
-
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.init_epochs and not self.in_init_stage(batch.epoch):
+        if self.stage_done(batch.epoch):
             return {}  # stage 2: λ = 0 (Zoo), the term is not computed
         losses = []
         for connector, (s, t) in zip(self.connectors, self.map_pairs(student, teacher)):

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..features import Features
-from ._adapt import PairedTaps, as_taps, conv1x1_connector, pool_to
+from ._adapt import InitStage, PairedTaps, as_taps, conv1x1_connector, pool_to
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
 __all__ = ['fsp_matrix', 'fsp_loss', 'FSP']
@@ -73,7 +73,7 @@ def fsp_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.
 
 
 @register_loss('fsp')
-class FSP(PairedTaps, DistillationLoss):
+class FSP(InitStage, PairedTaps, DistillationLoss):
     """FSP: λ·mean-MSE between Gram matrices of consecutive maps; CE-off init stage, then off (Zoo)."""
     paper = 'FSP, Yim et al., CVPR 2017 (Knowledge-Distillation-Zoo)'
     # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
@@ -108,14 +108,8 @@ class FSP(PairedTaps, DistillationLoss):
                 raise LossSpecError(f'fsp with connector=False needs equal widths at every tap, got student '
                                     f'{s.shape[1]} and teacher {t.shape[1]}; use connector=True')
 
-    def in_init_stage(self, epoch: int) -> bool:
-        return epoch < self.init_epochs
-
-    def task_weight(self, epoch: int) -> float:
-        return 0.0 if self.in_init_stage(epoch) else 1.0
-
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.init_epochs and not self.in_init_stage(batch.epoch):
+        if self.stage_done(batch.epoch):
             return {}  # stage 2: λ = 0 (Zoo), the term is not computed
         pairs = self.map_pairs(student, teacher)
         student_maps = [self.connectors[k](s) if self.connector else s for k, (s, _) in enumerate(pairs)]
