@@ -1,11 +1,14 @@
 """The papers' table, small: every method on the embedded default, same student, same step budget, several seeds.
 
     python scripts/reproduce.py                 # all methods x 3 seeds (about an hour on 2 CPU cores)
-    python scripts/reproduce.py --quick         # the main methods x 1 seed (about 10 minutes)
+    python scripts/reproduce.py --quick         # the main methods x 1 seed (a few minutes)
 
-Each cell is one ``main.py`` run (a subprocess) on the embedded default (Fashion-MNIST, the shipped RegNetY teacher,
-a 4-block VkD-style student) for ``--steps`` optimizer steps. Finished cells are skipped when the script is run again
-(results are kept per cell in ``<out>/cells/``), so an interrupted reproduction resumes. Writes ``results.md`` (mean ±
+Each cell is one ``main.py`` run (a subprocess) on the embedded default data and teacher (Fashion-MNIST, the shipped
+RegNetY) with a fixed small student (the embedded VkD-style student at width 64: 0.30 M parameters) for ``--steps``
+optimizer steps. ``--jobs`` cells run side by side, each on cores/jobs threads (two one-thread cells do 1.3x the
+work of one two-thread cell on 2 cores), so img/s is per cell under that shared load: compare it within a table.
+Finished cells are skipped when the script is run again (results are kept per cell in ``<out>/cells/``), so an
+interrupted reproduction resumes. Writes ``results.md`` (mean ±
 std top-1 of the cls / dist / avg heads, img/s, extra trainable parameters during training, peak memory),
 ``results.json`` and ``results.png`` in ``--out``. A method whose avg top-1 does not beat the no-teacher student by
 more than the larger of the two seed stds is flagged.
@@ -13,8 +16,10 @@ more than the larger of the two seed stds is flagged.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,6 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# the table's student: the embedded default's student (scripts/configs/embedded.yaml) at width 64
+TABLE_STUDENT = ['--student-kwargs', 'img_size=28', 'patch_size=4', 'depth=4', 'embed_dim=64', 'num_heads=2',
+                 'in_chans=1']
+# budget-only option changes, stated in the table: CRD's 16384 negatives per anchor cost ~2 GB of gathered memory
+# rows per step (4x the time of any other method on 2 cores); 4096 keeps the estimator and fits the budget
+TABLE_OPTIONS = {'crd': ['--loss-opts', 'crd.nce_k=4096']}
 # method -> extra main.py arguments; the distill spec is the method's registered name(s)
 QUICK_METHODS = {
     'none (no teacher)': ['--distill', 'none', '--teacher', 'none'],
@@ -47,7 +58,7 @@ def all_methods() -> dict[str, list[str]]:
                     'DeiT++ (DeiT hard + ND)': ['--distill', 'deit_hard', 'nd']})
     for name, _ in list_losses():
         if name not in covered:
-            methods[name] = ['--distill', name]
+            methods[name] = ['--distill', name, *TABLE_OPTIONS.get(name, [])]
     return methods
 
 
@@ -55,13 +66,15 @@ def run_cell(name: str, extra: list[str], seed: int, args, cell_dir: Path) -> di
     done = cell_dir / 'summary.json'
     if done.exists():
         return json.loads(done.read_text())
-    cmd = [sys.executable, str(REPO / 'main.py'), *extra, '--seed', str(seed), '--max-steps', str(args.steps),
+    cmd = [sys.executable, str(REPO / 'main.py'), *TABLE_STUDENT, *extra, '--seed', str(seed),
+           '--max-steps', str(args.steps),
            '--epochs', '1', '--time-limit', '1000000', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000',
            '--log-every', '1000', '--no-eval-teacher']
     # preset files set their own data/model fields; the embedded default's student/teacher/recipe apply to the rest
     start = time.time()
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO)))
+                            env=dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS=threads))
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ['?']
         return {'error': tail[0], 'seconds': time.time() - start}
@@ -104,8 +117,11 @@ def markdown(rows: list[dict], args) -> str:
                      f'{row.get("img_per_s", 0):.0f} | {int(row.get("extra_params", 0)):,} | '
                      f'{row.get("peak_memory_mb", 0):.0f} | {note} |')
     lines.append('')
-    lines.append(f'{args.steps} steps of batch 128 per cell, seeds {", ".join(map(str, args.seeds))}; '
-                 f'command: `python scripts/reproduce.py {" ".join(sys.argv[1:])}`')
+    options = '; '.join(f'{name}: `{" ".join(extra)}`' for name, extra in TABLE_OPTIONS.items())
+    lines.append(f'{args.steps} steps of batch 128 per cell, seeds {", ".join(map(str, args.seeds))}, student '
+                 f'`{" ".join(TABLE_STUDENT[1:])}`, {args.jobs} cells side by side; budget-only options: {options}. '
+                 f'Command: `python scripts/reproduce.py {shlex.join(sys.argv[1:])}` ({args.wall_minutes:.0f} min wall '
+                 f'for the cells run now; finished cells are reused).')
     return '\n'.join(lines)
 
 
@@ -128,25 +144,34 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='the main methods with one seed')
-    p.add_argument('--steps', type=int, default=None, help='optimizer steps per cell (default 150, quick 150)')
+    p.add_argument('--steps', type=int, default=150, help='optimizer steps per cell (default 150)')
     p.add_argument('--seeds', type=int, nargs='+', default=None)
     p.add_argument('--methods', nargs='+', default=None, help='only these table rows (names as in the table)')
+    p.add_argument('--jobs', type=int, default=2, help='cells run side by side (default 2)')
     p.add_argument('--out', default='output/reproduce')
     args = p.parse_args(argv)
-    args.steps = args.steps or 150
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     methods = QUICK_METHODS if args.quick else all_methods()
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods}
     out = Path(args.out)
+    jobs = [(name, extra, seed) for name, extra in methods.items() for seed in args.seeds]
+
+    def cell(job):
+        name, extra, seed = job
+        slug = ''.join(c if c.isalnum() else '_' for c in name)
+        result = run_cell(name, extra, seed, args, out / 'cells' / f'{slug}-seed{seed}')
+        status = result.get('error') or f'avg top-1 {result["student"].get("avg_top1", 0):.2f}'
+        print(f'{name:<28} seed {seed}: {status}', flush=True)
+        return result
+
+    start = time.time()
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(cell, jobs))
+    args.wall_minutes = (time.time() - start) / 60
     cells: dict[str, list[dict]] = {}
-    for name, extra in methods.items():
-        for seed in args.seeds:
-            slug = ''.join(c if c.isalnum() else '_' for c in name)
-            result = run_cell(name, extra, seed, args, out / 'cells' / f'{slug}-seed{seed}')
-            cells.setdefault(name, []).append(result)
-            status = result.get('error') or f'avg top-1 {result["student"].get("avg_top1", 0):.2f}'
-            print(f'{name:<28} seed {seed}: {status}', flush=True)
+    for (name, _, _), result in zip(jobs, results):
+        cells.setdefault(name, []).append(result)
     rows = summarise(cells)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.json').write_text(json.dumps(rows, indent=2) + '\n')

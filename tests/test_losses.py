@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkd
+from vitkd.build import check_taps
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import Features
 from vitkd.losses import LOSS_REGISTRY, LossSpecError, RunInfo, create_loss
@@ -50,6 +51,7 @@ def test_every_loss_trains_the_student_and_never_the_teacher(name, student_kind)
         return
     loss = create_loss(name)
     distiller = Distiller(student, teacher, [LossEntry(loss)], _info(student_name, kwargs))
+    check_taps(distiller)  # the CLI's pre-flight check accepts every default tap (incl. 'name:input' pre-hooks)
     _prepare_loss(loss, distiller)
     before = {n: p.detach().clone() for n, p in distiller.named_parameters()}
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
@@ -77,6 +79,16 @@ def test_every_loss_trains_the_student_and_never_the_teacher(name, student_kind)
     assert changed
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
     assert not teacher.training
+
+
+def test_check_taps_names_a_module_that_does_not_exist():
+    student = vitkd.create_student(*STUDENTS['resnet'][:1], NUM_CLASSES)
+    teacher = vitkd.create_teacher('resnet18', NUM_CLASSES, pretrained=False)
+    loss = create_loss('fitnet')
+    distiller = Distiller(student, teacher, [LossEntry(loss)], _info('resnet18', {}))
+    loss.teacher_taps = loss.teacher_taps.__class__(modules=('layer4.1.act2:input', 'layer9.act:input'))
+    with pytest.raises(LossSpecError, match=r"modules that do not exist: layer9.act:input \("):
+        check_taps(distiller)
 
 
 def test_list_losses_names_every_method_with_its_paper():

@@ -93,7 +93,8 @@ def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise ConfigError(f'--num-classes {cfg.num_classes} but the data set has {len(classes)} classes')
     gen = torch.Generator().manual_seed(cfg.seed)  # loader-internal draws never touch the global generators
-    train_loader = DataLoader(train, cfg.batch_size, sampler=EpochSampler(len(train), cfg.seed), drop_last=True,
+    sampler = EpochSampler(len(train), cfg.seed, cfg.aug_repeats, cfg.batch_size, world_size)
+    train_loader = DataLoader(train, cfg.batch_size, sampler=sampler, drop_last=True,
                               num_workers=cfg.num_workers, generator=gen, worker_init_fn=seed_worker,
                               persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
                               multiprocessing_context=worker_context(cfg.num_workers))
@@ -192,7 +193,7 @@ def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: 
 def check_taps(distiller: Distiller) -> None:
     """Every block index and module name a loss taps exists in its network (else a one-line error, before training:
     losses without a ``setup`` would otherwise meet a bad tap only in the first training step)."""
-    from .features import num_taps
+    from .features import INPUT_SUFFIX, num_taps
     nets = {'student': distiller.student, 'teacher': distiller.teacher.model if distiller.teacher is not None else None}
     for name, entry in distiller.entries.items():
         for role, model in nets.items():
@@ -204,7 +205,8 @@ def check_taps(distiller: Distiller) -> None:
                 if not -n <= i < n:
                     raise LossSpecError(f'loss {name!r} taps {role} block {i}, out of range: the {role} '
                                         f'({type(model).__name__}) has {n} taps (valid: {-n}..{n - 1})')
-            missing = sorted(set(taps.modules) - {m for m, _ in model.named_modules()})
+            names = {m for m, _ in model.named_modules()}
+            missing = sorted(m for m in taps.modules if m.removesuffix(INPUT_SUFFIX) not in names)
             if missing:
                 raise LossSpecError(f'loss {name!r} taps {role} modules that do not exist: {", ".join(missing)} '
                                     f'(see dict({role}.named_modules()))')

@@ -105,6 +105,9 @@ class Config:
     scale: list = option([0.08, 1.0], 'RandomResizedCrop scale range', nargs=2)
     hflip: float = option(0.5, 'horizontal flip probability')
     train_interpolation: str = option('bicubic', 'interpolation of the training crops')
+    aug_repeats: int = option(1, 'repeated augmentation (DeiT\'s RASampler): each image R times per epoch with its own '
+                              'augmentations, the copies on different processes, epoch length unchanged; DeiT uses 3, '
+                              '1 = off', aliases=('--aug_repeats',))
     reprob: float = option(0.25, 'random erasing probability')
     remode: str = option('pixel', 'random erasing mode')
     recount: int = option(1, 'random erasing count')
@@ -291,6 +294,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f'--smoothing must be in [0, 1), got {cfg.smoothing}')
     if cfg.teacher_cache_topk < 1:
         raise ConfigError(f'--teacher-cache-topk must be >= 1, got {cfg.teacher_cache_topk}')
+    if cfg.aug_repeats < 1:
+        raise ConfigError(f'--aug-repeats must be >= 1 (1 = off, DeiT uses 3), got {cfg.aug_repeats}')
+    if cfg.aug_repeats > 1 and cfg.teacher_cache:
+        raise ConfigError(f'--aug-repeats {cfg.aug_repeats} with --teacher-cache: the cache keeps one augmentation per '
+                          'image and epoch; use --aug-repeats 1 or no cache')
     if cfg.keep_last < 1:
         raise ConfigError(f'--keep-last must be >= 1, got {cfg.keep_last}')
     if cfg.resume not in (None, 'auto') and not Path(cfg.resume).exists():

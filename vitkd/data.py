@@ -98,10 +98,20 @@ class EpochSampler(Sampler):
     (``skip_first_batches``) therefore sees the same batches with the same augmentations as an uninterrupted run,
     whatever the number of loader workers or processes (each sample's seed does not depend on which worker or
     rank loads it). Accelerate's data loaders call :meth:`set_epoch`.
+
+    Repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``), ``repeats`` R > 1: the permutation's first
+    ~N/R images each appear R times, every copy with its own augmentation seed, and the epoch keeps N samples (DeiT's
+    convention). The sampler is global and Accelerate gives process p the batches p, p + W, p + 2W, … of it
+    (``split_batches=False``), so the order is laid out for that sharding: the k-th sample of process r's batch in
+    global step g is item ``g·B·W + r + k·W`` of the repeated list, exactly DeiT's ``indices[rank::world]`` split, and
+    the R copies of an image land on R different processes when W ≥ R.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0):
+    def __init__(self, num_samples: int, seed: int = 0, repeats: int = 1, batch_size: int = 1, world_size: int = 1):
+        if repeats < 1:
+            raise ValueError(f'repeats must be >= 1, got {repeats}')
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.repeats, self.batch_size, self.world_size = repeats, batch_size, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -113,23 +123,37 @@ class EpochSampler(Sampler):
         return np.random.SeedSequence((self.seed, epoch)).spawn(2)  # (order, augmentation)
 
     def sample_seeds(self, epoch: int) -> np.ndarray:
-        """[N] uint64: the augmentation seed of every data-set index in ``epoch``."""
-        return self._streams(epoch)[1].generate_state(self.num_samples, np.uint64)
+        """[N, R] uint64 (squeezed to [N] when R = 1): the augmentation seed of every copy of every data-set index."""
+        seeds = self._streams(epoch)[1].generate_state(self.num_samples * self.repeats, np.uint64)
+        return seeds if self.repeats == 1 else seeds.reshape(self.num_samples, self.repeats)
 
     def mix_seed(self, epoch: int, first_index: int) -> int:
         """Seed of the batch-level randomness (mixup/cutmix λ, box, switch) of the batch that starts with data-set
         index ``first_index`` in ``epoch``: batches of one epoch are disjoint, so (seed, epoch, first index) names the
-        batch whatever the process, worker or resume point."""
+        batch whatever the process, worker or resume point (with repeats, two batches that start with copies of one
+        image share their draws)."""
         return int(np.random.SeedSequence((self.seed, epoch, 1 + int(first_index), 0x6d6978)).generate_state(
             1, np.uint64)[0])
 
+    def order(self, epoch: int) -> list[tuple[int, int]]:
+        """The epoch's ``(index, copy)`` pairs in yield order."""
+        gen = torch.Generator().manual_seed(int(self._streams(epoch)[0].generate_state(1, np.uint64)[0]))
+        perm = torch.randperm(self.num_samples, generator=gen).tolist()
+        if self.repeats == 1:
+            return [(i, 0) for i in perm]
+        repeated = [(i, c) for i in perm for c in range(self.repeats)]  # [R·N]
+        chunk, w = self.batch_size * self.world_size, self.world_size
+        out = []
+        for pos in range(self.num_samples):  # position in the global order -> (global step, process, slot)
+            step, within = divmod(pos, chunk)
+            rank, slot = divmod(within, self.batch_size)
+            out.append(repeated[min(step * chunk + rank + slot * w, len(repeated) - 1)])
+        return out
+
     def __iter__(self):
-        order_seq, _ = self._streams(self.epoch)
-        gen = torch.Generator().manual_seed(int(order_seq.generate_state(1, np.uint64)[0]))
-        order = torch.randperm(self.num_samples, generator=gen).tolist()
-        sample_seeds = self.sample_seeds(self.epoch)  # [N], one per data-set index
-        for i in order:
-            yield i, int(sample_seeds[i])
+        seeds = self.sample_seeds(self.epoch)
+        for i, copy in self.order(self.epoch):
+            yield i, int(seeds[i] if self.repeats == 1 else seeds[i, copy])
 
 
 def mix_batch(mixup_fn: Callable, sampler: Optional[EpochSampler], data_epoch: int, images: torch.Tensor,
