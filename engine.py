@@ -22,7 +22,8 @@ class NonFiniteLossError(RuntimeError):
 
 MAX_NONFINITE_REPORTS = 100  # diagnostic files written per process run (a run skipping every step would flood the dir)
 # Under --nan-policy skip the buffers a forward updates (BatchNorm statistics, small loss state) are copied before each
-# step and restored when it is skipped; larger ones (memory banks) are not copied every step and are not rolled back.
+# step and restored when it is skipped; larger ones (CRD's memory banks) are not copied every step and are not rolled
+# back (CRD writes no non-finite embedding into them).
 MAX_RESTORED_BUFFER = 2 ** 20
 
 
@@ -241,10 +242,11 @@ def _progress(loader, accelerator, epoch: int):
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
-    """[B, len(ks)] 0/1: label within the top-k of each row."""
+    """[B, len(ks) + 1] 0/1: label within the top-k of each row, then whether the row counts (label ≥ 0: an
+    unreadable validation image comes with label -1, see :class:`vitkd.data.EvalDataset`)."""
     kmax = min(max(ks), logits.shape[-1])
     hit = logits.topk(kmax, dim=-1).indices == labels[:, None]  # [B, kmax]
-    return torch.stack([hit[:, :min(k, kmax)].any(dim=-1) for k in ks], dim=-1).float()
+    return torch.stack([*(hit[:, :min(k, kmax)].any(dim=-1) for k in ks), labels >= 0], dim=-1).float()
 
 
 @torch.no_grad()
@@ -277,6 +279,9 @@ def _summarise(hits: dict) -> dict:
         if not parts:
             continue
         h = torch.cat(parts)
+        if not h[:, -1].all():
+            out['unreadable'] = int((h[:, -1] == 0).sum())
+            h = h[h[:, -1] > 0]  # gathered first (equal shapes on every process), then the unreadable images dropped
         out[f'{name}_top1'] = 100.0 * h[:, 0].mean().item()
         out[f'{name}_top5'] = 100.0 * h[:, 1].mean().item()
         out['samples'] = h.shape[0]

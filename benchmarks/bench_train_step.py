@@ -16,14 +16,19 @@ median img/s of a full training step (forward, backward, AdamW step) plus the pe
   with ``SoftTargetCrossEntropy`` on the same soft targets (the same loss as vitkd's deit_hard), its teacher wrapped in
   ``timm.task.DistillationTeacher``; ``create_optimizer_v2`` AdamW for both.
 
-Default setup: the embedded student (``deit_ti_distilled`` img 28, patch 4, depth 4, embed 96, 3 heads, 1 channel),
-a random ``regnety_002`` (1 channel, 10 classes) teacher, batch 128, fp32 and bf16 autocast, 1 thread. Targets stated:
+Setups (``--setup``): ``embedded`` (default) — the embedded student (``deit_ti_distilled`` img 28, patch 4, depth 4,
+embed 96, 3 heads, 1 channel) and a random ``regnety_002`` (1 channel, 10 classes) teacher, batch 128, where the teacher
+is ~6 % of a step; ``deit_ti_regnety160`` — DeiT's own pair at 224 px, timm's ``deit_tiny_distilled_patch16_224``
+student and a random ``regnety_160`` teacher (1000 classes), batch 16, where the teacher is most of the step. fp32 and
+bf16 autocast, 1 thread by default. Targets stated:
 vitkd step ≥ 1.2× timm.task's; cached-teacher step ≥ 0.9× student-only. Memory: CPU peak RSS sampled every 2 ms during
 a variant's timed steps (psutil), reported as the rise over the RSS before it (allocator caching makes it approximate);
 on CUDA ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_train_step.py                      # writes output/bench_train_step.json
     python benchmarks/bench_train_step.py --precisions bf16 --rounds 3 --threads 2
+    python benchmarks/bench_train_step.py --setup deit_ti_regnety160 --precisions fp32 --rounds 3 --steps 2 \
+        --out output/bench_train_step_224.json
 """
 from __future__ import annotations
 
@@ -55,6 +60,12 @@ from vitkd.models import Teacher, set_fused_attention  # noqa: E402
 from vitkd.teacher_cache import TeacherCache  # noqa: E402
 
 TARGETS = {'vitkd_live / timm_task': 1.2, 'vitkd_cached / student_only': 0.9}
+SETUPS = {
+    'embedded': dict(student='deit_ti_distilled', teacher='regnety_002', img=28, in_chans=1, classes=10, batch=128,
+                     student_kwargs=dict(img_size=28, patch_size=4, depth=4, embed_dim=96, num_heads=3, in_chans=1)),
+    'deit_ti_regnety160': dict(student='deit_tiny_distilled_patch16_224', teacher='regnety_160', img=224, in_chans=3,
+                               classes=1000, batch=16, student_kwargs={}),
+}
 
 
 class PeakRSS:
@@ -95,10 +106,9 @@ class PeakRSS:
 
 def build(args, device):
     torch.manual_seed(0)
-    student = vitkd.create_student('deit_ti_distilled', args.classes, img_size=args.img, patch_size=args.patch,
-                                   depth=args.depth, embed_dim=args.embed, num_heads=args.heads, in_chans=1)
+    student = vitkd.create_student(args.student, args.classes, **args.student_kwargs)
     torch.manual_seed(1)
-    teacher_model = timm.create_model(args.teacher, num_classes=args.classes, in_chans=1).eval()
+    teacher_model = timm.create_model(args.teacher, num_classes=args.classes, in_chans=args.in_chans).eval()
     return student.to(device), teacher_model.to(device)
 
 
@@ -106,7 +116,7 @@ def make_batches(args, device):
     g = torch.Generator().manual_seed(0)
     batches = []
     for b in range(args.batches):
-        x = torch.randn(args.batch, 1, args.img, args.img, generator=g)
+        x = torch.randn(args.batch, args.in_chans, args.img, args.img, generator=g)
         labels = torch.randint(0, args.classes, (args.batch,), generator=g)
         targets = F.one_hot(labels, args.classes).float() * 0.9 + 0.1 / args.classes
         index = torch.arange(b * args.batch, (b + 1) * args.batch)
@@ -126,7 +136,7 @@ def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_di
     if fused_attention is None:  # vitkd's choice (build_run): unfused attention on CPU under bf16
         fused_attention = not (device.type == 'cpu' and precision == 'bf16')
     set_fused_attention(student, fused_attention)
-    info = RunInfo(num_classes=args.classes, input_size=(1, args.img, args.img))
+    info = RunInfo(num_classes=args.classes, input_size=(args.in_chans, args.img, args.img))
     distiller = Distiller(student, t, [LossEntry(create_loss(loss))], info).to(device)
     opt = create_optimizer_v2(distiller, 'adamw', lr=1e-3, weight_decay=0.05)
     cache = None
@@ -179,14 +189,8 @@ def timm_task_variant(student, teacher, args, device, precision):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--batch', type=int, default=128)
-    p.add_argument('--img', type=int, default=28)
-    p.add_argument('--patch', type=int, default=4)
-    p.add_argument('--depth', type=int, default=4)
-    p.add_argument('--embed', type=int, default=96)
-    p.add_argument('--heads', type=int, default=3)
-    p.add_argument('--classes', type=int, default=10)
-    p.add_argument('--teacher', default='regnety_002')
+    p.add_argument('--setup', default='embedded', choices=list(SETUPS), help='student, teacher, size and batch')
+    p.add_argument('--batch', type=int, default=None, help='batch size (default: the setup\'s)')
     p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
     p.add_argument('--batches', type=int, default=4, help='distinct batches cycled through (the cached "epoch")')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per variant and precision')
@@ -195,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--out', default='output/bench_train_step.json')
     args = p.parse_args(argv)
+    for key, value in SETUPS[args.setup].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     torch.set_num_threads(args.threads)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     load_before = os.getloadavg()
@@ -252,8 +259,9 @@ def main(argv=None) -> int:
             }
             results[precision] = dict(img_per_s=rates, img_per_s_range=spread, memory=memory, ratios=ratios)
     load_after = os.getloadavg()
-    setup = dict(student=f'deit_ti_distilled img {args.img} patch {args.patch} depth {args.depth} embed {args.embed} '
-                 f'heads {args.heads} in_chans 1', teacher=f'{args.teacher} in_chans 1 (random weights)',
+    kwargs = ' '.join(f'{k} {v}' for k, v in args.student_kwargs.items())
+    setup = dict(name=args.setup, student=f'{args.student} {kwargs}'.strip(), img=args.img,
+                 teacher=f'{args.teacher} in_chans {args.in_chans} (random weights)',
                  batch=args.batch, classes=args.classes, threads=args.threads, device=str(device),
                  rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup, torch=torch.__version__,
                  timm=timm.__version__, cpu_count=os.cpu_count(), load_avg_before=load_before,

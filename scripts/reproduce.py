@@ -5,7 +5,9 @@
 
 Each cell is one ``main.py`` run (a subprocess) on the embedded default data and teacher (Fashion-MNIST, the shipped
 RegNetY) with a fixed small student (the embedded VkD-style student at width 64: 0.30 M parameters) for ``--steps``
-optimizer steps. ``--jobs`` cells run side by side, each on cores/jobs threads (two one-thread cells do 1.3x the
+optimizer steps of batch 128: one epoch, so one full warm-up + cosine schedule, over a stratified, seeded subset of
+steps·128 training images (the images a partial epoch of the full set would see, but with the learning rate decayed
+at the end). ``--jobs`` cells run side by side, each on cores/jobs threads (two one-thread cells do 1.3x the
 work of one two-thread cell on 2 cores), so img/s is per cell under that shared load: compare it within a table.
 Finished cells are skipped when the script is run again (results are kept per cell in ``<out>/cells/``), so an
 interrupted reproduction resumes. Writes ``results.md`` (mean ±
@@ -66,8 +68,9 @@ def run_cell(name: str, extra: list[str], seed: int, args, cell_dir: Path) -> di
     done = cell_dir / 'summary.json'
     if done.exists():
         return json.loads(done.read_text())
+    per_class = -(-args.steps * 128 // 10)  # Fashion-MNIST: 10 classes of 6000 training images
     cmd = [sys.executable, str(REPO / 'main.py'), *TABLE_STUDENT, *extra, '--seed', str(seed),
-           '--max-steps', str(args.steps),
+           '--train-subset', f'{min(1.0, per_class / 6000):.6f}', '--max-steps', str(args.steps),
            '--epochs', '1', '--time-limit', '1000000', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000',
            '--log-every', '1000', '--no-eval-teacher']
     # preset files set their own data/model fields; the embedded default's student/teacher/recipe apply to the rest
@@ -118,7 +121,8 @@ def markdown(rows: list[dict], args) -> str:
                      f'{row.get("peak_memory_mb", 0):.0f} | {note} |')
     lines.append('')
     options = '; '.join(f'{name}: `{" ".join(extra)}`' for name, extra in TABLE_OPTIONS.items())
-    lines.append(f'{args.steps} steps of batch 128 per cell, seeds {", ".join(map(str, args.seeds))}, student '
+    lines.append(f'{args.steps} steps of batch 128 per cell (one epoch, one warm-up + cosine, over a stratified subset '
+                 f'of {args.steps * 128} training images), seeds {", ".join(map(str, args.seeds))}, student '
                  f'`{" ".join(TABLE_STUDENT[1:])}`, {args.jobs} cells side by side; budget-only options: {options}. '
                  f'Command: `python scripts/reproduce.py {shlex.join(sys.argv[1:])}` ({args.wall_minutes:.0f} min wall '
                  f'for the cells run now; finished cells are reused).')

@@ -143,6 +143,20 @@ def test_momentum_formula_and_duplicates_last_write_wins():
     assert torch.equal(out1, out2)
 
 
+def test_non_finite_embeddings_never_enter_the_bank():
+    g = torch.Generator().manual_seed(4)
+    memory = F.normalize(torch.randn(8, 4, generator=g), dim=1)
+    index = torch.tensor([1, 2, 6])
+    v = torch.randn(3, 4, generator=g)
+    v[1, 2] = float('nan')
+    out = memory.clone()
+    momentum_update(out, index, v, 0.5)
+    assert torch.equal(out[2], memory[2]) and torch.isfinite(out).all()
+    np.testing.assert_allclose(out[6].numpy(), np_normalize(0.5 * memory[6].numpy() + 0.5 * v[2].numpy()), rtol=1e-5)
+    untouched = [0, 3, 4, 5, 7]
+    assert torch.equal(out[untouched], memory[untouched])
+
+
 def test_negatives_never_anchor_class_nor_positive_and_uniform():
     g = torch.Generator().manual_seed(3)
     labels_table = torch.arange(30) % 3  # 3 classes, 10 samples each

@@ -106,9 +106,24 @@ def test_evaluate_matches_a_hand_count():
     assert metrics['samples'] == n
 
 
+def test_evaluate_leaves_out_unreadable_images():
+    torch.manual_seed(1)
+    n, k = 20, 5
+    logits = torch.randn(n, 2, k)
+    labels = torch.randint(0, k, (n,))
+    unreadable = torch.zeros(n, dtype=torch.bool)
+    unreadable[[0, 7, 19]] = True  # EvalDataset gives such images label -1
+    loader = DataLoader(TensorDataset(logits, labels.masked_fill(unreadable, -1)), batch_size=6)
+    metrics = evaluate(_FixedHeads(), loader, Accelerator(cpu=True))
+    kept = ~unreadable
+    top1 = (logits[kept, 0].argmax(-1) == labels[kept]).float().mean().item() * 100
+    assert metrics['cls_top1'] == pytest.approx(top1)
+    assert metrics['samples'] == n - 3 and metrics['unreadable'] == 3
+
+
 def test_topk_with_fewer_classes_than_k():
-    hits = _topk_correct(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([0, 0]))
-    assert hits.tolist() == [[0.0, 1.0], [1.0, 1.0]]
+    hits = _topk_correct(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([0, -1]))
+    assert hits.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
 
 
 def test_scheduler_follows_the_cosine_formula_per_step():

@@ -459,6 +459,20 @@ def test_no_skip_corrupt_fails_in_one_line_naming_the_file(workers, tmp_path, ca
     assert 'unreadable image' in line and any(name in line for name in bad) and '--skip-corrupt' in line, line
 
 
+def test_unreadable_validation_image_is_left_out_of_the_metrics(tmp_path, capsys, caplog):
+    root = make_image_folder(tmp_path / 'd')  # 4 classes x 2 val images
+    (root / 'val' / 'class1' / 'zbad.png').write_bytes(os.urandom(200))
+    out = tmp_path / 'run'
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run(base_args(root, out), capsys)
+    assert code == 0, err[-3000:]
+    best = json.loads((out / 'summary.json').read_text())['best']
+    assert best['samples'] == 8 and best['unreadable'] == 1
+    assert 'zbad.png' in '\n'.join(r.getMessage() for r in caplog.records)
+    code, _, err = run(base_args(root, tmp_path / 'run2') + ['--no-skip-corrupt'], capsys)
+    assert code == 2 and 'zbad.png' in error_line(err) and '--skip-corrupt' in error_line(err)
+
+
 def test_empty_class_folder_is_reported(tmp_path, caplog):
     from vitkd.data import build_datasets
     root = make_image_folder(tmp_path / 'd')

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EpochSampler', 'read_idx',
+__all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset', 'EpochSampler', 'read_idx',
            'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
            'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path']
 
@@ -251,6 +251,20 @@ class IndexedDataset(Dataset):
         raise DataError('every image in the data set is unreadable')
 
 
+class EvalDataset(IndexedDataset):
+    """Validation (image, label) pairs; an unreadable image comes back as its next readable neighbour with label -1,
+    which evaluation leaves out of every metric (counted in :attr:`num_corrupt`, warned naming the file), or, with
+    ``skip_corrupt=False``, a one-line :class:`DataError`."""
+
+    def __init__(self, dataset: Dataset, skip_corrupt: bool = True):
+        super().__init__(dataset, skip_corrupt)
+        self.classes = getattr(dataset, 'classes', None)
+
+    def __getitem__(self, i: int):
+        image, label, j = self._load(i)
+        return image, label if j == i else -1
+
+
 def sample_path(dataset, index: int) -> str:
     """The file behind ``dataset[index]`` through Transformed/Subset wrappers (``index <i>`` when not a file)."""
     while dataset is not None:
@@ -402,12 +416,12 @@ def build_datasets(dataset: str, data_path: Optional[str], train_transform, eval
         raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
     classes = list(train.classes)
     train = IndexedDataset(TransformedDataset(train, train_transform), skip_corrupt)
-    val = TransformedDataset(val, eval_transform)
+    val = EvalDataset(TransformedDataset(val, eval_transform), skip_corrupt)
     val.classes = classes
     return train, val
 
 
-def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform) -> Dataset:
+def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform, skip_corrupt: bool = True) -> Dataset:
     """The validation set alone (for ``--eval-student``: no scan of a large train/ folder); yields (image, label)."""
     if dataset == 'fashion_mnist':
         val = _fashion_mnist(data_path, False)
@@ -420,7 +434,7 @@ def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform) -
     else:
         raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
     classes = list(val.classes)
-    val = TransformedDataset(val, eval_transform)
+    val = EvalDataset(TransformedDataset(val, eval_transform), skip_corrupt)
     val.classes = classes
     return val
 

@@ -320,7 +320,7 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     if not cfg.student_ckpt:
         raise ConfigError('--eval-student needs --student-ckpt (an exported folder, a checkpoint folder, a run dir, '
                           'a .safetensors file with --student, or hf-hub:org/name)')
-    val = build_eval_dataset(cfg.dataset, cfg.data_path, None)  # transform set below, from the student's config
+    val = build_eval_dataset(cfg.dataset, cfg.data_path, None, cfg.skip_corrupt)  # transform set below
     model, pretrained_cfg, source = load_student(cfg.student_ckpt, cfg, num_classes=len(val.classes))
     if model.num_classes != len(val.classes):
         raise CheckpointError(f'student {source} has a {model.num_classes}-way head, the validation set '
@@ -331,10 +331,10 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     else:
         input_size, mean, std, _ = student_data_spec(cfg, model)
         data_config = eval_data_config(cfg, input_size, mean, std)
-    val.transform = create_transform(tuple(data_config['input_size']), is_training=False,
-                                     crop_pct=data_config.get('crop_pct', cfg.eval_crop_ratio),
-                                     interpolation=data_config.get('interpolation', 'bicubic'),
-                                     mean=tuple(data_config['mean']), std=tuple(data_config['std']))
+    val.dataset.transform = create_transform(tuple(data_config['input_size']), is_training=False,
+                                             crop_pct=data_config.get('crop_pct', cfg.eval_crop_ratio),
+                                             interpolation=data_config.get('interpolation', 'bicubic'),
+                                             mean=tuple(data_config['mean']), std=tuple(data_config['std']))
     loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers)
     loader = accelerator.prepare(loader)
     metrics = evaluate(model.to(accelerator.device), loader, accelerator)

@@ -131,8 +131,11 @@ def last_occurrence(index: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def momentum_update(memory: torch.Tensor, index: torch.Tensor, v: torch.Tensor, momentum: float) -> None:
-    """M[y] ← l2n(μ·M[y] + (1−μ)·v) in place; for an index present several times the last occurrence wins."""
+    """M[y] ← l2n(μ·M[y] + (1−μ)·v) in place; for an index present several times the last occurrence wins. A
+    non-finite embedding never enters the bank (its row keeps its value), so a step that ``--nan-policy skip`` drops
+    cannot poison later steps through the banks, which are too large to roll back."""
     keep = last_occurrence(index)
+    keep = keep[torch.isfinite(v[keep]).all(dim=-1)]
     rows = index[keep]
     memory.index_copy_(0, rows, l2_normalize(momentum * memory[rows] + (1 - momentum) * v[keep].to(memory.dtype)))
 
