@@ -2,6 +2,7 @@
 
     python scripts/reproduce.py                 # all methods x 3 seeds (about an hour on 2 CPU cores)
     python scripts/reproduce.py --quick         # the main methods x 1 seed (a few minutes)
+    python scripts/reproduce.py --embedded --methods 'none (no teacher)' 'DeiT hard' VkD   # `python main.py` itself
 
 Each cell is one ``main.py`` run (a subprocess) on the embedded default data and teacher (Fashion-MNIST, the shipped
 RegNetY) with a fixed small student (the embedded VkD-style student at width 64: 0.30 M parameters) for ``--steps``
@@ -68,12 +69,14 @@ def run_cell(name: str, extra: list[str], seed: int, args, cell_dir: Path) -> di
     done = cell_dir / 'summary.json'
     if done.exists():
         return json.loads(done.read_text())
-    per_class = -(-args.steps * 128 // 10)  # Fashion-MNIST: 10 classes of 6000 training images
-    cmd = [sys.executable, str(REPO / 'main.py'), *TABLE_STUDENT, *extra, '--seed', str(seed),
-           '--train-subset', f'{min(1.0, per_class / 6000):.6f}', '--max-steps', str(args.steps),
-           '--epochs', '1', '--time-limit', '1000000', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000',
-           '--log-every', '1000', '--no-eval-teacher']
-    # preset files set their own data/model fields; the embedded default's student/teacher/recipe apply to the rest
+    if args.embedded:  # `python main.py` as shipped: its student, one full epoch (no time cap)
+        budget = []
+    else:
+        per_class = -(-args.steps * 128 // 10)  # Fashion-MNIST: 10 classes of 6000 training images
+        budget = [*TABLE_STUDENT, '--train-subset', f'{min(1.0, per_class / 6000):.6f}', '--max-steps', str(args.steps)]
+    cmd = [sys.executable, str(REPO / 'main.py'), *budget, *extra, '--seed', str(seed), '--epochs', '1',
+           '--time-limit', '1000000', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0',
+           '--eval-every', '1000', '--log-every', '1000', '--no-eval-teacher']
     start = time.time()
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
@@ -121,10 +124,13 @@ def markdown(rows: list[dict], args) -> str:
                      f'{row.get("peak_memory_mb", 0):.0f} | {note} |')
     lines.append('')
     options = '; '.join(f'{name}: `{" ".join(extra)}`' for name, extra in TABLE_OPTIONS.items())
-    lines.append(f'{args.steps} steps of batch 128 per cell (one epoch, one warm-up + cosine, over a stratified subset '
-                 f'of {args.steps * 128} training images), seeds {", ".join(map(str, args.seeds))}, student '
-                 f'`{" ".join(TABLE_STUDENT[1:])}`, {args.jobs} cells side by side; budget-only options: {options}. '
-                 f'Command: `python scripts/reproduce.py {shlex.join(sys.argv[1:])}` ({args.wall_minutes:.0f} min wall '
+    if args.embedded:
+        budget = 'The embedded default as `python main.py` runs it (its student, one epoch of 468 steps of batch 128)'
+    else:
+        budget = (f'{args.steps} steps of batch 128 per cell (one epoch, one warm-up + cosine, over a stratified subset '
+                  f'of {args.steps * 128} training images), student `{" ".join(TABLE_STUDENT[1:])}`')
+    lines.append(f'{budget}, seeds {", ".join(map(str, args.seeds))}, {args.jobs} cells side by side; budget-only '
+                 f'options: {options}. Command: `python scripts/reproduce.py {shlex.join(sys.argv[1:])}` ({args.wall_minutes:.0f} min wall '
                  f'for the cells run now; finished cells are reused).')
     return '\n'.join(lines)
 
@@ -151,6 +157,8 @@ def main(argv=None) -> None:
     p.add_argument('--steps', type=int, default=150, help='optimizer steps per cell (default 150)')
     p.add_argument('--seeds', type=int, nargs='+', default=None)
     p.add_argument('--methods', nargs='+', default=None, help='only these table rows (names as in the table)')
+    p.add_argument('--embedded', action='store_true',
+                   help='cells are the embedded default itself (its student, one full epoch) instead of the table budget')
     p.add_argument('--jobs', type=int, default=2, help='cells run side by side (default 2)')
     p.add_argument('--out', default='output/reproduce')
     args = p.parse_args(argv)
