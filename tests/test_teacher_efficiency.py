@@ -163,3 +163,21 @@ def test_cpu_bf16_runs_use_unfused_attention(tmp_path, precision, fused):
     r = runlib.build_run(cfg, Accelerator(cpu=True))  # the decision reads cfg.mixed_precision and the device
     flags = [m.fused_attn for m in r.student.modules() if hasattr(m, 'fused_attn')]
     assert flags and all(f is fused for f in flags)
+
+
+def test_teacher_runs_in_inference_mode_and_its_taps_train_the_student():
+    teacher = _regnet()
+    seen = []
+    teacher.model.stem.register_forward_hook(lambda m, i, o: seen.append(torch.is_inference_mode_enabled()))
+    loss = create_loss('fitnet')  # an MSE whose backward saves the teacher's map
+    distiller = Distiller(_student(), teacher, [LossEntry(loss)], RunInfo(num_classes=10, input_size=(3, 32, 32)))
+    x = torch.randn(4, 3, 32, 32)
+    feats = distiller.teacher_features(x)
+    assert seen == [True, True]  # the setup pass and this one
+    tensors = [t for t in (feats.logits, feats.pooled, *feats.blocks.values(), *feats.modules.values())
+               if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.is_inference() for t in tensors)
+    labels = torch.randint(0, 10, (4,))
+    out = distiller(x, torch.nn.functional.one_hot(labels, 10).float(), labels, index=torch.arange(4))
+    out['loss'].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
