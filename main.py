@@ -55,7 +55,6 @@ def train(argv=None) -> int:
         f'{r.teacher.source if r.teacher else "none"}, methods {", ".join(r.distiller_unwrapped.entries) or "none"}, '
         f'{len(r.train_loader.dataset)} train / {len(r.val_loader.dataset)} val images, global batch '
         f'{r.global_batch}, lr {r.lr:.2e}')
-    state = r.state
     ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv)
     ckpt.resume(resume_from)
     out_dir = runlib.prepare_output_dir(cfg, accelerator)
@@ -68,9 +67,21 @@ def train(argv=None) -> int:
         log(f'teacher top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%')
 
     if cfg.time_limit:
-        state.deadline = time.time() + cfg.time_limit
-    start, metrics, train_stats = time.time(), {}, {}
+        r.state.deadline = time.time() + cfg.time_limit
+    start = time.time()
     logger = runlib.MetricLogger(out_dir, accelerator, cfg)
+    metrics, train_stats, stopped = _fit(cfg, r, accelerator, ckpt, logger, out_dir)
+    if stopped is not None:
+        return stopped
+    return _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics, train_stats,
+                   time.time() - start)
+
+
+def _fit(cfg, r, accelerator, ckpt, logger, out_dir) -> tuple[dict, dict, int | None]:
+    """The epochs: train, evaluate when due, log, checkpoint. Returns (last metrics, last epoch's train stats, the exit
+    code when a signal stopped the run, else None)."""
+    log, state = accelerator.print, r.state
+    metrics, train_stats = {}, {}
     with ckpt.signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
         while state.epoch < cfg.epochs and not state.stop_reason:
             epoch = state.epoch
@@ -84,7 +95,7 @@ def train(argv=None) -> int:
                 log(f'warning: epoch {epoch}: {faults}')
             if ckpt.preempted:  # saved mid-epoch by the step hook
                 log(ckpt.preemption_message())
-                return ckpt.exit_code()
+                return metrics, train_stats, ckpt.exit_code()
             if state.batches_done >= len(r.train_loader):  # the epoch is complete (else a step/time budget ran out)
                 state.epoch, state.batches_done = state.epoch + 1, 0
             last = state.epoch >= cfg.epochs or bool(state.stop_reason)
@@ -98,9 +109,14 @@ def train(argv=None) -> int:
             ckpt.save(metrics if evaluated else None)
             if ckpt.stop_requested():
                 log(ckpt.preemption_message())
-                return ckpt.exit_code()
-    elapsed = time.time() - start
-    if not metrics and state.step:  # resumed from the final checkpoint (e.g. killed while exporting): nothing trained
+                return metrics, train_stats, ckpt.exit_code()
+    return metrics, train_stats, None
+
+
+def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics, train_stats, elapsed) -> int:
+    """Export the student, write the summary and the curves, print the table, push to the Hub when asked."""
+    log = accelerator.print
+    if not metrics and r.state.step:  # resumed from the final checkpoint (e.g. killed while exporting): nothing trained
         metrics = _evaluate_student(r, accelerator)
     try:
         export_dir = runlib.export_student(r, out_dir, accelerator, metrics)
@@ -108,10 +124,10 @@ def train(argv=None) -> int:
         raise SaveError(f'could not write the exported student to {out_dir / "student"} ({e.strerror or e}); the '
                         f'last checkpoint {ckpt.last_saved or ckpt.resumed_from} is intact: free space and rerun the '
                         'same command with --resume auto to export it') from None
-    summary = dict(teacher=teacher_metrics, student=metrics, best=ckpt.best, epochs_run=state.epoch, steps=state.step,
-                   train_seconds=round(elapsed, 1), stop_reason=state.stop_reason or 'epochs done',
+    summary = dict(teacher=teacher_metrics, student=metrics, best=ckpt.best, epochs_run=r.state.epoch,
+                   steps=r.state.step, train_seconds=round(elapsed, 1), stop_reason=r.state.stop_reason or 'epochs done',
                    student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None,
-                   **runlib.run_costs(r, train_stats if state.step else {}))
+                   **runlib.run_costs(r, train_stats if r.state.step else {}))
     if accelerator.is_main_process:
         (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
     logger.finish()
