@@ -317,6 +317,10 @@ def test_init_stage_then_ce_only(name, teacher):
     assert f'{name}.{name}' in out['terms'] and plain.task_weight_at(0) == 1.0
     assert math.isclose(out['loss'].item(), out['terms']['task'].item() + out['terms'][f'{name}.{name}'].item(),
                         rel_tol=1e-5)
+    # a stage may end inside an epoch: 0.25 of a 1-epoch run
+    short = Distiller(_tiny_vit(), teacher, [LossEntry(create_loss(name, init_epochs=0.25))], INFO)
+    assert f'{name}.{name}' in short(x, targets, y, epoch=0.2)['terms'] and short.task_weight_at(0.2) == 0.0
+    assert set(short(x, targets, y, epoch=0.3)['terms']) == {'task'} and short.task_weight_at(0.3) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------------------ ft

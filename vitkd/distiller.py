@@ -157,7 +157,7 @@ class Distiller(nn.Module):
             return self.fixed_task_weight
         weight = 1.0
         for e in self.entries.values():
-            weight *= e.loss.task_weight(int(epoch))
+            weight *= e.loss.task_weight(epoch)
         return weight
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
@@ -187,7 +187,7 @@ class Distiller(nn.Module):
         task_logits = student.logits if self.task_on_cls_head else student.head_logits
         batch = Batch(images=images, targets=targets, labels=labels,
                       labels_b=labels if labels_b is None else labels_b, lam=lam, index=index, epoch=int(epoch),
-                      step=step, student_forward=lambda x: extract(self.student, x, self.student_spec, 'student'),
+                      progress=float(epoch), step=step, student_forward=lambda x: extract(self.student, x, self.student_spec, 'student'),
                       teacher_forward=self._teacher_forward_with_grad if self.teacher is not None else None)
         student32 = student.apply(lambda t: t.float())
         with torch.autocast(device_type=images.device.type, enabled=False):

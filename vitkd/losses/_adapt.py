@@ -103,16 +103,17 @@ def pair_taps(student: nn.Module, teacher: Optional[nn.Module], student_blocks: 
 
 class InitStage:
     """Mixin for the Zoo's two-stage methods (AB, FSP): the term alone, task CE off, for ``init_epochs`` epochs;
-    afterwards the term is not computed (Zoo λ = 0) and training is CE only. ``init_epochs = 0`` = a plain term."""
-    init_epochs: int = 0
+    afterwards the term is not computed (Zoo λ = 0) and training is CE only. ``init_epochs = 0`` = a plain term.
+    Epochs are fractional (:attr:`Batch.progress`), so a stage may end inside an epoch (e.g. 0.25 of a 1-epoch run)."""
+    init_epochs: float = 0
 
-    def in_init_stage(self, epoch: int) -> bool:
+    def in_init_stage(self, epoch: float) -> bool:
         return epoch < self.init_epochs
 
-    def task_weight(self, epoch: int) -> float:
+    def task_weight(self, epoch: float) -> float:
         return 0.0 if self.in_init_stage(epoch) else 1.0
 
-    def stage_done(self, epoch: int) -> bool:
+    def stage_done(self, epoch: float) -> bool:
         """True once the initialisation stage is over (the method then returns no term)."""
         return bool(self.init_epochs) and not self.in_init_stage(epoch)
 

@@ -74,13 +74,14 @@ class ActivationBoundaries(InitStage, PairedTaps, DistillationLoss):
     # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
     may_leave_parameters_unused = True
 
-    def __init__(self, lambda_kd: float = 10.0, margin: float = 2.0, init_epochs: int = 50,
+    def __init__(self, lambda_kd: float = 10.0, margin: float = 2.0, init_epochs: float = 50,
                  student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
             margin: m.
-            init_epochs: length of the AB-only initialisation stage (CE off); AB is off afterwards. 0: no phases.
+            init_epochs: length of the AB-only initialisation stage (CE off; fractional epochs allowed); AB is off
+                afterwards. 0: no phases.
             student_blocks, teacher_blocks: tap indices (None: thirds of the depth ↔ last three stages).
         """
         super().__init__()
@@ -95,7 +96,7 @@ class ActivationBoundaries(InitStage, PairedTaps, DistillationLoss):
                                         for s, t in self.map_pairs(student, teacher))
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.stage_done(batch.epoch):
+        if self.stage_done(batch.progress):
             return {}  # stage 2: λ = 0 (Zoo), the term is not computed
         losses = []
         for connector, (s, t) in zip(self.connectors, self.map_pairs(student, teacher)):

@@ -57,7 +57,8 @@ class Batch:
     labels_b: torch.Tensor               # [B] y_b
     lam: float = 1.0
     index: Optional[torch.Tensor] = None  # [B] data set indices
-    epoch: int = 0
+    epoch: int = 0                        # whole epochs (the official per-epoch warm-ups)
+    progress: float = 0.0                 # fractional epoch (phase boundaries, which may fall inside an epoch)
     step: int = 0
     student_forward: Optional[Callable[[torch.Tensor], Features]] = None   # extra student forward (same taps)
     teacher_forward: Optional[Callable[[torch.Tensor], Features]] = None   # extra teacher forward (same taps)
@@ -135,8 +136,8 @@ class DistillationLoss(nn.Module):
     def setup(self, student: Features, teacher: Features, info: RunInfo) -> None:
         """Build trainable parts from example features (shapes only; called once before the optimizer exists)."""
 
-    def task_weight(self, epoch: int) -> float:
-        """Factor on the task loss at ``epoch`` (1 = keep it)."""
+    def task_weight(self, epoch: float) -> float:
+        """Factor on the task loss at the fractional ``epoch`` (1 = keep it)."""
         return 1.0
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ class _DeiTTokenDistillation(DistillationLoss):
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
 
-    def task_weight(self, epoch: int) -> float:
+    def task_weight(self, epoch: float) -> float:
         return 1.0 - self.alpha
 
 

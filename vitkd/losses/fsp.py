@@ -79,13 +79,13 @@ class FSP(InitStage, PairedTaps, DistillationLoss):
     # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
     may_leave_parameters_unused = True
 
-    def __init__(self, lambda_kd: float = 1.0, init_epochs: int = 50, connector: bool = True,
+    def __init__(self, lambda_kd: float = 1.0, init_epochs: float = 50, connector: bool = True,
                  student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
-            init_epochs: length of the FSP-only initialisation stage (CE off); FSP is off afterwards. 0: no phases,
-                FSP next to CE for the whole run.
+            init_epochs: length of the FSP-only initialisation stage (CE off; fractional epochs allowed); FSP is
+                off afterwards. 0: no phases, FSP next to CE for the whole run.
             connector: project each student tap to the paired teacher width (False: widths must be equal).
             student_blocks, teacher_blocks: ≥ 2 tap indices each (None: thirds of the depth ↔ last three stages).
         """
@@ -109,7 +109,7 @@ class FSP(InitStage, PairedTaps, DistillationLoss):
                                     f'{s.shape[1]} and teacher {t.shape[1]}; use connector=True')
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.stage_done(batch.epoch):
+        if self.stage_done(batch.progress):
             return {}  # stage 2: λ = 0 (Zoo), the term is not computed
         pairs = self.map_pairs(student, teacher)
         student_maps = [self.connectors[k](s) if self.connector else s for k, (s, _) in enumerate(pairs)]

@@ -113,22 +113,23 @@ class FactorTransfer(PairedTaps, DistillationLoss):
     may_leave_parameters_unused = True
     default_positions = MIDDLE_TAP
 
-    def __init__(self, lambda_kd: float = 200.0, k: float = 0.5, paraphraser_epochs: int = 30, use_bn: bool = True,
+    def __init__(self, lambda_kd: float = 200.0, k: float = 0.5, paraphraser_epochs: float = 30, use_bn: bool = True,
                  outer_kernel_size: int = 3, zoo_deconv_init: bool = False,
                  student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
             k: factor rate, C_f = int(k·C_t).
-            paraphraser_epochs: epochs of paraphraser pre-training at the start of the run (≥ 1).
+            paraphraser_epochs: epochs of paraphraser pre-training at the start of the run (> 0; fractional
+                epochs allowed).
             use_bn: BN after every conv of both modules (Zoo: CIFAR-10 only).
             outer_kernel_size: kernel of the C→C outer convs (3 = Zoo; 1 keeps wide teacher stages affordable).
             zoo_deconv_init: leave ConvTranspose2d at PyTorch's default init (the Zoo's defect Z7; parity only).
             student_blocks, teacher_blocks: one tap index each (None: block at 2/3 of the depth ↔ stage s3).
         """
         super().__init__()
-        if paraphraser_epochs < 1:
-            raise ValueError(f'paraphraser_epochs must be >= 1 (the factor needs a trained paraphraser), '
+        if paraphraser_epochs <= 0:
+            raise ValueError(f'paraphraser_epochs must be > 0 (the factor needs a trained paraphraser), '
                              f'got {paraphraser_epochs}')
         if outer_kernel_size not in (1, 3):
             raise ValueError(f'outer_kernel_size must be 1 or 3, got {outer_kernel_size}')
@@ -151,10 +152,10 @@ class FactorTransfer(PairedTaps, DistillationLoss):
                                        self.zoo_deconv_init)
         self.translator = Translator(s.shape[1], factor_channels, self.use_bn, self.outer_kernel_size)
 
-    def in_pretraining(self, epoch: int) -> bool:
+    def in_pretraining(self, epoch: float) -> bool:
         return epoch < self.paraphraser_epochs
 
-    def task_weight(self, epoch: int) -> float:
+    def task_weight(self, epoch: float) -> float:
         return 0.0 if self.in_pretraining(epoch) else 1.0
 
     def freeze_paraphraser(self) -> None:
@@ -171,7 +172,7 @@ class FactorTransfer(PairedTaps, DistillationLoss):
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
         (s, t), = self.map_pairs(student, teacher)
         s, t = align_spatial(s, t.detach())
-        if self.in_pretraining(batch.epoch):
+        if self.in_pretraining(batch.progress):
             _, reconstruction = self.paraphraser(t)
             return {'reconstruction': F.mse_loss(reconstruction, t)}
         if not self.paraphraser_frozen:
