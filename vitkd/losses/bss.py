@@ -25,8 +25,10 @@ e₁ > 10, so CE + BSS in Zoo epochs 11..160 of 200 and CE only afterwards. λ i
 ``--distill bss:2``). Steps with factor 0 do no attack and return a zero term (as do steps without a base sample):
 the distillation head then gets no gradient, so ``may_leave_parameters_unused`` is set for DDP.
 
-ViT students: the selection and the loss use the distillation head (``head='auto'``, as ``kd``; the task CE then goes
-to the class head); the attack only involves the teacher. Under mixup "correct" and the attack target use the
+ViT students: the selection and the loss use the averaged heads (``head='auto'``), which the task CE also trains:
+BSS, off early in the run and cannot train a classifier head (in the
+  reproduce.py table a distillation head reached only by it stayed near chance); ``head='dist'`` gives them the
+distillation head (the task CE then goes to the class head). The attack only involves the teacher. Under mixup "correct" and the attack target use the
 dominant label (y_a if λ ≥ 0.5 else y_b). Cost per step: up to ``num_steps`` teacher forward/backward passes on up to
 ``attack_size`` images, plus one student and one teacher forward on them. The extra student forward runs in the
 student's current mode (train: BN statistics update, as in the Zoo).
@@ -165,15 +167,15 @@ class BSS(DistillationLoss):
             step_alpha, num_steps, attack_eps: the attacker (Zoo: 0.3, 10, 1e-4).
             start_epoch: first 0-indexed epoch with a non-zero term (Zoo: 10, i.e. from 1-indexed epoch 11).
             decay: slope of the linear decay, factor = max(1 − decay·epoch/epochs, 0).
-            head: student head (``auto`` = distillation head if any).
+            head: student head (``auto`` = the averaged heads).
         """
         super().__init__()
         if head not in HEADS:
             raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         self.temperature, self.attack_size, self.step_alpha = temperature, attack_size, step_alpha
-        self.num_steps, self.attack_eps, self.start_epoch, self.decay, self.head = (num_steps, attack_eps,
-                                                                                    start_epoch, decay, head)
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.num_steps, self.attack_eps, self.start_epoch, self.decay = num_steps, attack_eps, start_epoch, decay
+        self.head = 'avg' if head == 'auto' else head
+        self.uses_dist_head = head == 'dist'
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
         self.epochs = 1

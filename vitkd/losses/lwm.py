@@ -24,8 +24,10 @@ prefix tokens and becomes a [B, D, h, w] grid (h, w from the model's reduction);
 is not part of the CAM. If the two CAMs differ in size, the larger is average-pooled to the smaller before
 normalisation.
 
-ViT students: the target logit is the distillation-head logit of the dominant label (y_a if λ ≥ 0.5 else y_b);
-the teacher uses the same class. The distillation head's bias gets no gradient (∂z/∂F does not depend on it;
+ViT students: the target logit is the averaged heads' logit (``head='auto'``, trained by the task CE too:
+the term alone cannot train a classifier head (in the
+  reproduce.py table a distillation head reached only by it stayed near chance); ``head='dist'``: the distillation head's) of the dominant label (y_a if λ ≥ 0.5 else y_b);
+the teacher uses the same class. The explained head's bias gets no gradient (∂z/∂F does not depend on it;
 ``may_leave_parameters_unused`` tells DDP). Double backward through attention needs the non-fused path:
 :meth:`LwM.adapt_models` sets ``fused_attn = False`` on the student's timm attention modules.
 
@@ -145,17 +147,17 @@ class LwM(DistillationLoss):
         Args:
             cam: ``gradcam`` (correct) or ``zoo`` (the Zoo's gradient-times-gradient formula, parity only).
             student_block, teacher_block: tap index of the map; None = 2/3 of the depth (ViT G_8, CNN s3).
-            head: student head whose target logit is explained (``auto`` = distillation head if any).
+            head: student head whose target logit is explained (``auto`` = the averaged heads).
         """
         super().__init__()
         if cam not in CAM_MODES:
             raise ValueError(f'cam must be one of {CAM_MODES}, got {cam!r}')
         if head not in HEADS:
             raise ValueError(f'head must be one of {HEADS}, got {head!r}')
-        self.cam, self.head = cam, head
+        self.cam, self.head = cam, 'avg' if head == 'auto' else head
         self.student_block = None if student_block is None else int(student_block)
         self.teacher_block = None if teacher_block is None else int(teacher_block)
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.uses_dist_head = head == 'dist'
         self._student_map: Optional[_MapTap] = None
         self._teacher_map: Optional[_MapTap] = None
 

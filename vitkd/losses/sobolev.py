@@ -15,8 +15,9 @@ Formula (x [B, C, H, W] the student's input, y [B] labels, z_s / z_t [B, K] logi
 
 The Zoo's λ is 20 (``--distill sobolev:20``; a CIFAR value, re-tune). The README warns that Sobolev alone is unstable.
 
-ViT students: the target logit is the distillation-head logit (``head='auto'``, as ``kd``; the task CE then goes
-to the class head); the teacher logit is the one of the same class. The label is the dominant one under mixup
+ViT students: the target logit is the averaged heads' logit (``head='auto'``, trained by the task CE too:
+the term alone cannot train a classifier head (in the
+  reproduce.py table a distillation head reached only by it stayed near chance); ``head='dist'``: the distillation head's, the task CE then going to the class head); the teacher logit is the one of the same class. The label is the dominant one under mixup
 (y_a if λ ≥ 0.5 else y_b, zoo.md §0.2). PyTorch's fused attention kernels have no double backward, so the student's
 attention must run the explicit path: :meth:`Sobolev.adapt_models` sets ``fused_attn = False`` on every timm attention
 module of the student (``disable_fused_attn`` makes the builder call ``set_fused_attn(False)``, which only reaches
@@ -94,13 +95,13 @@ class Sobolev(DistillationLoss):
     def __init__(self, head: str = 'auto'):
         """
         Args:
-            head: student head whose target logit is differentiated (``auto`` = distillation head if any).
+            head: student head whose target logit is differentiated (``auto`` = the averaged heads).
         """
         super().__init__()
         if head not in HEADS:
             raise ValueError(f'head must be one of {HEADS}, got {head!r}')
-        self.head = head
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.head = 'avg' if head == 'auto' else head
+        self.uses_dist_head = head == 'dist'
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
 
