@@ -151,9 +151,9 @@ class EpochSampler(Sampler):
         return out
 
     def __iter__(self):
-        seeds = self.sample_seeds(self.epoch)
+        seeds = self.sample_seeds(self.epoch).reshape(self.num_samples, self.repeats)
         for i, copy in self.order(self.epoch):
-            yield i, int(seeds[i] if self.repeats == 1 else seeds[i, copy])
+            yield i, int(seeds[i, copy])
 
 
 def mix_batch(mixup_fn: Callable, sampler: Optional[EpochSampler], data_epoch: int, images: torch.Tensor,
@@ -258,7 +258,7 @@ class EvalDataset(IndexedDataset):
 
     def __init__(self, dataset: Dataset, skip_corrupt: bool = True):
         super().__init__(dataset, skip_corrupt)
-        self.classes = getattr(dataset, 'classes', None)
+        self.classes = list(dataset.classes)
 
     def __getitem__(self, i: int):
         image, label, j = self._load(i)
@@ -414,10 +414,8 @@ def build_datasets(dataset: str, data_path: Optional[str], train_transform, eval
                             f'the same class folders ({"; ".join(only)})')
     else:
         raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
-    classes = list(train.classes)
     train = IndexedDataset(TransformedDataset(train, train_transform), skip_corrupt)
     val = EvalDataset(TransformedDataset(val, eval_transform), skip_corrupt)
-    val.classes = classes
     return train, val
 
 
@@ -433,10 +431,7 @@ def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform, s
         val = _image_folder(data_path, 'val', None, 0)
     else:
         raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
-    classes = list(val.classes)
-    val = EvalDataset(TransformedDataset(val, eval_transform), skip_corrupt)
-    val.classes = classes
-    return val
+    return EvalDataset(TransformedDataset(val, eval_transform), skip_corrupt)
 
 
 def dataset_targets(dataset) -> Optional[torch.Tensor]:
