@@ -51,8 +51,9 @@ def train(argv=None) -> int:
     resume_from = resolve_resume(cfg, log)
     out_dir = runlib.check_output_dir(cfg)
     r = runlib.build_run(cfg, accelerator)
+    methods = ', '.join(f'{name}:{e.weight:g}' for name, e in r.distiller_unwrapped.entries.items()) or 'none'
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
-        f'{r.teacher.source if r.teacher else "none"}, methods {", ".join(r.distiller_unwrapped.entries) or "none"}, '
+        f'{r.teacher.source if r.teacher else "none"}, methods {methods}, '
         f'{len(r.train_loader.dataset)} train / {len(r.val_loader.dataset)} val images, global batch '
         f'{r.global_batch}, lr {r.lr:.2e}')
     ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv)
@@ -126,6 +127,7 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
                         'same command with --resume auto to export it') from None
     summary = dict(teacher=teacher_metrics, student=metrics, best=ckpt.best, epochs_run=r.state.epoch,
                    steps=r.state.step, train_seconds=round(elapsed, 1), stop_reason=r.state.stop_reason or 'epochs done',
+                   weights={name: e.weight for name, e in r.distiller_unwrapped.entries.items()},
                    student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None,
                    **runlib.run_costs(r, train_stats if r.state.step else {}))
     if accelerator.is_main_process:

@@ -12,6 +12,9 @@ median img/s of a full training step (forward, backward, AdamW step) plus the pe
 * ``vitkd_live_nchw`` — the same as ``vitkd_live`` with the teacher left in NCHW (isolates the channels_last gain).
 * ``vitkd_cached``  — the same step with the teacher outputs replayed from a :class:`vitkd.teacher_cache.TeacherCache`
   (memory-mapped files in a temp dir; the read and the logit rebuild are inside the timed step).
+* ``vitkd_compiled``, ``timm_task_compiled`` (``--compiled``) — ``vitkd_live`` with ``--compile`` and
+  ``--compile-student`` (inductor: the teacher's forward paths and the student's training pass) against timm.task's
+  own ``compile()`` (its student module and its teacher); warm-up steps pay the compilation.
 * ``timm_task``     — timm's own loop: ``timm.task.TokenDistillationTask(distill_type='hard', task_loss_weight=0.5)``
   with ``SoftTargetCrossEntropy`` on the same soft targets (the same loss as vitkd's deit_hard), its teacher wrapped in
   ``timm.task.DistillationTeacher``; ``create_optimizer_v2`` AdamW for both.
@@ -59,7 +62,8 @@ from vitkd.losses import RunInfo, create_loss  # noqa: E402
 from vitkd.models import Teacher, set_fused_attention  # noqa: E402
 from vitkd.teacher_cache import TeacherCache  # noqa: E402
 
-TARGETS = {'vitkd_live / timm_task': 1.2, 'vitkd_cached / student_only': 0.9}
+TARGETS = {'vitkd_live / timm_task': 1.2, 'vitkd_compiled / timm_task_compiled': 1.2,
+           'vitkd_cached / student_only': 0.9}
 SETUPS = {
     'embedded': dict(student='deit_ti_distilled', teacher='regnety_002', img=28, in_chans=1, classes=10, batch=128,
                      student_kwargs=dict(img_size=28, patch_size=4, depth=4, embed_dim=96, num_heads=3, in_chans=1)),
@@ -129,7 +133,7 @@ def autocast(device, precision):
 
 
 def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_dir=None, channels_last=None,
-                  fused_attention=None):
+                  fused_attention=None, compiled=False):
     """Step function of a vitkd Distiller; with ``cache_dir`` the teacher outputs are replayed from a cache."""
     t = Teacher(copy.deepcopy(teacher), args.teacher, channels_last=channels_last) if teacher is not None else None
     student = copy.deepcopy(student)
@@ -138,6 +142,9 @@ def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_di
     set_fused_attention(student, fused_attention)
     info = RunInfo(num_classes=args.classes, input_size=(args.in_chans, args.img, args.img))
     distiller = Distiller(student, t, [LossEntry(create_loss(loss))], info).to(device)
+    if compiled:
+        t.compile()
+        distiller.compile_student()
     opt = create_optimizer_v2(distiller, 'adamw', lr=1e-3, weight_decay=0.05)
     cache = None
     if cache_dir is not None:
@@ -167,13 +174,15 @@ def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_di
     return step
 
 
-def timm_task_variant(student, teacher, args, device, precision):
+def timm_task_variant(student, teacher, args, device, precision, compiled=False):
     from timm.task import DistillationTeacher, TokenDistillationTask
     task = TokenDistillationTask(student_model=copy.deepcopy(student),
                                  teacher_model=DistillationTeacher(copy.deepcopy(teacher)),
                                  criterion=SoftTargetCrossEntropy(), distill_type='hard', task_loss_weight=0.5,
                                  device=device, verbose=False)
     task.train()
+    if compiled:
+        task.compile()
     opt = create_optimizer_v2(task.trainable_module, 'adamw', lr=1e-3, weight_decay=0.05)
 
     def step(batch_no, batch):
@@ -197,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument('--rounds', type=int, default=5, help='interleaved rounds; each times --steps steps per variant')
     p.add_argument('--steps', type=int, default=3)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--compiled', action='store_true', help='add the torch.compile variants (vitkd and timm.task)')
     p.add_argument('--out', default='output/bench_train_step.json')
     args = p.parse_args(argv)
     for key, value in SETUPS[args.setup].items():
@@ -221,6 +231,11 @@ def main(argv=None) -> int:
                                               cache_dir=Path(tmp) / precision),
                 'timm_task': timm_task_variant(student, teacher, args, device, precision),
             }
+            if args.compiled:
+                variants['vitkd_compiled'] = vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
+                                                           compiled=True)
+                variants['timm_task_compiled'] = timm_task_variant(student, teacher, args, device, precision,
+                                                                   compiled=True)
             if device.type != 'cpu' or precision != 'bf16':
                 del variants['vitkd_live_fused']  # identical to vitkd_live there
             times = {name: [] for name in variants}
@@ -253,6 +268,9 @@ def main(argv=None) -> int:
                 **({'vitkd_live_fused / timm_task': rates['vitkd_live_fused'] / rates['timm_task']}
                    if 'vitkd_live_fused' in rates else {}),
                 'vitkd_live_nchw / timm_task': rates['vitkd_live_nchw'] / rates['timm_task'],
+                **({'vitkd_compiled / timm_task': rates['vitkd_compiled'] / rates['timm_task'],
+                    'vitkd_compiled / timm_task_compiled': rates['vitkd_compiled'] / rates['timm_task_compiled']}
+                   if args.compiled else {}),
                 'vitkd_cached / student_only': rates['vitkd_cached'] / rates['student_only'],
                 'vitkd_live / student_only': rates['vitkd_live'] / rates['student_only'],
                 'vitkd_cached / vitkd_live': rates['vitkd_cached'] / rates['vitkd_live'],

@@ -4,12 +4,15 @@
     python scripts/reproduce.py --quick         # the main methods x 1 seed (a few minutes)
     python scripts/reproduce.py --embedded --methods 'none (no teacher)' 'DeiT hard' VkD   # `python main.py` itself
 
-Each cell is one ``main.py`` run (a subprocess) on the embedded default data and teacher (Fashion-MNIST, the shipped
+Each cell is one ``main.py`` run on the embedded default data and teacher (Fashion-MNIST, the shipped
 RegNetY) with a fixed small student (the embedded VkD-style student at width 64: 0.30 M parameters) for ``--steps``
 optimizer steps of batch 128: one epoch, so one full warm-up + cosine schedule, over a stratified, seeded subset of
 steps·128 training images (the images a partial epoch of the full set would see, but with the learning rate decayed
 at the end). ``--jobs`` cells run side by side, each on cores/jobs threads (two one-thread cells do 1.3x the
 work of one two-thread cell on 2 cores), so img/s is per cell under that shared load: compare it within a table.
+Each cell is a process forked from this one after torch, timm and vitkd are imported (``main.main`` with the cell's
+arguments, its output in ``<cell>.stdout.txt``), which saves every cell the ~5 s of imports; the slowest methods
+start first.
 Finished cells are skipped when the script is run again (results are kept per cell in ``<out>/cells/``), so an
 interrupted reproduction resumes. Writes ``results.md`` (mean ± std top-1 of the cls / dist / avg heads, the avg-head
 gain over the no-teacher student paired by seed, img/s, extra trainable parameters during training, peak memory),
@@ -18,12 +21,12 @@ gain over the no-teacher student paired by seed, img/s, extra trainable paramete
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,10 +38,10 @@ sys.path.insert(0, str(REPO))
 TABLE_STUDENT = ['--student-kwargs', 'img_size=28', 'patch_size=4', 'depth=4', 'embed_dim=64', 'num_heads=2',
                  'in_chans=1']
 # budget-only option changes, stated in the table: CRD's 16384 negatives per anchor cost ~2 GB of gathered memory
-# rows per step (4x the time of any other method on 2 cores), 4096 keeps the estimator and fits the budget; the
+# rows per step (4x the time of any other method on 2 cores), 1024 keeps the estimator and fits the budget; the
 # Zoo's phases are epochs of a 200-epoch CIFAR run (AB/FSP: 50 init epochs before 200, FT: 30 paraphraser epochs
 # before 200), so a one-epoch cell keeps their fraction of the run (0.2, 0.13) instead of spending all of it there
-TABLE_OPTIONS = {'crd': ['--loss-opts', 'crd.nce_k=4096'], 'ab': ['--loss-opts', 'ab.init_epochs=0.2'],
+TABLE_OPTIONS = {'crd': ['--loss-opts', 'crd.nce_k=1024'], 'ab': ['--loss-opts', 'ab.init_epochs=0.2'],
                  'fsp': ['--loss-opts', 'fsp.init_epochs=0.2'], 'ft': ['--loss-opts', 'ft.paraphraser_epochs=0.13']}
 # method -> extra main.py arguments; the distill spec is the method's registered name(s)
 QUICK_METHODS = {
@@ -67,26 +70,120 @@ def all_methods() -> dict[str, list[str]]:
     return methods
 
 
-def run_cell(name: str, extra: list[str], seed: int, args, cell_dir: Path) -> dict:
-    done = cell_dir / 'summary.json'
-    if done.exists():
-        return json.loads(done.read_text())
+def sweep(methods: dict[str, list[str]], weights: list[float]) -> dict[str, list[str]]:
+    """Rows ``name ×w`` (distill spec ``name:w``) for every one-method row; the no-teacher row is kept as the baseline."""
+    rows = {}
+    for name, extra in methods.items():
+        spec = extra[extra.index('--distill') + 1:]
+        spec = spec[:next((i for i, a in enumerate(spec) if a.startswith('--')), len(spec))]
+        if name.startswith('none'):
+            rows[name] = extra
+            continue
+        if len(spec) != 1:
+            raise SystemExit(f'--sweep-weights: row {name!r} combines {len(spec)} methods ({" ".join(spec)}); '
+                             'sweep one-method rows only')
+        at = extra.index('--distill') + 1
+        for w in weights:
+            rows[f'{name} ×{w:g}'] = [*extra[:at], f'{spec[0]}:{w:g}', *extra[at + 1:]]
+    return rows
+
+
+# relative cost of a cell (img/s of the 150-step table, none = 1): the slow ones start first so that the two
+# queues end together
+SLOW_FIRST = {'norm': 4.3, 'crd': 3.4, 'kdsvd': 2.6, 'sobolev': 2.4, 'dml': 1.9, 'reviewkd': 1.8, 'lwm': 1.3}
+
+
+def cell_args(extra: list[str], seed: int, args, cell_dir: Path) -> list[str]:
+    """main.py's arguments for one cell."""
     if args.embedded:  # `python main.py` as shipped: its student, one full epoch (no time cap)
         budget = []
     else:
         per_class = -(-args.steps * 128 // 10)  # Fashion-MNIST: 10 classes of 6000 training images
         budget = [*TABLE_STUDENT, '--train-subset', f'{min(1.0, per_class / 6000):.6f}', '--max-steps', str(args.steps)]
-    cmd = [sys.executable, str(REPO / 'main.py'), *budget, *extra, '--seed', str(seed), '--epochs', '1',
-           '--time-limit', '1000000', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0',
-           '--eval-every', '1000', '--log-every', '1000', '--no-eval-teacher']
-    start = time.time()
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO), OMP_NUM_THREADS=threads))
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ['?']
-        return {'error': tail[0], 'seconds': time.time() - start}
-    return json.loads(done.read_text())
+    return [*budget, *extra, '--seed', str(seed), '--epochs', '1', '--time-limit', '1000000', '--output-dir',
+            str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000', '--log-every', '1000',
+            '--no-eval-teacher']
+
+
+def _run_main(argv: list[str], threads: int, log_path: str) -> None:
+    """The forked cell: ``main.main(argv)`` on ``threads`` threads, stdout and stderr into ``log_path``; exits with
+    its exit code."""
+    import torch
+    import main as vitkd_main
+    os.environ['HF_HUB_OFFLINE'] = '1'
+    os.chdir(REPO)
+    torch.set_num_threads(threads)
+    with open(log_path, 'w') as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        try:
+            code = vitkd_main.main(argv)
+        except BaseException as e:  # an unexpected crash: its last line ends up in the table
+            print(f'{type(e).__name__}: {e}', file=log)
+            code = 1
+        log.flush()
+    sys.exit(code)
+
+
+class Cell:
+    """One table cell: its directory, and its forked process while it runs."""
+
+    def __init__(self, name: str, extra: list[str], seed: int, out: Path):
+        self.name, self.extra, self.seed = name, extra, seed
+        slug = ''.join(c if c.isalnum() else '_' for c in name)
+        self.dir = out / 'cells' / f'{slug}-seed{seed}'
+        self.log = self.dir.parent / f'{self.dir.name}.stdout.txt'  # beside the cell: --overwrite moves its files
+        self.process, self.start, self.result = None, 0.0, None
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / 'summary.json'
+
+    def cost(self) -> float:
+        spec = self.extra[self.extra.index('--distill') + 1:]
+        return max(SLOW_FIRST.get(word.split(':')[0], 1.0) for word in spec)
+
+    def launch(self, args) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        self.start = time.time()
+        self.process = multiprocessing.get_context('fork').Process(
+            target=_run_main, args=(cell_args(self.extra, self.seed, args, self.dir), threads, str(self.log)))
+        self.process.start()
+
+    def collect(self) -> dict:
+        code = self.process.exitcode
+        if code != 0 or not self.summary.exists():
+            lines = [line for line in self.log.read_text(errors='replace').splitlines() if line.strip()] \
+                if self.log.exists() else []
+            return {'error': (lines[-1:] or [f'exit code {code}'])[0], 'seconds': time.time() - self.start}
+        return json.loads(self.summary.read_text())
+
+
+def run_cells(cells: list[Cell], args) -> None:
+    """Run the unfinished cells, ``args.jobs`` at a time, slowest first; finished ones are read back. Every fork
+    happens on the main thread (no other thread holds a lock the child would inherit)."""
+    todo = []
+    for cell in cells:
+        if cell.summary.exists():
+            cell.result = json.loads(cell.summary.read_text())
+        else:
+            todo.append(cell)
+    todo.sort(key=Cell.cost, reverse=True)
+    running: list[Cell] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            cell = todo.pop(0)
+            cell.launch(args)
+            running.append(cell)
+        multiprocessing.connection.wait([c.process.sentinel for c in running])
+        for cell in [c for c in running if not c.process.is_alive()]:
+            cell.process.join()
+            running.remove(cell)
+            cell.result = cell.collect()
+            status = cell.result.get('error') or f'avg top-1 {cell.result["student"].get("avg_top1", 0):.2f}'
+            print(f'{cell.name:<28} seed {cell.seed}: {status}', flush=True)
 
 
 def summarise(cells: dict[str, list[dict]]) -> list[dict]:
@@ -165,9 +262,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='the main methods with one seed')
-    p.add_argument('--steps', type=int, default=150, help='optimizer steps per cell (default 150)')
+    p.add_argument('--steps', type=int, default=100, help='optimizer steps per cell (default 100)')
     p.add_argument('--seeds', type=int, nargs='+', default=None)
     p.add_argument('--methods', nargs='+', default=None, help='only these table rows (names as in the table)')
+    p.add_argument('--sweep-weights', type=float, nargs='+', default=None, metavar='W',
+                   help='instead of the rows themselves, each selected one-method row at weights W (its distill spec '
+                        'becomes name:W, a factor on the method\'s default weight), e.g. --methods at --sweep-weights '
+                        '0.1 0.01')
     p.add_argument('--embedded', action='store_true',
                    help='cells are the embedded default itself (its student, one full epoch) instead of the table budget')
     p.add_argument('--jobs', type=int, default=2, help='cells run side by side (default 2)')
@@ -177,25 +278,20 @@ def main(argv=None) -> None:
     methods = QUICK_METHODS if args.quick else all_methods()
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods}
+    if args.sweep_weights:
+        methods = sweep(methods, args.sweep_weights)
     out = Path(args.out)
     jobs = [(name, extra, seed) for name, extra in methods.items() for seed in args.seeds]
 
-    def cell(job):
-        name, extra, seed = job
-        slug = ''.join(c if c.isalnum() else '_' for c in name)
-        result = run_cell(name, extra, seed, args, out / 'cells' / f'{slug}-seed{seed}')
-        status = result.get('error') or f'avg top-1 {result["student"].get("avg_top1", 0):.2f}'
-        print(f'{name:<28} seed {seed}: {status}', flush=True)
-        return result
-
+    cells = [Cell(name, extra, seed, out) for name, extra, seed in jobs]
+    import main  # noqa: F401  (imported once here: every forked cell inherits torch, timm and vitkd)
     start = time.time()
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(cell, jobs))
+    run_cells(cells, args)
     args.wall_minutes = (time.time() - start) / 60
-    cells: dict[str, list[dict]] = {}
-    for (name, _, _), result in zip(jobs, results):
-        cells.setdefault(name, []).append(result)
-    rows = summarise(cells)
+    by_method: dict[str, list[dict]] = {}
+    for cell in cells:
+        by_method.setdefault(cell.name, []).append(cell.result)
+    rows = summarise(by_method)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.json').write_text(json.dumps(rows, indent=2) + '\n')
     table = markdown(rows, args)

@@ -99,3 +99,23 @@ def test_run_picture_is_a_valid_png(tmp_path):
     png = plot_run(log, tmp_path / 'curves.png')
     data = png.read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+
+
+def test_a_vit_student_gets_a_methods_vit_weight_unless_the_command_gives_one():
+    """``vit_student_weight`` replaces an unset weight for ViT students only; an explicit weight always wins."""
+    import timm
+    from vitkd.build import build_losses
+    from vitkd.losses import get_loss_class
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1, num_classes=10)
+    cnn = timm.create_model('resnet18', num_classes=10)
+    tuned = [name for name in ('at', 'afd', 'crd', 'norm', 'irg') if get_loss_class(name).vit_student_weight]
+    assert tuned, 'the methods measured to overwhelm a ViT student carry a ViT weight'
+    name = tuned[0]
+    vit_weight = get_loss_class(name).vit_student_weight
+    assert 0 < vit_weight < 1
+    cfg = Config(distill=[name, 'kd'])
+    assert [e.weight for e in build_losses(cfg, vit)] == [vit_weight, 1.0]  # kd has no ViT weight
+    assert [e.weight for e in build_losses(cfg, cnn)] == [1.0, 1.0]
+    assert [e.weight for e in build_losses(cfg)] == [1.0, 1.0]
+    assert [e.weight for e in build_losses(Config(distill=[f'{name}:0.5']), vit)] == [0.5]
+    assert [e.weight for e in build_losses(Config(distill=[{'name': name, 'weight': 1}]), vit)] == [1.0]

@@ -1,4 +1,5 @@
-"""The teacher computes only what the losses need, in channels_last for CNNs, optionally compiled — same outputs."""
+"""The teacher computes only what the losses need, in channels_last for CNNs, optionally compiled (and the student's
+training pass) — same outputs."""
 import numpy as np
 import pytest
 import timm
@@ -110,6 +111,33 @@ def test_compiled_teacher_gives_the_same_features():
     torch.testing.assert_close(after.pooled, before.pooled)
 
 
+def _step_grads(distiller, x, targets, labels):
+    distiller.zero_grad(set_to_none=True)
+    out = distiller(x, targets, labels)
+    out['loss'].backward()
+    return out, {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('method', ['vkd', 'fitnet'])  # final tokens / a middle block's grid + an adapter
+def test_compiled_student_pass_gives_the_same_loss_and_gradients(method):
+    """The AOTAutograd path (``aot_eager``: dynamo's graph and its traced backward, without inductor's codegen) gives
+    the eager step's loss, terms and every gradient; the student module itself is left uncompiled."""
+    distiller = Distiller(_student(), _regnet(), [LossEntry(create_loss(method))],
+                          RunInfo(num_classes=10, input_size=(3, 32, 32)))
+    x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+    targets = torch.nn.functional.one_hot(labels, 10).float()
+    eager_out, eager_grads = _step_grads(distiller, x, targets, labels)
+    distiller.compile_student(backend='aot_eager')
+    compiled_out, compiled_grads = _step_grads(distiller, x, targets, labels)
+    assert hasattr(distiller._student_pass, '_torchdynamo_orig_callable')
+    assert not hasattr(distiller.student.forward_features, '_torchdynamo_orig_callable')
+    torch.testing.assert_close(compiled_out['loss'], eager_out['loss'])
+    assert compiled_out['terms'].keys() == eager_out['terms'].keys()
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _tiny_run_args(tmp_path, *extra):
     rng = np.random.default_rng(0)
     for split in ('train', 'val'):
@@ -134,6 +162,18 @@ def test_compile_option_reaches_the_teacher(tmp_path, monkeypatch):
     r = runlib.build_run(cfg, Accelerator(cpu=True))
     assert r.teacher.compiled
     assert set(compiled) == {'forward_intermediates', 'forward_features', 'forward_head', 'forward'}
+
+
+def test_compile_student_option_reaches_the_distiller(tmp_path, monkeypatch):
+    from vitkd import run as runlib
+    from vitkd.config import parse_args
+    from vitkd.features import extract as extract_fn
+    compiled = []
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or fn)
+    cfg, _ = parse_args(_tiny_run_args(tmp_path, '--compile-student'))
+    assert cfg.compile_student and not cfg.compile_teacher
+    r = runlib.build_run(cfg, Accelerator(cpu=True))
+    assert compiled == [extract_fn] and not r.teacher.compiled
 
 
 def test_unfused_attention_computes_the_same_attention():

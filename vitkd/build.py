@@ -136,8 +136,8 @@ class BatchMixer:
         return images, targets, {'labels_b': labels.flip(0), 'lam': float(lam)}
 
 
-def parse_distill(cfg: Config) -> list[tuple[str, float, dict]]:
-    """``name[:weight]`` items + ``name.key=value`` options → [(name, weight, options)]."""
+def parse_distill(cfg: Config) -> list[tuple[str, Optional[float], dict]]:
+    """``name[:weight]`` items + ``name.key=value`` options → [(name, weight or None when not given, options)]."""
     import yaml
     methods: list[tuple[str, float, dict]] = []
     for item in cfg.distill:
@@ -146,11 +146,12 @@ def parse_distill(cfg: Config) -> list[tuple[str, float, dict]]:
             name = item.pop('name', None)
             if not name:
                 raise LossSpecError(f'distill entry {item} has no name')
-            methods.append((name, float(item.pop('weight', 1.0)), item))
+            weight = item.pop('weight', None)
+            methods.append((name, None if weight is None else float(weight), item))
             continue
         name, _, weight = str(item).partition(':')
         try:
-            methods.append((name, float(weight) if weight else 1.0, {}))
+            methods.append((name, float(weight) if weight else None, {}))
         except ValueError:
             raise LossSpecError(f'--distill {item!r}: the weight after ":" must be a number') from None
     by_name = {m[0]: m for m in methods}
@@ -167,12 +168,22 @@ def parse_distill(cfg: Config) -> list[tuple[str, float, dict]]:
     return methods
 
 
-def build_losses(cfg: Config) -> list[LossEntry]:
+def default_weight(loss_class, student: Optional[torch.nn.Module]) -> float:
+    """A method's weight when the command gives none: its ``vit_student_weight`` for a ViT student, else 1."""
+    from .features import _is_vit
+    vit_weight = getattr(loss_class, 'vit_student_weight', None)
+    return vit_weight if vit_weight is not None and student is not None and _is_vit(student) else 1.0
+
+
+def build_losses(cfg: Config, student: Optional[torch.nn.Module] = None) -> list[LossEntry]:
+    """The methods of ``--distill`` with their weights (unset weights resolved by :func:`default_weight` for
+    ``student``; without it, 1) and warm-ups."""
     entries = []
     for name, weight, options in parse_distill(cfg):
         options = dict(options)
         warmup = float(options.pop('warmup_epochs', 0.0))
-        entries.append(LossEntry(create_loss(name, **options), weight, warmup))
+        loss = create_loss(name, **options)
+        entries.append(LossEntry(loss, weight if weight is not None else default_weight(type(loss), student), warmup))
     if len({e.loss.name for e in entries}) != len(entries):
         raise LossSpecError(f'--distill lists a method twice: {cfg.distill}')
     return entries
@@ -180,7 +191,7 @@ def build_losses(cfg: Config) -> list[LossEntry]:
 
 def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: int, steps_per_epoch: int,
                     world_size: int = 1, train_labels: Optional[torch.Tensor] = None) -> Distiller:
-    entries = build_losses(cfg)
+    entries = build_losses(cfg, student)
     info = RunInfo(num_classes=spec.num_classes, num_samples=num_samples, epochs=cfg.epochs,
                    steps_per_epoch=steps_per_epoch, input_size=spec.input_size, mean=spec.mean, std=spec.std,
                    student_name=cfg.student, student_kwargs=dict(cfg.student_kwargs), world_size=world_size,

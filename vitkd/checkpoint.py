@@ -63,7 +63,7 @@ FORMAT = 1
 # Options that do not change the trained weights: a resume may change them without a warning.
 _RUN_ONLY_OPTIONS = {'resume', 'overwrite', 'output_dir', 'time_limit', 'max_steps', 'epochs', 'log_every',
                      'eval_every', 'save_every_steps', 'keep_last', 'push_to_hub', 'hub_model_id', 'hub_private',
-                     'num_workers', 'eval_teacher', 'eval_student', 'student_ckpt', 'compile_teacher',
+                     'num_workers', 'eval_teacher', 'eval_student', 'student_ckpt', 'compile_teacher', 'compile_student',
                      'ddp_find_unused', 'log_with'}
 
 

@@ -105,6 +105,7 @@ class Distiller(nn.Module):
             e.loss.configure_taps(student, teacher.model if teacher is not None else None)
             self.student_spec = self.student_spec.merge(e.loss.student_taps)
             self.teacher_spec = self.teacher_spec.merge(e.loss.teacher_taps)
+        self._student_pass = extract
         self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
         self.needs_input_grad = any(e.loss.needs_input_grad for e in entries)
         self._setup_losses(info)
@@ -131,6 +132,16 @@ class Distiller(nn.Module):
         self.student.train(was_training)
         for e in self.entries.values():
             e.loss.setup(student, teacher, info)
+
+    def compile_student(self, **compile_kwargs) -> None:
+        """``torch.compile`` the student's training pass (:func:`extract`: taps and logits; AOTAutograd compiles its
+        backward with it). The student module itself is untouched: evaluation, EMA copies and the export stay eager.
+        The first steps pay the compilation (and once more where a phase changes the taps' graph)."""
+        self._student_pass = torch.compile(extract, **compile_kwargs)
+
+    def student_features(self, images: torch.Tensor) -> Features:
+        """The student's taps and logits on ``images`` (compiled after :meth:`compile_student`)."""
+        return self._student_pass(self.student, images, self.student_spec, 'student')
 
     def teacher_features(self, images: torch.Tensor) -> Features:
         """One frozen teacher pass under ``torch.inference_mode`` on the student's input, taps as contiguous fp32.
@@ -180,14 +191,14 @@ class Distiller(nn.Module):
         """
         if self.needs_input_grad:
             images = images.detach().requires_grad_(True)
-        student = extract(self.student, images, self.student_spec, 'student')
+        student = self.student_features(images)
         if teacher_features is None and self.needs_teacher:
             teacher_features = self.teacher_features(images)
         teacher = teacher_features if teacher_features is not None else Features()
         task_logits = student.logits if self.task_on_cls_head else student.head_logits
         batch = Batch(images=images, targets=targets, labels=labels,
                       labels_b=labels if labels_b is None else labels_b, lam=lam, index=index, epoch=int(epoch),
-                      progress=float(epoch), step=step, student_forward=lambda x: extract(self.student, x, self.student_spec, 'student'),
+                      progress=float(epoch), step=step, student_forward=self.student_features,
                       teacher_forward=self._teacher_forward_with_grad if self.teacher is not None else None)
         student32 = student.apply(lambda t: t.float())
         with torch.autocast(device_type=images.device.type, enabled=False):

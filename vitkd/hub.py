@@ -96,8 +96,9 @@ def model_card(run_dir: Path, repo_id: str) -> str:
                 '  # eval mode: the mean of the cls and dist heads' if 'head_dist' in str(pretrained_cfg.get(
                     'classifier', '')) else '')]
     method_rows = ['| method | weight | options |', '|---|---|---|']
-    method_rows += [f'| {name} | {weight:g} | {", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"} |'
-                    for name, weight, opts in methods]
+    weights = summary.get('weights', {})  # as the run resolved them (a ViT student's defaults); older runs: 1
+    method_rows += [f'| {name} | {weight if weight is not None else weights.get(name, 1.0):g} | '
+                    f'{", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"} |' for name, weight, opts in methods]
     epochs_run = summary.get('epochs_run', '?')
     teacher = _public_name(cfg.teacher) if cfg.teacher else 'none'
     recipe = [f'- data: {cfg.dataset}' + (f' ({_public_name(cfg.data_path)})' if cfg.data_path else '') +

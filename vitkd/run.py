@@ -156,7 +156,9 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     steps_per_epoch = max(1, len(train_loader) // (accelerator.num_processes * cfg.grad_accum_steps))
     distiller = build_distiller(cfg, student, teacher, spec, len(train_loader.dataset), steps_per_epoch,
                                 accelerator.num_processes, dataset_targets(train_loader.dataset))
-    attach_class_centers(distiller, cfg, teacher, spec, accelerator)  # ND: teacher class centres, cached on disk
+    attach_class_centers(distiller, cfg, teacher, spec, accelerator)
+    if cfg.compile_student:
+        distiller.compile_student()  # ND: teacher class centres, cached on disk
     set_seed(cfg.seed + accelerator.process_index)  # per-process streams from here on (dropout, drop-path)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)

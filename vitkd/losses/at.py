@@ -22,6 +22,11 @@ zoo.md Z3 suggests an option computing A on LayerNorm-ed tokens (against the few
 residual streams). It is not offered: a LayerNorm without affine makes every token's Σ_c x̂_c² = C·σ²/(σ² + eps) ≈ C,
 so for p = 2 the attention map would be flat and the loss constant.
 
+ViT students (``vit_student_weight`` = 0.01): the paper's CNN-tuned weight overwhelms a ViT student's task loss. On the
+table's ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the no-teacher student) weight 1
+gave −19.4 points (3 seeds), 0.1 gave −3.9 and 0.01 +0.2 (seed 0), so a ViT student gets weight 0.01 unless the
+command gives one (``at:1`` = the paper's).
+
 Where vitkd differs from the official code:
 * taps and pooling (the Zoo has identical shapes everywhere);
 * λ lives in the loss (``lambda_kd``); the teacher maps are detached.
@@ -64,6 +69,7 @@ def at_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, p: float = 2.0
 class AttentionTransfer(PairedTaps, DistillationLoss):
     """Attention transfer: λ·mean over tap pairs of mean-MSE of normalised Σ_c|F_c|^p maps."""
     paper = 'AT, Zagoruyko & Komodakis, ICLR 2017, arXiv:1612.03928 (Knowledge-Distillation-Zoo)'
+    vit_student_weight = 0.01
 
     def __init__(self, lambda_kd: float = 1000.0, p: float = 2.0, student_blocks: Optional[Sequence[int]] = None,
                  teacher_blocks: Optional[Sequence[int]] = None):

@@ -92,6 +92,10 @@ class DistillationLoss(nn.Module):
     requires_dist_head: ClassVar[bool] = False
     needs_input_grad: ClassVar[bool] = False
     disable_fused_attn: ClassVar[bool] = False
+    #: default weight (a factor on the paper's λ, which the loss keeps) when the student is a ViT and the command gives
+    #: none: set where the paper's CNN/CIFAR-tuned λ measurably overwhelms a ViT student's task loss (the method's
+    #: docstring gives the measurement); None = 1
+    vit_student_weight: ClassVar[Optional[float]] = None
     #: the method needs a teacher; False for teacher-free terms
     needs_teacher: ClassVar[bool] = True
     #: some steps leave trainable parameters without gradient (a stage in which the method's adapters, or the heads
