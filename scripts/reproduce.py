@@ -40,9 +40,11 @@ TABLE_STUDENT = ['--student-kwargs', 'img_size=28', 'patch_size=4', 'depth=4', '
 # budget-only option changes, stated in the table: CRD's 16384 negatives per anchor cost ~2 GB of gathered memory
 # rows per step (4x the time of any other method on 2 cores), 1024 keeps the estimator and fits the budget; the
 # Zoo's phases are epochs of a 200-epoch CIFAR run (AB/FSP: 50 init epochs before 200, FT: 30 paraphraser epochs
-# before 200), so a one-epoch cell keeps their fraction of the run (0.2, 0.13) instead of spending all of it there
+# before 200), so a one-epoch cell keeps their fraction of the run (0.2, 0.13) instead of spending all of it there;
+# likewise BSS's attacks from epoch 10 of 200 (0.05 of the run, its schedule evaluated every step)
 TABLE_OPTIONS = {'crd': ['--loss-opts', 'crd.nce_k=1024'], 'ab': ['--loss-opts', 'ab.init_epochs=0.2'],
-                 'fsp': ['--loss-opts', 'fsp.init_epochs=0.2'], 'ft': ['--loss-opts', 'ft.paraphraser_epochs=0.13']}
+                 'fsp': ['--loss-opts', 'fsp.init_epochs=0.2'], 'ft': ['--loss-opts', 'ft.paraphraser_epochs=0.13'],
+                 'bss': ['--loss-opts', 'bss.start_epoch=0.05', 'bss.per_step=true']}
 # method -> extra main.py arguments; the distill spec is the method's registered name(s)
 QUICK_METHODS = {
     'none (no teacher)': ['--distill', 'none', '--teacher', 'none'],
@@ -248,6 +250,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = [r for r in rows if 'avg_mean' in r]
+    if not rows:
+        return
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4))
     ax.bar(range(len(rows)), [r['avg_mean'] for r in rows], yerr=[r['avg_std'] for r in rows],
            color=['gray' if r['method'].startswith('none') else 'tab:blue' for r in rows])
@@ -274,10 +278,16 @@ def main(argv=None) -> None:
     p.add_argument('--jobs', type=int, default=2, help='cells run side by side (default 2)')
     p.add_argument('--out', default='output/reproduce')
     args = p.parse_args(argv)
+    if 'torch' not in sys.modules:  # OpenMP reads these once, when torch loads: every forked cell inherits them
+        os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'  # as main.py sets it (idle OpenMP threads must not spin)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     methods = QUICK_METHODS if args.quick else all_methods()
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods}
+    if not methods:
+        raise SystemExit(f'--methods {" ".join(args.methods)}: no such table row (rows: '
+                         f'{", ".join(QUICK_METHODS if args.quick else all_methods())})')
     if args.sweep_weights:
         methods = sweep(methods, args.sweep_weights)
     out = Path(args.out)

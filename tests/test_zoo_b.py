@@ -203,6 +203,16 @@ def test_bss_attack_leaves_networks_alone_and_trains_student():
     # no BSS term before the schedule starts
     d.losses['bss'].start_epoch = 5
     assert d(x, F.one_hot(y, 10).float(), y, epoch=1.0)['terms']['bss.kl'].item() == 0
+    # per_step: the schedule at the fractional epoch; a one-epoch run with the Zoo's 10/200 start and 1.25 decay
+    d.losses['bss'].start_epoch, d.losses['bss'].per_step, d.losses['bss'].epochs = 0.05, True, 1
+    assert d(x, F.one_hot(y, 10).float(), y, epoch=0.04)['terms']['bss.kl'].item() == 0
+    assert d(x, F.one_hot(y, 10).float(), y, epoch=0.81)['terms']['bss.kl'].item() == 0  # 1 - 1.25 * 0.81 < 0
+    torch.manual_seed(5)  # the attack classes are sampled: the same draws for both passes
+    on = d(x, F.one_hot(y, 10).float(), y, epoch=0.4)['terms']['bss.kl'].item()
+    d.losses['bss'].start_epoch, d.losses['bss'].per_step = 0, False  # whole epoch 0 of 1: factor 1
+    torch.manual_seed(5)
+    full = d(x, F.one_hot(y, 10).float(), y, epoch=0.4)['terms']['bss.kl'].item()
+    assert full > 0 and on == pytest.approx((1 - 1.25 * 0.4) * full, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------- CC

@@ -23,7 +23,9 @@ Per training step (z_s, z_t [B, K] logits of the clean batch, y [B] labels):
 max(1 − ``decay``·e/E, 0) with ``decay`` = 1.25 — the Zoo's λ_e = λ·max(1 − 1.25·(e₁ − 1)/E, 0) for 1-indexed
 e₁ > 10, so CE + BSS in Zoo epochs 11..160 of 200 and CE only afterwards. λ itself is the CLI weight (Zoo: 2.0,
 ``--distill bss:2``). Steps with factor 0 do no attack and return a zero term (as do steps without a base sample):
-the distillation head then gets no gradient, so ``may_leave_parameters_unused`` is set for DDP.
+the distillation head then gets no gradient, so ``may_leave_parameters_unused`` is set for DDP. ``per_step=True``
+evaluates the same schedule at the fractional epoch every step (runs shorter than ``start_epoch`` epochs: the
+reproduce.py table's one-epoch cells use ``start_epoch=0.05``, the Zoo's 10/200).
 
 ViT students: the selection and the loss use the averaged heads (``head='auto'``), which the task CE also trains:
 BSS, off early in the run and cannot train a classifier head (in the
@@ -62,8 +64,9 @@ __all__ = ['BSS', 'bss_factor', 'select_base_samples', 'sample_attack_classes', 
            'valid_pixel_range']
 
 
-def bss_factor(epoch: int, epochs: int, start_epoch: int = 10, decay: float = 1.25) -> float:
-    """Multiplier of the BSS term at 0-indexed ``epoch`` of ``epochs`` (0 before ``start_epoch``)."""
+def bss_factor(epoch: float, epochs: int, start_epoch: float = 10, decay: float = 1.25) -> float:
+    """Multiplier of the BSS term at 0-indexed ``epoch`` of ``epochs`` (0 before ``start_epoch``); ``epoch`` is the
+    whole epoch (the Zoo) or, with ``per_step``, the fractional one."""
     if epoch < start_epoch:
         return 0.0
     return max(1.0 - decay * epoch / epochs, 0.0)
@@ -158,8 +161,8 @@ class BSS(DistillationLoss):
     may_leave_parameters_unused = True
 
     def __init__(self, temperature: float = 3.0, attack_size: int = 32, step_alpha: float = 0.3,
-                 num_steps: int = 10, attack_eps: float = 1e-4, start_epoch: int = 10, decay: float = 1.25,
-                 head: str = 'auto'):
+                 num_steps: int = 10, attack_eps: float = 1e-4, start_epoch: float = 10, decay: float = 1.25,
+                 head: str = 'auto', per_step: bool = False):
         """
         Args:
             temperature: T of the KL on attacked samples (no T² factor).
@@ -167,6 +170,9 @@ class BSS(DistillationLoss):
             step_alpha, num_steps, attack_eps: the attacker (Zoo: 0.3, 10, 1e-4).
             start_epoch: first 0-indexed epoch with a non-zero term (Zoo: 10, i.e. from 1-indexed epoch 11).
             decay: slope of the linear decay, factor = max(1 − decay·epoch/epochs, 0).
+            per_step: evaluate the schedule every step at the fractional epoch instead of once per whole epoch (the
+                Zoo), so that a run shorter than ``start_epoch`` epochs keeps its shape: with ``start_epoch=0.05``
+                a one-epoch run starts the term after 5 % of it and ends it at 80 %, as epochs 10 and 160 of 200.
             head: student head (``auto`` = the averaged heads).
         """
         super().__init__()
@@ -174,6 +180,7 @@ class BSS(DistillationLoss):
             raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         self.temperature, self.attack_size, self.step_alpha = temperature, attack_size, step_alpha
         self.num_steps, self.attack_eps, self.start_epoch, self.decay = num_steps, attack_eps, start_epoch, decay
+        self.per_step = per_step
         self.head = 'avg' if head == 'auto' else head
         self.uses_dist_head = head == 'dist'
         self.student_taps = TapSpec(logits=True)
@@ -191,7 +198,8 @@ class BSS(DistillationLoss):
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
         logits_s = pick_head(student, self.head)  # [B, K]
-        factor = bss_factor(batch.epoch, self.epochs, self.start_epoch, self.decay)
+        factor = bss_factor(batch.progress if self.per_step else batch.epoch, self.epochs, self.start_epoch,
+                            self.decay)
         zero = logits_s.new_zeros(())
         if factor == 0:
             return {'kl': zero}
