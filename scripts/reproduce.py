@@ -266,7 +266,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='the main methods with one seed')
-    p.add_argument('--steps', type=int, default=100, help='optimizer steps per cell (default 100)')
+    p.add_argument('--steps', type=int, default=150, help='optimizer steps per cell (default 150)')
     p.add_argument('--seeds', type=int, nargs='+', default=None)
     p.add_argument('--methods', nargs='+', default=None, help='only these table rows (names as in the table)')
     p.add_argument('--sweep-weights', type=float, nargs='+', default=None, metavar='W',

@@ -139,7 +139,7 @@ class BatchMixer:
 def parse_distill(cfg: Config) -> list[tuple[str, Optional[float], dict]]:
     """``name[:weight]`` items + ``name.key=value`` options → [(name, weight or None when not given, options)]."""
     import yaml
-    methods: list[tuple[str, float, dict]] = []
+    methods: list[tuple[str, Optional[float], dict]] = []
     for item in cfg.distill:
         if isinstance(item, dict):  # YAML form: {name: vkd, weight: 1.0, alpha: 1.0}
             item = dict(item)
