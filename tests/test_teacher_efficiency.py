@@ -106,6 +106,10 @@ def test_compiled_teacher_gives_the_same_features():
     before = distiller.teacher_features(x)
     teacher.compile(backend='eager')  # dynamo traces the forward paths; 'inductor' (the --compile default) too slow
     assert teacher.compiled and hasattr(teacher.model.forward_features, '_torchdynamo_orig_callable')
+    cl = _regnet()
+    assert cl.channels_last and cl.model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    cl.compile(backend='eager')  # a compiled teacher is handed to inductor in NCHW (its own layout choice is faster)
+    assert not cl.channels_last and cl.model.stem.conv.weight.is_contiguous()
     after = distiller.teacher_features(x)
     torch.testing.assert_close(after.logits, before.logits)
     torch.testing.assert_close(after.pooled, before.pooled)

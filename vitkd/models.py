@@ -264,8 +264,13 @@ class Teacher(nn.Module):
         :func:`vitkd.features.extract` calls ``forward_intermediates`` / ``forward_features`` / ``forward_head``
         rather than ``forward`` (compiling the module would only compile ``forward``), so each of these bound methods is
         replaced on the instance by its compiled version. The first batches pay the compilation (tens of seconds on
-        CPU; once per distinct input shape and tap set).
+        CPU; once per distinct input shape and tap set). A channels_last teacher goes back to NCHW first: inductor picks
+        its own layouts, and from NCHW weights it builds the faster program (regnety_160, 224 px, batch 16, 2 CPU
+        threads, inference: 10.5 img/s compiled from NCHW, 9.6 from channels_last, 7.1 / 6.2 eager).
         """
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
         for name in ('forward_intermediates', 'forward_features', 'forward_head', 'forward'):
             method = getattr(self.model, name, None)
             if method is not None:
