@@ -102,19 +102,17 @@ def cell_args(extra: list[str], seed: int, args, cell_dir: Path) -> list[str]:
     else:
         per_class = -(-args.steps * 128 // 10)  # Fashion-MNIST: 10 classes of 6000 training images
         budget = [*TABLE_STUDENT, '--train-subset', f'{min(1.0, per_class / 6000):.6f}', '--max-steps', str(args.steps)]
-    return [*budget, *extra, '--seed', str(seed), '--epochs', '1', '--time-limit', '1000000', '--output-dir',
-            str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000', '--log-every', '1000',
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    return [*budget, *extra, '--seed', str(seed), '--threads', str(threads), '--epochs', '1', '--time-limit', '1000000',
+            '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000', '--log-every', '1000',
             '--no-eval-teacher']
 
 
-def _run_main(argv: list[str], threads: int, log_path: str) -> None:
-    """The forked cell: ``main.main(argv)`` on ``threads`` threads, stdout and stderr into ``log_path``; exits with
-    its exit code."""
-    import torch
+def _run_main(argv: list[str], log_path: str) -> None:
+    """The forked cell: ``main.main(argv)``, stdout and stderr into ``log_path``; exits with its exit code."""
     import main as vitkd_main
     os.environ['HF_HUB_OFFLINE'] = '1'
     os.chdir(REPO)
-    torch.set_num_threads(threads)
     with open(log_path, 'w') as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -148,10 +146,9 @@ class Cell:
 
     def launch(self, args) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
         self.start = time.time()
         self.process = multiprocessing.get_context('fork').Process(
-            target=_run_main, args=(cell_args(self.extra, self.seed, args, self.dir), threads, str(self.log)))
+            target=_run_main, args=(cell_args(self.extra, self.seed, args, self.dir), str(self.log)))
         self.process.start()
 
     def collect(self) -> dict:

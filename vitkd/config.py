@@ -44,6 +44,8 @@ class Config:
     train_subset: Optional[str] = option(None, 'train on a fraction (0.01) or on the files listed in a text file')
     input_size: Optional[int] = option(None, 'image side (default: the student\'s / data set\'s)')
     num_workers: int = option(2, 'data loader workers per process', aliases=('--num_workers',))
+    threads: Optional[int] = option(None, 'CPU threads of each process (default: every core for a single CPU process, '
+                                 'else the launcher\'s OMP_NUM_THREADS)')
     skip_corrupt: bool = option(True, 'skip (and count) unreadable images instead of failing')
     # ---- models ----------------------------------------------------------------------------------------------
     student: str = option('deit_s_distilled', 'timm student (deit_{ti,s,b}_distilled = VkD student, '
@@ -286,7 +288,8 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if value is None or value <= 0:
             raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')
-    for name in ('max_steps', 'time_limit', 'clip_grad', 'num_classes', 'save_every_steps', 'teacher_cache_epochs'):
+    for name in ('max_steps', 'time_limit', 'clip_grad', 'num_classes', 'save_every_steps', 'teacher_cache_epochs',
+                 'threads'):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')

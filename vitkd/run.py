@@ -50,7 +50,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
                               log_with=cfg.log_with, project_dir=cfg.output_dir,
                               cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
-    if accelerator.device.type == 'cpu' and accelerator.num_processes == 1:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif accelerator.device.type == 'cpu' and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # `accelerate launch` sets OMP_NUM_THREADS=1 by default
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
