@@ -90,9 +90,9 @@ def sweep(methods: dict[str, list[str]], weights: list[float]) -> dict[str, list
     return rows
 
 
-# relative cost of a cell (img/s of the 150-step table, none = 1): the slow ones start first so that the two
-# queues end together
-SLOW_FIRST = {'norm': 4.3, 'crd': 3.4, 'kdsvd': 2.6, 'sobolev': 2.4, 'dml': 1.9, 'reviewkd': 1.8, 'lwm': 1.3}
+# relative cost of a cell (none = 1; two one-thread cells side by side): the slow ones start first so that the
+# two queues end together
+SLOW_FIRST = {'norm': 2.9, 'sobolev': 2.6, 'kdsvd': 2.3, 'crd': 2.0, 'bss': 2.0, 'dml': 1.9, 'reviewkd': 1.8, 'lwm': 1.7}
 
 
 def cell_args(extra: list[str], seed: int, args, cell_dir: Path) -> list[str]:

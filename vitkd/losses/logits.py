@@ -15,6 +15,13 @@ Where vitkd differs from the official code:
 * λ lives in the loss (``lambda_kd``) so ``--distill logits`` alone reproduces the Zoo's CE + 0.1·MSE; the CLI
   weight multiplies it further.
 * the teacher's logits are detached (the Zoo runs the teacher without ``no_grad`` but frozen; same gradient).
+
+ViT students (``vit_student_weight`` = 10, i.e. λ = 1): on a student with a distillation token this term is the
+distillation head's only training signal (DeiT's split: the task CE trains the class head), and the Zoo's λ = 0.1,
+tuned to sit beside the CE on one CIFAR head, starves it. On the table's ViT student (``scripts/reproduce.py``, 150
+steps, avg-head top-1 gain over the no-teacher student) weight 1 gave −1.15 points, 3 gave −1.00 and 10 −0.50 (seed
+0; 3 seeds at 1: −1.37 ± 1.12), so a ViT student gets weight 10 unless the command gives one (``logits:1`` = the
+Zoo's).
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ def logits_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 class Logits(DistillationLoss):
     """Logit regression (Ba & Caruana): λ·mean-MSE(z_s, z_t)."""
     paper = 'Logits, Ba & Caruana, NeurIPS 2014, arXiv:1312.6184 (Knowledge-Distillation-Zoo)'
+    vit_student_weight = 10.0
 
     def __init__(self, lambda_kd: float = 0.1, head: str = 'auto'):
         """

@@ -41,6 +41,11 @@ Where vitkd differs from the official code:
 * The maps a loss receives are fp32 contiguous copies (bf16 autocast, ``channels_last`` teachers), which are not on
   the path to the logits; the gradient is then taken w.r.t. the original tensor through its autograd edge and cast
   to fp32 (:func:`target_gradient`).
+
+ViT students (``vit_student_weight`` = 0.01): the Zoo's CIFAR-tuned λ is too strong for a ViT student. On the table's
+ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the no-teacher student) weight 1 gave
+−2.15 points, 0.1 gave −0.72 and 0.01 −0.14 (seed 0), so a ViT student gets weight 0.01 unless the command gives one
+(``lwm:1`` = the Zoo's).
 """
 from __future__ import annotations
 
@@ -137,6 +142,7 @@ class _MapTap:
 class LwM(DistillationLoss):
     """Grad-CAM attention distillation (double backward through the student)."""
     paper = 'LwM, Dhar et al., CVPR 2019, arXiv:1811.08051 (Grad-CAM attention term)'
+    vit_student_weight = 0.01
     disable_fused_attn = True
     #: ∂z_y/∂F does not depend on the explained head's bias: z_dist's bias never gets a gradient
     may_leave_parameters_unused = True
