@@ -170,3 +170,21 @@ def test_tiny_student_round_trips_through_save_for_hf(tmp_path, tiny_vkd_student
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(x), m(x))
+
+
+def test_stem_width_sets_the_conv_stem_and_survives_export(tmp_path):
+    """``stem_width`` = channels of every stem conv (VkD: 64); timm records it and rebuilds the same student."""
+    m = vitkd.create_student('deit_ti_distilled', 10, img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2,
+                             stem_width=16).eval()
+    convs = [c for c in m.patch_embed.stem if isinstance(c, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 16), (16, 16), (16, 16)]
+    assert m.patch_embed.proj.in_channels == 16
+    default = vitkd.create_student('deit_ti_distilled', 10, img_size=32, patch_size=8, depth=2, embed_dim=48,
+                                   num_heads=2)
+    assert default.patch_embed.proj.in_channels == 64
+    timm.models.save_for_hf(m, tmp_path, safe_serialization=True)
+    assert json.loads((tmp_path / 'config.json').read_text())['model_args']['stem_width'] == 16
+    again = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), m(x))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from .errors import UsageError
 import difflib
+from functools import partial
 import json
 import logging
 import os
@@ -82,8 +83,9 @@ class VkDDistilledViT(VisionTransformerDistilled):
     position embedding. Train mode with distilled training returns (z_cls, z_dist); eval mode returns their mean.
     """
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault('embed_layer', ConvStemPatchEmbed)
+    def __init__(self, *args, stem_width: int = 64, **kwargs):
+        """``stem_width``: channels of the conv stem (VkD: 64); other arguments are timm's VisionTransformer's."""
+        kwargs.setdefault('embed_layer', partial(ConvStemPatchEmbed, stem_width=stem_width))
         super().__init__(*args, **kwargs)
         del self.dist_token  # the distillation token is data-dependent here
         self.distilled_training = True
