@@ -5,11 +5,12 @@
     python scripts/reproduce.py --embedded --methods 'none (no teacher)' 'DeiT hard' VkD   # `python main.py` itself
 
 Each cell is one ``main.py`` run on the embedded default data and teacher (Fashion-MNIST, the shipped
-RegNetY) with a fixed small student (the embedded VkD-style student at width 64 with a 32-channel stem: 0.23 M parameters) for ``--steps``
+RegNetY) with a fixed small student (the embedded VkD-style student at width 64 with a 32-channel conv stem:
+0.23 M parameters) for ``--steps``
 optimizer steps of batch 128: one epoch, so one full warm-up + cosine schedule, over a stratified, seeded subset of
 steps·128 training images (the images a partial epoch of the full set would see, but with the learning rate decayed
-at the end). ``--jobs`` cells run side by side, each on cores/jobs threads (two one-thread cells do 1.3x the
-work of one two-thread cell on 2 cores), so img/s is per cell under that shared load: compare it within a table.
+at the end). ``--jobs`` cells run side by side, each on cores/jobs threads (``--threads``), so img/s is per cell under
+that shared load: compare it within a table.
 Each cell is a process forked from this one after torch, timm and vitkd are imported (``main.main`` with the cell's
 arguments, its output in ``<cell>.stdout.txt``), which saves every cell the ~5 s of imports; the slowest methods
 start first.
@@ -34,10 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# the table's student: the embedded default's student (scripts/configs/embedded.yaml) at width 64 with a 32-channel
-# conv stem (the 64-channel stem is ~35 % of this student's compute; 1.3x faster cells)
+# the table's student: the embedded default's student (scripts/configs/embedded.yaml) at width 64, with a conv stem of
+# --stem-width channels (default 32: the embedded student's 64-channel stem is ~35 % of this student's compute)
 TABLE_STUDENT = ['--student-kwargs', 'img_size=28', 'patch_size=4', 'depth=4', 'embed_dim=64', 'num_heads=2',
-                 'in_chans=1', 'stem_width=32']
+                 'in_chans=1']
 # budget-only option changes, stated in the table: CRD's 16384 negatives per anchor cost ~2 GB of gathered memory
 # rows per step (4x the time of any other method on 2 cores), 1024 keeps the estimator and fits the budget; the
 # Zoo's phases are epochs of a 200-epoch CIFAR run (AB/FSP: 50 init epochs before 200, FT: 30 paraphraser epochs
@@ -102,7 +103,8 @@ def cell_args(extra: list[str], seed: int, args, cell_dir: Path) -> list[str]:
         budget = []
     else:
         per_class = -(-args.steps * 128 // 10)  # Fashion-MNIST: 10 classes of 6000 training images
-        budget = [*TABLE_STUDENT, '--train-subset', f'{min(1.0, per_class / 6000):.6f}', '--max-steps', str(args.steps)]
+        budget = [*TABLE_STUDENT, f'stem_width={args.stem_width}', '--train-subset', f'{min(1.0, per_class / 6000):.6f}',
+                  '--max-steps', str(args.steps)]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     return [*budget, *extra, '--seed', str(seed), '--threads', str(threads), '--epochs', '1', '--time-limit', '1000000',
             '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000', '--log-every', '1000',
@@ -236,7 +238,7 @@ def markdown(rows: list[dict], args) -> str:
         budget = 'The embedded default as `python main.py` runs it (its student, one epoch of 468 steps of batch 128)'
     else:
         budget = (f'{args.steps} steps of batch 128 per cell (one epoch, one warm-up + cosine, over a stratified subset '
-                  f'of {args.steps * 128} training images), student `{" ".join(TABLE_STUDENT[1:])}`')
+                  f'of {args.steps * 128} training images), student `{" ".join(TABLE_STUDENT[1:])} stem_width={args.stem_width}`')
     lines.append(f'{budget}, seeds {", ".join(map(str, args.seeds))}, {args.jobs} cells side by side; budget-only '
                  f'options: {options}. Command: `python scripts/reproduce.py {shlex.join(sys.argv[1:])}` ({args.wall_minutes:.0f} min wall '
                  f'for the cells run now; finished cells are reused).')
@@ -266,6 +268,8 @@ def main(argv=None) -> None:
     p.add_argument('--quick', action='store_true', help='the main methods with one seed')
     p.add_argument('--steps', type=int, default=150, help='optimizer steps per cell (default 150)')
     p.add_argument('--seeds', type=int, nargs='+', default=None)
+    p.add_argument('--stem-width', type=int, default=32,
+                   help='conv-stem channels of the table student (default 32; 64 = the embedded student\'s stem)')
     p.add_argument('--methods', nargs='+', default=None, help='only these table rows (names as in the table)')
     p.add_argument('--sweep-weights', type=float, nargs='+', default=None, metavar='W',
                    help='instead of the rows themselves, each selected one-method row at weights W (its distill spec '

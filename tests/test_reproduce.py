@@ -52,3 +52,17 @@ def test_slow_cells_start_first_and_finished_cells_are_read_back(tmp_path):
     reproduce.run_cells(cells, type('Args', (), {'jobs': 2})())
     assert [c.result['student']['avg_top1'] for c in cells] == [52.0, 54.0, 54.0, 53.0]
     assert all(c.process is None for c in cells)
+
+
+def test_cell_arguments_carry_the_table_student_budget_and_threads(tmp_path, monkeypatch):
+    """A table cell: the table student with --stem-width, a subset of steps·128 images, the cell's threads."""
+    monkeypatch.setattr(reproduce.os, 'cpu_count', lambda: 2)
+    args = type('Args', (), {'embedded': False, 'steps': 150, 'jobs': 2, 'stem_width': 48})()
+    argv = reproduce.cell_args(['--distill', 'kd'], 1, args, tmp_path / 'cell')
+    kwargs = argv[argv.index('--student-kwargs') + 1:argv.index('--train-subset')]
+    assert dict(kv.split('=') for kv in kwargs)['stem_width'] == '48'
+    assert float(argv[argv.index('--train-subset') + 1]) * 6000 * 10 == pytest.approx(150 * 128, abs=10)
+    assert argv[argv.index('--threads') + 1] == '1' and argv[argv.index('--seed') + 1] == '1'
+    assert argv[argv.index('--max-steps') + 1] == '150' and argv[argv.index('--distill') + 1] == 'kd'
+    cfg, _ = __import__('vitkd.config', fromlist=['parse_args']).parse_args(argv)
+    assert cfg.student_kwargs['stem_width'] == 48 and cfg.threads == 1
