@@ -369,4 +369,4 @@ def test_preset_warmup_masks_and_composition(name, teacher):
     # at epoch 0 the total is exactly CE(z_cls) plus the un-warmed terms
     ce = soft_target_cross_entropy(z_cls, targets)
     un_warmed = nd_entry.weight * nd_term if 'nd' in PRESETS[name] else 0.0
-    assert out0['loss'].detach().item() == pytest.approx(float(ce + un_warmed), rel=1e-5)
+    assert out0['loss'].detach().item() == pytest.approx(float((ce + un_warmed).detach()), rel=1e-5)
