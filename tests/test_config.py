@@ -1,5 +1,6 @@
 """Config resolution (defaults < embedded preset < YAML < CLI), presets, recipe wiring and the run picture."""
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,22 @@ def test_a_vit_student_gets_a_methods_vit_weight_unless_the_command_gives_one():
     assert [e.weight for e in build_losses(cfg)] == [1.0, 1.0]
     assert [e.weight for e in build_losses(Config(distill=[f'{name}:0.5']), vit)] == [0.5]
     assert [e.weight for e in build_losses(Config(distill=[{'name': name, 'weight': 1}]), vit)] == [1.0]
+
+
+def test_threads_option_sets_torch_threads_and_rejects_nonpositive():
+    """``--threads N`` is the process's intra-op thread count (the table's cells pass 1); 0 is a one-line error."""
+    import torch
+    from vitkd import run as runlib
+    from vitkd.config import ConfigError, parse_args
+    with pytest.raises(ConfigError, match='--threads must be > 0, got 0'):
+        parse_args(['--threads', '0'])
+    before = torch.get_num_threads()
+    try:
+        cfg, _ = parse_args(['--threads', '1', '--distill', 'none', '--teacher', 'none'])
+        runlib.make_accelerator(cfg)
+        assert torch.get_num_threads() == 1
+        cfg, _ = parse_args(['--distill', 'none', '--teacher', 'none'])
+        runlib.make_accelerator(cfg)  # no --threads: a single CPU process takes every core
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
