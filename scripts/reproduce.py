@@ -94,7 +94,13 @@ def sweep(methods: dict[str, list[str]], weights: list[float]) -> dict[str, list
 
 # relative cost of a cell (none = 1; two one-thread cells side by side): the slow ones start first so that the
 # two queues end together
-SLOW_FIRST = {'norm': 2.9, 'sobolev': 2.6, 'kdsvd': 2.3, 'crd': 2.0, 'bss': 2.0, 'dml': 1.9, 'reviewkd': 1.8, 'lwm': 1.7}
+SLOW_FIRST = {'norm': 2.9, 'sobolev': 2.6, 'kdsvd': 2.3, 'crd': 2.0, 'bss': 2.0, 'dml': 1.9, 'reviewkd': 1.8,
+              'lwm': 1.7}
+
+
+def cell_threads(jobs: int) -> int:
+    """Threads of each of ``jobs`` cells running side by side: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def cell_args(extra: list[str], seed: int, args, cell_dir: Path) -> list[str]:
@@ -103,12 +109,11 @@ def cell_args(extra: list[str], seed: int, args, cell_dir: Path) -> list[str]:
         budget = []
     else:
         per_class = -(-args.steps * 128 // 10)  # Fashion-MNIST: 10 classes of 6000 training images
-        budget = [*TABLE_STUDENT, f'stem_width={args.stem_width}', '--train-subset', f'{min(1.0, per_class / 6000):.6f}',
-                  '--max-steps', str(args.steps)]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    return [*budget, *extra, '--seed', str(seed), '--threads', str(threads), '--epochs', '1', '--time-limit', '1000000',
-            '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0', '--eval-every', '1000', '--log-every', '1000',
-            '--no-eval-teacher']
+        budget = [*TABLE_STUDENT, f'stem_width={args.stem_width}',
+                  '--train-subset', f'{min(1.0, per_class / 6000):.6f}', '--max-steps', str(args.steps)]
+    return [*budget, *extra, '--seed', str(seed), '--threads', str(cell_threads(args.jobs)), '--epochs', '1',
+            '--time-limit', '1000000', '--output-dir', str(cell_dir), '--overwrite', '--num-workers', '0',
+            '--eval-every', '1000', '--log-every', '1000', '--no-eval-teacher']
 
 
 def _run_main(argv: list[str], log_path: str) -> None:
@@ -238,7 +243,8 @@ def markdown(rows: list[dict], args) -> str:
         budget = 'The embedded default as `python main.py` runs it (its student, one epoch of 468 steps of batch 128)'
     else:
         budget = (f'{args.steps} steps of batch 128 per cell (one epoch, one warm-up + cosine, over a stratified subset '
-                  f'of {args.steps * 128} training images), student `{" ".join(TABLE_STUDENT[1:])} stem_width={args.stem_width}`')
+                  f'of {args.steps * 128} training images), student '
+                  f'`{" ".join(TABLE_STUDENT[1:])} stem_width={args.stem_width}`')
     lines.append(f'{budget}, seeds {", ".join(map(str, args.seeds))}, {args.jobs} cells side by side; budget-only '
                  f'options: {options}. Command: `python scripts/reproduce.py {shlex.join(sys.argv[1:])}` ({args.wall_minutes:.0f} min wall '
                  f'for the cells run now; finished cells are reused).')
@@ -281,7 +287,7 @@ def main(argv=None) -> None:
     p.add_argument('--out', default='output/reproduce')
     args = p.parse_args(argv)
     if 'torch' not in sys.modules:  # OpenMP reads these once, when torch loads: every forked cell inherits them
-        os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        os.environ['OMP_NUM_THREADS'] = str(cell_threads(args.jobs))
         os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'  # as main.py sets it (idle OpenMP threads must not spin)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     methods = QUICK_METHODS if args.quick else all_methods()
