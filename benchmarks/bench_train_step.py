@@ -1,8 +1,10 @@
 """Training-step throughput: vitkd vs timm.task, student-only vs live teacher vs cached teacher (not a test).
 
-One process measures every variant side by side on the same student, teacher, batches and precision, interleaving
-them in rounds (so a change of machine load hits every variant alike) after ≥ 3 warm-up steps each, and reports the
-median img/s of a full training step (forward, backward, AdamW step) plus the peak memory:
+Every variant runs in its own worker process, as a user runs it (vitkd's variants with vitkd's CPU process settings,
+:func:`vitkd.cpu_malloc.tune_malloc`; timm.task with the C library's defaults), on the same student, teacher,
+batches and precision. The parent interleaves them in rounds (one process computes at a time, so a change of machine
+load hits every variant alike) after ≥ 3 warm-up steps each, and reports the median img/s of a full training step
+(forward, backward, AdamW step), the peak memory and the minor page faults per step:
 
 * ``student_only``  — vitkd's Distiller with ``none`` (task CE only; no teacher).
 * ``vitkd_live``    — vitkd's Distiller with ``deit_hard`` (α = 0.5), teacher run live (channels_last CNN teacher,
@@ -15,6 +17,7 @@ median img/s of a full training step (forward, backward, AdamW step) plus the pe
 * ``vitkd_compiled``, ``timm_task_compiled`` (``--compiled``) — ``vitkd_live`` with ``--compile`` and
   ``--compile-student`` (inductor: the teacher's forward paths and the student's training pass) against timm.task's
   own ``compile()`` (its student module and its teacher); warm-up steps pay the compilation.
+* ``timm_task_tuned_malloc`` — timm.task in a process with vitkd's glibc heap settings (isolates that choice).
 * ``timm_task``     — timm's own loop: ``timm.task.TokenDistillationTask(distill_type='hard', task_loss_weight=0.5)``
   with ``SoftTargetCrossEntropy`` on the same soft targets (the same loss as vitkd's deit_hard), its teacher wrapped in
   ``timm.task.DistillationTeacher``; ``create_optimizer_v2`` AdamW for both.
@@ -36,10 +39,11 @@ on CUDA ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -59,11 +63,16 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 import vitkd  # noqa: E402,F401
 from vitkd.distiller import Distiller, LossEntry  # noqa: E402
 from vitkd.losses import RunInfo, create_loss  # noqa: E402
+from vitkd.cpu_malloc import tune_malloc  # noqa: E402
 from vitkd.models import Teacher, set_fused_attention  # noqa: E402
 from vitkd.teacher_cache import TeacherCache  # noqa: E402
 
 TARGETS = {'vitkd_live / timm_task': 1.2, 'vitkd_compiled / timm_task_compiled': 1.2,
            'vitkd_cached / student_only': 0.9}
+RATIOS = [('vitkd_live', 'timm_task'), ('vitkd_live_fused', 'timm_task'), ('vitkd_live_nchw', 'timm_task'),
+          ('vitkd_live', 'timm_task_tuned_malloc'), ('vitkd_compiled', 'timm_task'),
+          ('vitkd_compiled', 'timm_task_compiled'), ('vitkd_cached', 'student_only'), ('vitkd_live', 'student_only'),
+          ('vitkd_cached', 'vitkd_live')]
 SETUPS = {
     'embedded': dict(student='deit_ti_distilled', teacher='regnety_002', img=28, in_chans=1, classes=10, batch=128,
                      student_kwargs=dict(img_size=28, patch_size=4, depth=4, embed_dim=96, num_heads=3, in_chans=1)),
@@ -135,8 +144,7 @@ def autocast(device, precision):
 def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_dir=None, channels_last=None,
                   fused_attention=None, compiled=False):
     """Step function of a vitkd Distiller; with ``cache_dir`` the teacher outputs are replayed from a cache."""
-    t = Teacher(copy.deepcopy(teacher), args.teacher, channels_last=channels_last) if teacher is not None else None
-    student = copy.deepcopy(student)
+    t = Teacher(teacher, args.teacher, channels_last=channels_last) if teacher is not None else None
     if fused_attention is None:  # vitkd's choice (build_run): unfused attention on CPU under bf16
         fused_attention = not (device.type == 'cpu' and precision == 'bf16')
     set_fused_attention(student, fused_attention)
@@ -176,8 +184,7 @@ def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_di
 
 def timm_task_variant(student, teacher, args, device, precision, compiled=False):
     from timm.task import DistillationTeacher, TokenDistillationTask
-    task = TokenDistillationTask(student_model=copy.deepcopy(student),
-                                 teacher_model=DistillationTeacher(copy.deepcopy(teacher)),
+    task = TokenDistillationTask(student_model=student, teacher_model=DistillationTeacher(teacher),
                                  criterion=SoftTargetCrossEntropy(), distill_type='hard', task_loss_weight=0.5,
                                  device=device, verbose=False)
     task.train()
@@ -196,6 +203,77 @@ def timm_task_variant(student, teacher, args, device, precision, compiled=False)
     return step
 
 
+def build_variant(name: str, args, device, precision, tmp: Path):
+    """The step function of one variant (see the module docstring), built inside its worker process."""
+    student, teacher = build(args, device)
+    if name == 'student_only':
+        return vitkd_variant(student, None, 'none', args, device, precision)
+    if name == 'vitkd_live':
+        return vitkd_variant(student, teacher, 'deit_hard', args, device, precision)
+    if name == 'vitkd_live_fused':
+        return vitkd_variant(student, teacher, 'deit_hard', args, device, precision, fused_attention=True)
+    if name == 'vitkd_live_nchw':
+        return vitkd_variant(student, teacher, 'deit_hard', args, device, precision, channels_last=False)
+    if name == 'vitkd_cached':
+        return vitkd_variant(student, teacher, 'deit_hard', args, device, precision, cache_dir=tmp / precision)
+    if name == 'vitkd_compiled':
+        return vitkd_variant(student, teacher, 'deit_hard', args, device, precision, compiled=True)
+    if name.startswith('timm_task'):
+        return timm_task_variant(student, teacher, args, device, precision, compiled=name == 'timm_task_compiled')
+    raise ValueError(name)
+
+
+def worker(conn, name: str, args, tmp: str) -> None:
+    """One variant in its own process, as a user would run it: vitkd's variants with vitkd's CPU process settings
+    (:func:`vitkd.cpu_malloc.tune_malloc`, as ``vitkd.run.make_accelerator`` applies them), timm.task with the C
+    library's defaults (``timm_task_tuned_malloc``: with vitkd's). Answers the parent's commands over ``conn``."""
+    torch.set_num_threads(args.threads)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cpu' and (not name.startswith('timm_task') or name.endswith('_tuned_malloc')):
+        tune_malloc()
+    batches = make_batches(args, device)
+    steps = {}
+    while True:
+        command, precision = conn.recv()
+        if command == 'stop':
+            return
+        if command == 'warmup':
+            steps[precision] = build_variant(name, args, device, precision, Path(tmp))
+            for i in range(args.warmup):
+                steps[precision](i % args.batches, batches[i % args.batches])
+            conn.send(None)
+            continue
+        step = steps[precision]
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            for i in range(args.steps):
+                step(i % args.batches, batches[i % args.batches])
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / args.steps
+        memory = dict(peak_rss_mb=rss.peak / 2 ** 20, rss_rise_mb=(rss.peak - rss.base) / 2 ** 20,
+                      page_faults_per_step=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps)
+        if device.type == 'cuda':
+            memory['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+        conn.send((seconds, memory))
+
+
+def variant_names(args, precision: str, device_type: str) -> list[str]:
+    names = ['student_only', 'vitkd_live', 'vitkd_live_fused', 'vitkd_live_nchw', 'vitkd_cached', 'timm_task',
+             'timm_task_tuned_malloc']
+    if device_type != 'cpu' or precision != 'bf16':
+        names.remove('vitkd_live_fused')  # identical to vitkd_live there
+    if device_type != 'cpu':
+        names.remove('timm_task_tuned_malloc')  # the glibc heap setting is for CPU runs only
+    if args.compiled:
+        names += ['vitkd_compiled', 'timm_task_compiled']
+    return names
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--setup', default='embedded', choices=list(SETUPS), help='student, teacher, size and batch')
@@ -212,92 +290,64 @@ def main(argv=None) -> int:
     for key, value in SETUPS[args.setup].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    torch.set_num_threads(args.threads)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
     load_before = os.getloadavg()
-    student, teacher = build(args, device)
-    batches = make_batches(args, device)
     results = {}
+    context = multiprocessing.get_context('spawn')
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in args.precisions:
-            variants = {
-                'student_only': vitkd_variant(student, None, 'none', args, device, precision),
-                'vitkd_live': vitkd_variant(student, teacher, 'deit_hard', args, device, precision),
-                'vitkd_live_fused': vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
-                                                  fused_attention=True),
-                'vitkd_live_nchw': vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
-                                                 channels_last=False),
-                'vitkd_cached': vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
-                                              cache_dir=Path(tmp) / precision),
-                'timm_task': timm_task_variant(student, teacher, args, device, precision),
-            }
-            if args.compiled:
-                variants['vitkd_compiled'] = vitkd_variant(student, teacher, 'deit_hard', args, device, precision,
-                                                           compiled=True)
-                variants['timm_task_compiled'] = timm_task_variant(student, teacher, args, device, precision,
-                                                                   compiled=True)
-            if device.type != 'cpu' or precision != 'bf16':
-                del variants['vitkd_live_fused']  # identical to vitkd_live there
-            times = {name: [] for name in variants}
-            memory = {name: {'peak_rss_mb': 0.0, 'rss_rise_mb': 0.0} for name in variants}
-            for name, step in variants.items():
-                for i in range(args.warmup):
-                    step(i % args.batches, batches[i % args.batches])
-            for _ in range(args.rounds):
-                for name, step in variants.items():
-                    if device.type == 'cuda':
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                    with PeakRSS() as rss:
-                        start = time.perf_counter()
-                        for i in range(args.steps):
-                            step(i % args.batches, batches[i % args.batches])
-                        if device.type == 'cuda':
-                            torch.cuda.synchronize()
-                        times[name].append((time.perf_counter() - start) / args.steps)
-                    m = memory[name]
-                    m['peak_rss_mb'] = max(m['peak_rss_mb'], rss.peak / 2 ** 20)
-                    m['rss_rise_mb'] = max(m['rss_rise_mb'], (rss.peak - rss.base) / 2 ** 20)
-                    if device.type == 'cuda':
-                        m['cuda_max_allocated_mb'] = max(m.get('cuda_max_allocated_mb', 0.0),
-                                                         torch.cuda.max_memory_allocated() / 2 ** 20)
-            rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
-            spread = {name: (args.batch / max(ts), args.batch / min(ts)) for name, ts in times.items()}
-            ratios = {
-                'vitkd_live / timm_task': rates['vitkd_live'] / rates['timm_task'],
-                **({'vitkd_live_fused / timm_task': rates['vitkd_live_fused'] / rates['timm_task']}
-                   if 'vitkd_live_fused' in rates else {}),
-                'vitkd_live_nchw / timm_task': rates['vitkd_live_nchw'] / rates['timm_task'],
-                **({'vitkd_compiled / timm_task': rates['vitkd_compiled'] / rates['timm_task'],
-                    'vitkd_compiled / timm_task_compiled': rates['vitkd_compiled'] / rates['timm_task_compiled']}
-                   if args.compiled else {}),
-                'vitkd_cached / student_only': rates['vitkd_cached'] / rates['student_only'],
-                'vitkd_live / student_only': rates['vitkd_live'] / rates['student_only'],
-                'vitkd_cached / vitkd_live': rates['vitkd_cached'] / rates['vitkd_live'],
-            }
-            results[precision] = dict(img_per_s=rates, img_per_s_range=spread, memory=memory, ratios=ratios)
+        all_names = list(dict.fromkeys(n for pr in args.precisions for n in variant_names(args, pr, device_type)))
+        workers = {}
+        for name in all_names:
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=worker, args=(child_end, name, args, tmp), daemon=True)
+            process.start()
+            workers[name] = (process, parent_end)
+        try:
+            for precision in args.precisions:
+                names = variant_names(args, precision, device_type)
+                for name in names:  # one at a time: warm-up (and compilation) never overlaps a timed round
+                    workers[name][1].send(('warmup', precision))
+                    workers[name][1].recv()
+                times = {name: [] for name in names}
+                memory = {name: {} for name in names}
+                for _ in range(args.rounds):
+                    for name in names:
+                        workers[name][1].send(('round', precision))
+                        seconds, mem = workers[name][1].recv()
+                        times[name].append(seconds)
+                        for key, value in mem.items():
+                            memory[name][key] = max(memory[name].get(key, value), value)
+                rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
+                spread = {name: (args.batch / max(ts), args.batch / min(ts)) for name, ts in times.items()}
+                ratios = {f'{a} / {b}': rates[a] / rates[b] for a, b in RATIOS if a in rates and b in rates}
+                results[precision] = dict(img_per_s=rates, img_per_s_range=spread, memory=memory, ratios=ratios)
+        finally:
+            for process, conn in workers.values():
+                if process.is_alive():
+                    conn.send(('stop', None))
+                process.join(timeout=30)
     load_after = os.getloadavg()
     kwargs = ' '.join(f'{k} {v}' for k, v in args.student_kwargs.items())
     setup = dict(name=args.setup, student=f'{args.student} {kwargs}'.strip(), img=args.img,
                  teacher=f'{args.teacher} in_chans {args.in_chans} (random weights)',
-                 batch=args.batch, classes=args.classes, threads=args.threads, device=str(device),
+                 batch=args.batch, classes=args.classes, threads=args.threads, device=device_type,
                  rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup, torch=torch.__version__,
                  timm=timm.__version__, cpu_count=os.cpu_count(), load_avg_before=load_before,
                  load_avg_after=load_after)
     report = dict(setup=setup, targets=TARGETS, results=results)
     print(f'setup: {setup["student"]}, teacher {setup["teacher"]}, batch {args.batch}, {args.threads} thread(s), '
-          f'{device}')
-    print(f'NOTE: shared machine — load average {load_before[0]:.1f} → {load_after[0]:.1f} on {os.cpu_count()} cores; '
+          f'{device_type}')
+    print(f'NOTE: load average {load_before[0]:.1f} → {load_after[0]:.1f} on {os.cpu_count()} cores; '
           'absolute img/s are noisy, the interleaved ratios less so (min–max per variant in the JSON)')
     for precision, res in results.items():
-        print(f'\n[{precision}]  {"variant":<17}{"img/s":>9}{"peak RSS MB":>13}{"RSS rise MB":>13}')
+        print(f'\n[{precision}]  {"variant":<23}{"img/s":>9}{"peak RSS MB":>13}{"faults/step":>13}')
         for name, rate in res['img_per_s'].items():
             m = res['memory'][name]
-            print(f'{"":<8}{name:<17}{rate:>9.0f}{m["peak_rss_mb"]:>13.0f}{m["rss_rise_mb"]:>13.0f}')
+            print(f'{"":<8}{name:<23}{rate:>9.0f}{m["peak_rss_mb"]:>13.0f}{m["page_faults_per_step"]:>13.0f}')
         for name, value in res['ratios'].items():
             target = TARGETS.get(name)
             verdict = '' if target is None else f'  (target ≥ {target}: {"met" if value >= target else "NOT met"})'
-            print(f'{"":<8}{name:<30}{value:>6.2f}×{verdict}')
+            print(f'{"":<8}{name:<40}{value:>6.2f}×{verdict}')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + '\n')

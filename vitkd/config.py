@@ -46,6 +46,9 @@ class Config:
     num_workers: int = option(2, 'data loader workers per process', aliases=('--num_workers',))
     threads: Optional[int] = option(None, 'CPU threads of each process (default: every core for a single CPU process, '
                                  'else the launcher\'s OMP_NUM_THREADS)')
+    cpu_malloc: str = option('tuned', 'CPU runs: tuned = glibc keeps freed activation memory instead of re-faulting it '
+                          'each step (vitkd/cpu_malloc.py; the process keeps its peak heap), system = glibc defaults',
+                          choices=('tuned', 'system'))
     skip_corrupt: bool = option(True, 'skip (and count) unreadable images instead of failing')
     # ---- models ----------------------------------------------------------------------------------------------
     student: str = option('deit_s_distilled', 'timm student (deit_{ti,s,b}_distilled = VkD student, '

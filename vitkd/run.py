@@ -18,6 +18,7 @@ from .build import (BatchMixer, build_data, build_distiller, build_losses, build
                     build_teacher, eval_data_config, scaled_lr, student_data_spec)
 from .centers import attach_class_centers
 from .config import Config, ConfigError
+from .cpu_malloc import tune_malloc
 from .data import dataset_targets
 
 __all__ = ['make_accelerator', 'check_output_dir', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger',
@@ -27,7 +28,8 @@ RUN_MARKER = 'config.yaml'
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """Accelerator with the run's precision and accumulation; one CPU process uses every core.
+    """Accelerator with the run's precision and accumulation; one CPU process uses every core; CPU processes get
+    the tuned glibc heap (:func:`vitkd.cpu_malloc.tune_malloc`) unless ``--cpu-malloc system``.
 
     On N processes ``--batch-size`` is per process and Accelerate's default sharding (``split_batches=False``) gives
     process p the loader batches p, p + N, …: optimizer step s trains on batches sN … sN + N − 1, i.e. on exactly the
@@ -50,6 +52,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
                               log_with=cfg.log_with, project_dir=cfg.output_dir,
                               cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
+    if accelerator.device.type == 'cpu' and cfg.cpu_malloc == 'tuned':
+        tune_malloc()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif accelerator.device.type == 'cpu' and accelerator.num_processes == 1:
