@@ -199,14 +199,14 @@ def test_unfused_attention_computes_the_same_attention():
     torch.testing.assert_close(manual, fused, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('precision,fused', [('bf16', False), ('no', True)])
-def test_cpu_bf16_runs_use_unfused_attention(tmp_path, precision, fused):
+@pytest.mark.parametrize('precision', ['bf16', 'no'])
+def test_cpu_runs_use_unfused_attention(tmp_path, precision):
     from vitkd import run as runlib
     from vitkd.config import parse_args
     cfg, _ = parse_args(_tiny_run_args(tmp_path, '--mixed-precision', precision))
     r = runlib.build_run(cfg, Accelerator(cpu=True))  # the decision reads cfg.mixed_precision and the device
     flags = [m.fused_attn for m in r.student.modules() if hasattr(m, 'fused_attn')]
-    assert flags and all(f is fused for f in flags)
+    assert flags and not any(flags)
 
 
 def test_teacher_runs_in_inference_mode_and_its_taps_train_the_student():

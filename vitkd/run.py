@@ -150,7 +150,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     check_input(student, spec.input_size, f'student {cfg.student}')
     if teacher is not None:
         check_input(teacher.model, spec.input_size, f'teacher {teacher.source}', teacher.prepare_input)
-    if accelerator.device.type == 'cpu' and cfg.mixed_precision == 'bf16':  # CPU bf16 flash-attention backward is slow
+    if accelerator.device.type == 'cpu':  # CPU flash-attention backward is slow (bf16) or no faster (fp32)
         from .models import set_fused_attention
         for model in (student, teacher.model if teacher is not None else None):
             if model is not None:
