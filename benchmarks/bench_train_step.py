@@ -4,7 +4,8 @@ Every variant runs in its own worker process, as a user runs it (vitkd's variant
 :func:`vitkd.cpu_malloc.tune_malloc`; timm.task with the C library's defaults), on the same student, teacher,
 batches and precision. The parent interleaves them in rounds (one process computes at a time, so a change of machine
 load hits every variant alike) after ≥ 3 warm-up steps each, and reports the median img/s of a full training step
-(forward, backward, AdamW step), the peak memory and the minor page faults per step:
+(forward, backward, AdamW step), the ratios as medians of the per-round ratios with their quartiles, the peak memory
+and the minor page faults per step:
 
 * ``student_only``  — vitkd's Distiller with ``none`` (task CE only; no teacher).
 * ``vitkd_live``    — vitkd's Distiller with ``deit_hard`` (α = 0.5), teacher run live (channels_last CNN teacher,
@@ -27,9 +28,9 @@ embed 96, 3 heads, 1 channel) and a random ``regnety_002`` (1 channel, 10 classe
 is ~6 % of a step; ``deit_ti_regnety160`` — DeiT's own pair at 224 px, timm's ``deit_tiny_distilled_patch16_224``
 student and a random ``regnety_160`` teacher (1000 classes), batch 16, where the teacher is most of the step. fp32 and
 bf16 autocast, every core by default (as one vitkd CPU process runs). Targets stated:
-vitkd step ≥ 1.2× timm.task's; cached-teacher step ≥ 0.9× student-only. Memory: CPU peak RSS sampled every 2 ms during
-a variant's timed steps (psutil), reported as the rise over the RSS before it (allocator caching makes it approximate);
-on CUDA ``torch.cuda.max_memory_allocated``.
+vitkd step ≥ 1.2× timm.task's; cached-teacher step ≥ 0.9× student-only. Memory: the worker process's peak RSS
+(``getrusage``: the import, the models and the steps of one loop) and its minor page faults per timed step; on CUDA
+``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_train_step.py                      # writes output/bench_train_step.json
     python benchmarks/bench_train_step.py --precisions bf16 --rounds 3 --threads 1
@@ -39,7 +40,6 @@ on CUDA ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import multiprocessing
 import os
@@ -47,7 +47,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -81,40 +80,10 @@ SETUPS = {
 }
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the context is open (sampled; psutil, else ru_maxrss)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self.base = interval, 0, 0
-        try:
-            import psutil
-            self.proc = psutil.Process()
-        except ImportError:
-            self.proc = None
-
-    def _rss(self) -> int:
-        if self.proc is not None:
-            return self.proc.memory_info().rss
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        gc.collect()
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (getrusage; KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)
 
 
 def build(args, device):
@@ -248,14 +217,13 @@ def worker(conn, name: str, args, tmp: str) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        with PeakRSS() as rss:
-            start = time.perf_counter()
-            for i in range(args.steps):
-                step(i % args.batches, batches[i % args.batches])
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - start) / args.steps
-        memory = dict(peak_rss_mb=rss.peak / 2 ** 20, rss_rise_mb=(rss.peak - rss.base) / 2 ** 20,
+        start = time.perf_counter()
+        for i in range(args.steps):
+            step(i % args.batches, batches[i % args.batches])
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / args.steps
+        memory = dict(peak_rss_mb=peak_rss_mb(),
                       page_faults_per_step=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps)
         if device.type == 'cuda':
             memory['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -310,8 +278,8 @@ def main(argv=None) -> int:
                     workers[name][1].recv()
                 times = {name: [] for name in names}
                 memory = {name: {} for name in names}
-                for _ in range(args.rounds):
-                    for name in names:
+                for r in range(args.rounds):
+                    for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: no variant always first
                         workers[name][1].send(('round', precision))
                         seconds, mem = workers[name][1].recv()
                         times[name].append(seconds)
@@ -319,8 +287,15 @@ def main(argv=None) -> int:
                             memory[name][key] = max(memory[name].get(key, value), value)
                 rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
                 spread = {name: (args.batch / max(ts), args.batch / min(ts)) for name, ts in times.items()}
-                ratios = {f'{a} / {b}': rates[a] / rates[b] for a, b in RATIOS if a in rates and b in rates}
-                results[precision] = dict(img_per_s=rates, img_per_s_range=spread, memory=memory, ratios=ratios)
+                ratios, ratio_quartiles = {}, {}
+                for a, b in RATIOS:  # per-round ratios (a drift of the machine's speed cancels within a round)
+                    if a in times and b in times:
+                        per_round = sorted(tb / ta for ta, tb in zip(times[a], times[b]))
+                        ratios[f'{a} / {b}'] = statistics.median(per_round)
+                        ratio_quartiles[f'{a} / {b}'] = statistics.quantiles(per_round, n=4)[::2] \
+                            if len(per_round) > 1 else per_round * 2
+                results[precision] = dict(img_per_s=rates, img_per_s_range=spread, memory=memory, ratios=ratios,
+                                          ratio_quartiles=ratio_quartiles)
         finally:
             for process, conn in workers.values():
                 if process.is_alive():
@@ -338,7 +313,7 @@ def main(argv=None) -> int:
     print(f'setup: {setup["student"]}, teacher {setup["teacher"]}, batch {args.batch}, {args.threads} thread(s), '
           f'{device_type}')
     print(f'NOTE: load average {load_before[0]:.1f} → {load_after[0]:.1f} on {os.cpu_count()} cores; '
-          'absolute img/s are noisy, the interleaved ratios less so (min–max per variant in the JSON)')
+          'absolute img/s are noisy, the per-round ratios less so (their quartiles in brackets)')
     for precision, res in results.items():
         print(f'\n[{precision}]  {"variant":<23}{"img/s":>9}{"peak RSS MB":>13}{"faults/step":>13}')
         for name, rate in res['img_per_s'].items():
@@ -346,8 +321,9 @@ def main(argv=None) -> int:
             print(f'{"":<8}{name:<23}{rate:>9.0f}{m["peak_rss_mb"]:>13.0f}{m["page_faults_per_step"]:>13.0f}')
         for name, value in res['ratios'].items():
             target = TARGETS.get(name)
+            low, high = res['ratio_quartiles'][name]
             verdict = '' if target is None else f'  (target ≥ {target}: {"met" if value >= target else "NOT met"})'
-            print(f'{"":<8}{name:<40}{value:>6.2f}×{verdict}')
+            print(f'{"":<8}{name:<40}{value:>6.2f}×  [{low:.2f}–{high:.2f}]{verdict}')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + '\n')
