@@ -318,7 +318,8 @@ def main(argv=None) -> int:
         print(f'\n[{precision}]  {"variant":<23}{"img/s":>9}{"peak RSS MB":>13}{"faults/step":>13}')
         for name, rate in res['img_per_s'].items():
             m = res['memory'][name]
-            print(f'{"":<8}{name:<23}{rate:>9.0f}{m["peak_rss_mb"]:>13.0f}{m["page_faults_per_step"]:>13.0f}')
+            print(f'{"":<8}{name:<23}{rate:>9.{0 if rate >= 100 else 2}f}{m["peak_rss_mb"]:>13.0f}'
+                  f'{m["page_faults_per_step"]:>13.0f}')
         for name, value in res['ratios'].items():
             target = TARGETS.get(name)
             low, high = res['ratio_quartiles'][name]
