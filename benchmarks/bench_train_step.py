@@ -25,7 +25,7 @@ and the minor page faults per step:
 
 Setups (``--setup``): ``embedded`` (default) — the embedded student (``deit_ti_distilled`` img 28, patch 4, depth 4,
 embed 96, 3 heads, 1 channel) and a random ``regnety_002`` (1 channel, 10 classes) teacher, batch 128, where the teacher
-is ~6 % of a step; ``deit_ti_regnety160`` — DeiT's own pair at 224 px, timm's ``deit_tiny_distilled_patch16_224``
+is ~9 % of a step; ``deit_ti_regnety160`` — DeiT's own pair at 224 px, timm's ``deit_tiny_distilled_patch16_224``
 student and a random ``regnety_160`` teacher (1000 classes), batch 16, where the teacher is most of the step. fp32 and
 bf16 autocast, every core by default (as one vitkd CPU process runs). Targets stated:
 vitkd step ≥ 1.2× timm.task's; cached-teacher step ≥ 0.9× student-only. Memory: the worker process's peak RSS

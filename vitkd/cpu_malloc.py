@@ -6,8 +6,9 @@ back to the kernel (the main heap's top above the trim threshold, the OpenMP thr
 re-faults its memory page by page: 17,500–35,000 minor faults per step for timm.task's embedded step, 800,000 for its
 224-px step with RegNetY-160 (3.2 GB of pages zeroed per step; README "Scale and speed"). :func:`tune_malloc` turns
 glibc's use of ``mmap`` for single allocations off and trims only above 1 GiB, so the step reuses its own pages
-(≤ ~1,000 faults per step in both; the 224-px step 1.81× faster). The cost: the process keeps its peak heap until it exits. Intel's ``torch.backends.xeon.run_cpu``
-gets a similar effect by preloading jemalloc or tcmalloc; this needs no extra library.
+(≤ ~1,000 faults per step in both; the 224-px step 1.81× faster). The cost: the process keeps its peak heap until it
+exits. Intel's ``torch.backends.xeon.run_cpu`` gets a similar effect by preloading jemalloc or tcmalloc; this needs
+no extra library.
 """
 from __future__ import annotations
 
