@@ -19,16 +19,19 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from engine import NonFiniteLossError, TrainState, evaluate, evaluate_teacher, train_one_epoch
+from engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
 from vitkd import run as runlib
 from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
 from vitkd.config import parse_args, to_yaml
-from vitkd.errors import UsageError
+from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
 from vitkd.hub import push_run_to_hub
+from vitkd.rundir import RunFinished, release_all
+from vitkd.training import NonFiniteGuard
 
 _logger = logging.getLogger('vitkd')
 
@@ -55,8 +58,10 @@ def train(argv=None) -> int:
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
         f'{r.teacher.source if r.teacher else "none"}, methods {methods}, '
         f'{len(r.train_loader.dataset)} train / {len(r.val_loader.dataset)} val images, global batch '
-        f'{r.global_batch}, lr {r.lr:.2e}')
-    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv)
+        f'{r.global_batch}, lr {r.lr:.2e}, precision {accelerator.mixed_precision} on {accelerator.device}'
+        f'{" (TF32 on)" if accelerator.device.type == "cuda" and cfg.cuda_tf32 else ""}')
+    guard = NonFiniteGuard(cfg.nan_policy, r.distiller_unwrapped, accelerator, out_dir)
+    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv, before_save=guard.raise_if_bad)
     ckpt.resume(resume_from)
     out_dir = runlib.prepare_output_dir(cfg, accelerator)
     if accelerator.is_main_process:
@@ -71,14 +76,14 @@ def train(argv=None) -> int:
         r.state.deadline = time.time() + cfg.time_limit
     start = time.time()
     logger = runlib.MetricLogger(out_dir, accelerator, cfg)
-    metrics, train_stats, stopped = _fit(cfg, r, accelerator, ckpt, logger, out_dir)
+    metrics, train_stats, stopped = _fit(cfg, r, accelerator, ckpt, logger, guard)
     if stopped is not None:
         return stopped
     return _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics, train_stats,
                    time.time() - start)
 
 
-def _fit(cfg, r, accelerator, ckpt, logger, out_dir) -> tuple[dict, dict, int | None]:
+def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | None]:
     """The epochs: train, evaluate when due, log, checkpoint. Returns (last metrics, last epoch's train stats, the exit
     code when a signal stopped the run, else None)."""
     log, state = accelerator.print, r.state
@@ -86,11 +91,8 @@ def _fit(cfg, r, accelerator, ckpt, logger, out_dir) -> tuple[dict, dict, int | 
     with ckpt.signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
         while state.epoch < cfg.epochs and not state.stop_reason:
             epoch = state.epoch
-            r.distiller_unwrapped.teacher and r.distiller_unwrapped.teacher.train(False)
-            train_stats = train_one_epoch(r.distiller, r.train_loader, r.optimizer, r.scheduler, accelerator, r.mixer,
-                                          state, r.spec.num_classes, cfg.clip_grad, r.ema, cfg.log_every, logger.step,
-                                          teacher_cache=r.teacher_cache, step_hook=ckpt.step_hook,
-                                          nan_policy=cfg.nan_policy, report_dir=out_dir)
+            train_stats = train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
+                                          cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook)
             faults = runlib.format_faults(train_stats)
             if faults:
                 log(f'warning: epoch {epoch}: {faults}')
@@ -161,33 +163,78 @@ def _rng_untouched(accelerator):
 
 
 def _one_line(error: BaseException) -> str:
-    """One line: an error raised in a data-loader worker arrives wrapped in the worker's traceback (keep its last
-    line); any other message has its line breaks folded."""
+    """The user's line for ``error``: one line, whatever the message looked like.
+
+    An error raised in a data-loader worker arrives wrapped in the worker's traceback (its last line is the error:
+    keep it, without the ``module.Class:`` prefix); an ``OSError`` without a message names its file and strerror;
+    any other message has its line breaks folded.
+    """
     text = str(error).strip()
     if '\n' in text and 'Traceback' in text:
         text = text.splitlines()[-1]
         text = text.split(': ', 1)[1] if ': ' in text and '.' in text.split(': ', 1)[0] else text
-    return ' '.join(text.split())
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, VitkdError):
+        text = f'{error.filename}: {error.strerror}' if error.filename else error.strerror
+    return ' '.join(text.split()) or type(error).__name__
+
+
+def _failure(error: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) of an exception that ended the command (see :mod:`vitkd.errors` for the codes)."""
+    if isinstance(error, VitkdError):
+        return error.exit_code, _one_line(error)
+    if isinstance(error, NonFiniteLossError):
+        return 3, (f'{_one_line(error)}; the run stopped (--nan-policy stop) before saving that step: resume from '
+                   'the last checkpoint with --resume auto, adding --nan-policy skip to skip such steps')
+    if isinstance(error, KeyboardInterrupt):
+        return 130, 'interrupted (Ctrl-C) before training started; nothing was saved'
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return RESOURCE_ERROR, (f'out of memory ({_one_line(error)}); lower --batch-size (--grad-accum-steps keeps the '
+                                'effective batch) or --num-workers')
+    if isinstance(error, OSError):
+        return RunDirError.exit_code, (f'{_one_line(error)}; check that the path exists, is readable/writable and '
+                                       'that the disk is not full')
+    return INTERNAL_ERROR, (f'internal error ({type(error).__name__}: {_one_line(error)}); this is a bug in vitkd: '
+                            'rerun with --debug (or VITKD_DEBUG=1) and report the traceback')
+
+
+def _debug_requested(argv) -> bool:
+    return '--debug' in argv or os.environ.get('VITKD_DEBUG', '').lower() not in ('', '0', 'false', 'no')
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of an ``accelerate launch``/torchrun job (the launcher's RANK), or a single process."""
+    return os.environ.get('RANK', '0') == '0'
 
 
 def main(argv=None) -> int:
-    """The command line. Exit codes: 0 done; 2 a usage error (one line on stderr, before anything is written;
-    VITKD_DEBUG=1 shows tracebacks); 3 a non-finite loss under --nan-policy stop; 1 an output that could not be
-    written (e.g. a full disk; the last checkpoint is intact); 4 a failed --push-to-hub; 128+N stopped by signal N."""
+    """The command line, and the one error boundary of vitkd.
+
+    Every failure ends in one line ``error: ...`` on stderr, naming the bad value or file and what is accepted or
+    what to do, and the exit code of :mod:`vitkd.errors` (0 done; 1 an output could not be written, the last
+    checkpoint is intact; 2 a usage error, nothing written; 3 a non-finite loss under --nan-policy stop; 4 a Hub
+    failure; 5 unreadable data; 6 an I/O failure or an unusable run dir; 7 out of memory; 70 a bug; 128+N stopped
+    by signal N). Tracebacks only with ``--debug`` or ``VITKD_DEBUG=1``. Under ``accelerate launch`` every process
+    returns the same code (the checks before the build run on every process, a failed save is agreed on by all)
+    and only the main process prints the line.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         return train(argv)
-    except UsageError as e:
-        if os.environ.get('VITKD_DEBUG'):
-            raise
-        print(f'error: {_one_line(e)}', file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f'error: {e}; the run stopped (--nan-policy stop) without applying that step: resume from the last '
-              'checkpoint with --resume auto, adding --nan-policy skip to skip such steps', file=sys.stderr)
-        return 3
-    except SaveError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    except SystemExit:  # argparse's --help
+        raise
+    except RunFinished as e:  # --resume auto on a finished run: nothing to do, not a failure
+        if _is_main_process():
+            print(e, flush=True)
+        return e.exit_code
+    except BaseException as e:  # noqa: BLE001 - the boundary: every failure becomes one line and an exit code
+        code, message = _failure(e)
+        if _debug_requested(argv):
+            traceback.print_exc()
+        if _is_main_process():
+            print(f'error: {message}', file=sys.stderr, flush=True)
+        return code
+    finally:
+        release_all()  # the run dir's lock (vitkd/rundir.py), however the command ended
 
 
 if __name__ == '__main__':

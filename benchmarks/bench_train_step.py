@@ -44,7 +44,6 @@ import json
 import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -52,19 +51,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from timm.loss import SoftTargetCrossEntropy  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
 
-import vitkd  # noqa: E402,F401
-from vitkd.distiller import Distiller, LossEntry  # noqa: E402
-from vitkd.losses import RunInfo, create_loss  # noqa: E402
+from _common import build_models, make_batches as common_batches, peak_rss_mb, rates, speed_ratios  # noqa: E402
+from _common import timm_task_step, vitkd_step  # noqa: E402
 from vitkd.cpu_malloc import tune_malloc  # noqa: E402
-from vitkd.models import Teacher, set_fused_attention  # noqa: E402
-from vitkd.teacher_cache import TeacherCache  # noqa: E402
 
 TARGETS = {'vitkd_live / timm_task': 1.2, 'vitkd_compiled / timm_task_compiled': 1.2,
            'vitkd_cached / student_only': 0.9}
@@ -80,96 +72,27 @@ SETUPS = {
 }
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (getrusage; KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)
-
-
 def build(args, device):
-    torch.manual_seed(0)
-    student = vitkd.create_student(args.student, args.classes, **args.student_kwargs)
-    torch.manual_seed(1)
-    teacher_model = timm.create_model(args.teacher, num_classes=args.classes, in_chans=args.in_chans).eval()
-    return student.to(device), teacher_model.to(device)
+    return build_models(args.student, args.student_kwargs, args.teacher, args.classes, args.in_chans, device)
 
 
 def make_batches(args, device):
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for b in range(args.batches):
-        x = torch.randn(args.batch, args.in_chans, args.img, args.img, generator=g)
-        labels = torch.randint(0, args.classes, (args.batch,), generator=g)
-        targets = F.one_hot(labels, args.classes).float() * 0.9 + 0.1 / args.classes
-        index = torch.arange(b * args.batch, (b + 1) * args.batch)
-        batches.append(tuple(t.to(device) for t in (x, targets, labels, index)))
-    return batches
-
-
-def autocast(device, precision):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+    return common_batches(args.batches, args.batch, args.in_chans, args.img, args.classes, device)
 
 
 def vitkd_variant(student, teacher, loss: str, args, device, precision, cache_dir=None, channels_last=None,
                   fused_attention=None, compiled=False):
-    """Step function of a vitkd Distiller; with ``cache_dir`` the teacher outputs are replayed from a cache."""
-    t = Teacher(teacher, args.teacher, channels_last=channels_last) if teacher is not None else None
-    if fused_attention is None:  # vitkd's choice (build_run): unfused attention on CPU
-        fused_attention = device.type != 'cpu'
-    set_fused_attention(student, fused_attention)
-    info = RunInfo(num_classes=args.classes, input_size=(args.in_chans, args.img, args.img))
-    distiller = Distiller(student, t, [LossEntry(create_loss(loss))], info).to(device)
-    if compiled:
-        t.compile()
-        distiller.compile_student()
-    opt = create_optimizer_v2(distiller, 'adamw', lr=1e-3, weight_decay=0.05)
-    cache = None
-    if cache_dir is not None:
-        n = args.batches * args.batch
-        meta = dict(num_samples=n, num_classes=args.classes, topk=args.classes, pooled_dim=None, logits=True,
-                    pooled=False)
-        cache = TeacherCache(cache_dir, meta, 1, distiller.teacher_features, device=device)
-        seeds = np.arange(n, dtype=np.uint64)
-        cache.begin_epoch(0, seeds)
-        with torch.no_grad(), autocast(device, precision):
-            for b, (x, _, _, index) in enumerate(make_batches(args, device)):
-                cache.features(x, index, b)
-        cache.end_epoch(complete=True)
-        assert cache.begin_epoch(0, seeds) == 'replay'
-    distiller.train()
-
-    def step(batch_no, batch):
-        x, targets, labels, index = batch
-        with autocast(device, precision):
-            feats = cache.features(x, index, batch_no) if cache is not None else None
-            out = distiller(x, targets, labels, index=index, teacher_features=feats)
-        loss_value = out['loss']
-        loss_value.item()  # the engine's non-finite check syncs every step too
-        loss_value.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    """Step function of a vitkd Distiller (``_common.vitkd_step``, reading the loss on the host every step as the
+    engine's CPU path does); with ``cache_dir`` the teacher outputs are replayed from a cache."""
+    step = vitkd_step(student, teacher, args.teacher, loss, make_batches(args, device), device, precision,
+                      cache_dir=cache_dir, channels_last=channels_last, fused_attention=fused_attention,
+                      compiled=compiled)
+    return lambda batch_no, batch: step(batch_no)
 
 
 def timm_task_variant(student, teacher, args, device, precision, compiled=False):
-    from timm.task import DistillationTeacher, TokenDistillationTask
-    task = TokenDistillationTask(student_model=student, teacher_model=DistillationTeacher(teacher),
-                                 criterion=SoftTargetCrossEntropy(), distill_type='hard', task_loss_weight=0.5,
-                                 device=device, verbose=False)
-    task.train()
-    if compiled:
-        task.compile()
-    opt = create_optimizer_v2(task.trainable_module, 'adamw', lr=1e-3, weight_decay=0.05)
-
-    def step(batch_no, batch):
-        x, targets, _, _ = batch
-        with autocast(device, precision):
-            out = task(x, targets)
-        out['loss'].item()
-        out['loss'].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    step = timm_task_step(student, teacher, make_batches(args, device), device, precision, compiled=compiled)
+    return lambda batch_no, batch: step(batch_no)
 
 
 def build_variant(name: str, args, device, precision, tmp: Path):
@@ -285,16 +208,10 @@ def main(argv=None) -> int:
                         times[name].append(seconds)
                         for key, value in mem.items():
                             memory[name][key] = max(memory[name].get(key, value), value)
-                rates = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
-                spread = {name: (args.batch / max(ts), args.batch / min(ts)) for name, ts in times.items()}
-                ratios, ratio_quartiles = {}, {}
-                for a, b in RATIOS:  # per-round ratios (a drift of the machine's speed cancels within a round)
-                    if a in times and b in times:
-                        per_round = sorted(tb / ta for ta, tb in zip(times[a], times[b]))
-                        ratios[f'{a} / {b}'] = statistics.median(per_round)
-                        ratio_quartiles[f'{a} / {b}'] = statistics.quantiles(per_round, n=4)[::2] \
-                            if len(per_round) > 1 else per_round * 2
-                results[precision] = dict(img_per_s=rates, img_per_s_range=spread, memory=memory, ratios=ratios,
+                img_per_s, spread = rates(times, args.batch)
+                # per-round ratios (a drift of the machine's speed cancels within a round)
+                ratios, ratio_quartiles = speed_ratios(times, RATIOS)
+                results[precision] = dict(img_per_s=img_per_s, img_per_s_range=spread, memory=memory, ratios=ratios,
                                           ratio_quartiles=ratio_quartiles)
         finally:
             for process, conn in workers.values():

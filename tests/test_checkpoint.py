@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves, keep-last/best, strict loading, and exact resume after SIGKILL / SIGTERM.
+"""Checkpoints: atomic saves, keep-last/best, strict loading, the EMA, and exact resume after SIGKILL / SIGTERM /
+SIGINT.
 
 The end-to-end tests train a tiny VkD student (32 px, 2 blocks, width 32) with a random regnety_002 teacher, the VkD
 loss (a trainable orthogonal projector, so the checkpoint holds distillation parts), EMA and timm's full DeiT
@@ -294,6 +295,55 @@ def test_resume_after_sigkill_mid_epoch_is_bit_identical(data, reference, tmp_pa
     assert m, result.stdout[-2000:]
     epoch, step, batch, per_epoch = map(int, m.groups())
     assert 0 < batch < per_epoch == 8 and step == 8 * epoch + batch  # a mid-epoch checkpoint
+    assert_same_as_reference(reference, out)
+
+
+def test_ema_follows_the_update_rule_through_the_run(data, tmp_path):
+    """The run's EMA (``--model-ema``), read back from per-step checkpoints, against the rule recomputed here:
+    E₁ = θ₁ (timm's first update copies), then E_k = d·E_{k−1} + (1 − d)·θ_k for every float tensor, buffers too."""
+    out, decay = tmp_path / 'run', 0.75
+    args = train_args(data, out) + ['--model-ema-decay', str(decay), '--save-every-steps', '1', '--max-steps', '3',
+                                    '--keep-last', '3', '--epochs', '1']
+    result = run_main(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [out / 'checkpoints' / f'step_{k:08d}' for k in (1, 2, 3)]
+    ema = [{k.removeprefix('module.'): v for k, v in load_file(str(s / 'ema.safetensors')).items()} for s in steps]
+    student = [{k.removeprefix('student.'): v for k, v in load_file(str(s / 'model.safetensors')).items()
+                if k.startswith('student.')} for s in steps]
+    assert ema[0].keys() == student[0].keys()
+    floats = [k for k, v in ema[0].items() if v.is_floating_point()]
+    assert len(floats) > 20
+    for k in floats:
+        torch.testing.assert_close(ema[0][k], student[0][k], rtol=0, atol=0)
+        for i in (1, 2):
+            torch.testing.assert_close(ema[i][k], decay * ema[i - 1][k] + (1 - decay) * student[i][k],
+                                       rtol=1e-6, atol=1e-6, msg=f'{k} at step {i + 1}')
+    moved = [k for k in floats if not torch.equal(ema[2][k], student[2][k])]
+    assert len(moved) > len(floats) // 2  # the average really lags the weights
+    exported = load_file(str(out / 'student_ema' / 'model.safetensors'))
+    assert all(torch.equal(exported[k], ema[2][k]) for k in floats if k in exported)
+
+
+def test_sigint_saves_at_a_step_boundary_and_resumes_exactly(data, reference, tmp_path):
+    """Ctrl-C (SIGINT, main process only; loader workers ignore it): checkpoint at the next step boundary, exit
+    128 + SIGINT, and ``--resume auto`` ends bit-identical to the uninterrupted reference."""
+    out = tmp_path / 'run'
+    args = train_args(data, out) + ['--log-every', '1']
+    proc = start_main(args, tmp_path / 'int.log')
+    log = out / 'log.jsonl'
+    wait_for(lambda: log.exists() and '"step": 2,' in log.read_text(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    text = (tmp_path / 'int.log').read_text()
+    assert proc.returncode == 128 + signal.SIGINT, text[-3000:]
+    m = re.search(r'stopped by SIGINT at epoch (\d+), step (\d+) \(batch (\d+)/8\); checkpoint (\S+)', text)
+    assert m, text[-3000:]
+    step, saved = int(m.group(2)), Path(m.group(4))
+    assert step >= 2 and saved.name == f'step_{step:08d}' and (saved / 'trainer_state.json').exists()
+    assert not (out / 'student').exists()
+    result = run_main(args + ['--resume', 'auto'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'resumed from {saved}' in result.stdout
     assert_same_as_reference(reference, out)
 
 

@@ -86,10 +86,21 @@ def test_crd_loss_matches_eq18_loop():
     assert swapped != pytest.approx(expected, rel=1e-6)  # anchors must read the *other* network's bank
 
 
-def test_positive_above_negatives_gives_smaller_loss():
-    good = torch.tensor([[5.0, 0.1, 0.2, 0.1]])
-    bad = torch.tensor([[0.1, 5.0, 0.2, 0.1]])
-    assert nce_loss(good, 100).item() < nce_loss(bad, 100).item()
+def test_nce_loss_is_the_binary_noise_contrastive_log_loss():
+    """Eq. 18 per row by hand (positive: log P/(P + K/N + ε); negatives: log (K/N)/(P + K/N + ε)), its gradient
+    signs (raising the positive lowers the loss, raising a negative raises it) and its limits."""
+    probs = torch.tensor([[5.0, 0.1, 0.2, 0.1], [0.3, 2.0, 0.05, 0.7]], dtype=torch.float64, requires_grad=True)
+    n, eps = 100, 1e-7
+    c = 3 / n
+    by_hand = -sum(math.log(row[0] / (row[0] + c + eps)) + sum(math.log(c / (p + c + eps)) for p in row[1:])
+                   for row in probs.tolist()) / 2
+    loss = nce_loss(probs, n)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-12)
+    loss.backward()
+    assert (probs.grad[:, 0] < 0).all() and (probs.grad[:, 1:] > 0).all()
+    # a confident positive and silent negatives cost nothing; the reverse costs without bound
+    assert nce_loss(torch.tensor([[1e9, 0.0, 0.0, 0.0]], dtype=torch.float64), n).item() < 2e-5
+    assert nce_loss(torch.tensor([[1e-9, 1e3, 1e3, 1e3]], dtype=torch.float64), n).item() > 30
 
 
 def test_first_step_sets_z_scoring_uses_pre_update_banks_then_update():

@@ -6,11 +6,13 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitkd
-from engine import NonFiniteLossError, TrainState, _topk_correct, evaluate, train_one_epoch
+from engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from vitkd.build import BatchMixer, build_optimizer, build_scheduler
 from vitkd.config import Config
 from vitkd.distiller import Distiller, LossEntry
+from vitkd.evaluation import _topk_correct
 from vitkd.losses import RunInfo, create_loss
+from vitkd.training import EpochBatches, NonFiniteGuard
 
 
 class _Indexed(TensorDataset):
@@ -41,7 +43,8 @@ def test_two_steps_change_the_student_and_not_the_teacher():
     student_before = {k: v.clone() for k, v in distiller.student.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     state = TrainState(max_steps=2)
-    stats = train_one_epoch(model, loader, optimizer, scheduler, accelerator, BatchMixer(cfg, 10), state, 10)
+    stats = train_one_epoch(model, EpochBatches(loader, accelerator, BatchMixer(cfg, 10)), optimizer, scheduler,
+                            accelerator, state, NonFiniteGuard('stop', model, accelerator))
     assert state.step == 2 and state.stop_reason.startswith('max_steps')
     assert set(stats) >= {'loss', 'task', 'deit_hard.hard', 'img_per_s'}
     changed = [k for k, v in distiller.student.state_dict().items() if not torch.equal(v, student_before[k])]
@@ -69,7 +72,8 @@ def test_non_finite_loss_stops_with_the_term_named():
         distiller.student.head_dist.weight.fill_(float('nan'))
     accelerator = Accelerator(cpu=True)
     with pytest.raises(NonFiniteLossError, match=r'non-finite loss.*kd\.kl.*step'):
-        train_one_epoch(distiller, loader, optimizer, scheduler, accelerator, BatchMixer(cfg, 10), TrainState(), 10)
+        train_one_epoch(distiller, EpochBatches(loader, accelerator, BatchMixer(cfg, 10)), optimizer, scheduler,
+                        accelerator, TrainState(), NonFiniteGuard('stop', distiller, accelerator))
 
 
 class _FixedHeads(nn.Module):

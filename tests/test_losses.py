@@ -13,6 +13,7 @@ from vitkd.features import Features
 from vitkd.losses import LOSS_REGISTRY, LossSpecError, RunInfo, create_loss
 from vitkd.losses.base import Batch
 from vitkd.losses.functional import kl_div_logits
+from vitkd.training import TrainBatch
 
 NUM_CLASSES = 10
 # an epoch where each method's own phase trains the student (FT pre-trains its paraphraser alone for 30 epochs)
@@ -61,7 +62,7 @@ def test_every_loss_trains_the_student_and_never_the_teacher(name, student_kind)
         x = torch.randn(8, 3, 32, 32)
         labels = torch.randint(0, NUM_CLASSES, (8,))
         targets = F.one_hot(labels, NUM_CLASSES).float()
-        out = distiller(x, targets, labels, index=torch.arange(8) + 8 * step, epoch=EPOCH.get(name, 1.5), step=step)
+        out = distiller(TrainBatch(x, targets, labels, index=torch.arange(8) + 8 * step, epoch=EPOCH.get(name, 1.5), step=step))
         assert torch.isfinite(out['loss'])
         assert all(torch.isfinite(v).all() for v in out['terms'].values())
         optimizer.zero_grad()

@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from vitkd.build import build_losses
-from vitkd.centers import (CentersError, attach_class_centers, centers_for_run, compute_class_centers,
-                           compute_or_load_centers, load_centers, save_centers)
+from vitkd.centers import (CentersError, centers_for_run, compute_class_centers, compute_or_load_centers, load_centers,
+                           save_centers)
 from vitkd.config import load_yaml, resolve
+from vitkd.losses import RunContext
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import Features
-from vitkd.losses import Batch, LossSpecError, RunInfo, create_loss
+from vitkd.losses import Batch, DistillationLoss, LossSpecError, RunInfo, create_loss
 from vitkd.losses.functional import kl_div_logits, soft_target_cross_entropy
 from vitkd.losses.nd import make_adapter, mix_centers, nd_loss, nd_per_sample, smooth_batch_centers
 from vitkd.models import create_student, create_teacher
+from vitkd.training import TrainBatch
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10
@@ -150,10 +152,10 @@ def test_set_centers_forward_and_errors(teacher):
     student = _tiny_student()
     distiller = Distiller(student, teacher, [LossEntry(create_loss('nd'), 1.0)], _info())
     nd = distiller.losses['nd']
-    assert not nd.has_centers and nd.needs_class_centers
+    assert not nd.has_centers and type(nd).prepare_for_run is not DistillationLoss.prepare_for_run
     images, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 7])
     with pytest.raises(LossSpecError, match='class centres'):
-        distiller(images, torch.zeros(4, K), y)
+        distiller(TrainBatch(images, torch.zeros(4, K), y))
     d_t = teacher.model.num_features
     with pytest.raises(LossSpecError, match='shape'):
         nd.set_centers(torch.randn(K, d_t + 1))
@@ -165,7 +167,7 @@ def test_set_centers_forward_and_errors(teacher):
     nd.set_centers(centers, {'teacher': 'x'})
     assert torch.equal(nd.state_dict()['centers'], centers)  # saved with the checkpoints
     distiller.eval()  # adapter dropout/BN deterministic for the comparison below
-    out = distiller(images, torch.zeros(4, K), y)
+    out = distiller(TrainBatch(images, torch.zeros(4, K), y))
     s_feats = distiller.student.forward_head(distiller.student.forward_features(images), pre_logits=True)
     t_feats = teacher.model.forward_head(teacher.model.forward_features(teacher.prepare_input(images)),
                                          pre_logits=True)
@@ -173,7 +175,7 @@ def test_set_centers_forward_and_errors(teacher):
     assert out['terms']['nd.nd'].item() == pytest.approx(ref.item(), rel=1e-5)
     # mixup: centres mixed with the batch's λ and pairing
     lam = 0.3
-    out = distiller(images, torch.zeros(4, K), y, labels_b=y.flip(0), lam=lam)
+    out = distiller(TrainBatch(images, torch.zeros(4, K), y, labels_b=y.flip(0), lam=lam))
     ref = nd_loss(nd.adapter(s_feats), t_feats, lam * centers[y] + (1 - lam) * centers[y.flip(0)])
     assert out['terms']['nd.nd'].item() == pytest.approx(ref.item(), rel=1e-5)
 
@@ -269,7 +271,7 @@ def test_cache_reused_and_invalidated(teacher, tmp_path, monkeypatch):
 
 
 def test_run_hook_on_fashion_mnist(tmp_path, monkeypatch):
-    """centers_for_run / attach_class_centers on a small stratified subset of the embedded data set."""
+    """centers_for_run / the distiller's prepare_for_run hook on a small stratified subset of the embedded data set."""
     cfg = resolve({'teacher': 'regnety_002', 'teacher_pretrained': False, 'teacher_kwargs': ['in_chans=1'],
                    'train_subset': '0.002', 'num_workers': 0, 'batch_size': 64, 'distill': ['nd']})
     torch.manual_seed(2)
@@ -281,7 +283,7 @@ def test_run_hook_on_fashion_mnist(tmp_path, monkeypatch):
                                                                                                   range(K)])
     distiller = build_distiller(cfg, student, teacher1, spec, num_samples=120, steps_per_epoch=1)
     calls = _count_forwards(teacher1.model, monkeypatch)
-    attach_class_centers(distiller, cfg, teacher1, spec, cache_dir=tmp_path)
+    distiller.prepare_for_run(RunContext(cfg, teacher1, spec, cache_dir=tmp_path))
     nd = distiller.losses['nd']
     assert nd.has_centers and sum(calls) == 120 and nd.centers_provenance['num_samples'] == 120
     assert 'RandomResizedCrop' in nd.centers_provenance['transform']
@@ -297,7 +299,49 @@ def test_run_hook_on_fashion_mnist(tmp_path, monkeypatch):
     distiller2 = build_distiller(cfg2, create_student('deit_ti_distilled', K, **cfg.student_kwargs), teacher1, spec,
                                  num_samples=120, steps_per_epoch=1)
     with pytest.raises(CentersError, match='computed with teacher'):
-        attach_class_centers(distiller2, cfg2, teacher1, spec, cache_dir=tmp_path)
+        distiller2.prepare_for_run(RunContext(cfg2, teacher1, spec, cache_dir=tmp_path))
+
+
+class _OneOfTwoRanks:
+    """Stands in for one process of two, the ranks run one after the other: ``reduce`` records what this rank sends
+    and adds what the other rank sent (given when rank 1 ran first)."""
+
+    def __init__(self, rank: int, partner_sent=()):
+        self.process_index, self.num_processes, self.is_main_process = rank, 2, rank == 0
+        self.device = torch.device('cpu')
+        self.sent, self.partner = [], list(partner_sent)
+
+    def reduce(self, tensor, reduction):
+        assert reduction == 'sum'
+        self.sent.append(tensor.clone())
+        return tensor + self.partner.pop(0) if self.partner else tensor
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_centres_split_across_two_processes_equal_one_process(tmp_path, monkeypatch):
+    """Each rank runs the teacher on half the images (r, r + 2, …); the all-reduced sums give the one-process centres
+    (each image's crop is seeded by its index, whatever rank loads it), and only rank 0 writes the cache file."""
+    cfg = resolve({'teacher': 'regnety_002', 'teacher_pretrained': False, 'teacher_kwargs': ['in_chans=1'],
+                   'train_subset': '0.002', 'num_workers': 0, 'batch_size': 32, 'distill': ['nd']})
+    torch.manual_seed(3)
+    teacher = create_teacher('regnety_002', K, pretrained=False, in_chans=1)
+    from vitkd.data import DataSpec
+    spec = DataSpec(num_classes=K, input_size=(1, 28, 28), mean=(0.286,), std=(0.353,),
+                    classes=[str(i) for i in range(K)])
+    calls = _count_forwards(teacher.model, monkeypatch)
+    single, _ = centers_for_run(cfg, teacher, spec, cache_dir=tmp_path / 'one')
+    assert sum(calls) == 120
+    calls.clear()
+    rank1 = _OneOfTwoRanks(1)
+    centers_for_run(cfg, teacher, spec, rank1, cache_dir=tmp_path / 'two')
+    assert sum(calls) == 60 and not list((tmp_path / 'two').glob('*.safetensors'))  # rank 1 writes nothing
+    calls.clear()
+    split, path = centers_for_run(cfg, teacher, spec, _OneOfTwoRanks(0, rank1.sent), cache_dir=tmp_path / 'two')
+    assert sum(calls) == 60 and path.is_file()
+    torch.testing.assert_close(split, single, atol=1.01e-4, rtol=0)  # values rounded to 4 decimals either way
+    assert (split - single).abs().max() < 1e-6 or (split != single).float().mean() < 0.01
 
 
 def test_nd_warmup():
@@ -335,14 +379,14 @@ def test_preset_warmup_masks_and_composition(name, teacher):
     g = torch.Generator().manual_seed(6)
     images, y = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([1, 5, 5, 9])
     targets = torch.nn.functional.one_hot(y, K).float()
-    out0 = distiller(images, targets, y, epoch=0.0)
+    out0 = distiller(TrainBatch(images, targets, y, epoch=0.0))
     weighted = {n: e.weight_at(0.0) * sum(v for t, v in out0['terms'].items() if t.startswith(f'{n}.'))
                 for n, e in distiller.entries.items()}
     active = {n for n, v in weighted.items() if float(v) != 0.0}
     assert active == PRESETS[name]
     # from the end of the warm-ups on, every term carries its full weight; "++" = base loss + λ_nd·ND, nothing else
     late = 25.0
-    out = distiller(images, targets, y, epoch=late)
+    out = distiller(TrainBatch(images, targets, y, epoch=late))
     s = distiller.student
     final = s.forward_features(images)
     z_cls, z_dist = s.head(final[:, 0]), s.head_dist(final[:, 1])

@@ -454,7 +454,7 @@ def test_no_skip_corrupt_fails_in_one_line_naming_the_file(workers, tmp_path, ca
     args = base_args(root, tmp_path / 'run') + ['--batch-size', '6', '--num-workers', str(workers),
                                                 '--no-skip-corrupt']
     code, out, err = run(args, capsys)
-    assert code == 2
+    assert code == 5  # vitkd.errors.DataFailure
     line = error_line(err)
     assert 'unreadable image' in line and any(name in line for name in bad) and '--skip-corrupt' in line, line
 
@@ -470,7 +470,7 @@ def test_unreadable_validation_image_is_left_out_of_the_metrics(tmp_path, capsys
     assert best['samples'] == 8 and best['unreadable'] == 1
     assert 'zbad.png' in '\n'.join(r.getMessage() for r in caplog.records)
     code, _, err = run(base_args(root, tmp_path / 'run2') + ['--no-skip-corrupt'], capsys)
-    assert code == 2 and 'zbad.png' in error_line(err) and '--skip-corrupt' in error_line(err)
+    assert code == 5 and 'zbad.png' in error_line(err) and '--skip-corrupt' in error_line(err)
 
 
 def test_empty_class_folder_is_reported(tmp_path, caplog):
@@ -499,12 +499,11 @@ class Toy(nn.Module):
         self.bn = nn.BatchNorm1d(3)  # running statistics: a forward changes them even when the step is skipped
         self.poison, self.mode = set(poison), mode
 
-    def forward(self, images, targets, labels, labels_b=None, lam=1.0, index=None, epoch=0.0, step=0,
-                teacher_features=None):
-        logits = self.bn(self.fc(images.flatten(1)))
-        task = F.cross_entropy(logits, labels)
+    def forward(self, batch):
+        logits = self.bn(self.fc(batch.images.flatten(1)))
+        task = F.cross_entropy(logits, batch.labels)
         probe = 0.1 * (logits ** 2).mean()
-        if any(int(i) in self.poison for i in index):
+        if any(int(i) in self.poison for i in batch.host_index):
             if self.mode == 'loss':
                 probe = probe * float('nan')
             else:  # value 0, gradient 0 · ∞ = NaN: a finite loss with non-finite gradients
@@ -527,13 +526,15 @@ def train(model, loader, report_dir=None, policy='stop'):
     from accelerate import Accelerator
 
     from engine import TrainState, train_one_epoch
+    from vitkd.training import EpochBatches, NonFiniteGuard
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)  # decay: a zero-grad step moves
     state = TrainState()
+    accelerator = Accelerator(cpu=True)
 
     def mix(images, labels):
         return images, F.one_hot(labels, 3).float(), {'labels_b': labels, 'lam': 1.0}
-    stats = train_one_epoch(model, loader, optimizer, ConstantLr(), Accelerator(cpu=True), mix, state, 3,
-                            log_every=1, nan_policy=policy, report_dir=report_dir)
+    stats = train_one_epoch(model, EpochBatches(loader, accelerator, mix), optimizer, ConstantLr(), accelerator, state,
+                            NonFiniteGuard(policy, model, accelerator, report_dir), log_every=1)
     return stats, state
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 import vitkd
 from engine import TrainState, train_one_epoch
+from vitkd.training import EpochBatches, NonFiniteGuard
 from vitkd.build import BatchMixer
 from vitkd.config import Config
 from vitkd.data import ArrayImageDataset, EpochSampler, IndexedDataset, TransformedDataset
@@ -97,8 +98,9 @@ def _setup(cfg: Config):
 def _epoch(setup, epoch: int, cache) -> list[dict]:
     accelerator, model, _, optimizer, loader, mixer = setup
     records = []
-    train_one_epoch(model, loader, optimizer, _NoSchedule(), accelerator, mixer, TrainState(epoch=epoch), K,
-                    log_every=1, log_fn=records.append, teacher_cache=cache)
+    train_one_epoch(model, EpochBatches(loader, accelerator, mixer, cache), optimizer, _NoSchedule(), accelerator,
+                    TrainState(epoch=epoch), NonFiniteGuard('stop', model, accelerator), log_every=1,
+                    log_fn=records.append)
     return [{k: r[k] for k in TERMS} for r in records]
 
 

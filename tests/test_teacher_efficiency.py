@@ -12,6 +12,7 @@ from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import TapSpec, extract
 from vitkd.losses import RunInfo, create_loss
 from vitkd.models import Teacher, set_fused_attention
+from vitkd.training import TrainBatch
 
 torch.set_num_threads(1)
 
@@ -117,7 +118,7 @@ def test_compiled_teacher_gives_the_same_features():
 
 def _step_grads(distiller, x, targets, labels):
     distiller.zero_grad(set_to_none=True)
-    out = distiller(x, targets, labels)
+    out = distiller(TrainBatch(x, targets, labels))
     out['loss'].backward()
     return out, {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
 
@@ -222,6 +223,6 @@ def test_teacher_runs_in_inference_mode_and_its_taps_train_the_student():
                if isinstance(t, torch.Tensor)]
     assert tensors and not any(t.is_inference() for t in tensors)
     labels = torch.randint(0, 10, (4,))
-    out = distiller(x, torch.nn.functional.one_hot(labels, 10).float(), labels, index=torch.arange(4))
+    out = distiller(TrainBatch(x, torch.nn.functional.one_hot(labels, 10).float(), labels, index=torch.arange(4)))
     out['loss'].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())

@@ -4,12 +4,14 @@ Each pure function is checked against an independent computation (explicit loops
 from shared/specs/zoo.md; then every method trains two steps inside a Distiller with a tiny ViT and a CNN student.
 """
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.multiprocessing as mp
 
 import vitkd
 from vitkd.distiller import Distiller, LossEntry
@@ -243,25 +245,81 @@ def test_cc_invariances():
     assert cc_loss(f_t @ embed * 3, f_t).item() == pytest.approx(0.0, abs=1e-20)
 
 
-def test_cc_and_irg_global_scope_equals_local_on_one_process():
-    torch.manual_seed(0)
-    student = Features(logits=torch.randn(4, 5), pooled=torch.randn(4, 6), blocks={0: torch.randn(4, 3, 2, 2),
-                       1: torch.randn(4, 3, 2, 2)}, num_blocks=2)
-    teacher = Features(logits=torch.randn(4, 5), pooled=torch.randn(4, 7), blocks={1: torch.randn(4, 4, 4, 4),
-                       2: torch.randn(4, 8, 2, 2)}, num_blocks=3)
-    batch = Batch(images=torch.zeros(4, 3, 8, 8), targets=torch.zeros(4, 5), labels=torch.zeros(4, dtype=torch.long),
-                  labels_b=torch.zeros(4, dtype=torch.long))
-    irg_opts = dict(student_blocks=[0, 1], teacher_blocks=[1, 2], w_vertex=1.0, w_edge=2.0, w_transformation=3.0)
-    for name, opts in (('cc', dict(gamma=0.2, order=3)), ('irg', irg_opts)):
-        local, glob = create_loss(name, scope='local', **opts), create_loss(name, scope='global', **opts)
-        for loss in (local, glob):
-            loss.configure_taps(nn.Identity(), nn.Identity())  # explicit taps: the models are not inspected
-        a, b = local(student, teacher, batch), glob(student, teacher, batch)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    terms = irg_terms(student.logits, teacher.logits, student.pooled, teacher.pooled,
-                      (student.blocks[0], student.blocks[1]), (teacher.blocks[1], teacher.blocks[2]))
-    assert b['edge'].item() == pytest.approx(2.0 * terms['edge'].item())
-    assert b['transformation'].item() == pytest.approx(3.0 * terms['transformation'].item())
+IRG_OPTS = dict(student_blocks=[0, 1], teacher_blocks=[1, 2], w_vertex=1.0, w_edge=2.0, w_transformation=3.0)
+SCOPE_LOSSES = (('cc', dict(gamma=0.2, order=3)), ('irg', IRG_OPTS))
+
+
+def _scope_inputs(n: int = 8) -> tuple[Features, Features]:
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    student = Features(logits=r(n, 5), pooled=r(n, 6), blocks={0: r(n, 3, 2, 2), 1: r(n, 3, 2, 2)}, num_blocks=2)
+    teacher = Features(logits=r(n, 5), pooled=r(n, 7), blocks={1: r(n, 4, 4, 4), 2: r(n, 8, 2, 2)}, num_blocks=3)
+    return student, teacher
+
+
+def _scope_terms(name: str, scope: str, student: Features, teacher: Features, rows=slice(None)):
+    """The loss's terms on ``rows`` of the batch, and the gradient w.r.t. the student's pooled vector there."""
+    pooled = student.pooled[rows].clone().requires_grad_(True)
+    part = Features(logits=student.logits[rows], pooled=pooled, blocks={k: v[rows] for k, v in student.blocks.items()},
+                    num_blocks=student.num_blocks)
+    other = Features(logits=teacher.logits[rows], pooled=teacher.pooled[rows],
+                     blocks={k: v[rows] for k, v in teacher.blocks.items()}, num_blocks=teacher.num_blocks)
+    n = pooled.shape[0]
+    batch = Batch(images=torch.zeros(n, 3, 8, 8), targets=torch.zeros(n, 5), labels=torch.zeros(n, dtype=torch.long),
+                  labels_b=torch.zeros(n, dtype=torch.long))
+    loss = create_loss(name, scope=scope, **dict(SCOPE_LOSSES)[name])
+    loss.configure_taps(nn.Identity(), nn.Identity())  # explicit taps: the models are not inspected
+    out = loss(part, other, batch)
+    sum(out.values()).backward()
+    return {k: v.detach() for k, v in out.items()}, pooled.grad
+
+
+def _scope_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        student, teacher = _scope_inputs()
+        results = {}
+        for split in (4,):  # equal per-process batches (training drops the last partial batch)
+            rows = slice(0, split) if rank == 0 else slice(split, 8)
+            for name, _ in SCOPE_LOSSES:
+                for scope in ('global', 'local'):
+                    results[split, name, scope] = _scope_terms(name, scope, student, teacher, rows)
+        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cc_and_irg_global_scope_on_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """Two gloo processes, each holding part of an 8-sample batch: ``scope='global'`` gives every rank the loss of
+    the whole batch on one process (recomputed from the pure functions), and the gradients the ranks get for their
+    slices, averaged as DDP does, are the one-process gradient; ``local`` is the loss of each rank's own slice."""
+    mp.spawn(_scope_worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    student, teacher = _scope_inputs()
+    whole = {name: _scope_terms(name, 'local', student, teacher) for name, _ in SCOPE_LOSSES}
+    # the one-process values from the pure functions, independent of the loss classes
+    assert whole['cc'][0]['correlation'].item() == pytest.approx(cc_loss(student.pooled, teacher.pooled, 0.2, 3).item(),
+                                                                 rel=1e-6)
+    ref = irg_terms(student.logits, teacher.logits, student.pooled, teacher.pooled,
+                    (student.blocks[0], student.blocks[1]), (teacher.blocks[1], teacher.blocks[2]))
+    for term, w in (('vertex', 1.0), ('edge', 2.0), ('transformation', 3.0)):
+        assert whole['irg'][0][term].item() == pytest.approx(w * ref[term].item(), rel=1e-6)
+    for split in (4,):
+        rows = [slice(0, split), slice(split, 8)]
+        for name, _ in SCOPE_LOSSES:
+            full_terms, full_grad = whole[name]
+            for rank in range(2):
+                terms, grad = results[rank][split, name, 'global']
+                assert terms.keys() == full_terms.keys()
+                for term in terms:
+                    assert terms[term].item() == pytest.approx(full_terms[term].item(), rel=1e-5), (name, term)
+                # each rank backpropagates the same global loss: the gather sums 2 copies, DDP divides by 2
+                torch.testing.assert_close(grad / 2, full_grad[rows[rank]], rtol=1e-4, atol=1e-6)
+                local_terms, _ = results[rank][split, name, 'local']
+                own, _ = _scope_terms(name, 'local', student, teacher, rows[rank])
+                assert all(local_terms[t].item() == pytest.approx(own[t].item(), rel=1e-6) for t in own)
+                assert any(abs(local_terms[t].item() - full_terms[t].item()) > 1e-4 for t in own), (name, split)
     with pytest.raises(ValueError):
         create_loss('cc', scope='world')
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from .config import Config, ConfigError
 from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_worker, worker_context
+from .hf_data import HFOptions
 from .distiller import Distiller, LossEntry
 from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
 from .models import Teacher, create_student, create_teacher
@@ -81,28 +82,32 @@ def build_transforms(cfg: Config, input_size, mean, std):
 def eval_data_config(cfg: Config, input_size, mean, std) -> dict:
     """The evaluation preprocessing as a timm data config (also recorded in the exported student's config.json)."""
     return dict(input_size=tuple(input_size), mean=tuple(mean), std=tuple(std), crop_pct=cfg.eval_crop_ratio,
-                interpolation='bicubic' if cfg.dataset == 'imagefolder' else 'bilinear')
+                interpolation='bicubic' if cfg.dataset in ('imagefolder', 'hf') else 'bilinear')
 
 
 def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
-    """(train loader, val loader, DataSpec)."""
+    """(train loader, val loader, DataSpec).
+
+    Both loaders keep their workers between epochs; on CUDA they pin their batches (the step copies them to the device
+    without blocking) and keep 4 batches per worker in flight.
+    """
     train_tf, eval_tf = build_transforms(cfg, input_size, mean, std)
     train, val = build_datasets(cfg.dataset, cfg.data_path, train_tf, eval_tf, cfg.train_subset, cfg.seed,
-                                cfg.skip_corrupt)
+                                cfg.skip_corrupt, hf=HFOptions.from_config(cfg))
     classes = list(val.classes)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise ConfigError(f'--num-classes {cfg.num_classes} but the data set has {len(classes)} classes')
     gen = torch.Generator().manual_seed(cfg.seed)  # loader-internal draws never touch the global generators
     sampler = EpochSampler(len(train), cfg.seed, cfg.aug_repeats, cfg.batch_size, world_size)
-    train_loader = DataLoader(train, cfg.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=cfg.num_workers, generator=gen, worker_init_fn=seed_worker,
-                              persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                              multiprocessing_context=worker_context(cfg.num_workers))
+    workers = cfg.num_workers if cfg.num_workers is not None else 0
+    cuda = torch.cuda.is_available()
+    loader_kwargs = dict(num_workers=workers, pin_memory=cuda, multiprocessing_context=worker_context(workers),
+                         persistent_workers=workers > 0, prefetch_factor=4 if cuda and workers > 0 else None)
+    train_loader = DataLoader(train, cfg.batch_size, sampler=sampler, drop_last=True, generator=gen,
+                              worker_init_fn=seed_worker, **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f'--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)')
-    val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers,
-                            pin_memory=torch.cuda.is_available(),
-                            multiprocessing_context=worker_context(cfg.num_workers))
+    val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, **loader_kwargs)
     spec = DataSpec(num_classes=len(classes), input_size=tuple(input_size), mean=tuple(mean), std=tuple(std),
                     classes=classes)
     return train_loader, val_loader, spec
@@ -228,10 +233,18 @@ def scaled_lr(cfg: Config, global_batch: int) -> float:
     return cfg.lr if cfg.unscale_lr else cfg.lr * global_batch / 512.0
 
 
-def build_optimizer(cfg: Config, model: Distiller, lr: float):
+FUSED_OPTIMIZERS = ('adam', 'adamw')  # timm names whose torch.optim class has a fused CUDA kernel
+
+
+def build_optimizer(cfg: Config, model: Distiller, lr: float, fused: bool = False):
     """timm's optimizer factory over the whole distiller; ``model.no_weight_decay()`` keeps tokens, norms, biases and
-    every parametrisation (orthogonal projectors) out of weight decay whatever the optimizer."""
+    every parametrisation (orthogonal projectors) out of weight decay whatever the optimizer.
+
+    ``fused`` (the run's device is CUDA, the parameters already there): Adam/AdamW update every parameter in one
+    fused kernel per step instead of a chain of multi-tensor kernels."""
     kwargs = dict(momentum=cfg.momentum) if cfg.opt.lower() in ('sgd', 'momentum', 'nesterov') else {}
+    if fused and cfg.opt.lower() in FUSED_OPTIMIZERS:
+        kwargs['fused'] = True
     try:
         return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
     except (AssertionError, ValueError) as e:

@@ -17,8 +17,9 @@ Entry points:
 
 * :func:`compute_or_load_centers` — generic (any teacher, any loader yielding (images, labels, ...)).
 * :func:`centers_for_run` — builds the centre transform, data set and key from a run's :class:`vitkd.config.Config`.
-* :func:`attach_class_centers` — the run hook: gives every loss with ``needs_class_centers`` its centres (and refuses
-  a centre file made with another teacher).
+  Each process of a multi-process run computes the per-class sums of its share of the images on its device, and
+  one all-reduce adds them up (an ImageNet pass is split N ways instead of keeping N − 1 processes waiting).
+* :func:`check_provenance` — refuses a centre file made with another teacher (source or weights).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -37,7 +37,7 @@ import torch.nn as nn
 from .errors import UsageError
 
 __all__ = ['teacher_embeddings', 'compute_class_centers', 'compute_or_load_centers', 'centers_for_run',
-           'attach_class_centers', 'save_centers', 'load_centers', 'weights_sha256', 'default_cache_dir',
+           'check_provenance', 'save_centers', 'load_centers', 'weights_sha256', 'default_cache_dir',
            'CentersError']
 
 _logger = logging.getLogger(__name__)
@@ -78,9 +78,62 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 @torch.no_grad()
+def class_sums(teacher: nn.Module, loader: Iterable, num_classes: int, decimals: Optional[int] = 4,
+               log_every: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of the teacher's pooled pre-logits over ``loader``, on the teacher's device.
+
+    Every embedding value is rounded (``decimals``) before it is summed, in float64, so the sums do not depend on how
+    the images were split into batches or processes (beyond float64 summation order).
+
+    Returns:
+        (sums [K, D_t] float64, counts [K] float64).
+    """
+    model, prepare = _unwrap(teacher)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: Optional[torch.Tensor] = None
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    start = time.time()
+    try:
+        for i, batch in enumerate(loader):
+            images = batch[0].to(device, non_blocking=True)
+            labels = torch.as_tensor(batch[1]).long().to(device, non_blocking=True)
+            emb = teacher_embeddings(model, prepare(images)).double()  # [B, D_t]
+            if decimals is not None:
+                emb = emb.round(decimals=decimals)
+            if sums is None:
+                sums = torch.zeros(num_classes, emb.shape[1], dtype=torch.float64, device=device)
+            sums.index_add_(0, labels, emb)
+            counts.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64, device=device))
+            if log_every and (i + 1) % log_every == 0:
+                _logger.info('class centres: %d batches, %.0f s', i + 1, time.time() - start)
+    finally:
+        model.train(was_training)
+    if sums is None:
+        sums = torch.zeros(num_classes, 0, dtype=torch.float64, device=device)
+    return sums, counts
+
+
+def centers_from_sums(sums: torch.Tensor, counts: torch.Tensor, decimals: Optional[int] = 4) -> torch.Tensor:
+    """C [K, D_t] float32 on the host: the per-class means (rounded to ``decimals``); every class must have images."""
+    if sums.shape[1] == 0:
+        raise CentersError('class centres: the data loader yielded no batch')
+    sums, counts = sums.cpu(), counts.cpu()
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise CentersError(f'class centres: no training image of classes {missing[:10]}'
+                           f'{" …" if len(missing) > 10 else ""} ({len(missing)} of {len(counts)}); '
+                           'ND needs every class')
+    centers = sums / counts[:, None]
+    if decimals is not None:
+        centers = centers.round(decimals=decimals)
+    return centers.float()
+
+
 def compute_class_centers(teacher: nn.Module, loader: Iterable, num_classes: int, decimals: Optional[int] = 4,
                           log_every: int = 100) -> torch.Tensor:
-    """Per-class mean of the teacher's pooled pre-logits over ``loader``.
+    """Per-class mean of the teacher's pooled pre-logits over ``loader`` (one process).
 
     Args:
         teacher: a :class:`vitkd.models.Teacher` (its input re-normalisation is applied) or a timm model.
@@ -92,39 +145,7 @@ def compute_class_centers(teacher: nn.Module, loader: Iterable, num_classes: int
     Returns:
         C [K, D_t] float32.
     """
-    model, prepare = _unwrap(teacher)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums: Optional[torch.Tensor] = None
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    start = time.time()
-    try:
-        for i, batch in enumerate(loader):
-            images, labels = batch[0].to(device), torch.as_tensor(batch[1]).long()
-            emb = teacher_embeddings(model, prepare(images)).float().cpu().double()  # [B, D_t]
-            if decimals is not None:
-                emb = emb.round(decimals=decimals)
-            if sums is None:
-                sums = torch.zeros(num_classes, emb.shape[1], dtype=torch.float64)
-            sums.index_add_(0, labels, emb)
-            counts.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
-            if log_every and (i + 1) % log_every == 0:
-                _logger.info('class centres: %d batches, %d images, %.0f s', i + 1, int(counts.sum()),
-                             time.time() - start)
-    finally:
-        model.train(was_training)
-    if sums is None:
-        raise CentersError('class centres: the data loader yielded no batch')
-    missing = (counts == 0).nonzero().flatten().tolist()
-    if missing:
-        raise CentersError(f'class centres: no training image of classes {missing[:10]}'
-                           f'{" …" if len(missing) > 10 else ""} ({len(missing)} of {num_classes}); '
-                           'ND needs every class')
-    centers = sums / counts[:, None]
-    if decimals is not None:
-        centers = centers.round(decimals=decimals)
-    return centers.float()
+    return centers_from_sums(*class_sums(teacher, loader, num_classes, decimals, log_every), decimals)
 
 
 def save_centers(path: Path, centers: torch.Tensor, provenance: dict) -> None:
@@ -164,30 +185,51 @@ def _cache_key(teacher: nn.Module, num_classes: int, decimals: Optional[int], ke
 
 
 def _compute_or_load(teacher: nn.Module, loader: Iterable, cache_dir: Path, key_parts: dict,
-                     num_classes: Optional[int], decimals: Optional[int], teacher_source: Optional[str]
-                     ) -> tuple[torch.Tensor, Path]:
+                     num_classes: Optional[int], decimals: Optional[int], teacher_source: Optional[str],
+                     accelerator=None) -> tuple[torch.Tensor, Path]:
+    """The cached centres when the key matches (on every process), else computed from ``loader`` — each process's
+    share of the training set, its sums all-reduced — and written by the main process."""
     model, _ = _unwrap(teacher)
     num_classes = num_classes or model.num_classes
     key = _cache_key(teacher, num_classes, decimals, key_parts, teacher_source)
     canonical = json.dumps(key, sort_keys=True, default=str)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     path = Path(cache_dir) / f'centers-{digest[:20]}.safetensors'
-    if path.is_file():
-        try:
-            centers, provenance = load_centers(path)
-        except CentersError as e:
-            _logger.warning('ignoring unreadable centre cache %s (%s)', path, e)
-        else:
-            if provenance.get('key') == digest and tuple(centers.shape)[0] == num_classes:
-                _logger.info('class centres: reusing %s', path)
-                return centers, path
-            _logger.warning('centre cache %s does not match its key; recomputing', path)
+    cached = _load_cached(path, digest, num_classes)
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    if distributed:  # every process must take the same branch (a node-local cache can hit on one node only)
+        misses = accelerator.reduce(torch.tensor([float(cached is None)], device=accelerator.device), 'sum')
+        if misses.item() > 0:
+            cached = None
+    if cached is not None:
+        _logger.info('class centres: reusing %s', path)
+        return cached, path
     _logger.info('class centres: one teacher pass over the training set (cache %s)', path)
-    centers = compute_class_centers(teacher, loader, num_classes, decimals)
-    provenance = {**json.loads(canonical), 'key': digest, 'embedding_dim': centers.shape[1],
-                  'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
-    save_centers(path, centers, provenance)
+    sums, counts = class_sums(teacher, loader, num_classes, decimals)
+    if distributed:
+        sums, counts = accelerator.reduce(sums, 'sum'), accelerator.reduce(counts, 'sum')
+    centers = centers_from_sums(sums, counts, decimals)
+    if accelerator is None or accelerator.is_main_process:
+        provenance = {**json.loads(canonical), 'key': digest, 'embedding_dim': centers.shape[1],
+                      'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
+        save_centers(path, centers, provenance)
+    if distributed:
+        accelerator.wait_for_everyone()
     return centers, path
+
+
+def _load_cached(path: Path, digest: str, num_classes: int) -> Optional[torch.Tensor]:
+    if not path.is_file():
+        return None
+    try:
+        centers, provenance = load_centers(path)
+    except CentersError as e:
+        _logger.warning('ignoring unreadable centre cache %s (%s)', path, e)
+        return None
+    if provenance.get('key') == digest and tuple(centers.shape)[0] == num_classes:
+        return centers
+    _logger.warning('centre cache %s does not match its key; recomputing', path)
+    return None
 
 
 def compute_or_load_centers(teacher: nn.Module, loader: Iterable, cache_dir: str | Path, key_parts: dict,
@@ -227,9 +269,11 @@ def _dataset_fingerprint(dataset) -> dict:
 def centers_for_run(cfg, teacher, spec, accelerator=None, cache_dir: Optional[str | Path] = None,
                     decimals: Optional[int] = 4) -> tuple[torch.Tensor, Path]:
     """Class centres for a run: the training set with the training crop only (RandomResizedCrop at ``cfg.scale``,
-    flip ``cfg.hflip``, the student's normalisation; no RandAugment / colour jitter / erasing / mixup), seeded.
+    flip ``cfg.hflip``, the student's normalisation; no RandAugment / colour jitter / erasing / mixup).
 
-    With an ``accelerator``, the local main process computes (or loads) and the others then load from the cache.
+    Each image's crop and flip are seeded by (``cfg.seed``, its index), so the centres do not depend on the number of
+    processes or loader workers. With an ``accelerator`` on N processes, process r takes the images r, r + N, … on
+    its own device, and the per-class sums are all-reduced; the teacher runs in the precision it was cast to.
 
     Returns:
         (C [K, D_t], path of the cache file).
@@ -237,63 +281,33 @@ def centers_for_run(cfg, teacher, spec, accelerator=None, cache_dir: Optional[st
     from timm.data import create_transform
     from torch.utils.data import DataLoader
 
-    from .data import build_datasets, seed_worker
+    from .data import EpochSampler, build_datasets, seed_worker
+    from .hf_data import HFOptions
     transform = create_transform(spec.input_size, is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip,
                                  interpolation=cfg.train_interpolation, mean=spec.mean, std=spec.std,
                                  color_jitter=None, auto_augment=None, re_prob=0.0)
+    hf = HFOptions.from_config(cfg)
     train, _ = build_datasets(cfg.dataset, cfg.data_path, transform, transform, cfg.train_subset, cfg.seed,
-                              cfg.skip_corrupt)
+                              cfg.skip_corrupt, hf=hf)
     key_parts = {'dataset': cfg.dataset, 'data_path': str(Path(cfg.data_path).resolve()) if cfg.data_path else None,
                  'train_subset': cfg.train_subset, 'transform': repr(transform), 'seed': cfg.seed,
-                 'input_size': list(spec.input_size), **_dataset_fingerprint(train)}
+                 'augmentation_seeds': 'per image index', 'input_size': list(spec.input_size),
+                 **_dataset_fingerprint(train)}
+    if cfg.dataset == 'hf':  # the columns and split read
+        key_parts['hf'] = vars(hf)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-
-    def run() -> tuple[torch.Tensor, Path]:
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=False, drop_last=False,
-                            num_workers=cfg.num_workers, worker_init_fn=seed_worker,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        py_state = random.getstate()
-        random.seed(cfg.seed)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)  # the random crops/flips are reproducible (with num_workers 0 too)
-                return _compute_or_load(teacher, loader, cache, key_parts, spec.num_classes, decimals,
-                                        getattr(teacher, 'source', None))
-        finally:
-            random.setstate(py_state)
-
-    if accelerator is None or accelerator.num_processes == 1:
-        return run()
-    if accelerator.is_local_main_process:
-        result = run()
-    accelerator.wait_for_everyone()
-    if not accelerator.is_local_main_process:
-        result = run()  # a cache hit now
-    return result
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    seeds = EpochSampler(len(train), cfg.seed).sample_seeds(0)  # [N] one augmentation seed per image
+    keys = [(i, int(seeds[i])) for i in range(rank, len(train), world)]
+    workers = cfg.num_workers if cfg.num_workers is not None else 0
+    loader = DataLoader(train, batch_size=cfg.batch_size, sampler=keys, drop_last=False, num_workers=workers,
+                        worker_init_fn=seed_worker, pin_memory=torch.cuda.is_available())
+    return _compute_or_load(teacher, loader, cache, key_parts, spec.num_classes, decimals,
+                            getattr(teacher, 'source', None), accelerator)
 
 
-def attach_class_centers(distiller: nn.Module, cfg, teacher, spec, accelerator=None,
-                         cache_dir: Optional[str | Path] = None) -> None:
-    """Run hook: give every loss with ``needs_class_centers`` the teacher's class centres (before ``prepare``).
-
-    A loss that already loaded a centre file (``nd.centers=…``) keeps it, but a file whose provenance names another
-    teacher (source or weights) than the run's is refused.
-    """
-    losses = [loss for loss in getattr(distiller, 'losses', {}).values() if getattr(loss, 'needs_class_centers', False)]
-    if not losses or teacher is None:
-        return
-    centers = None
-    for loss in losses:
-        if loss.has_centers:
-            _check_provenance(loss.centers_provenance, teacher)
-            continue
-        if centers is None:
-            centers, path = centers_for_run(cfg, teacher, spec, accelerator, cache_dir)
-            provenance = load_centers(path)[1]
-        loss.set_centers(centers, provenance)
-
-
-def _check_provenance(provenance: dict, teacher) -> None:
+def check_provenance(provenance: dict, teacher) -> None:
+    """Refuse centres whose provenance names another teacher (source or weights) than ``teacher``."""
     if 'teacher' not in provenance:
         _logger.warning('class centres without vitkd provenance (%s): their teacher cannot be checked',
                         provenance.get('path', '?'))

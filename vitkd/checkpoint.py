@@ -38,12 +38,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from .config import Config, ConfigError
+from .errors import SaveError
 
 __all__ = ['CheckpointError', 'SaveError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint',
            'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict',
@@ -69,10 +70,6 @@ _RUN_ONLY_OPTIONS = {'resume', 'overwrite', 'output_dir', 'time_limit', 'max_ste
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used (one-line message)."""
-
-
-class SaveError(RuntimeError):
-    """An output that could not be written (a full disk…); the message says what is intact and how to continue."""
 
 
 PICKLE_FILES = ('.pth', '.pt', '.bin')
@@ -225,11 +222,15 @@ def load_state_dict_strict(model: nn.Module, state: dict, what: str) -> None:
 
 
 def _read_safetensors(path: Path) -> dict:
+    """The tensors of a ``.safetensors`` file; a missing, zero-byte, truncated or corrupt one is a one-line error."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
         return load_file(str(path))
-    except (OSError, RuntimeError, ValueError) as e:  # a truncated/corrupt file
-        raise CheckpointError(f'cannot read {path}: {str(e).splitlines()[0]}') from None
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'cannot read {path}: {detail} (an empty, truncated or corrupt safetensors file?)') \
+            from None
 
 
 def _save_safetensors(state: dict, path: Path) -> None:
@@ -239,15 +240,43 @@ def _save_safetensors(state: dict, path: Path) -> None:
 
 # ---- the student in timm's format ---------------------------------------------------------------------------------
 
-def export_model(model: nn.Module, folder: Path, data_config: dict) -> Path:
+# pretrained_cfg keys that describe the weights an architecture was first released with (their license, Hub repo,
+# paper tag): an exported student's weights are the run's own, so these are not copied into its config.json.
+SOURCE_KEYS = ('license', 'tag', 'hf_hub_id', 'hf_hub_filename', 'url', 'file', 'origin_url', 'source',
+               'description', 'notes')
+
+
+def check_label_names(label_names: Optional[list], teacher_labels) -> None:
+    """The data's class names against the teacher's (timm's ``label_names``, a list or an {index: name} dict), when
+    the teacher has them: a teacher whose class k is another class than the data's k would distil the wrong labels."""
+    if not label_names or not teacher_labels:
+        return
+    theirs = [teacher_labels[i] for i in sorted(teacher_labels)] if isinstance(teacher_labels, dict) \
+        else list(teacher_labels)
+    if list(map(str, theirs)) != list(map(str, label_names)):
+        diff = next((i for i, (a, b) in enumerate(zip(theirs, label_names)) if str(a) != str(b)), len(label_names))
+        shown = f'class {diff}: teacher {theirs[diff]!r}, data {label_names[diff]!r}' \
+            if diff < min(len(theirs), len(label_names)) else f'{len(theirs)} teacher vs {len(label_names)} data classes'
+        raise ConfigError(f'the teacher\'s class names differ from the data\'s ({shown}); use the data set the '
+                          'teacher was trained on, or a teacher trained on this one')
+
+
+def export_model(model: nn.Module, folder: Path, data_config: dict, label_names: Optional[list] = None) -> Path:
     """Write ``model`` with timm's ``save_for_hf`` (config.json + model.safetensors), atomically.
 
     ``data_config`` (input_size, mean, std, crop_pct, interpolation) is the preprocessing the model was trained and
     evaluated with; it is recorded in ``pretrained_cfg`` so ``timm.data.resolve_data_config`` reproduces it.
+    ``label_names`` (the data's class names by index) go to config.json's ``label_names``, where timm and the Hub
+    read them. The architecture's release metadata (:data:`SOURCE_KEYS`) is left out.
     """
     from timm.models import save_for_hf
     with _atomic_dir(Path(folder)) as tmp:
-        save_for_hf(model, tmp, safe_serialization=True, data_config=dict(data_config))
+        save_for_hf(model, tmp, safe_serialization=True, data_config=dict(data_config),
+                    model_config={'label_names': list(label_names)} if label_names else None)
+        config = json.loads((tmp / 'config.json').read_text())
+        for key in SOURCE_KEYS:
+            config.get('pretrained_cfg', {}).pop(key, None)
+        (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     return Path(folder)
 
 
@@ -274,10 +303,8 @@ def _build_from_timm_config(config: dict, source: str) -> nn.Module:
 
 
 def _load_export_folder(folder: Path, source: str) -> tuple[nn.Module, dict]:
-    try:
-        config = json.loads((folder / 'config.json').read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f'{source}: no readable config.json in {folder} ({e})') from None
+    from .validate import read_model_config
+    config = read_model_config(folder / 'config.json', source)
     weights = folder / MODEL_FILE
     if not weights.is_file():
         raise CheckpointError(f'{source}: {weights} is missing')
@@ -391,26 +418,73 @@ class PreemptionSignal:
 
 # ---- resume -------------------------------------------------------------------------------------------------------
 
+def checkpoint_problem(ckpt: Path) -> Optional[str]:
+    """Why ``ckpt`` cannot be resumed from, judged from its files without loading them (None: it looks complete).
+
+    Checks what a kill, a full disk or a damaged copy leaves behind: the trainer state (valid JSON with the counters),
+    the headers of the safetensors files, the optimizer state's zip container and the RNG-state files.
+    """
+    ckpt = Path(ckpt)
+    try:
+        trainer = json.loads((ckpt / STATE_FILE).read_text())
+        state = trainer['state']
+        if not all(isinstance(state.get(k), int) for k in ('epoch', 'step')):
+            raise ValueError('no epoch/step counters')
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f'{ckpt / STATE_FILE} is unreadable ({getattr(e, "strerror", None) or e})'
+    from safetensors import SafetensorError, safe_open
+    weights = [ckpt / MODEL_FILE, ckpt / STUDENT_DIR / MODEL_FILE] + ([ckpt / EMA_FILE] if trainer.get('has_ema') else [])
+    for path in weights:
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            return f'{path} is missing, empty or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})'
+    import zipfile
+    if not zipfile.is_zipfile(ckpt / 'optimizer.bin'):
+        return f'{ckpt / "optimizer.bin"} is missing or truncated'
+    for rank in range(int(trainer.get('world_size') or 1)):
+        rng = ckpt / f'random_states_{rank}.pkl'
+        if not rng.is_file() or rng.stat().st_size == 0:
+            return f'{rng} is missing or empty'
+    return None
+
+
 def resolve_resume(cfg: Config, log=print) -> Optional[Path]:
     """The checkpoint ``--resume`` points at (None: start from scratch); fills ``cfg.output_dir`` from it if unset.
 
-    ``auto`` = the newest complete checkpoint of ``--output-dir`` (none yet: start, so a preemptible job can always
-    pass ``--resume auto``); a path = a checkpoint folder, or a run dir (its newest checkpoint).
+    ``auto`` = the newest complete checkpoint of ``--output-dir`` that passes :func:`checkpoint_problem` (newer ones
+    that do not are skipped, saying which and why; none yet = start, so a preemptible job can always pass
+    ``--resume auto``); a path = a checkpoint folder, or a run dir (its newest checkpoint), refused in one line when
+    damaged.
     """
     if not cfg.resume:
         return None
     if cfg.resume == 'auto':
         if cfg.output_dir is None:
             raise ConfigError('--resume auto needs --output-dir (the run to continue)')
-        ckpt = latest_checkpoint(Path(cfg.output_dir))
-        if ckpt is None:
-            log(f'--resume auto: no complete checkpoint in {cfg.output_dir}, starting from scratch')
-        return ckpt
+        found = find_checkpoints(Path(cfg.output_dir))
+        skipped = []
+        for _, ckpt in reversed(found):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                if skipped:
+                    log(f'--resume auto: skipped {"; ".join(skipped)}; resuming from {ckpt}')
+                return ckpt
+            skipped.append(f'{ckpt.name} ({problem})')
+        if skipped:
+            raise CheckpointError(f'--resume auto: no checkpoint of {cfg.output_dir} can be resumed: '
+                                  f'{"; ".join(skipped)}; fix or move them aside, or start anew with --overwrite')
+        log(f'--resume auto: no complete checkpoint in {cfg.output_dir}, starting from scratch')
+        return None
     path = Path(cfg.resume)
     ckpt = path if (path / STATE_FILE).is_file() else latest_checkpoint(path)
     if ckpt is None:
         raise ConfigError(f'--resume {cfg.resume}: neither a checkpoint folder (with {STATE_FILE}) nor a run dir with '
                           'complete checkpoints')
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise CheckpointError(f'--resume {cfg.resume}: cannot resume from {ckpt}: {problem}')
     if cfg.output_dir is None:
         cfg.output_dir = str(ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent)
     return ckpt
@@ -431,8 +505,12 @@ class Checkpointer:
         argv: the command-line arguments of the run (default ``sys.argv[1:]``), for the resume command.
     """
 
-    def __init__(self, cfg: Config, run, out_dir: Path, accelerator, argv: Optional[list[str]] = None):
+    def __init__(self, cfg: Config, run, out_dir: Path, accelerator, argv: Optional[list[str]] = None,
+                 before_save: Optional[Callable[[Any], None]] = None):
+        """``before_save(train_state)`` runs before every save and may raise to prevent it (the non-finite guard:
+        a step whose loss was NaN is never saved)."""
         self.cfg, self.r, self.out_dir, self.acc = cfg, run, Path(out_dir), accelerator
+        self.before_save = before_save
         self.argv = list(sys.argv[1:] if argv is None else argv)
         self.best: Optional[dict] = None
         self.last_saved: Optional[Path] = None
@@ -475,6 +553,8 @@ class Checkpointer:
         training continues and the next save tries again. Every process takes the same decision.
         """
         acc, r = self.acc, self.r
+        if self.before_save is not None:
+            self.before_save(r.state)
         final = self.out_dir / CHECKPOINTS / checkpoint_name(r.state.step)
         tmp = final.with_name(final.name + '.tmp')
         improved = bool(metrics) and (self.best is None or metrics['avg_top1'] > self.best['avg_top1'])
@@ -601,21 +681,27 @@ class Checkpointer:
         finally:
             self.signal.uninstall()
 
-    def stop_requested(self) -> bool:
-        """Whether any process received SIGTERM/SIGINT (a collective: every process must call it at the same point)."""
+    def stop_requested(self, collective: bool = True) -> bool:
+        """Whether a process received SIGTERM/SIGINT. On N processes the flags are summed only when ``collective``
+        (every process calls it at the same point: logging steps, epoch ends); between those points a process's own
+        signal waits, so that no process stops alone."""
         flag = self.signal.signum is not None
         if self.acc.num_processes > 1:
+            if not collective:
+                return self.stopping
             t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
             flag = bool(self.acc.reduce(t, reduction='sum').item() > 0)
         self.stopping = self.stopping or flag
         return self.stopping
 
-    def step_hook(self, last_batch: bool) -> bool:
+    def step_hook(self, last_batch: bool, collective: bool = True) -> bool:
         """After every optimizer step: periodic checkpoints, and the preemption stop. True = stop the epoch.
 
-        On the last batch of an epoch nothing is saved here: the end-of-epoch checkpoint follows.
+        ``collective``: whether every process is at a point where it may agree on signals (see
+        :meth:`stop_requested`). On the last batch of an epoch nothing is saved here: the end-of-epoch checkpoint
+        follows.
         """
-        if self.stop_requested():
+        if self.stop_requested(collective):
             if not last_batch:
                 self.save()
                 self.preempted = True

@@ -6,13 +6,15 @@
 * ``cifar10`` / ``cifar100`` — torchvision (a local root, or downloaded).
 * ``imagefolder`` — the ImageNet layout ``<data-path>/{train,val}/<class>/<image>``, optionally a subset by fraction or
   by a list file.
+* ``hf`` — a Hugging Face ``datasets`` data set: a Hub id, a ``save_to_disk`` folder or parquet files
+  (:mod:`vitkd.hf_data`).
 
 Every training sample is returned as ``(image, label, index)`` so losses that need sample indices (CRD) get them.
 Transforms are timm's (``create_transform``); mixup is ``timm.data.Mixup``.
 """
 from __future__ import annotations
 
-from .errors import UsageError
+from .errors import DataFailure, UsageError
 import gzip
 import logging
 import os
@@ -31,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset', 'EpochSampler', 'read_idx',
            'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
@@ -39,6 +43,7 @@ __all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset',
 _logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagefolder', 'hf')
 
 # mean/std of the training images; (C,) tuples
 DATASET_STATS = {
@@ -241,14 +246,14 @@ class IndexedDataset(Dataset):
             try:
                 image, label = self.dataset[j]
                 return image, label, j
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these on corrupt/truncated files
+            except (CorruptImage, OSError, SyntaxError) as e:  # decoding only: an augmentation's error propagates
                 where = sample_path(self.dataset, j)
                 if not self.skip_corrupt:
-                    raise DataError(f'unreadable image {where} ({e}); fix or remove it, or pass --skip-corrupt to '
-                                    'skip and count such images') from None
+                    raise DataFailure(f'unreadable image {where} ({e}); fix or remove it, or pass --skip-corrupt to '
+                                      'skip and count such images') from None
                 self.corrupt[j] = 1
                 _logger.warning('skipping unreadable image %s (%s)', where, e)
-        raise DataError('every image in the data set is unreadable')
+        raise DataFailure('every image in the data set is unreadable (see the warnings above for why)')
 
 
 class EvalDataset(IndexedDataset):
@@ -274,6 +279,8 @@ def sample_path(dataset, index: int) -> str:
         samples = getattr(dataset, 'samples', None)
         if samples is not None:  # torchvision ImageFolder: (path, class) pairs
             return str(samples[index][0])
+        if hasattr(dataset, 'sample_name'):  # a row of a Hugging Face data set
+            return dataset.sample_name(index)
         dataset = getattr(dataset, 'dataset', None)
     return f'index {index}'
 
@@ -311,17 +318,137 @@ def _cifar(name: str, root: Optional[str], train: bool) -> Dataset:
         raise DataError(f'{name} not found under {root!r} and the download failed ({e}); pass --data-path') from None
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also for 0 bits kept.
+
+    timm's RandAugment with increasing magnitudes (DeiT's ``rand-m9-mstd0.5-inc1``) maps the clipped magnitude 10 to
+    ``4 - 4 = 0`` bits; a Gaussian draw of m=9, std 0.5 reaches it about 2 % of the time. Pillow >= 10 refuses
+    ``ImageOps.posterize(img, 0)`` ("bits must be between or equal to 1 and 8"), older Pillow and TensorFlow's
+    reference keep no bit: a black image. That is what 0 bits gives here.
+    """
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _install_posterize() -> None:
+    from timm.data import auto_augment
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
+_install_posterize()
+
+
+class CorruptImage(OSError):
+    """An image file that cannot be decoded (corrupt, truncated, not an image, or over Pillow's pixel limit)."""
+
+
+def _to_uint8(a: np.ndarray, full_scale: float) -> np.ndarray:
+    return np.clip(np.rint(a.astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB with its real value range, whatever its Pillow mode.
+
+    Pillow's own ``convert('RGB')`` clips 16-bit and 32-bit integer images at 255 (most of a 16-bit scan turns white)
+    and float images at 0..255, and drops alpha (transparent pixels keep whatever colour they hide). Here 16-bit
+    images are scaled by 255/65535, 32-bit integer ones as 8-bit when their values fit, else as 16-bit when they fit,
+    else by their min..max; float images as 0..1 when they fit, else 0..255 when they fit, else by their min..max;
+    images with alpha (RGBA, LA, PA, a palette with transparency) are composited over white; CMYK, YCbCr, palette
+    and 1-bit images go through Pillow's conversion.
+    """
+    mode = img.mode
+    if mode.startswith('I;16') or mode in ('I', 'F'):
+        a = np.asarray(img)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode.startswith('I;16'):
+            gray = _to_uint8(a, 65535)
+        elif mode == 'I' and lo >= 0 and hi <= 255:
+            gray = a.astype(np.uint8)
+        elif mode == 'I' and lo >= 0 and hi <= 65535:
+            gray = _to_uint8(a, 65535)
+        elif mode == 'F' and np.isfinite(a).all() and lo >= 0 and hi <= 1:
+            gray = _to_uint8(a, 1.0)
+        elif mode == 'F' and np.isfinite(a).all() and lo >= 0 and hi <= 255:
+            gray = _to_uint8(a, 255.0)
+        else:
+            a = np.nan_to_num(a.astype(np.float64), nan=lo, posinf=hi, neginf=lo)
+            gray = _to_uint8(a - lo, max(hi - lo, 1e-12))
+        return Image.fromarray(gray, 'L').convert('RGB')
+    if mode == 'P' and 'transparency' in img.info:
+        img, mode = img.convert('RGBA'), 'RGBA'
+    if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    return img if mode == 'RGB' else img.convert('RGB')
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode an image file into RGB (:func:`to_rgb`); any decoding failure is a :class:`CorruptImage` naming why.
+
+    Pillow's decompression-bomb guard (images over ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels) is kept: such a file
+    is skipped with a warning like a corrupt one (raise ``PIL.Image.MAX_IMAGE_PIXELS`` in code to read it).
+    """
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            img.load()
+            return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise CorruptImage(f'too large to decode safely: {e}') from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct.error) as e:
+        raise CorruptImage(f'{type(e).__name__}: {e}') from None
+
+
+def _scan_image_folder(directory: str, class_to_idx: dict, extensions) -> list[tuple[str, int]]:
+    """(path, class) of every image below each class folder: directory symlinks are followed, each real folder is
+    visited once (a symlink loop is not followed round), names starting with a dot (folders and files) are skipped."""
+    instances = []
+    for name in sorted(class_to_idx):
+        seen = set()
+        for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+            instances += [(os.path.join(root, f), class_to_idx[name]) for f in sorted(files)
+                          if not f.startswith('.') and f.lower().endswith(extensions)]
+    return instances
+
+
+class SafeImageFolder(ImageFolder):
+    """torchvision's ImageFolder with vitkd's scanning rules (:func:`_scan_image_folder`): folders whose names start
+    with a dot (``.ipynb_checkpoints``, ``.git``) are not classes, symlink loops are not followed round."""
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
+        if not classes:
+            raise FileNotFoundError(f'no class folder in {directory}')
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return _scan_image_folder(str(directory), class_to_idx, tuple(extensions or IMG_EXTENSIONS))
+
+
 def _image_folder(path: str, split: str, subset: Optional[str], seed: int) -> Dataset:
-    from torchvision.datasets import ImageFolder
     root = Path(path) / split
     if not root.is_dir():
         raise DataError(f'--data-path {path!r} has no {split}/ folder; expected the ImageFolder layout '
                         f'{path}/train/<class>/<image> and {path}/val/<class>/<image>')
-    class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith('.')]
     if not class_dirs:
         raise DataError(f'{root} holds no class folders; expected {root}/<class>/<image>')
     try:
-        ds = ImageFolder(str(root), allow_empty=True)
+        ds = SafeImageFolder(str(root), loader=load_image, allow_empty=True)
     except (FileNotFoundError, TypeError) as e:
         raise DataError(f'{root} is not an ImageFolder tree ({e})') from None
     if len(ds) == 0:
@@ -333,6 +460,14 @@ def _image_folder(path: str, split: str, subset: Optional[str], seed: int) -> Da
     if subset and split == 'train':
         ds = _subset(ds, subset, seed)
     return ds
+
+
+def _is_fraction(subset: str) -> bool:
+    try:
+        float(subset)
+    except ValueError:
+        return False
+    return True
 
 
 def _subset(ds, subset: str, seed: int):
@@ -390,8 +525,11 @@ class TransformedDataset(Dataset):
 
 
 def build_datasets(dataset: str, data_path: Optional[str], train_transform, eval_transform, subset: Optional[str] = None,
-                   seed: int = 0, skip_corrupt: bool = True):
-    """(train, val) data sets: train yields (image, label, index), val yields (image, label)."""
+                   seed: int = 0, skip_corrupt: bool = True, hf=None):
+    """(train, val) data sets: train yields (image, label, index), val yields (image, label).
+
+    ``hf`` is the :class:`vitkd.hf_data.HFOptions` (columns, splits) of ``dataset == 'hf'``.
+    """
     if dataset == 'fashion_mnist':
         train, val = _fashion_mnist(data_path, True), _fashion_mnist(data_path, False)
         if subset:
@@ -412,14 +550,22 @@ def build_datasets(dataset: str, data_path: Optional[str], train_transform, eval
                     (('train/', train.classes, val.classes), ('val/', val.classes, train.classes)) if set(a) - set(b)]
             raise DataError(f'train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; they must hold '
                             f'the same class folders ({"; ".join(only)})')
+    elif dataset == 'hf':
+        from .hf_data import load_hf_splits
+        train, val = load_hf_splits(data_path, hf)
+        if subset:
+            if not _is_fraction(subset):
+                raise DataError(f'--train-subset {subset!r}: with --dataset hf it must be a fraction in (0, 1]')
+            train = _subset(train, subset, seed)
     else:
-        raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
+        raise DataError(f'--dataset {dataset!r} is not one of {", ".join(DATASETS)}')
     train = IndexedDataset(TransformedDataset(train, train_transform), skip_corrupt)
     val = EvalDataset(TransformedDataset(val, eval_transform), skip_corrupt)
     return train, val
 
 
-def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform, skip_corrupt: bool = True) -> Dataset:
+def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform, skip_corrupt: bool = True,
+                       hf=None) -> Dataset:
     """The validation set alone (for ``--eval-student``: no scan of a large train/ folder); yields (image, label)."""
     if dataset == 'fashion_mnist':
         val = _fashion_mnist(data_path, False)
@@ -429,8 +575,11 @@ def build_eval_dataset(dataset: str, data_path: Optional[str], eval_transform, s
         if not data_path or not Path(data_path).is_dir():
             raise DataError(f'--data-path {data_path!r} does not exist or is not a folder')
         val = _image_folder(data_path, 'val', None, 0)
+    elif dataset == 'hf':
+        from .hf_data import load_hf_splits
+        val = load_hf_splits(data_path, hf, train=False)[1]
     else:
-        raise DataError(f'--dataset {dataset!r} is not one of fashion_mnist, cifar10, cifar100, imagefolder')
+        raise DataError(f'--dataset {dataset!r} is not one of {", ".join(DATASETS)}')
     return EvalDataset(TransformedDataset(val, eval_transform), skip_corrupt)
 
 

@@ -14,17 +14,25 @@ Every loss runs in fp32 with autocast off, on fp32 copies of the features (the n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .features import Features, TapSpec, extract
-from .losses import Batch, DistillationLoss, LossSpecError, RunInfo
+from .losses import Batch, DistillationLoss, LossSpecError, RunContext, RunInfo
 from .losses.functional import soft_target_cross_entropy
 from .models import Teacher, has_dist_head
 
+if TYPE_CHECKING:
+    from .training import TrainBatch
+
 __all__ = ['Distiller', 'LossEntry', 'may_leave_parameters_unused']
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Promote bf16/fp16 to fp32; fp32 and fp64 stay as they are (a float64 input keeps float64 precision)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _as_loss_input(t: torch.Tensor) -> torch.Tensor:
@@ -133,6 +141,12 @@ class Distiller(nn.Module):
         for e in self.entries.values():
             e.loss.setup(student, teacher, info)
 
+    def prepare_for_run(self, run: RunContext) -> None:
+        """Each method's :meth:`~vitkd.losses.DistillationLoss.prepare_for_run` (ND's class centres), with every model
+        on the run's device."""
+        for loss in self.losses.values():
+            loss.prepare_for_run(run)
+
     def compile_student(self, **compile_kwargs) -> None:
         """``torch.compile`` the student's training pass (:func:`extract`: taps and logits; AOTAutograd compiles its
         backward with it). The student module itself is untouched: evaluation, EMA copies and the export stay eager.
@@ -171,46 +185,42 @@ class Distiller(nn.Module):
             weight *= e.loss.task_weight(epoch)
         return weight
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
-                labels_b: Optional[torch.Tensor] = None, lam: float = 1.0, index: Optional[torch.Tensor] = None,
-                epoch: float = 0.0, step: int = 0, teacher_features: Optional[Features] = None) -> dict:
+    def forward(self, batch: 'TrainBatch') -> dict:
         """One training step's losses.
 
         Args:
-            images: [B, C, H, W] the (mixed) student input.
-            targets: [B, K] soft targets (label smoothing and mixup folded in).
-            labels, labels_b, lam: mixup metadata (see :class:`vitkd.losses.Batch`).
-            index: [B] data set indices.
-            epoch: fractional epoch (for warm-ups and phases).
-            step: optimizer step.
-            teacher_features: precomputed teacher taps (teacher-output cache); computed live when None.
+            batch: a :class:`vitkd.training.TrainBatch`: the (mixed) images [B, C, H, W], soft targets [B, K], the
+                mixup metadata, data-set indices, the fractional epoch (warm-ups and phases), the optimizer step and,
+                from the teacher-output cache, precomputed teacher taps (else the teacher runs live).
 
         Returns:
             ``loss`` (scalar), ``logits`` (the student's averaged logits [B, K], for train accuracy), ``terms``
             (name → detached unweighted value, including ``task``).
         """
+        images, targets, epoch = batch.images, batch.targets, batch.epoch
         if self.needs_input_grad:
             images = images.detach().requires_grad_(True)
         student = self.student_features(images)
+        teacher_features = batch.teacher_features
         if teacher_features is None and self.needs_teacher:
             teacher_features = self.teacher_features(images)
         teacher = teacher_features if teacher_features is not None else Features()
         task_logits = student.logits if self.task_on_cls_head else student.head_logits
-        batch = Batch(images=images, targets=targets, labels=labels,
-                      labels_b=labels if labels_b is None else labels_b, lam=lam, index=index, epoch=int(epoch),
-                      progress=float(epoch), step=step, student_forward=self.student_features,
-                      teacher_forward=self._teacher_forward_with_grad if self.teacher is not None else None)
-        student32 = student.apply(lambda t: t.float())
+        loss_batch = Batch(images=images, targets=targets, labels=batch.labels, labels_b=batch.labels_b, lam=batch.lam,
+                           index=batch.index, epoch=int(epoch), progress=float(epoch), step=batch.step,
+                           student_forward=self.student_features,
+                           teacher_forward=self._teacher_forward_with_grad if self.teacher is not None else None)
+        student32 = student.apply(_at_least_fp32)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            task = soft_target_cross_entropy(task_logits.float(), targets.float())
+            task = soft_target_cross_entropy(_at_least_fp32(task_logits), _at_least_fp32(targets))
             task_w = self.task_weight_at(epoch)
             total = task_w * task if task_w else task.new_zeros(())
             terms = {'task': task.detach()}
             for name, entry in self.entries.items():
                 weight = entry.weight_at(epoch)
                 if weight == 0:
-                    continue  # a zero-weight term is not computed (specs rule 8)
-                for term, value in entry.loss(student32, teacher, batch).items():
+                    continue  # a zero-weight term is not computed: no cost, and its parts get no gradient
+                for term, value in entry.loss(student32, teacher, loss_batch).items():
                     total = total + weight * value
                     terms[f'{name}.{term}'] = value.detach()
         return {'loss': total, 'logits': student.head_logits, 'terms': terms}
@@ -232,5 +242,5 @@ class Distiller(nn.Module):
         names = {f'student.{n}' for n in getattr(self.student, 'no_weight_decay', lambda: set())()}
         names |= {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
         for name, loss in self.losses.items():
-            names |= {f'losses.{name}.{n}' for n in getattr(loss, 'no_weight_decay', lambda: set())()}
+            names |= {f'losses.{name}.{n}' for n in loss.no_weight_decay()}
         return names

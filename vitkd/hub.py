@@ -21,8 +21,10 @@ from typing import Callable, Optional
 import yaml
 
 from .config import Config, ConfigError, load_yaml
+from .errors import HubError
 
-__all__ = ['HubPushError', 'model_card', 'push_run', 'push_run_to_hub', 'default_repo_name', 'HUB_DATASETS']
+__all__ = ['HubPushError', 'model_card', 'teacher_description', 'push_run', 'push_run_to_hub', 'default_repo_name',
+           'HUB_DATASETS']
 
 EXPORT_DIR = 'student'
 UPLOADED = ('config.json', 'model.safetensors', 'README.md')
@@ -32,8 +34,8 @@ HUB_DATASETS = {'fashion_mnist': 'zalando-datasets/fashion_mnist', 'cifar10': 'u
                 'cifar100': 'uoft-cs/cifar100'}
 
 
-class HubPushError(RuntimeError):
-    """An upload that failed (the message says what failed and how to retry)."""
+class HubPushError(HubError):
+    """An upload that failed (the message says what failed and how to retry); exit code 4."""
 
 
 def default_repo_name(run_dir: Path) -> str:
@@ -56,6 +58,23 @@ def _read_run(run_dir: Path) -> tuple[Config, dict, dict]:
 def _public_name(spec: str) -> str:
     """A local path shown by its last component (the card is public; the machine's layout is not its business)."""
     return Path(spec).name if os.path.isabs(spec) or os.path.exists(spec) else spec
+
+
+def teacher_description(cfg: Config) -> str:
+    """The teacher by architecture and source, e.g. "`regnety_160.deit_in1k` (timm pretrained weights)",
+    "`regnety_002` (local weights, not published)", "`org/name` (hf-hub:org/name)": a folder's name says neither."""
+    spec = cfg.teacher
+    if not spec:
+        return 'none'
+    if spec.startswith('hf-hub:'):
+        return f'`{spec[len("hf-hub:"):]}` (Hugging Face Hub: {spec})'
+    path = Path(spec)
+    if path.is_dir() and (path / 'config.json').is_file():
+        arch = json.loads((path / 'config.json').read_text()).get('architecture', '?')
+        return f'`{arch}` (local weights in timm format, not published)'
+    if spec.endswith('.safetensors') or path.exists():
+        return f'`{cfg.teacher_arch or "?"}` (local safetensors weights, not published)'
+    return f'`{spec}` (timm pretrained weights: `timm.create_model({spec!r}, pretrained=True)`)'
 
 
 def _metric_rows(summary: dict) -> list[str]:
@@ -83,7 +102,8 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     methods = parse_distill(cfg)
     method_names = [name for name, _, _ in methods if name != 'none']
     dataset = HUB_DATASETS.get(cfg.dataset) or (Path(cfg.data_path).name if cfg.data_path else cfg.dataset)
-    front = {'library_name': 'timm', 'license': pretrained_cfg.get('license', 'apache-2.0'),
+    license_ = getattr(cfg, 'hub_license', None)  # the user's choice only: no license is inferred for the weights
+    front = {'library_name': 'timm', **({'license': license_} if license_ else {}),
              'tags': ['image-classification', 'timm', 'vitkd', 'knowledge-distillation', *method_names],
              'datasets': [dataset], 'metrics': ['accuracy'], 'pipeline_tag': 'image-classification'}
     needs_vitkd = arch.split('.')[0] in {name.split('.')[0] for name in vitkd_cfgs}
@@ -100,7 +120,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     method_rows += [f'| {name} | {weight if weight is not None else weights.get(name, 1.0):g} | '
                     f'{", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"} |' for name, weight, opts in methods]
     epochs_run = summary.get('epochs_run', '?')
-    teacher = _public_name(cfg.teacher) if cfg.teacher else 'none'
+    teacher = teacher_description(cfg)
     recipe = [f'- data: {cfg.dataset}' + (f' ({_public_name(cfg.data_path)})' if cfg.data_path else '') +
               (f', train subset {cfg.train_subset}' if cfg.train_subset else ''),
               f'- input {tuple(pretrained_cfg.get("input_size", ()))}, mean {tuple(pretrained_cfg.get("mean", ()))}, '
@@ -119,7 +139,8 @@ def model_card(run_dir: Path, repo_id: str) -> str:
               + (f' (decay {cfg.model_ema_decay:g})' if cfg.model_ema else '')]
     params = ', '.join(f'{k}={v}' for k, v in export.get('model_args', {}).items())
     body = [f'# {repo_id.split("/")[-1]}', '',
-            f'A `{arch}` student ({params}) distilled with vitkd from the teacher `{teacher}`.', '',
+            f'A `{arch}` student ({params}) distilled with vitkd from the teacher {teacher}.', '',
+            f'License: {license_ if license_ else "none given (the uploader did not set --hub-license)"}.', '',
             '## Distillation', '', *method_rows, '',
             '## Recipe', '', *recipe, '',
             '## Results (validation set, final weights)', '', *_metric_rows(summary), '',
@@ -178,6 +199,6 @@ def push_run_to_hub(run_dir: Path, repo_id: Optional[str], private: bool, log: C
         url = push_run(run_dir, repo_id, private)
     except HubPushError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
-        return 4
+        return e.exit_code
     log(f'pushed the student to {url}')
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 from .errors import UsageError
 import difflib
 from functools import partial
-import json
 import logging
 import os
 from pathlib import Path
@@ -141,8 +140,12 @@ def deit_b_distilled(pretrained: bool = False, **kwargs) -> VkDDistilledViT:
 
 
 def _unknown_model_error(name: str, role: str) -> ModelSpecError:
+    """The error for a name timm does not know: timm's full names that extend it come first (``deit_tiny_distilled`` →
+    ``deit_tiny_distilled_patch16_224``: a name cut short, not a typo), then the closest spellings."""
     base = name.split('.')[0]
-    close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+    extended = timm.list_models(f'{base}*')[:3]
+    close = extended + [m for m in difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+                        if m not in extended][:5 - len(extended)]
     hint = f'; did you mean: {", ".join(close)}' if close else '; see timm.list_models()'
     return ModelSpecError(f'unknown {role} model {name!r}{hint}')
 
@@ -258,8 +261,24 @@ class Teacher(nn.Module):
         return super().train(False)  # a generic .train() must never put the teacher's BN/dropout in train mode
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] student-normalised → teacher-normalised."""
-        return x * self.in_scale + self.in_shift if self.renormalize else x
+        """[B, C, H, W] student-normalised → teacher-normalised, in the teacher's dtype (see :meth:`cast`)."""
+        x = x * self.in_scale + self.in_shift if self.renormalize else x
+        return x.to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def cast(self, dtype: torch.dtype) -> 'Teacher':
+        """Hold the frozen weights in ``dtype`` (bf16/fp16 under mixed precision).
+
+        Autocast casts a weight to the compute dtype at every use and caches the cast only for weights that require
+        gradients: a frozen fp32 teacher would be re-cast in every step. Cast once, its matmuls and convolutions
+        read half the bytes; BatchNorm in eval mode is an affine map, which bf16 holds to ~3 significant digits, as
+        autocast's bf16 convolutions already do for the activations. The input re-normalisation stays in fp32.
+        """
+        self.model.to(dtype)
+        return self
 
     def compile(self, **compile_kwargs: Any) -> 'Teacher':
         """``torch.compile`` the model's forward paths that feature extraction calls.
@@ -286,11 +305,17 @@ class Teacher(nn.Module):
         return self.model.num_classes
 
 
-def _read_local_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / 'config.json').read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelSpecError(f'{folder} is not a timm model folder (config.json unreadable: {e})') from None
+def _read_local_config(folder: Path, what: str) -> dict:
+    """The folder's timm ``config.json``, checked (:func:`vitkd.validate.read_model_config`), and its safetensors
+    weights' header when present: a bad file is a one-line error naming it, before timm reads anything."""
+    from .validate import check_safetensors, read_model_config
+    if not (folder / 'config.json').is_file():
+        raise ModelSpecError(f'{what}: {folder} is not a timm model folder (no config.json; expected what timm\'s '
+                             'save_for_hf writes: config.json + model.safetensors)')
+    config = read_model_config(folder / 'config.json', what)
+    if (folder / 'model.safetensors').is_file():
+        check_safetensors(folder / 'model.safetensors', f'{what}: weights')
+    return config
 
 
 def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[str] = None,
@@ -310,7 +335,7 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
     what = f'teacher {spec!r}'
     if spec.startswith('local-dir:') or path.is_dir():
         folder = Path(spec[len('local-dir:'):]) if spec.startswith('local-dir:') else path
-        _read_local_config(folder)
+        _read_local_config(folder, what)
         model = _timm_create(what, f'local-dir:{folder.resolve()}', pretrained=pretrained, **kwargs)
         source = f'local-dir:{folder.resolve()}'
     elif spec.endswith(WEIGHT_FILES):
@@ -320,7 +345,10 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
             raise ModelSpecError(f'teacher {spec!r} is a bare weights file: also pass --teacher-arch <timm model name>')
         if not timm.is_model(arch.split('.')[0]):
             raise _unknown_model_error(arch, 'teacher')
-        if not spec.endswith('.safetensors'):
+        if spec.endswith('.safetensors'):
+            from .validate import check_safetensors
+            check_safetensors(path, f'{what}: weights')
+        else:
             _logger.warning('teacher %s is a pickle file: loading tensors only (weights_only=True); safetensors files '
                             'are preferred', spec)
         overlay = dict(file=str(path.resolve()), num_classes=num_classes or 1000)

@@ -5,21 +5,32 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from timm.scheduler.scheduler import Scheduler
+from torch.utils.data import DataLoader
 
 from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
                     build_teacher, eval_data_config, scaled_lr, student_data_spec)
-from .centers import attach_class_centers
 from .config import Config, ConfigError
 from .cpu_malloc import tune_malloc
-from .data import dataset_targets
+from .data import DataSpec, dataset_targets
+from .distiller import Distiller
+from .losses import RunContext
+from .models import Teacher, set_fused_attention
+from .training import EpochBatches, TrainState
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+
+    from .teacher_cache import TeacherCache
 
 __all__ = ['make_accelerator', 'check_output_dir', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger',
            'export_student', 'eval_student', 'format_heads', 'format_faults', 'summary_table']
@@ -28,8 +39,16 @@ RUN_MARKER = 'config.yaml'
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """Accelerator with the run's precision and accumulation; one CPU process uses every core; CPU processes get
-    the tuned glibc heap (:func:`vitkd.cpu_malloc.tune_malloc`) unless ``--cpu-malloc system``.
+    """Accelerator with the run's precision and accumulation, and the process settings of its device.
+
+    Precision: ``--mixed-precision`` when given (command line or YAML), else the launcher's (``accelerate launch
+    --mixed_precision``, or its config file: Accelerate reads ``ACCELERATE_MIXED_PRECISION``), else ``no``. The
+    effective value is written back into ``cfg`` (so ``config.yaml`` records it) and printed at start.
+
+    CUDA: TF32 for fp32 matmuls and convolutions (``--no-cuda-tf32`` turns it off) and cuDNN autotuning
+    (``--no-cudnn-benchmark``); loader batches are copied to the device without blocking the host. CPU: one process
+    uses every core; CPU processes get the tuned glibc heap (:func:`vitkd.cpu_malloc.tune_malloc`) unless
+    ``--cpu-malloc system``.
 
     On N processes ``--batch-size`` is per process and Accelerate's default sharding (``split_batches=False``) gives
     process p the loader batches p, p + N, …: optimizer step s trains on batches sN … sN + N − 1, i.e. on exactly the
@@ -38,9 +57,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
     can leave a parameter without gradient (:func:`vitkd.distiller.may_leave_parameters_unused`, or
     ``--ddp-find-unused``): the search costs a graph traversal per step, and without it such a step fails.
     """
-    if cfg.mixed_precision == 'fp16' and not torch.cuda.is_available():
+    from accelerate.utils import DataLoaderConfiguration
+    cuda = torch.cuda.is_available()
+    requested = cfg.mixed_precision or os.environ.get('ACCELERATE_MIXED_PRECISION') or 'no'
+    if requested not in ('no', 'bf16', 'fp16'):
+        raise ConfigError(f'mixed precision {requested!r} (from the launcher) is not one of no, bf16, fp16')
+    if requested == 'fp16' and not cuda:
         raise ConfigError('--mixed-precision fp16 needs a GPU; on CPU use bf16 or no')
-    if cfg.mixed_precision == 'bf16' and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if requested == 'bf16' and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(f'--mixed-precision bf16: this GPU ({torch.cuda.get_device_name()}) cannot do bf16; use fp16 '
                           'or no')
     find_unused = cfg.ddp_find_unused
@@ -48,22 +72,40 @@ def make_accelerator(cfg: Config) -> Accelerator:
         from .distiller import may_leave_parameters_unused
         find_unused = may_leave_parameters_unused(build_losses(cfg), cfg.epochs, cfg.task_weight)
     name_output_dir(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-                              log_with=cfg.log_with, project_dir=cfg.output_dir,
-                              cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=requested, gradient_accumulation_steps=cfg.grad_accum_steps,
+                              log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
+    cfg.mixed_precision = accelerator.mixed_precision
+    if accelerator.device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = cfg.cuda_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.cuda_tf32
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if accelerator.device.type == 'cpu' and cfg.cpu_malloc == 'tuned':
         tune_malloc()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif accelerator.device.type == 'cpu' and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # `accelerate launch` sets OMP_NUM_THREADS=1 by default
+    if cfg.num_workers is None:
+        cfg.num_workers = default_num_workers(accelerator)
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
 
 
+def default_num_workers(accelerator: Accelerator) -> int:
+    """Loader workers per process: the machine's cores shared by the processes on it, less one for the process itself
+    (at least 1, at most 16). A GPU step of DeiT-S consumes thousands of images per second; one core decodes and
+    augments a few hundred."""
+    local = int(os.environ.get('LOCAL_WORLD_SIZE') or accelerator.num_processes)  # processes on this machine
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(16, cores // local - 1))
+
+
 def name_output_dir(cfg: Config) -> None:
     """Default run dir: the run of ``--resume <checkpoint or run dir>``, else output/<student>-<methods>-<time>."""
+    if cfg.output_dir is None and cfg.eval_student:
+        cfg.output_dir = str(eval_output_dir(cfg))
     if cfg.output_dir is None and cfg.resume not in (None, 'auto'):
         from .checkpoint import resolve_resume
         resolve_resume(cfg, log=lambda *_: None)  # fills output_dir with the checkpoint's run dir (or fails)
@@ -77,65 +119,96 @@ RUN_OUTPUTS = (RUN_MARKER, 'checkpoints', 'student', 'student_ema', 'log.jsonl',
                'curves.png', 'hub.json', 'nonfinite_step*.json')
 
 
-def check_output_dir(cfg: Config) -> Path:
-    """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite.
+def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
+    """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite, one that
+    cannot be written (:func:`vitkd.rundir.check_writable`) and, with ``check_lock``, one another live run holds.
 
     Writes nothing: ``main`` calls it before building anything and creates the dir only once every check passed.
     """
+    from .rundir import check_unlocked, check_writable
     name_output_dir(cfg)
     out = Path(cfg.output_dir)
+    check_writable(out)
     if (out / RUN_MARKER).exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f'--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite '
                           'to train into it anyway, or another --output-dir')
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f'--output-dir {out} exists and is not a folder')
+    if check_lock:
+        check_unlocked(out)
     return out
 
 
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """Create the run dir (after :func:`check_output_dir`'s refusal rule). Nothing is deleted.
+    """Create and lock the run dir (after :func:`check_output_dir`'s refusal rules). Nothing is deleted.
 
     With ``--overwrite`` (and no ``--resume``) a previous run's outputs are moved into ``replaced-<time>/`` inside the
     dir first: its checkpoints must never be mistaken for this run's by ``--resume auto`` or pruned by its saves.
+    A resumed run that already finished raises :class:`vitkd.rundir.RunFinished` (nothing is written). The main
+    process decides and every process raises the same error, so a multi-process run ends with one exit code.
     """
-    out = check_output_dir(cfg)
+    from accelerate.utils import broadcast_object_list
+
+    from .checkpoint import resolve_resume
+    from .errors import RunDirError
+    from .rundir import RunFinished, RunLock, finished_state
+    out = check_output_dir(cfg, check_lock=False)
+    failure = None
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and not cfg.resume and (out / RUN_MARKER).exists():
-            old = [p for pattern in RUN_OUTPUTS for p in sorted(out.glob(pattern))]
-            aside = out / f'replaced-{time.strftime("%Y%m%d-%H%M%S")}'
-            aside.mkdir()
-            for path in old:
-                os.replace(path, aside / path.name)
-            accelerator.print(f'--overwrite: the previous run\'s outputs in {out} were moved to {aside}')
-    accelerator.wait_for_everyone()
+        try:
+            summary = finished_state(out, resolve_resume(cfg, log=lambda *_: None), cfg.epochs, cfg.max_steps) \
+                if cfg.resume else None
+            if summary is not None:
+                raise RunFinished(f'{out} is a finished run ({summary.get("epochs_run")} epochs, {summary.get("steps")} '
+                                  f'steps; {summary.get("stop_reason", "done")}): nothing to resume and nothing was '
+                                  'changed; raise --epochs to train it further, or use another --output-dir')
+            out.mkdir(parents=True, exist_ok=True)
+            RunLock(out).acquire()
+            if cfg.overwrite and not cfg.resume and (out / RUN_MARKER).exists():
+                old = [p for pattern in RUN_OUTPUTS for p in sorted(out.glob(pattern))]
+                aside = out / f'replaced-{time.strftime("%Y%m%d-%H%M%S")}'
+                aside.mkdir()
+                for path in old:
+                    os.replace(path, aside / path.name)
+                accelerator.print(f'--overwrite: the previous run\'s outputs in {out} were moved to {aside}')
+        except (RunFinished, RunDirError) as e:
+            failure = (type(e).__name__, str(e))
+        except OSError as e:
+            failure = ('RunDirError', f'--output-dir {out}: {e.strerror or e}')
+    failure = broadcast_object_list([failure])[0]
+    if failure is not None:
+        raise {'RunFinished': RunFinished, 'RunDirError': RunDirError}[failure[0]](failure[1])
     return out
 
 
 @dataclass
 class Run:
     """Everything a training run is made of."""
-    student: torch.nn.Module        # unwrapped student (for evaluation and export)
-    teacher: Any
-    distiller: Any                  # prepared (possibly DDP-wrapped) Distiller
-    distiller_unwrapped: Any
-    optimizer: Any
-    scheduler: Any
-    train_loader: Any
-    val_loader: Any
-    mixer: BatchMixer
-    spec: Any
-    state: Any
-    ema: Any
+    student: torch.nn.Module            # unwrapped student (for evaluation and export)
+    teacher: Optional[Teacher]
+    distiller: torch.nn.Module          # prepared (possibly DDP-wrapped) Distiller
+    distiller_unwrapped: Distiller
+    optimizer: torch.optim.Optimizer    # Accelerate's wrapper of the timm optimizer
+    scheduler: Scheduler
+    train_loader: DataLoader            # prepared, host batches (see vitkd.training.EpochBatches)
+    batches: EpochBatches
+    val_loader: DataLoader
+    spec: DataSpec
+    state: TrainState
+    ema: Optional[ModelEmaV3]
     lr: float
     global_batch: int
     student_params: int
-    data_config: Optional[dict] = None  # the evaluation preprocessing (recorded with the exported student)
-    teacher_cache: Any = None           # vitkd.teacher_cache.TeacherCache with --teacher-cache
+    data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
+    teacher_cache: Optional[TeacherCache] = None
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
-    from engine import TrainState
+    """Data, models, losses, optimizer and schedule of a run, on the accelerator's device and prepared.
+
+    Order matters on a GPU: the student and the teacher are on the device before the distiller is built (a method's
+    ``setup`` probes both with one batch and builds its parts from the shapes), the distiller is on the device before
+    the optimizer (fused AdamW on CUDA needs its parameters there) and the EMA copy is made after ``prepare`` (timm's
+    EMA then updates with one fused kernel per step instead of falling back to per-tensor updates).
+    """
     entries = build_losses(cfg)  # fail fast on unknown methods/options, before data and models are loaded
     if any(e.loss.disable_fused_attn for e in entries):
         from timm.layers import set_fused_attn
@@ -150,31 +223,36 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     check_input(student, spec.input_size, f'student {cfg.student}')
     if teacher is not None:
         check_input(teacher.model, spec.input_size, f'teacher {teacher.source}', teacher.prepare_input)
-    if accelerator.device.type == 'cpu':  # CPU flash-attention backward is slow (bf16) or no faster (fp32)
-        from .models import set_fused_attention
+    device = accelerator.device
+    if device.type == 'cpu':  # CPU flash-attention backward is slow (bf16) or no faster (fp32)
         for model in (student, teacher.model if teacher is not None else None):
             if model is not None:
                 set_fused_attention(model, False)
+    student.to(device)
     if teacher is not None:
-        teacher.to(accelerator.device)
+        teacher.to(device)
+        if accelerator.mixed_precision in ('bf16', 'fp16'):
+            teacher.cast(torch.bfloat16 if accelerator.mixed_precision == 'bf16' else torch.float16)
         if cfg.compile_teacher:
             teacher.compile()
     steps_per_epoch = max(1, len(train_loader) // (accelerator.num_processes * cfg.grad_accum_steps))
     distiller = build_distiller(cfg, student, teacher, spec, len(train_loader.dataset), steps_per_epoch,
                                 accelerator.num_processes, dataset_targets(train_loader.dataset))
-    attach_class_centers(distiller, cfg, teacher, spec, accelerator)
+    distiller.to(device)  # parts a method's setup built on the host
+    distiller.prepare_for_run(RunContext(cfg=cfg, teacher=teacher, spec=spec, accelerator=accelerator))
     if cfg.compile_student:
-        distiller.compile_student()  # ND: teacher class centres, cached on disk
+        distiller.compile_student()
     set_seed(cfg.seed + accelerator.process_index)  # per-process streams from here on (dropout, drop-path)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
-    optimizer = build_optimizer(cfg, distiller, lr)
+    optimizer = build_optimizer(cfg, distiller, lr, fused=device.type == 'cuda')
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    distiller, optimizer, val_loader = accelerator.prepare(distiller, optimizer, val_loader)
+    train_loader = accelerator.prepare_data_loader(train_loader, device_placement=False)
     ema = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(student, decay=cfg.model_ema_decay, device=accelerator.device)
-    distiller, optimizer, train_loader, val_loader = accelerator.prepare(distiller, optimizer, train_loader, val_loader)
+        ema = ModelEmaV3(accelerator.unwrap_model(distiller).student, decay=cfg.model_ema_decay, device=device)
     state = TrainState(max_steps=cfg.max_steps)  # scheduler, state and EMA are checkpointed by vitkd.checkpoint
     unwrapped = accelerator.unwrap_model(distiller)
     teacher_cache = None
@@ -182,9 +260,10 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
         from .teacher_cache import TeacherCache
         teacher_cache = TeacherCache.for_run(cfg, unwrapped, accelerator, len(train_loader.dataset), spec.input_size)
     return Run(student=unwrapped.student, teacher=teacher, distiller=distiller, distiller_unwrapped=unwrapped,
-               optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
-               mixer=BatchMixer(cfg, spec.num_classes), spec=spec, state=state, ema=ema, lr=lr,
-               global_batch=global_batch, student_params=sum(p.numel() for p in unwrapped.student.parameters()),
+               optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+               batches=EpochBatches(train_loader, accelerator, BatchMixer(cfg, spec.num_classes), teacher_cache),
+               val_loader=val_loader, spec=spec, state=state, ema=ema, lr=lr, global_batch=global_batch,
+               student_params=sum(p.numel() for p in unwrapped.student.parameters()),
                data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache)
 
 
@@ -206,36 +285,55 @@ def check_input(model: torch.nn.Module, input_size, what: str, prepare=None) -> 
 
 
 class MetricLogger:
-    """Per-step and per-epoch records as JSONL (``log.jsonl``) and CSV (``epochs.csv``) in the run dir."""
+    """Per-step and per-epoch records as JSONL (``log.jsonl``) and CSV (``epochs.csv``) in the run dir, and to the
+    ``--log-with`` trackers.
 
-    def __init__(self, out_dir: Path, accelerator: Accelerator, cfg: Optional[Config] = None):
+    Each tracker value goes to the optimizer step it belongs to: training terms to their step, an epoch's validation
+    metrics to the global step at which that epoch ended (``step``), so the curves of a tracker line up with
+    ``log.jsonl``. ``epochs.csv`` (the summary a person reads) has its numbers rounded to what they measure
+    (:func:`vitkd.progress.rounded`); ``log.jsonl`` and the trackers keep them exact. A warm-up that does not end before the run is warned about once, here, before training starts.
+    """
+
+    def __init__(self, out_dir: Path, accelerator: Accelerator, cfg: Optional[Config] = None,
+                 steps_per_epoch: Optional[int] = None):
+        from .progress import warmup_warning
         self.out_dir, self.main, self.accelerator = out_dir, accelerator.is_main_process, accelerator
         self.jsonl = open(out_dir / 'log.jsonl', 'a') if self.main else None
         self.trackers = bool(cfg and cfg.log_with)
+        self.last_step = 0
         if self.trackers:  # flat, tracker-friendly hyper-parameters
             hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                        for k, v in dataclasses.asdict(cfg).items() if v is not None}
             accelerator.init_trackers('vitkd', config=hparams)
+        warning = warmup_warning(cfg, steps_per_epoch) if cfg is not None else None
+        if warning:
+            accelerator.print(warning)
 
     def step(self, record: dict) -> None:
+        self.last_step = record['step']
         if self.trackers:
             self.accelerator.log({f'train/{k}': v for k, v in record.items() if k != 'step'}, step=record['step'])
         if self.jsonl:
             self.jsonl.write(json.dumps({'kind': 'step', **record}) + '\n')
             self.jsonl.flush()
 
-    def epoch(self, epoch: int, train: dict, val: dict) -> None:
+    def epoch(self, epoch: int, train: dict, val: dict, step: Optional[int] = None) -> None:
+        """One epoch's means and validation metrics; ``step``: the global optimizer step at which the epoch ended
+        (default: the last step logged by :meth:`step`)."""
+        from .progress import rounded
+        step = self.last_step if step is None else step
         if self.trackers and val:
-            self.accelerator.log({f'val/{k}': v for k, v in val.items()}, step=None)
+            self.accelerator.log({f'val/{k}': v for k, v in val.items()}, step=step)
         if not self.main:
             return
-        record = {'epoch': epoch, **{f'train_{k}': v for k, v in train.items()}, **{f'val_{k}': v for k, v in val.items()}}
+        record = {'epoch': epoch, 'step': step, **{f'train_{k}': v for k, v in train.items()},
+                  **{f'val_{k}': v for k, v in val.items()}}
         self.jsonl.write(json.dumps({'kind': 'epoch', **record}) + '\n')
         self.jsonl.flush()
         path = self.out_dir / 'epochs.csv'
         rows = list(csv.DictReader(path.open())) if path.exists() else []
-        rows.append({k: str(v) for k, v in record.items()})
-        fields = sorted({k for r in rows for k in r}, key=lambda k: (k != 'epoch', k))
+        rows.append({k: str(v) for k, v in rounded(record).items()})
+        fields = sorted({k for r in rows for k in r}, key=lambda k: ({'epoch': 0, 'step': 1}.get(k, 2), k))
         with path.open('w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
@@ -247,14 +345,19 @@ class MetricLogger:
 
 
 def export_student(r: Run, out_dir: Path, accelerator: Accelerator, metrics: dict) -> Path:
-    """The student alone in timm's format (config.json + model.safetensors), no distillation parts; the EMA student
-    beside it (``student_ema/``) when EMA is on. Written atomically (``.tmp`` then renamed)."""
-    from .checkpoint import export_model, folded_student
+    """The student alone in timm's format (config.json + model.safetensors, the data's class names as
+    ``label_names``), no distillation parts; the EMA student beside it (``student_ema/``) when EMA is on. Written
+    atomically (``.tmp`` then renamed). The class names are checked against the teacher's when it records them."""
+    from .checkpoint import check_label_names, export_model, folded_student
     export = out_dir / 'student'
+    labels = [str(c) for c in r.spec.classes] if getattr(r.spec, 'classes', None) else None
+    teacher_model = getattr(r.teacher, 'model', None)
+    check_label_names(labels, getattr(teacher_model, 'pretrained_cfg', {}).get('label_names'))
     if accelerator.is_main_process:
-        export_model(folded_student(r.distiller_unwrapped), export, r.data_config)
+        export_model(folded_student(r.distiller_unwrapped), export, r.data_config, labels)
         if r.ema is not None:
-            export_model(folded_student(r.distiller_unwrapped, r.ema.module), out_dir / 'student_ema', r.data_config)
+            export_model(folded_student(r.distiller_unwrapped, r.ema.module), out_dir / 'student_ema', r.data_config,
+                         labels)
     accelerator.wait_for_everyone()
     return export
 
@@ -312,6 +415,17 @@ def summary_table(cfg: Config, summary: dict) -> str:
     return '\n'.join(lines)
 
 
+def eval_output_dir(cfg: Config) -> Path:
+    """Default dir of ``--eval-student``, named after what it evaluates and on what: ``output/eval-<run>_student-
+    <dataset>-<time>``, ``eval-<run>_step_00000468-…`` for a checkpoint, ``eval-org_name-…`` for ``hf-hub:org/name``
+    (not after the training options, which an evaluation does not use)."""
+    spec = str(cfg.student_ckpt or 'student')
+    parts = spec[len('hf-hub:'):].split('/') if spec.startswith('hf-hub:') else Path(spec).resolve().parts
+    named = [part for part in parts if part not in ('checkpoints', '/')][-2:]
+    evaluated = '_'.join(re.sub(r'[^A-Za-z0-9.+-]+', '-', part) for part in named) or 'student'
+    return Path('output') / f'eval-{evaluated}-{cfg.dataset}-{time.strftime("%Y%m%d-%H%M%S")}'
+
+
 def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     """--eval-student: top-1/top-5 of the cls head, the dist head and their average for ``--student-ckpt``.
 
@@ -322,13 +436,16 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     from timm.data import create_transform
     from torch.utils.data import DataLoader
 
-    from engine import evaluate
+    from .evaluation import evaluate
     from .checkpoint import CheckpointError, load_student
     from .data import build_eval_dataset
+    from .hf_data import HFOptions
+    from .progress import rounded
     if not cfg.student_ckpt:
         raise ConfigError('--eval-student needs --student-ckpt (an exported folder, a checkpoint folder, a run dir, '
                           'a .safetensors file with --student, or hf-hub:org/name)')
-    val = build_eval_dataset(cfg.dataset, cfg.data_path, None, cfg.skip_corrupt)  # transform set below
+    val = build_eval_dataset(cfg.dataset, cfg.data_path, None, cfg.skip_corrupt,  # transform set below
+                             hf=HFOptions.from_config(cfg))
     model, pretrained_cfg, source = load_student(cfg.student_ckpt, cfg, num_classes=len(val.classes))
     if model.num_classes != len(val.classes):
         raise CheckpointError(f'student {source} has a {model.num_classes}-way head, the validation set '
@@ -345,8 +462,10 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
                                              mean=tuple(data_config['mean']), std=tuple(data_config['std']))
     loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers)
     loader = accelerator.prepare(loader)
+    if accelerator.device.type == 'cpu':  # the attention path training evaluated with (build_run): the same numbers
+        set_fused_attention(model, False)
     metrics = evaluate(model.to(accelerator.device), loader, accelerator)
-    out_dir = Path(cfg.output_dir or Path('output') / f'eval_student-{time.strftime("%Y%m%d-%H%M%S")}')
+    out_dir = Path(cfg.output_dir or eval_output_dir(cfg))
     report = dict(student_ckpt=cfg.student_ckpt, source=source, architecture=getattr(model, 'pretrained_cfg', {})
                   .get('architecture', type(model).__name__), num_classes=model.num_classes, dataset=cfg.dataset,
                   data_path=cfg.data_path, data_config={k: list(v) if isinstance(v, tuple) else v
@@ -356,7 +475,7 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
                                                    for h in ('cls', 'dist', 'avg') if f'{h}_top1' in metrics]
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / 'eval_student.json').write_text(json.dumps(report, indent=2) + '\n')
+        (out_dir / 'eval_student.json').write_text(json.dumps(rounded(report), indent=2) + '\n')
     accelerator.print(f'student {source} on {metrics["samples"]} {cfg.dataset} validation images\n' + '\n'.join(rows))
     accelerator.print(f'wrote {out_dir / "eval_student.json"}')
     accelerator.end_training()

@@ -128,6 +128,8 @@ def run_fingerprint(cfg: Config, world_size: int, num_samples: int, num_classes:
     """Everything that decides the records of a data epoch; two runs may share a cache iff these are equal."""
     data = {name: getattr(cfg, name) for name in _DATA_FIELDS}
     data['scale'] = [float(v) for v in data['scale']]
+    if cfg.dataset == 'hf':  # the columns and splits read decide the images too
+        data.update({name: getattr(cfg, name) for name in ('hf_image_column', 'hf_label_column', 'train_split')})
     return dict(format=FORMAT_VERSION, world_size=world_size, num_samples=num_samples, num_classes=num_classes,
                 teacher_weights_sha1=teacher_hash, logits=bool(spec.logits), pooled=bool(spec.pooled),
                 pooled_dim=pooled_dim, topk=min(topk, num_classes), **data)

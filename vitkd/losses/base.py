@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..features import Features, TapSpec
 
-__all__ = ['DistillationLoss', 'Batch', 'RunInfo', 'register_loss', 'create_loss', 'list_losses', 'get_loss_class',
+__all__ = ['DistillationLoss', 'Batch', 'RunContext', 'RunInfo', 'register_loss', 'create_loss', 'list_losses', 'get_loss_class',
            'LossSpecError', 'LOSS_REGISTRY']
 
 LOSS_REGISTRY: dict[str, type['DistillationLoss']] = {}
@@ -79,6 +79,24 @@ class RunInfo:
     student_has_dist_head: bool = False
     world_size: int = 1
     train_labels: Optional[torch.Tensor] = None  # [N] class of every training sample (CRD's negatives)
+
+
+@dataclass
+class RunContext:
+    """What a loss's :meth:`DistillationLoss.prepare_for_run` may use: the whole run, on its device.
+
+    Attributes:
+        cfg: the run's :class:`vitkd.config.Config` (data set, transform and seed options).
+        teacher: the frozen :class:`vitkd.models.Teacher` on the run's device and precision (None without one).
+        spec: the data's :class:`vitkd.data.DataSpec` (classes, input size, normalisation).
+        accelerator: the run's Accelerator (device, processes), or None for a single process on the teacher's device.
+        cache_dir: a folder for what the preparation caches (None: the loss's default cache).
+    """
+    cfg: Any
+    teacher: Any
+    spec: Any
+    accelerator: Any = None
+    cache_dir: Optional[str] = None
 
 
 class DistillationLoss(nn.Module):
@@ -140,6 +158,17 @@ class DistillationLoss(nn.Module):
     def setup(self, student: Features, teacher: Features, info: RunInfo) -> None:
         """Build trainable parts from example features (shapes only; called once before the optimizer exists)."""
 
+    def prepare_for_run(self, run: RunContext) -> None:
+        """Preparation that needs the run rather than example shapes (called once, after :meth:`setup`, with every
+        model on the run's device, before the optimizer and ``accelerator.prepare``): a pass of the teacher over the
+        training set (ND's class centres), a file to load and check against the run's teacher. Every process calls
+        it; work that can be shared is split across them (see :func:`vitkd.centers.centers_for_run`)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this loss) that must not be weight-decayed (e.g. a parametrisation's hidden
+        tensor, whose decay would collapse the map it parametrises). Biases and 1-D parameters are never decayed."""
+        return set()
+
     def task_weight(self, epoch: float) -> float:
         """Factor on the task loss at the fractional ``epoch`` (1 = keep it)."""
         return 1.0
@@ -173,7 +202,9 @@ def get_loss_class(name: str) -> type[DistillationLoss]:
         import difflib
         close = difflib.get_close_matches(name, LOSS_REGISTRY, n=3)
         hint = f' (did you mean {", ".join(close)}?)' if close else ''
-        raise LossSpecError(f'unknown loss {name!r}{hint}; registered: {", ".join(sorted(LOSS_REGISTRY))}')
+        raise LossSpecError(f'unknown loss {name!r}{hint}; registered: {", ".join(sorted(LOSS_REGISTRY))}; recipes '
+                            'that combine methods (kd++, dist++, deit_tiny_hard …) are presets: -c NAME, files in '
+                            'scripts/configs/')
     return LOSS_REGISTRY[name]
 
 

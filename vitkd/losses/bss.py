@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, RunInfo, register_loss
-from .functional import kl_div_logits
+from .functional import at_least_fp32, kl_div_logits
 from .kd import HEADS, pick_head
 
 __all__ = ['BSS', 'bss_factor', 'select_base_samples', 'sample_attack_classes', 'boundary_attack', 'bss_loss',
@@ -211,7 +211,7 @@ class BSS(DistillationLoss):
         attacked = boundary_attack(lambda x: batch.teacher_forward(x).logits, batch.images[index], labels[index],
                                    attack_classes, self.lower, self.upper, self.step_alpha, self.num_steps,
                                    self.attack_eps)  # [n, C, H, W]
-        attacked_s = pick_head(batch.student_forward(attacked), self.head).float()  # [n, K]
+        attacked_s = at_least_fp32(pick_head(batch.student_forward(attacked), self.head))  # [n, K]
         with torch.no_grad():
             attacked_t = batch.teacher_forward(attacked).logits  # [n, K]
         return {'kl': factor * bss_loss(attacked_s, attacked_t, self.temperature)}

@@ -18,7 +18,7 @@ K = ``nce_k`` negatives, τ = ``nce_t``, μ = ``nce_m``, N = training-set size, 
     then, without gradient: M[y] ← l2n(μ·M[y] + (1−μ)·v) for both banks at the batch indices y (pre-update rows
     were used for scoring).
 
-Banks are initialised U(−a, a), a = 1/√(d/3). Everything runs in fp32 (exp(·/0.07) overflows fp16).
+Banks are initialised U(−a, a), a = 1/√(d/3). Everything runs in at least fp32 (exp(·/0.07) overflows fp16).
 
 Distributed design (defect R3; crd.md §6). The banks, Z and the label table are buffers of this loss, kept
 identical on every rank by the loss itself: rank 0's banks are broadcast once at the first step (ranks are seeded

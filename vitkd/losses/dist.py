@@ -31,7 +31,7 @@ Where vitkd differs from the official code:
   the gradient of the one global loss) and Y_t over the processes and computes L_intra over all B_g samples;
   ``'local'`` reproduces the official per-rank behaviour. Both are identical on one process.
 * Logits come from the model outputs, not from forward hooks (defect S2: the official hook mangles a batch of 1).
-* Always computed in fp32 (the official loss runs under the trainer's autocast); the 1e-8 eps is meaningless in
+* Computed in at least fp32 (the official loss runs under the trainer's autocast); the 1e-8 eps is meaningless in
   bf16 for K = 1000, where probabilities are ~1e-3.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ import torch
 from ..distributed import all_gather_with_grad
 from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, register_loss
+from .functional import at_least_fp32
 from .kd import HEADS, pick_head
 
 __all__ = ['pearson_correlation', 'inter_class_relation', 'intra_class_relation', 'dist_loss', 'DIST', 'INTRA_SCOPES']
@@ -94,8 +95,8 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
     Returns:
         (τ²·β·L_inter, τ²·γ·L_intra), scalars.
     """
-    y_s = torch.softmax(student_logits.float() / temperature, dim=1)  # [B, K]
-    y_t = torch.softmax(teacher_logits.float() / temperature, dim=1)  # [B, K]
+    y_s = torch.softmax(at_least_fp32(student_logits) / temperature, dim=1)  # [B, K]
+    y_t = torch.softmax(at_least_fp32(teacher_logits) / temperature, dim=1)  # [B, K]
     scale = temperature ** 2
     inter = scale * beta * inter_class_relation(y_s, y_t)
     if gather is not None:

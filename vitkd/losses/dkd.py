@@ -38,7 +38,8 @@ Where vitkd differs from the official code:
   target logit (identical whenever |z/T| ≪ 1000; exact always). K = 2 gives NCKD = 0 (mdistiller issue #60).
 * log b^s is computed with log-sum-exp of log-probabilities (log p_y and log Σ_{j≠y} p_j) instead of the log of
   probability sums: mathematically identical, but never −∞ when the non-target probabilities underflow.
-* Always fp32; an explicit label policy under mixup (the official code has hard labels only).
+* At least fp32 (float64 stays float64); an explicit label policy under mixup (the official code has hard labels
+  only).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 
 from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, register_loss
+from .functional import at_least_fp32
 from .kd import HEADS, pick_head
 
 __all__ = ['dkd_terms', 'dkd_loss', 'dkd_warmup_factor', 'DKD', 'LABEL_POLICIES', 'WARMUP_INDEXING']
@@ -83,8 +85,8 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     if student_logits.shape[1] < 2:
         raise ValueError('DKD needs at least 2 classes')
     mask = F.one_hot(labels.long(), student_logits.shape[1]).bool()       # [B, K]
-    log_b_s, log_nt_s = _binary_and_nontarget_log_probs(student_logits.float(), mask, temperature)
-    log_b_t, log_nt_t = _binary_and_nontarget_log_probs(teacher_logits.float(), mask, temperature)
+    log_b_s, log_nt_s = _binary_and_nontarget_log_probs(at_least_fp32(student_logits), mask, temperature)
+    log_b_t, log_nt_t = _binary_and_nontarget_log_probs(at_least_fp32(teacher_logits), mask, temperature)
     tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(dim=1)              # [B]
     nckd = (log_nt_t.exp() * (log_nt_t - log_nt_s)).sum(dim=1)           # [B]
     scale = temperature ** 2

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from ..features import Features, TapSpec, extract
 from .base import Batch, DistillationLoss, RunInfo, register_loss
-from .functional import kl_div_logits, soft_target_cross_entropy
+from .functional import at_least_fp32, kl_div_logits, soft_target_cross_entropy
 from .kd import HEADS, pick_head
 
 __all__ = ['DML', 'mutual_kl']
@@ -100,7 +100,7 @@ class DML(DistillationLoss):
             raise RuntimeError('dml.setup() has not built the peer network')
         logits_s = pick_head(student, self.head)  # [B, K]
         peer = extract(self.peer, batch.images.detach(), TapSpec(logits=True), 'peer')
-        logits_p = peer.head_logits.float()  # [B, K]
+        logits_p = at_least_fp32(peer.head_logits)  # [B, K]
         return {'kl': self.kl_weight * mutual_kl(logits_s, logits_p),
-                'peer_ce': soft_target_cross_entropy(logits_p, batch.targets.float()),
+                'peer_ce': soft_target_cross_entropy(logits_p, at_least_fp32(batch.targets)),
                 'peer_kl': self.kl_weight * mutual_kl(logits_p, logits_s)}

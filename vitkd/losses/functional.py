@@ -4,9 +4,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ['kl_div_logits', 'soft_target_cross_entropy', 'KL_REDUCTIONS']
+__all__ = ['at_least_fp32', 'kl_div_logits', 'soft_target_cross_entropy', 'KL_REDUCTIONS']
 
 KL_REDUCTIONS = ('batchmean', 'numel')
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` promoted to fp32 when it is a narrower float (bf16/fp16 under autocast), otherwise ``t`` itself.
+
+    Losses compute in at least fp32 (softmax of small temperatures and log-ratios lose digits in bf16) but never
+    cast down: a float64 input stays float64, so a float64 run matches a float64 reference to its own precision.
+    """
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def kl_div_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

@@ -36,7 +36,7 @@ Where vitkd differs from the official code:
   channel count exactly doubles (and only when the earlier map is the narrower). Here any ratio works in both
   directions; for a ratio of exactly 2 the channel pooling is identical to the Zoo's pair average.
 * The Zoo pools only the earlier map (when it is larger); here whichever map is larger is pooled (never upsampled).
-* All in fp32; the teacher's side is detached.
+* All in at least fp32; the teacher's side is detached.
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ w(e) = min(1, e/E_w) (``warmup``; integer epochs from 0, DKD++ on ImageNet warms
   the CIFAR scripts).
 * **Centres** C [K, D_t] (a buffer, saved in checkpoints): from ``centers=<file>`` at setup (a vitkd centre file,
   see :mod:`vitkd.centers`, or the official ``{class: [floats]}`` JSON), or set by the run before training with
-  :meth:`ND.set_centers` (``vitkd.centers.attach_class_centers`` computes or loads them from the cache). They are
+  :meth:`ND.set_centers` (:meth:`ND.prepare_for_run` computes them, split across the processes, or loads them from
+  the cache: :func:`vitkd.centers.centers_for_run`). They are
   identical on every rank, so DDP does not re-broadcast them at every step (``ddp_ignored_buffers``).
 * **Mixup** (nd.md §4): c_b = C[y_a] mixed with the same λ and pairing as the images,
   c″ = λ·S(C[y_a]) + (1 − λ)·S(C[y_b]), where S(c)_b = (1 − ε)·c_b + (ε/K)·Σ_j c_j (sum over the local batch) is the
@@ -40,10 +41,10 @@ Where vitkd differs from the official code:
   to N(0, 0.01²); vitkd initialises only the adapter (``parity_reinit_student=True`` reproduces the re-init).
 * Defect N1: centres come from stock timm (``forward_head(pre_logits=True)``), computed and cached by
   :mod:`vitkd.centers` with their provenance; a file whose shape does not match the run is a one-line error, and
-  ``attach_class_centers`` refuses a file made with another teacher.
+  :meth:`ND.prepare_for_run` refuses a file made with another teacher.
 * Under mixup the centre mixing uses the (y_a, y_b, λ) metadata of the data step (the official Mixup returns the
   mixed centres itself); both follow timm's batch mode (pairing b ↔ B−1−b, one λ per batch).
-* Always fp32.
+* At least fp32 (float64 inputs stay float64).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ import torch
 import torch.nn as nn
 
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
+from .base import Batch, DistillationLoss, LossSpecError, RunContext, RunInfo, register_loss
+from .functional import at_least_fp32
 
 __all__ = ['nd_per_sample', 'nd_loss', 'smooth_batch_centers', 'mix_centers', 'make_adapter', 'ND', 'ADAPTER_INITS']
 
@@ -150,9 +152,6 @@ def read_centers_file(path: str) -> tuple[torch.Tensor, dict]:
 class ND(DistillationLoss):
     """Norm-and-direction loss of the student embedding against the teacher's class centres."""
     paper = 'ND (KD++), Wang et al. arXiv:2305.17007 (ECCV 2024)'
-    #: the run must give this loss the teacher's class centres (``vitkd.centers.attach_class_centers``)
-    needs_class_centers = True
-
     def __init__(self, centers: Optional[str] = None, center_smoothing: float = 0.0, adapter_init: str = 'normal',
                  warmup: int = 0, parity_reinit_student: bool = False):
         """
@@ -199,6 +198,19 @@ class ND(DistillationLoss):
                 if m.bias is not None:
                     nn.init.normal_(m.bias, std=0.01)
 
+    def prepare_for_run(self, run: RunContext) -> None:
+        """The teacher's class centres: a centre file given as ``nd.centers`` is checked against the run's teacher
+        (source and weights); otherwise they are computed by one teacher pass over the training set (split across
+        the processes) or loaded from the centre cache."""
+        from ..centers import centers_for_run, check_provenance, load_centers
+        if run.teacher is None:
+            return
+        if self.has_centers:
+            check_provenance(self.centers_provenance, run.teacher)
+            return
+        centers, path = centers_for_run(run.cfg, run.teacher, run.spec, run.accelerator, run.cache_dir)
+        self.set_centers(centers, load_centers(path)[1])
+
     def ddp_ignored_buffers(self) -> set[str]:
         return {'centers'}  # identical on every rank (same file / cache / checkpoint): no broadcast at every step
 
@@ -227,7 +239,7 @@ class ND(DistillationLoss):
 
     def set_centers(self, centers: torch.Tensor, provenance: Optional[dict] = None) -> None:
         """Install the teacher's class centres C [K, D_t] (every row non-zero and finite)."""
-        centers = centers.detach().float()
+        centers = at_least_fp32(centers.detach())
         if centers.ndim != 2:
             raise LossSpecError(f'class centres must be [K, D], got shape {tuple(centers.shape)}')
         if self.centers.numel() and centers.shape != self.centers.shape:
@@ -247,8 +259,7 @@ class ND(DistillationLoss):
         if not self._centers_ok:
             if not self.has_centers:
                 raise LossSpecError('nd needs the teacher\'s class centres: pass nd.centers=<file> (see '
-                                    'scripts/compute_centers.py) or call vitkd.centers.attach_class_centers before '
-                                    'training')
+                                    'scripts/compute_centers.py) or call prepare_for_run before training')
             self._centers_ok = True  # restored from a checkpoint
         factor = min(1.0, batch.epoch / self.warmup) if self.warmup else 1.0
         student_emb = student.pooled                                       # [B, D_s]

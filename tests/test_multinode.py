@@ -1,0 +1,140 @@
+"""Several machines, played on this one: two ``scripts/launch_multinode.sh`` launches (``--num_machines 2``, machine
+ranks 0 and 1, rendezvous at 127.0.0.1, one CPU process each) form one 2-process run.
+
+The slow test trains, checkpoints every step, SIGKILLs both launches, resumes with ``--resume auto`` and compares the
+exported student with one process at the doubled batch (the global batch is the same; the helpers and the tiny
+ImageFolder are ``tests/test_multiprocess.py``'s). Then ND's class centres with a node-local cache folder per node
+(``VITKD_CACHE_DIR``): only the global main process writes the centre file, so node 1's folder stays empty. The fast
+tests check the launch script's and the SLURM example's commands by their dry runs.
+"""
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_kill_resume import complete_steps
+from test_multiprocess import _args, _env, image_folder, run_one_process, step_records  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dry(script: str, env: dict, *args: str) -> list[list[str]]:
+    result = subprocess.run(['bash', str(REPO / 'scripts' / script), *args], capture_output=True, text=True,
+                            env=dict(os.environ, DRY_RUN='1', **env), cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_launch_script_dry_run_gives_every_node_the_same_world_and_its_own_rank():
+    cmds = [_dry('launch_multinode.sh', dict(MAIN_ADDR='10.1.2.3', NODE_RANK=str(r), NUM_NODES='3', PROCS_PER_NODE='4',
+                                             MAIN_PORT='29999'), '--batch-size', '8')[0] for r in range(3)]
+    for rank, cmd in enumerate(cmds):
+        assert cmd[1:3] == ['launch', '--config_file'] and '--multi_gpu' in cmd
+        assert (_flag(cmd, '--num_machines'), _flag(cmd, '--num_processes')) == ('3', '12')
+        assert _flag(cmd, '--machine_rank') == str(rank)
+        assert (_flag(cmd, '--main_process_ip'), _flag(cmd, '--main_process_port')) == ('10.1.2.3', '29999')
+        assert cmd[cmd.index('main.py') + 1:] == ['--batch-size', '8']
+    cpu = _dry('launch_multinode.sh', dict(MAIN_ADDR='127.0.0.1', NODE_RANK='1', PROCS_PER_NODE='1', CPU='1'))[0]
+    assert cpu[0] == 'ACCELERATE_USE_CPU=1' and _flag(cpu, '--num_processes') == '2'
+    assert _flag(cpu, '--mixed_precision') == 'no'
+
+
+def test_launch_script_needs_the_main_address_and_the_node_rank():
+    result = subprocess.run(['bash', str(REPO / 'scripts' / 'launch_multinode.sh')], capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k not in ('MAIN_ADDR', 'NODE_RANK')}, cwd=REPO)
+    assert result.returncode != 0 and 'MAIN_ADDR' in result.stderr
+
+
+def test_slurm_example_dry_run_launches_each_node_with_resume_auto():
+    cmds = _dry('slurm_multinode.sbatch', dict(SLURM_JOB_NODELIST='gpu[07-08]', SLURM_NNODES='2', SLURM_JOB_ID='123'),
+                '--data-path', '/data/imagenet')
+    assert len(cmds) == 2
+    for rank, cmd in enumerate(cmds):
+        assert _flag(cmd, '--machine_rank') == str(rank) and _flag(cmd, '--main_process_ip') == 'gpu07'
+        assert _flag(cmd, '--num_processes') == '16' and _flag(cmd, '--main_process_port') == '20123'
+        assert cmd[-4:] == ['--data-path', '/data/imagenet', '--resume', 'auto']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _launch_two_nodes(args: list[str], logs: Path, node_env=({}, {})) -> list[subprocess.Popen]:
+    port, launch = str(_free_port()), len(list(logs.glob('launch*-node0.log')))
+    procs = []
+    for rank in (0, 1):
+        env = dict(_env(), MAIN_ADDR='127.0.0.1', NODE_RANK=str(rank), MAIN_PORT=port, NUM_NODES='2',
+                   PROCS_PER_NODE='1', CPU='1', OMP_NUM_THREADS='1', ACCELERATE=str(Path(sys.executable).with_name(
+                       'accelerate')), **node_env[rank])
+        log = (logs / f'launch{launch}-node{rank}.log').open('w')
+        procs.append(subprocess.Popen(['bash', str(REPO / 'scripts' / 'launch_multinode.sh'), *args], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True))
+    return procs
+
+
+def _wait(procs, timeout=300) -> list[int]:
+    return [p.wait(timeout=timeout) for p in procs]
+
+
+@pytest.mark.slow
+@pytest.mark.ci_once
+def test_two_nodes_train_get_killed_resume_and_match_one_process(image_folder, tmp_path):
+    one = run_one_process(_args(image_folder, tmp_path / 'one', 16, '--distill', 'vkd'))
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    out = tmp_path / 'two'
+    args = _args(image_folder, out, 8, '--distill', 'vkd', '--save-every-steps', '1', '--resume', 'auto')
+    procs = _launch_two_nodes(args, tmp_path)
+    deadline = time.time() + 240
+    while not complete_steps(out) or complete_steps(out)[-1] < 3:
+        assert all(p.poll() is None for p in procs), 'a node ended before it could be killed: ' + ''.join(
+            log.read_text()[-1500:] for log in tmp_path.glob('launch*.log'))
+        assert time.time() < deadline
+        time.sleep(0.05)
+    for p in procs:  # the whole launch (accelerate, torchrun, the worker) of each "machine"
+        os.killpg(p.pid, signal.SIGKILL)
+    _wait(procs)
+    killed_at = complete_steps(out)[-1]
+    assert 3 <= killed_at < 8 and not (out / 'student').exists()
+
+    codes = _wait(_launch_two_nodes(args, tmp_path))
+    text = (tmp_path / 'launch1-node0.log').read_text()
+    assert codes == [0, 0], text[-3000:] + (tmp_path / 'launch1-node1.log').read_text()[-3000:]
+    resumed = re.search(r'resumed from (\S+): epoch \d+, step (\d+)', text)
+    assert 'global batch 16' in text and resumed and int(resumed.group(2)) == killed_at, text[-3000:]
+    a, b = step_records(tmp_path / 'one'), step_records(out)
+    assert [r['step'] for r in b][-1] == 8
+    wa, wb = load_file(tmp_path / 'one' / 'student' / 'model.safetensors'), load_file(out / 'student' /
+                                                                                        'model.safetensors')
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert abs(a[-1]['loss'] - a[0]['loss']) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.ci_once
+def test_two_nodes_with_node_local_caches_write_nd_centres_once(image_folder, tmp_path):
+    """Each "node" has its own VITKD_CACHE_DIR (a node-local disk): one centre file, written by the global main."""
+    caches = [tmp_path / 'node0-cache', tmp_path / 'node1-cache']
+    args = _args(image_folder, tmp_path / 'nd', 8, '--distill', 'nd', '--epochs', '1')
+    codes = _wait(_launch_two_nodes(args, tmp_path, ({'VITKD_CACHE_DIR': str(caches[0])},
+                                                     {'VITKD_CACHE_DIR': str(caches[1])})))
+    assert codes == [0, 0], ''.join(log.read_text()[-2000:] for log in tmp_path.glob('launch*.log'))
+    written = [sorted(p.name for p in c.rglob('centers-*')) if c.exists() else [] for c in caches]
+    assert len(written[0]) == 2 and written[1] == []  # .safetensors + .json on node 0 only
