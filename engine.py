@@ -14,7 +14,7 @@ __all__ = ['train_one_epoch', 'evaluate', 'evaluate_teacher', 'NonFiniteLossErro
 def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelerator, state: TrainState,
                     guard: NonFiniteGuard, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
                     log_fn: Optional[Callable[[dict], None]] = None,
-                    step_hook: Optional[Callable[[bool, bool], bool]] = None, progress=None) -> dict:
+                    step_hook: Optional[Callable[[bool, bool], bool]] = None) -> dict:
     """One pass over ``batches`` from ``state.batches_done`` on (or until the step/time budget runs out).
 
     ``model`` is the prepared :class:`vitkd.distiller.Distiller`; ``batches`` yields its
@@ -31,7 +31,8 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     params = [p for p in model.parameters() if p.requires_grad]
     check_grads = accelerator.scaler is None  # under fp16 the gradient scaler skips overflowing steps itself
     skipped_before = guard.skipped
-    for it, batch in batches.epoch(state):
+    progress = batches.epoch(state)
+    for it, batch in progress:
         guard.before_forward()
         with accelerator.accumulate(model):
             with accelerator.autocast():
@@ -62,14 +63,14 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
         if logging_step:
             record = {'epoch': batch.epoch, 'step': state.step, 'lr': optimizer.param_groups[0]['lr'],
                       'img_per_s': meter.rate(), **meter.current()}
-            if progress is not None:
-                progress.update(record)
+            progress.set_postfix({k: v for k, v in record.items() if k not in ('epoch', 'step')})
             if log_fn is not None:
                 log_fn(record)
         if accelerator.sync_gradients and step_hook is not None and step_hook(last, logging_step):
             break
         if state.agree_to_stop(accelerator, collective=logging_step):
             break
+    progress.close()
     guard.raise_if_bad(state)
     means = meter.means()
     means['skipped_steps'] = guard.skipped - skipped_before

@@ -31,6 +31,7 @@ from vitkd.config import parse_args, to_yaml
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
 from vitkd.hub import push_run_to_hub
 from vitkd.rundir import RunFinished, release_all
+from vitkd.progress import rounded
 from vitkd.training import NonFiniteGuard
 
 _logger = logging.getLogger('vitkd')
@@ -75,7 +76,7 @@ def train(argv=None) -> int:
     if cfg.time_limit:
         r.state.deadline = time.time() + cfg.time_limit
     start = time.time()
-    logger = runlib.MetricLogger(out_dir, accelerator, cfg)
+    logger = runlib.MetricLogger(out_dir, accelerator, cfg, steps_per_epoch=r.steps_per_epoch)
     metrics, train_stats, stopped = _fit(cfg, r, accelerator, ckpt, logger, guard)
     if stopped is not None:
         return stopped
@@ -108,7 +109,7 @@ def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | No
                 metrics = _evaluate_student(r, accelerator)
                 log(f'epoch {epoch}: ' + ', '.join(f'{k} {v:.3f}' for k, v in train_stats.items()
                                                    if k not in runlib.COUNTS) + ' | ' + runlib.format_heads(metrics))
-            logger.epoch(epoch, train_stats, metrics)
+            logger.epoch(epoch, train_stats, metrics, step=state.step)
             ckpt.save(metrics if evaluated else None)
             if ckpt.stop_requested():
                 log(ckpt.preemption_message())
@@ -133,7 +134,7 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
                    student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None,
                    **runlib.run_costs(r, train_stats if r.state.step else {}))
     if accelerator.is_main_process:
-        (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+        (out_dir / 'summary.json').write_text(json.dumps(rounded(summary), indent=2) + '\n')
     logger.finish()
     runlib.plot_curves(out_dir, cfg, accelerator)
     log(runlib.summary_table(cfg, summary))

@@ -1,6 +1,7 @@
 """Compute (or find in the cache) the teacher's class centres that ND / the "++" presets need.
 
-Takes the same options as ``main.py`` (``-c preset.yaml`` and flags; only the data, teacher and student-input options
+Runs like a training run (``accelerate launch scripts/compute_centers.py ...`` splits the pass across the processes,
+each on its GPU, the teacher in the run's precision). Takes the same options as ``main.py`` (``-c preset.yaml`` and flags; only the data, teacher and student-input options
 matter), runs the frozen teacher once over the training set with the training crop, and writes the centres to the
 cache (``$VITKD_CACHE_DIR/centers`` or ``~/.cache/vitkd/centers``; ``--cache-dir`` to choose), where a training run
 with the same teacher, data and transform finds them. ``--out FILE.safetensors`` also copies them to a file for
@@ -18,12 +19,15 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitkd.build import build_data, build_student, build_teacher, student_data_spec  # noqa: E402
 from vitkd.centers import centers_for_run, load_centers, save_centers  # noqa: E402
 from vitkd.config import parse_args  # noqa: E402
 from vitkd.errors import UsageError  # noqa: E402
+from vitkd.run import make_accelerator  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,13 +55,19 @@ def compute(argv=None) -> int:
     if cfg.teacher is None:
         print('error: class centres need a teacher (--teacher)', file=sys.stderr)
         return 2
+    accelerator = make_accelerator(cfg)  # the device, the precision and the processes of a training run
     probe = build_student(cfg, num_classes=1)  # the student's input size and normalisation
     input_size, mean, std, _ = student_data_spec(cfg, probe)
     del probe
     _, _, spec = build_data(cfg, input_size, mean, std)
-    teacher = build_teacher(cfg, spec.num_classes, mean, std)
-    centers, path = centers_for_run(cfg, teacher, spec, cache_dir=args.cache_dir)
-    print(f'class centres {tuple(centers.shape)} of teacher {teacher.source}: {path}')
+    teacher = build_teacher(cfg, spec.num_classes, mean, std).to(accelerator.device)
+    if accelerator.mixed_precision in ('bf16', 'fp16'):  # the precision the training run's teacher will have
+        teacher.cast(torch.bfloat16 if accelerator.mixed_precision == 'bf16' else torch.float16)
+    centers, path, _ = centers_for_run(cfg, teacher, spec, accelerator, cache_dir=args.cache_dir)
+    if not accelerator.is_main_process:
+        return 0
+    print(f'class centres {tuple(centers.shape)} of teacher {teacher.source} on {accelerator.num_processes} '
+          f'process(es), {accelerator.device}, precision {accelerator.mixed_precision}: {path}')
     if args.out:
         save_centers(Path(args.out), centers, load_centers(path)[1])
         print(f'copied to {args.out} (use --loss-opts nd.centers={args.out})')

@@ -56,7 +56,8 @@ def test_every_flag_has_its_underscore_spelling():
 
 def test_distillation_alpha_and_tau_reach_the_deit_losses():
     from vitkd.build import parse_distill
-    cfg, _ = parse_args(DATA + ['--distillation-type', 'soft', '--distillation-alpha', '0.3', '--distillation-tau', '2'])
+    cfg, _ = parse_args(DATA + ['--distillation-type', 'soft', '--distillation-alpha', '0.3',
+                               '--distillation-tau', '2'])
     assert parse_distill(cfg) == [('deit_soft', None, {'alpha': 0.3, 'temperature': 2.0})]
 
 

@@ -288,7 +288,8 @@ def test_push_from_main_uploads_a_model_card_and_timm_downloads_it_back(trained,
     card = files['README.md'].decode()
     _, front, body = card.split('---\n', 2)
     meta = yaml.safe_load(front)
-    assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0'
+    assert meta['library_name'] == 'timm' and 'license' not in meta  # no --hub-license: none claimed
+    assert 'License: none given' in body
     assert {'knowledge-distillation', 'vkd', 'image-classification'} <= set(meta['tags'])
     assert meta['datasets'] == ['tinyfolder']
     summary = json.loads((out / 'summary.json').read_text())

@@ -34,7 +34,7 @@ from vitkd.training import TrainBatch
 
 ON_CPU = os.environ.get('VITKD_GPU_TIER_DEVICE', '').lower() == 'cpu'
 DEVICE = 'cpu' if ON_CPU else 'cuda'
-if not ON_CPU:
+if not ON_CPU and torch.cuda.is_available():
     # cuBLAS reads this when it first starts: deterministic GEMMs for the exact-resume comparison
     os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
 
@@ -103,14 +103,22 @@ def cli_args(data: Path, out: Path, *extra: str, precision: bool = True) -> list
 
 
 def run_cli(args: list[str], deterministic: bool = False) -> int:
-    """``main.main`` in this process (hooks and counters see the run); ``deterministic``: deterministic kernels."""
+    """``main.main`` in this process (hooks and counters see the run).
+
+    ``deterministic``: deterministic kernels, so that two runs can be compared bit for bit (the resume test). On CUDA
+    that also means the math attention kernel: FlashAttention's and the memory-efficient kernel's backward accumulate
+    with atomics, which ``use_deterministic_algorithms(warn_only=True)`` only warns about.
+    """
     import main
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            stack.callback(torch.use_deterministic_algorithms, previous)
+            if not ON_CPU:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         code = main.main(args)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert code == 0, f'main.main exited {code}'
     return code
 
@@ -418,10 +426,12 @@ def test_a_20_step_run_reads_from_the_device_only_on_logging_steps(data, tmp_pat
     marks.append((host_reads.count, len(caught)))
     logged = {r['step'] for r in step_records(out)}
     assert len(marks) - 1 == STEPS_PER_EPOCH and logged == {10, STEPS_PER_EPOCH}
-    reads = {step: marks[step][0] - marks[step - 1][0] for step in range(1, len(marks))}
-    warned = {step: sum('synchronizing CUDA operation' in str(w.message) for w in caught[marks[step - 1][1]:marks[step][1]])
-              for step in range(1, len(marks))}
-    stalls = {step: (reads[step], warned[step]) for step in reads if step not in logged and (reads[step] or
-                                                                                              warned[step])}
+    reads, warned = {}, {}
+    for step in range(1, len(marks)):
+        (reads_before, caught_before), (reads_after, caught_after) = marks[step - 1], marks[step]
+        reads[step] = reads_after - reads_before
+        warned[step] = sum('synchronizing CUDA operation' in str(w.message) for w in caught[caught_before:caught_after])
+    stalls = {step: (reads[step], warned[step]) for step in reads
+              if step not in logged and (reads[step] or warned[step])}
     assert not stalls, f'device-to-host reads (dispatch count, CUDA sync warnings) in non-logging steps: {stalls}'
     assert all(reads[step] > 0 for step in logged)  # logging reads the terms: the counter sees reads

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 datasets = pytest.importorskip('datasets')
 
-from vitkd.data import DataError, IndexedDataset, build_datasets, find_fashion_mnist, read_idx  # noqa: E402
+from vitkd.data import IndexedDataset, build_datasets, find_fashion_mnist, read_idx  # noqa: E402
+from vitkd.errors import DataFailure  # noqa: E402
 from vitkd.hf_data import HFDataError, HFOptions, load_hf_splits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ def _seed_hub_cache(hf_home: Path, parquet_dir: Path, repo_id: str) -> None:
     org, name = repo_id.split('/')
     cache = hf_home / 'datasets'
     builder = Parquet(cache_dir=str(cache / 'staging'), dataset_name=name, hash='0' * 40, config_id='default',
-                      data_files={s: [str(parquet_dir / f'{s}-00000-of-00001.parquet')] for s in ('train', 'validation')})
+                      data_files={s: [str(parquet_dir / f'{s}-00000-of-00001.parquet')]
+                                  for s in ('train', 'validation')})
     builder.download_and_prepare()
     os.replace(cache / 'staging' / name, cache / f'{org}___{name}')
 
@@ -164,7 +166,7 @@ def test_an_undecodable_row_is_skipped_and_counted_like_a_corrupt_image(tmp_path
     got = [train[i] for i in range(len(train))]
     assert train.num_corrupt == 1 and bool(train.corrupt[3])
     assert got[3][2] == 4  # row 3 is replaced by the next readable row
-    with pytest.raises(DataError, match=r'unreadable image .*broken train row 3'):
+    with pytest.raises(DataFailure, match=r'unreadable image .*broken train row 3'):
         IndexedDataset(train.dataset, skip_corrupt=False)[3]
 
 
@@ -182,7 +184,7 @@ def _train_args(out: Path, *data: str) -> list[str]:
 
 
 def test_the_same_run_over_an_image_folder_and_a_dataset_exports_identical_weights(data, tmp_path):
-    """Full DeiT augmentation (RandAugment, erasing, mixup/cutmix) seeded per sample index: equal tensors bit for bit."""
+    """Full DeiT augmentation (RandAugment, erasing, mixup/cutmix) seeded per sample index: bit-equal tensors."""
     import main
     root = data['root']
     assert main.main(_train_args(tmp_path / 'folder', '--data-path', str(root / 'folder'))) == 0

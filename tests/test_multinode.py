@@ -87,6 +87,23 @@ def _launch_two_nodes(args: list[str], logs: Path, node_env=({}, {})) -> list[su
     return procs
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): torch's elastic agent starts its workers in new sessions."""
+    children: dict[int, list[int]] = {}
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def _wait(procs, timeout=300) -> list[int]:
     return [p.wait(timeout=timeout) for p in procs]
 
@@ -106,8 +123,9 @@ def test_two_nodes_train_get_killed_resume_and_match_one_process(image_folder, t
             log.read_text()[-1500:] for log in tmp_path.glob('launch*.log'))
         assert time.time() < deadline
         time.sleep(0.05)
-    for p in procs:  # the whole launch (accelerate, torchrun, the worker) of each "machine"
-        os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:  # the whole launch of each "machine": accelerate, torchrun and its worker (own session)
+        for pid in [p.pid, *_descendants(p.pid)]:
+            os.kill(pid, signal.SIGKILL)
     _wait(procs)
     killed_at = complete_steps(out)[-1]
     assert 3 <= killed_at < 8 and not (out / 'student').exists()

@@ -289,7 +289,7 @@ def test_run_hook_on_fashion_mnist(tmp_path, monkeypatch):
     assert 'RandomResizedCrop' in nd.centers_provenance['transform']
     assert 'RandAugment' not in nd.centers_provenance['transform']
     calls.clear()
-    centers, path = centers_for_run(cfg, teacher1, spec, cache_dir=tmp_path)   # seeded crops + cache: same centres
+    centers, path, _ = centers_for_run(cfg, teacher1, spec, cache_dir=tmp_path)   # seeded crops + cache: same centres
     assert calls == [] and torch.equal(centers, nd.centers)
     # a loss that loaded a file made with another teacher is refused by the hook
     centers_file = tmp_path / 'other.safetensors'
@@ -331,14 +331,14 @@ def test_centres_split_across_two_processes_equal_one_process(tmp_path, monkeypa
     spec = DataSpec(num_classes=K, input_size=(1, 28, 28), mean=(0.286,), std=(0.353,),
                     classes=[str(i) for i in range(K)])
     calls = _count_forwards(teacher.model, monkeypatch)
-    single, _ = centers_for_run(cfg, teacher, spec, cache_dir=tmp_path / 'one')
+    single, _, _ = centers_for_run(cfg, teacher, spec, cache_dir=tmp_path / 'one')
     assert sum(calls) == 120
     calls.clear()
     rank1 = _OneOfTwoRanks(1)
     centers_for_run(cfg, teacher, spec, rank1, cache_dir=tmp_path / 'two')
     assert sum(calls) == 60 and not list((tmp_path / 'two').glob('*.safetensors'))  # rank 1 writes nothing
     calls.clear()
-    split, path = centers_for_run(cfg, teacher, spec, _OneOfTwoRanks(0, rank1.sent), cache_dir=tmp_path / 'two')
+    split, path, _ = centers_for_run(cfg, teacher, spec, _OneOfTwoRanks(0, rank1.sent), cache_dir=tmp_path / 'two')
     assert sum(calls) == 60 and path.is_file()
     torch.testing.assert_close(split, single, atol=1.01e-4, rtol=0)  # values rounded to 4 decimals either way
     assert (split - single).abs().max() < 1e-6 or (split != single).float().mean() < 0.01

@@ -186,16 +186,17 @@ def _cache_key(teacher: nn.Module, num_classes: int, decimals: Optional[int], ke
 
 def _compute_or_load(teacher: nn.Module, loader: Iterable, cache_dir: Path, key_parts: dict,
                      num_classes: Optional[int], decimals: Optional[int], teacher_source: Optional[str],
-                     accelerator=None) -> tuple[torch.Tensor, Path]:
+                     accelerator=None) -> tuple[torch.Tensor, Path, dict]:
     """The cached centres when the key matches (on every process), else computed from ``loader`` — each process's
-    share of the training set, its sums all-reduced — and written by the main process."""
+    share of the training set, its sums all-reduced — and written by the main process. Returns (C, the cache path,
+    the provenance), the same on every process whether or not its file system holds the file."""
     model, _ = _unwrap(teacher)
     num_classes = num_classes or model.num_classes
     key = _cache_key(teacher, num_classes, decimals, key_parts, teacher_source)
     canonical = json.dumps(key, sort_keys=True, default=str)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     path = Path(cache_dir) / f'centers-{digest[:20]}.safetensors'
-    cached = _load_cached(path, digest, num_classes)
+    cached, provenance = _load_cached(path, digest, num_classes)
     distributed = accelerator is not None and accelerator.num_processes > 1
     if distributed:  # every process must take the same branch (a node-local cache can hit on one node only)
         misses = accelerator.reduce(torch.tensor([float(cached is None)], device=accelerator.device), 'sum')
@@ -203,33 +204,33 @@ def _compute_or_load(teacher: nn.Module, loader: Iterable, cache_dir: Path, key_
             cached = None
     if cached is not None:
         _logger.info('class centres: reusing %s', path)
-        return cached, path
+        return cached, path, provenance
     _logger.info('class centres: one teacher pass over the training set (cache %s)', path)
     sums, counts = class_sums(teacher, loader, num_classes, decimals)
     if distributed:
         sums, counts = accelerator.reduce(sums, 'sum'), accelerator.reduce(counts, 'sum')
     centers = centers_from_sums(sums, counts, decimals)
+    provenance = {**json.loads(canonical), 'key': digest, 'embedding_dim': centers.shape[1],
+                  'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
     if accelerator is None or accelerator.is_main_process:
-        provenance = {**json.loads(canonical), 'key': digest, 'embedding_dim': centers.shape[1],
-                      'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
         save_centers(path, centers, provenance)
     if distributed:
         accelerator.wait_for_everyone()
-    return centers, path
+    return centers, path, provenance
 
 
-def _load_cached(path: Path, digest: str, num_classes: int) -> Optional[torch.Tensor]:
+def _load_cached(path: Path, digest: str, num_classes: int) -> tuple[Optional[torch.Tensor], dict]:
     if not path.is_file():
-        return None
+        return None, {}
     try:
         centers, provenance = load_centers(path)
     except CentersError as e:
         _logger.warning('ignoring unreadable centre cache %s (%s)', path, e)
-        return None
+        return None, {}
     if provenance.get('key') == digest and tuple(centers.shape)[0] == num_classes:
-        return centers
+        return centers, provenance
     _logger.warning('centre cache %s does not match its key; recomputing', path)
-    return None
+    return None, {}
 
 
 def compute_or_load_centers(teacher: nn.Module, loader: Iterable, cache_dir: str | Path, key_parts: dict,
@@ -267,7 +268,7 @@ def _dataset_fingerprint(dataset) -> dict:
 
 
 def centers_for_run(cfg, teacher, spec, accelerator=None, cache_dir: Optional[str | Path] = None,
-                    decimals: Optional[int] = 4) -> tuple[torch.Tensor, Path]:
+                    decimals: Optional[int] = 4) -> tuple[torch.Tensor, Path, dict]:
     """Class centres for a run: the training set with the training crop only (RandomResizedCrop at ``cfg.scale``,
     flip ``cfg.hflip``, the student's normalisation; no RandAugment / colour jitter / erasing / mixup).
 
@@ -276,7 +277,7 @@ def centers_for_run(cfg, teacher, spec, accelerator=None, cache_dir: Optional[st
     its own device, and the per-class sums are all-reduced; the teacher runs in the precision it was cast to.
 
     Returns:
-        (C [K, D_t], path of the cache file).
+        (C [K, D_t], path of the cache file, provenance).
     """
     from timm.data import create_transform
     from torch.utils.data import DataLoader

@@ -255,8 +255,9 @@ def check_label_names(label_names: Optional[list], teacher_labels) -> None:
         else list(teacher_labels)
     if list(map(str, theirs)) != list(map(str, label_names)):
         diff = next((i for i, (a, b) in enumerate(zip(theirs, label_names)) if str(a) != str(b)), len(label_names))
-        shown = f'class {diff}: teacher {theirs[diff]!r}, data {label_names[diff]!r}' \
-            if diff < min(len(theirs), len(label_names)) else f'{len(theirs)} teacher vs {len(label_names)} data classes'
+        shown = (f'class {diff}: teacher {theirs[diff]!r}, data {label_names[diff]!r}'
+                 if diff < min(len(theirs), len(label_names))
+                 else f'{len(theirs)} teacher vs {len(label_names)} data classes')
         raise ConfigError(f'the teacher\'s class names differ from the data\'s ({shown}); use the data set the '
                           'teacher was trained on, or a teacher trained on this one')
 

@@ -36,13 +36,14 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _as_loss_input(t: torch.Tensor) -> torch.Tensor:
-    """fp32, contiguous NCHW (a channels_last teacher's maps would break the losses' ``view`` calls)."""
-    return t.float().contiguous()
+    """At least fp32, contiguous NCHW (a channels_last teacher's maps would break the losses' ``view`` calls)."""
+    return _at_least_fp32(t).contiguous()
 
 
 def _from_inference(t: torch.Tensor) -> torch.Tensor:
-    """A normal fp32 contiguous copy of an inference-mode tensor (which autograd may not save for backward)."""
-    return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    """A normal (at least fp32) contiguous copy of an inference-mode tensor (which autograd may not save for
+    backward)."""
+    return t.to(_at_least_fp32(t[:0]).dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def may_leave_parameters_unused(entries: Sequence['LossEntry'], epochs: int,

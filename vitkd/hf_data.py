@@ -6,11 +6,12 @@
   loaded with ``datasets.load_dataset`` — from the local cache when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set;
 * a folder written by ``DatasetDict.save_to_disk`` (``load_from_disk``);
 * parquet files: a folder of them, one file, or a glob; a file belongs to the split its name says
-  (``train-00000-of-00004.parquet``, ``data/validation/…``; the ``datasets`` naming convention), else to ``train``.
+  (``train-00000-of-00004.parquet``, ``data/validation/…``; the ``datasets`` naming convention), else to
+  ``train``.
 
 The image column defaults to the one whose feature is ``datasets.Image`` (else ``image``/``img``), the label column to
-the ``ClassLabel`` one (else ``label``); class names come from the ``ClassLabel`` feature (integer labels without one are
-named by their number, string labels are sorted like ImageFolder's folders). Splits are chosen by name
+the ``ClassLabel`` one (else ``label``); class names come from the ``ClassLabel`` feature (integer labels without one
+are named by their number, string labels are sorted like ImageFolder's folders). Splits are chosen by name
 (``--train-split``, ``--val-split``); the default validation split falls back to ``val``, then ``test``.
 
 :class:`HFImageDataset` is map-style and yields ``(PIL image, label)`` like torchvision's ImageFolder (images decoded
@@ -276,5 +277,6 @@ def load_hf_splits(data_path: Optional[str], options: Optional[HFOptions] = None
                 raise HFDataError(f'{option} {col!r}: split {name!r} has no such column; its columns are '
                                   f'{", ".join(split.features)}')
     classes, to_index = _label_space(splits, label_col)
-    made = [HFImageDataset(s, image_col, label_col, classes, to_index, f'{data_path} {n}') for n, s in zip(names, splits)]
+    made = [HFImageDataset(split, image_col, label_col, classes, to_index, f'{data_path} {name}')
+            for name, split in zip(names, splits)]
     return (made[0] if train else None), made[-1]

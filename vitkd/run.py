@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
                     build_teacher, eval_data_config, scaled_lr, student_data_spec)
 from .config import Config, ConfigError
+from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
 from .distiller import Distiller
@@ -196,6 +197,7 @@ class Run:
     ema: Optional[ModelEmaV3]
     lr: float
     global_batch: int
+    steps_per_epoch: int
     student_params: int
     data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
     teacher_cache: Optional[TeacherCache] = None
@@ -223,6 +225,10 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     check_input(student, spec.input_size, f'student {cfg.student}')
     if teacher is not None:
         check_input(teacher.model, spec.input_size, f'teacher {teacher.source}', teacher.prepare_input)
+        try:  # a warning only: a teacher may name the same classes otherwise (ImageNet synsets vs words)
+            check_label_names([str(c) for c in spec.classes], (teacher.model.pretrained_cfg or {}).get('label_names'))
+        except ConfigError as e:
+            accelerator.print(f'warning: {e}')
     device = accelerator.device
     if device.type == 'cpu':  # CPU flash-attention backward is slow (bf16) or no faster (fp32)
         for model in (student, teacher.model if teacher is not None else None):
@@ -261,8 +267,10 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
         teacher_cache = TeacherCache.for_run(cfg, unwrapped, accelerator, len(train_loader.dataset), spec.input_size)
     return Run(student=unwrapped.student, teacher=teacher, distiller=distiller, distiller_unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-               batches=EpochBatches(train_loader, accelerator, BatchMixer(cfg, spec.num_classes), teacher_cache),
+               batches=EpochBatches(train_loader, accelerator, BatchMixer(cfg, spec.num_classes), teacher_cache,
+                                   cfg.epochs, cfg.log_every),
                val_loader=val_loader, spec=spec, state=state, ema=ema, lr=lr, global_batch=global_batch,
+               steps_per_epoch=steps_per_epoch,
                student_params=sum(p.numel() for p in unwrapped.student.parameters()),
                data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache)
 
@@ -440,7 +448,6 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     from .checkpoint import CheckpointError, load_student
     from .data import build_eval_dataset
     from .hf_data import HFOptions
-    from .progress import rounded
     if not cfg.student_ckpt:
         raise ConfigError('--eval-student needs --student-ckpt (an exported folder, a checkpoint folder, a run dir, '
                           'a .safetensors file with --student, or hf-hub:org/name)')
@@ -475,7 +482,7 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
                                                    for h in ('cls', 'dist', 'avg') if f'{h}_top1' in metrics]
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / 'eval_student.json').write_text(json.dumps(rounded(report), indent=2) + '\n')
+        (out_dir / 'eval_student.json').write_text(json.dumps(report, indent=2) + '\n')
     accelerator.print(f'student {source} on {metrics["samples"]} {cfg.dataset} validation images\n' + '\n'.join(rows))
     accelerator.print(f'wrote {out_dir / "eval_student.json"}')
     accelerator.end_training()

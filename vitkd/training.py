@@ -23,6 +23,7 @@ import torch
 
 from .data import find_epoch_sampler, mix_batch
 from .features import Features
+from .progress import EpochProgress
 
 __all__ = ['TrainState', 'TrainBatch', 'EpochBatches', 'NonFiniteGuard', 'NonFiniteLossError', 'TermMeter',
            'MAX_NONFINITE_REPORTS', 'MAX_RESTORED_BUFFER']
@@ -134,10 +135,12 @@ class EpochBatches:
         accelerator: the run's accelerator (device, autocast for a recording teacher pass, process count).
         mixer: ``mixer(images, labels)`` → (images, soft targets, {'labels_b', 'lam'}) (:class:`vitkd.build.BatchMixer`).
         teacher_cache: the run's teacher cache, or None.
+        epochs, log_every: the run's length and logging interval, for the progress display.
     """
 
-    def __init__(self, loader, accelerator, mixer: Callable, teacher_cache=None):
+    def __init__(self, loader, accelerator, mixer: Callable, teacher_cache=None, epochs: int = 1, log_every: int = 50):
         self.loader, self.accelerator, self.mixer, self.teacher_cache = loader, accelerator, mixer, teacher_cache
+        self.epochs, self.log_every = epochs, log_every
         self.sampler = find_epoch_sampler(loader)
         if teacher_cache is not None and self.sampler is None:
             raise ValueError('a teacher cache needs the EpochSampler loader of vitkd.build.build_data')
@@ -146,12 +149,16 @@ class EpochBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def epoch(self, state: TrainState) -> Iterator[tuple[int, TrainBatch]]:
-        """(batch number, batch) of ``state.epoch`` from ``state.batches_done`` on.
+    def epoch(self, state: TrainState) -> EpochProgress:
+        """(batch number, batch) of ``state.epoch`` from ``state.batches_done`` on, with the progress display
+        (:class:`vitkd.progress.EpochProgress`: ``set_postfix`` for the logged terms, ``close`` at the end)."""
+        return EpochProgress(self._batches(state), self.accelerator, state.epoch, self.epochs, self.log_every,
+                             lambda: state.step, first=state.batches_done, num_batches=len(self.loader),
+                             max_steps=state.max_steps, accum=self.accelerator.gradient_accumulation_steps)
 
-        The teacher cache's epoch is closed when the generator ends or is closed (a loop that breaks early releases
-        it at once), marked complete when every batch of the epoch was trained.
-        """
+    def _batches(self, state: TrainState) -> Iterator[tuple[int, TrainBatch]]:
+        """The teacher cache's epoch is closed when the generator ends or is closed (a loop that breaks early releases
+        it at once), marked complete when every batch of the epoch was trained."""
         cache, device, num_batches = self.teacher_cache, self.accelerator.device, len(self.loader)
         data_epoch = cache.data_epoch(state.epoch) if cache is not None else state.epoch
         if hasattr(self.loader, 'set_epoch'):

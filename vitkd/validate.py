@@ -67,7 +67,8 @@ _FLOATS = dict(drop_path=dict(low=0, high=1, high_open=True), task_weight=dict(l
                eval_crop_ratio=dict(low=0, high=1, low_open=True))
 # string fields that name something and cannot be empty when set
 _NAMES = ('student', 'teacher_arch', 'opt', 'sched', 'train_interpolation', 'output_dir', 'resume', 'student_ckpt',
-          'data_path', 'teacher_cache', 'train_subset', 'hub_model_id')
+          'data_path', 'teacher_cache', 'train_subset', 'hub_model_id', 'hf_image_column', 'hf_label_column',
+          'train_split', 'val_split', 'hub_license')
 
 
 def validate_options(cfg) -> None:
@@ -81,7 +82,7 @@ def validate_options(cfg) -> None:
         if value is not None:
             _number(name, value, **bounds)
     for name in _NAMES:
-        value = getattr(cfg, name)
+        value = getattr(cfg, name, None)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise _error(f'{flag(name)} must be a non-empty string, got {value!r}')
     world = int(os.environ.get('WORLD_SIZE', '1') or 1)
@@ -228,7 +229,14 @@ def _check_losses(cfg) -> None:
         raise _error(f'--distill takes one or more name[:weight] items (see --list-losses), got {cfg.distill!r}')
     if not isinstance(cfg.loss_opts, list) or not all(isinstance(o, str) for o in cfg.loss_opts):
         raise _error(f'--loss-opts takes name.option=value items, got {cfg.loss_opts!r}')
-    for name, weight, options in parse_distill(cfg):
+    from .losses import LossSpecError
+    try:
+        methods = parse_distill(cfg)
+    except LossSpecError as e:
+        if '--distill' in str(e) or '--loss-opts' in str(e):
+            raise
+        raise _error(f'--distill: {e}') from None
+    for name, weight, options in methods:
         if weight is not None and not (math.isfinite(weight) and weight >= 0):
             raise _error(f'--distill {name}:{weight}: a method weight must be a finite number >= 0')
         params = inspect.signature(get_loss_class(name).__init__).parameters

@@ -71,7 +71,6 @@ _logger = logging.getLogger(__name__)
 
 NCE_EPS = 1e-7
 STUDENT_FEATURES = ('pooled', 'cls', 'dist')
-MAX_REDRAWS = 1000
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +109,8 @@ def nce_loss(probs: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor,
-             contrast_idx: torch.Tensor, z_s: float, z_t: float, temperature: float, num_samples: int) -> torch.Tensor:
+             contrast_idx: torch.Tensor, z_s: float | torch.Tensor, z_t: float | torch.Tensor, temperature: float,
+             num_samples: int) -> torch.Tensor:
     """L_CRD = L(P_s) + L(P_t) with P_s = scores(v_s vs M_t)/Z_s and P_t = scores(v_t vs M_s)/Z_t.
 
     Args:
@@ -149,25 +149,33 @@ def sample_negatives(positive: torch.Tensor, labels: torch.Tensor, sample_labels
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """K negatives per anchor, uniform over the samples of other classes, with replacement, on the device.
 
+    Drawn directly from the other classes (no rejection loop, so no host read of how many draws to redo): the samples
+    are ordered by class (``argsort``), anchor b with class y picks r uniform in [0, N − n_y) and takes the r-th
+    sample of the order with class y's block cut out. The positives are counted in their anchors' classes, so they
+    are excluded with them.
+
     Args:
         positive: the anchors' dataset indices [B].
-        labels: the anchors' classes [B].
-        sample_labels: the class of every training sample [N] (−1 = unknown: accepted unless it is the positive).
+        labels: the anchors' classes [B] (≥ 0).
+        sample_labels: the class of every training sample [N] (−1 = unknown: a class of its own, always accepted).
         k: K.
         generator: optional RNG (on the device of ``positive``).
 
     Returns:
         [B, K] indices, never of the anchor's class and never the positive itself.
     """
-    n = sample_labels.numel()
-    draws = torch.randint(n, (positive.numel(), k), device=positive.device, generator=generator)  # [B, K]
-    for _ in range(MAX_REDRAWS):
-        bad = (sample_labels[draws] == labels[:, None]) | (draws == positive[:, None])
-        count = int(bad.sum())
-        if count == 0:
-            return draws
-        draws[bad] = torch.randint(n, (count,), device=positive.device, generator=generator)
-    raise LossSpecError('CRD: could not draw negatives of another class (does the data set have a single class?)')
+    device = positive.device
+    own = labels.long()[:, None] + 1                                      # [B, 1]
+    block = (sample_labels.long() + 1).index_put((positive.long(),), own[:, 0])  # [N] 0 = unknown, c + 1 = class c
+    num_blocks = block.numel() + 1  # ≥ the number of classes + 1 without reading the largest label
+    sizes = torch.zeros(num_blocks, dtype=torch.long, device=device).scatter_add_(0, block, torch.ones_like(block))
+    starts = sizes.cumsum(0) - sizes                                      # [num_blocks] first position of each class
+    order = torch.argsort(block, stable=True)                             # [N] sample indices grouped by class
+    own_start, own_size = starts[own], sizes[own]
+    others = block.numel() - own_size                                     # [B, 1] samples of other classes
+    u = torch.rand(positive.numel(), k, dtype=torch.float64, device=device, generator=generator)  # 53-bit uniform
+    r = torch.minimum((u * others).long(), others - 1)                    # [B, K] uniform in [0, others)
+    return order[torch.where(r < own_start, r, r + own_size)]
 
 
 @register_loss('crd')
@@ -199,6 +207,7 @@ class CRD(DistillationLoss):
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None
         self._synced = False  # banks broadcast from rank 0 once (ranks are seeded differently)
+        self._z_set = False   # Z known to be set (a checkpoint restores it; the first step sets it otherwise)
         self.student_taps = TapSpec(pooled=True) if student_feature == 'pooled' else TapSpec(tokens=True)
         self.teacher_taps = TapSpec(pooled=True)
 
@@ -280,10 +289,12 @@ class CRD(DistillationLoss):
         if self.training:
             self._sync_state(batch)
         contrast = self.sample_contrast(index, labels)  # [B, K+1]
-        if float(self.z_s) < 0 or float(self.z_t) < 0:
-            self._set_z(v_s, v_t, contrast)
-        loss = crd_loss(v_s, v_t, self.memory_s, self.memory_t, contrast, float(self.z_s), float(self.z_t),
-                        self.nce_t, self.num_samples)
+        if not self._z_set:  # read once per process (Z is constant after the first step): no host read per step
+            if bool((self.z_s < 0) | (self.z_t < 0)):
+                self._set_z(v_s, v_t, contrast)
+            self._z_set = True
+        loss = crd_loss(v_s, v_t, self.memory_s, self.memory_t, contrast, self.z_s, self.z_t, self.nce_t,
+                        self.num_samples)
         if self.training:
             self.update_banks(index, v_s.detach(), v_t.detach())
         return {'crd': loss}

@@ -202,14 +202,14 @@ class ND(DistillationLoss):
         """The teacher's class centres: a centre file given as ``nd.centers`` is checked against the run's teacher
         (source and weights); otherwise they are computed by one teacher pass over the training set (split across
         the processes) or loaded from the centre cache."""
-        from ..centers import centers_for_run, check_provenance, load_centers
+        from ..centers import centers_for_run, check_provenance
         if run.teacher is None:
             return
         if self.has_centers:
             check_provenance(self.centers_provenance, run.teacher)
             return
-        centers, path = centers_for_run(run.cfg, run.teacher, run.spec, run.accelerator, run.cache_dir)
-        self.set_centers(centers, load_centers(path)[1])
+        centers, _, provenance = centers_for_run(run.cfg, run.teacher, run.spec, run.accelerator, run.cache_dir)
+        self.set_centers(centers, provenance)
 
     def ddp_ignored_buffers(self) -> set[str]:
         return {'centers'}  # identical on every rank (same file / cache / checkpoint): no broadcast at every step
