@@ -207,6 +207,23 @@ def _is_main_process() -> bool:
     return os.environ.get('RANK', '0') == '0'
 
 
+def _settle(timeout_s: float = 10.0) -> None:
+    """On N processes, let the main process print its line before any process exits: the launcher stops the whole job
+    as soon as one process ends, so a process that failed first would otherwise cut the main process's message off.
+    A barrier with a timeout (gloo; the main process reaches it after printing), else a short grace period."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    try:
+        if dist.get_backend() == 'gloo':
+            import datetime
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+        elif not _is_main_process():
+            time.sleep(2.0)
+    except RuntimeError:  # a process is already gone or never comes: exit with our own code anyway
+        pass
+
+
 def main(argv=None) -> int:
     """The command line, and the one error boundary of vitkd.
 
@@ -233,6 +250,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
         if _is_main_process():
             print(f'error: {message}', file=sys.stderr, flush=True)
+        _settle()
         return code
     finally:
         release_all()  # the run dir's lock (vitkd/rundir.py), however the command ended

@@ -380,7 +380,7 @@ def test_eval_student_from_every_source_matches_a_hand_count(trained, tmp_path, 
     out, data = trained['out'], trained['data']
     expected = hand_metrics(reference_student(out), data)
     final = json.loads((out / 'summary.json').read_text())['student']  # the run's own last evaluation
-    assert all(final[k] == pytest.approx(v, abs=1e-4) for k, v in expected.items())
+    assert all(final[k] == pytest.approx(v, abs=5.01e-4) for k, v in expected.items())  # summary: 3 decimals
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
     _seed_hub_cache(tmp_path / 'cache', 'org/cached', out / 'student')
     ckpt = sorted((out / 'checkpoints').glob('step_*'))[-1]

@@ -40,11 +40,16 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='module')
 def finished(data, tmp_path_factory) -> Path:
-    """A finished 1-epoch run with checkpoints at steps 2 and 4."""
+    """A finished 2-epoch run (4 steps each) with its two epoch checkpoints, steps 4 and 8."""
     out = tmp_path_factory.mktemp('fin') / 'run'
-    assert main.main(base_args(data, out) + ['--save-every-steps', '2']) == 0
-    assert (out / 'checkpoints' / 'step_00000002').is_dir() and (out / 'checkpoints' / 'step_00000004').is_dir()
+    assert main.main(base_args(data, out, epochs=2) + ['--keep-last', '2']) == 0
+    assert (out / 'checkpoints' / 'step_00000004').is_dir() and (out / 'checkpoints' / 'step_00000008').is_dir()
     return out
+
+
+def resumed(data: Path, run_dir: Path) -> list:
+    """The finished run's own command with --resume auto."""
+    return base_args(data, run_dir, epochs=2) + ['--keep-last', '2', '--resume', 'auto']
 
 
 # ---- the boundary ---------------------------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ def test_a_damaged_teacher_file_or_folder_is_one_line_naming_it(how, finished, d
     before = snapshot(finished)
     for extra, named in ((['--teacher', weights, '--teacher-arch', 'regnety_002'], weights),
                          (['--teacher', tmp_path / 'folder'], tmp_path / 'folder' / 'model.safetensors')):
-        code, out, err = run(base_args(data, finished) + ['--resume', 'auto', '--teacher-pretrained'] + extra, capsys)
+        code, out, err = run(resumed(data, finished) + ['--teacher-pretrained'] + extra, capsys)
         line = error_line(err)
         assert code == 2 and str(named) in line and 'safetensors' in line, line
     assert snapshot(finished) == before
@@ -121,7 +126,7 @@ def test_a_bad_config_json_is_one_line_naming_it(content, problem, finished, dat
     (teacher / 'config.json').write_text(content)
     before = snapshot(finished)
     for extra in (['--eval-student', '--student-ckpt', export], ['--teacher', teacher, '--teacher-pretrained']):
-        code, out, err = run(base_args(data, finished) + ['--resume', 'auto'] + extra, capsys)
+        code, out, err = run(resumed(data, finished) + extra, capsys)
         line = error_line(err)
         assert code == 2 and 'config.json' in line and problem in line, line
     assert snapshot(finished) == before
@@ -133,7 +138,8 @@ def test_resume_of_a_damaged_checkpoint_is_refused_naming_the_file(finished, dat
     bad = run_dir / 'checkpoints' / 'step_00000004' / 'model.safetensors'
     _damage(bad, 'truncated')
     before = snapshot(run_dir)
-    code, out, err = run(base_args(data, run_dir) + ['--resume', run_dir / 'checkpoints' / 'step_00000004'], capsys)
+    code, out, err = run(base_args(data, run_dir, epochs=2) + ['--resume', run_dir / 'checkpoints' / 'step_00000004'],
+                         capsys)
     line = error_line(err)
     assert code == 2 and str(bad) in line, line
     assert snapshot(run_dir) == before
@@ -142,19 +148,19 @@ def test_resume_of_a_damaged_checkpoint_is_refused_naming_the_file(finished, dat
 def test_resume_auto_skips_a_damaged_newest_checkpoint_and_says_why(finished, data, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     shutil.copytree(finished, run_dir)
-    (run_dir / 'checkpoints' / 'step_00000004' / 'optimizer.bin').write_bytes(b'PK\x03\x04 cut short')
-    code, out, err = run(base_args(data, run_dir, epochs=2) + ['--resume', 'auto'], capsys)
+    (run_dir / 'checkpoints' / 'step_00000008' / 'optimizer.bin').write_bytes(b'PK\x03\x04 cut short')
+    code, out, err = run(base_args(data, run_dir, epochs=3) + ['--resume', 'auto', '--keep-last', '2'], capsys)
     assert code == 0, err[-2000:]
-    assert 'skipped step_00000004' in out and 'optimizer.bin is missing or truncated' in out
-    assert f'resuming from {run_dir / "checkpoints" / "step_00000002"}' in out
-    assert json.loads((run_dir / 'summary.json').read_text())['steps'] == 8  # 2 epochs of 4 steps, from step 2
+    assert 'skipped step_00000008' in out and 'optimizer.bin is missing or truncated' in out
+    assert f'resuming from {run_dir / "checkpoints" / "step_00000004"}' in out
+    assert json.loads((run_dir / 'summary.json').read_text())['steps'] == 12  # from step 4: epochs 2 and 3
 
 
 # ---- the run dir ----------------------------------------------------------------------------------------------------
 
 def test_resume_auto_of_a_finished_run_changes_nothing(finished, data, capsys):
     before = snapshot(finished)
-    code, out, err = run(base_args(data, finished) + ['--resume', 'auto'], capsys)
+    code, out, err = run(resumed(data, finished), capsys)
     assert code == 0 and 'is a finished run' in out and 'nothing was changed' in out, (out[-2000:], err[-2000:])
     assert snapshot(finished) == before
 
@@ -186,7 +192,7 @@ def test_a_run_dir_held_by_a_live_process_is_refused_naming_it(finished, data, c
         lock.write_text(json.dumps(dict(pid=holder.pid, host=socket.gethostname(), start=_start_time(holder.pid),
                                         since='now')))
         before = snapshot(finished)
-        code, out, err = run(base_args(data, finished) + ['--resume', 'auto', '--epochs', '2'], capsys)
+        code, out, err = run(resumed(data, finished), capsys)
         line = error_line(err)
         assert code == RunDirError.exit_code and f'PID {holder.pid}' in line and 'in use by another vitkd run' in line
         assert snapshot(finished) == before
@@ -218,21 +224,18 @@ def test_the_lock_is_exclusive_within_a_run(tmp_path):
     assert not (tmp_path / '.vitkd.lock').exists()
 
 
-# ---- images -----------------------------------------------------------------------------------------------------------
+# ---- images ---------------------------------------------------------------------------------------------------------
 
 def test_randaugment_posterize_never_raises_and_zero_bits_is_black():
     import vitkd.data  # noqa: F401  (installs the posterize fix)
     from timm.data.auto_augment import rand_augment_transform
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
-              Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8))]
+    img = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     policy = rand_augment_transform('rand-m9-mstd0.5-inc1', {'translate_const': 100, 'img_mean': (124, 116, 104)})
-    for seed in range(2000):
+    for seed in range(3000):  # unfixed, Pillow >= 10 raised for ~2 draws in 1000
         random.seed(seed)
-        for img in images:
-            policy(img)
+        policy(img)
     from vitkd.data import _posterize
-    img = images[0]
     assert np.asarray(_posterize(img, 0)).max() == 0
     for bits in range(1, 8):
         assert np.array_equal(np.asarray(_posterize(img, bits)), np.asarray(ImageOps.posterize(img, bits)))
@@ -264,7 +267,7 @@ def test_every_pillow_mode_is_read_with_its_real_range(mode, tmp_path):
     rng = np.random.default_rng(1)
     if mode == 'I;16':
         a = rng.integers(0, 65536, (6, 6), dtype=np.uint16)
-        img, expect = Image.fromarray(a, 'I;16'), np.rint(a / 257.0)
+        img, expect = Image.fromarray(a), np.rint(a / 257.0)  # uint16: Pillow's I;16
     elif mode == 'I':
         a = rng.integers(0, 4096, (6, 6)).astype(np.int32)  # a 12-bit scan: beyond 8 bits, within 16
         img, expect = Image.fromarray(a, 'I'), np.rint(a * 255.0 / 65535)
@@ -335,7 +338,10 @@ def test_two_processes_a_bad_value_is_one_line_printed_once_exit_2(data, tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert lines == ['error: --seed must be >= 0 (numpy\'s seed range; each of the 2 process(es) adds its rank), '
                      'got -5'], result.stderr[-3000:]
-    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    # the process that failed first exited 2; torch's launcher then stops the other one, exits 1 itself and prints
+    # its own failure summary (a launcher traceback, no frame of vitkd)
+    assert 'exitcode  : 2' in result.stderr and result.returncode != 0
+    assert 'main.py", line' not in result.stderr and 'vitkd/' not in result.stderr
     assert not (tmp_path / 'run').exists()
 
 
@@ -355,8 +361,6 @@ sys.exit(main.main(sys.argv[1:]))
 '''
 
 
-@pytest.mark.slow
-@pytest.mark.ci_once
 def test_two_processes_a_failed_export_is_one_line_printed_once_exit_1(data, tmp_path):
     script = tmp_path / 'full_disk.py'
     script.write_text(FULL_DISK)
@@ -364,6 +368,6 @@ def test_two_processes_a_failed_export_is_one_line_printed_once_exit_1(data, tmp
     result = _launch(base_args(data, out) + ['--batch-size', '2'], tmp_path, script)
     lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert len(lines) == 1 and 'No space left on device' in lines[0] and '--resume auto' in lines[0], result.stderr
-    assert 'Traceback' not in result.stderr
-    assert result.returncode == 1  # accelerate launch returns the first failing process's code: each process's is 1
+    assert 'exitcode  : 1' in result.stderr and 'exitcode  : 70' not in result.stderr
+    assert 'main.py", line' not in result.stderr and 'vitkd/' not in result.stderr
     assert (out / 'checkpoints' / 'step_00000004' / 'trainer_state.json').is_file() and not (out / 'student').exists()

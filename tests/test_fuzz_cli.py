@@ -150,8 +150,8 @@ def _yaml_cases():
         if not optional:
             cases.append((f.name, None, None))
         if base in (int, float):
-            for v, cli in ((-1, '-1'), (0, '0'), (math.nan, 'nan'), (math.inf, 'inf'), (10 ** 20, '99999999999999999999'),
-                           ('', ''), ('abc', 'abc')):
+            for v, cli in ((-1, '-1'), (0, '0'), (math.nan, 'nan'), (math.inf, 'inf'),
+                           (10 ** 20, '99999999999999999999'), ('', ''), ('abc', 'abc')):
                 cases.append((f.name, v, cli))
         elif base is bool:
             cases += [(f.name, 'abc', None), (f.name, 1, None)]

@@ -170,7 +170,7 @@ def test_deit_alpha_routes_gradients_to_the_heads(tiny_vkd_student, tiny_teacher
         d = Distiller(student, tiny_teacher, [LossEntry(create_loss('deit_hard', alpha=alpha))],
                       RunInfo(num_classes=10, input_size=(3, 32, 32)))
         x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-        d(x, F.one_hot(y, 10).float(), y)['loss'].backward()
+        d(TrainBatch(x, F.one_hot(y, 10).float(), y))['loss'].backward()
         grad = lambda p: 0.0 if p.grad is None else p.grad.abs().sum().item()  # noqa: E731
         return grad(student.head.weight), grad(student.head_dist.weight)
     cls0, dist0 = head_grads(0.0)
@@ -182,7 +182,7 @@ def test_deit_alpha_routes_gradients_to_the_heads(tiny_vkd_student, tiny_teacher
 def test_none_on_a_distilled_student_trains_both_heads(tiny_vkd_student):
     d = Distiller(tiny_vkd_student, None, [LossEntry(create_loss('none'))], RunInfo(num_classes=10, input_size=(3, 32, 32)))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = d(x, F.one_hot(y, 10).float(), y)
+    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y))
     out['loss'].backward()
     assert tiny_vkd_student.head.weight.grad.abs().sum() > 0 and tiny_vkd_student.head_dist.weight.grad.abs().sum() > 0
     z = tiny_vkd_student.forward_features(x)
@@ -196,7 +196,7 @@ def test_kd_matches_hinton_formula_and_weight_warmup(tiny_vkd_student, tiny_teac
     assert entry.weight_at(1.0) == pytest.approx(0.5) and entry.weight_at(10) == 2.0
     d = Distiller(tiny_vkd_student, tiny_teacher, [entry], RunInfo(num_classes=10, input_size=(3, 32, 32)))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = d(x, F.one_hot(y, 10).float(), y, epoch=2.0)
+    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=2.0))
     with torch.no_grad():
         feats = tiny_vkd_student.forward_features(x)
         z_dist = tiny_vkd_student.head_dist(feats[:, 1])

@@ -157,16 +157,17 @@ def _tiny_run_args(tmp_path, *extra):
             *extra]
 
 
-def test_compile_option_reaches_the_teacher(tmp_path, monkeypatch):
+def test_compile_option_reaches_the_teacher_and_the_student(tmp_path, monkeypatch):
+    """``--compile`` (timm's habit) compiles both networks: the teacher's forward paths and the student's pass."""
     from vitkd import run as runlib
     from vitkd.config import parse_args
     compiled = []
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn.__name__) or fn)
     cfg, _ = parse_args(_tiny_run_args(tmp_path, '--compile'))
-    assert cfg.compile_teacher
+    assert cfg.compile_teacher and cfg.compile_student
     r = runlib.build_run(cfg, Accelerator(cpu=True))
     assert r.teacher.compiled
-    assert set(compiled) == {'forward_intermediates', 'forward_features', 'forward_head', 'forward'}
+    assert set(compiled) == {'forward_intermediates', 'forward_features', 'forward_head', 'forward', 'extract'}
 
 
 def test_compile_student_option_reaches_the_distiller(tmp_path, monkeypatch):

@@ -88,8 +88,8 @@ def eval_data_config(cfg: Config, input_size, mean, std) -> dict:
 def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
     """(train loader, val loader, DataSpec).
 
-    Both loaders keep their workers between epochs; on CUDA they pin their batches (the step copies them to the device
-    without blocking) and keep 4 batches per worker in flight.
+    The training loader keeps its workers between epochs; on CUDA both pin their batches (the step copies them to the
+    device without blocking) and keep 4 batches per worker in flight.
     """
     train_tf, eval_tf = build_transforms(cfg, input_size, mean, std)
     train, val = build_datasets(cfg.dataset, cfg.data_path, train_tf, eval_tf, cfg.train_subset, cfg.seed,
@@ -107,7 +107,8 @@ def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
                               worker_init_fn=seed_worker, **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f'--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)')
-    val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, **loader_kwargs)
+    val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False,
+                            **{**loader_kwargs, 'persistent_workers': False})  # no idle workers while training
     spec = DataSpec(num_classes=len(classes), input_size=tuple(input_size), mean=tuple(mean), std=tuple(std),
                     classes=classes)
     return train_loader, val_loader, spec

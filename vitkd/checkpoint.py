@@ -434,7 +434,8 @@ def checkpoint_problem(ckpt: Path) -> Optional[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f'{ckpt / STATE_FILE} is unreadable ({getattr(e, "strerror", None) or e})'
     from safetensors import SafetensorError, safe_open
-    weights = [ckpt / MODEL_FILE, ckpt / STUDENT_DIR / MODEL_FILE] + ([ckpt / EMA_FILE] if trainer.get('has_ema') else [])
+    weights = [ckpt / MODEL_FILE, ckpt / STUDENT_DIR / MODEL_FILE]
+    weights += [ckpt / EMA_FILE] if trainer.get('has_ema') else []
     for path in weights:
         try:
             with safe_open(str(path), framework='pt') as f:

@@ -361,12 +361,19 @@ def export_student(r: Run, out_dir: Path, accelerator: Accelerator, metrics: dic
     labels = [str(c) for c in r.spec.classes] if getattr(r.spec, 'classes', None) else None
     teacher_model = getattr(r.teacher, 'model', None)
     check_label_names(labels, getattr(teacher_model, 'pretrained_cfg', {}).get('label_names'))
+    failure = None
     if accelerator.is_main_process:
-        export_model(folded_student(r.distiller_unwrapped), export, r.data_config, labels)
-        if r.ema is not None:
-            export_model(folded_student(r.distiller_unwrapped, r.ema.module), out_dir / 'student_ema', r.data_config,
-                         labels)
-    accelerator.wait_for_everyone()
+        try:
+            export_model(folded_student(r.distiller_unwrapped), export, r.data_config, labels)
+            if r.ema is not None:
+                export_model(folded_student(r.distiller_unwrapped, r.ema.module), out_dir / 'student_ema',
+                             r.data_config, labels)
+        except OSError as e:
+            failure = (e.errno, e.strerror or str(e), e.filename)
+    from accelerate.utils import broadcast_object_list
+    failure = broadcast_object_list([failure])[0]  # every process raises the main process's failure (one exit code)
+    if failure is not None:
+        raise OSError(*failure)
     return export
 
 

@@ -14,7 +14,8 @@ import os
 import re
 from typing import Any
 
-__all__ = ['validate_options', 'check_yaml_value', 'check_safetensors', 'read_model_config', 'flag', 'MAX_INT', 'MAX_SEED']
+__all__ = ['validate_options', 'check_yaml_value', 'check_safetensors', 'read_model_config', 'flag', 'MAX_INT',
+           'MAX_SEED']
 
 MAX_INT = 2 ** 31 - 1  # counts beyond a C int overflow torch/numpy index arithmetic long before they mean anything
 MAX_SEED = 2 ** 32 - 1  # numpy.random.seed's range; each process adds its rank
@@ -44,8 +45,12 @@ def _number(name: str, value: Any, *, low: float = None, high: float = None, low
     if below or above:
         lo = '' if low is None else f'{"(" if low_open else "["}{low:g}'
         hi = '' if high is None else f'{high:g}{")" if high_open else "]"}'
-        where = (f'in {lo}, {hi}' if low is not None and high is not None else
-                 f'{">" if low_open else ">="} {low:g}' if low is not None else f'{"<" if high_open else "<="} {high:g}')
+        if low is not None and high is not None:
+            where = f'in {lo}, {hi}'
+        elif low is not None:
+            where = f'{">" if low_open else ">="} {low:g}'
+        else:
+            where = f'{"<" if high_open else "<="} {high:g}'
         raise _error(f'{flag(name)} must be {where}{accepted}, got {value}')
     if integer and abs(value) > cap:
         raise _error(f'{flag(name)} {value} is out of range (at most {cap}){accepted}')
@@ -176,8 +181,8 @@ def _check_opt_and_sched(cfg) -> None:
     except ValueError:
         import difflib
         close = difflib.get_close_matches(name, list_optimizers(), 3)
-        raise _error(f'--opt {cfg.opt!r} is not a timm optimizer{" (did you mean " + ", ".join(close) + "?)" if close else ""}'
-                     '; see timm.optim.list_optimizers()') from None
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise _error(f'--opt {cfg.opt!r} is not a timm optimizer{hint}; see timm.optim.list_optimizers()') from None
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     try:
         scheduler, _ = create_scheduler_v2(probe, sched=cfg.sched, num_epochs=2, updates_per_epoch=1)
