@@ -173,7 +173,7 @@ def timm_task_step(student, teacher_model, batches: Sequence[Batch], device, pre
     with ``SoftTargetCrossEntropy`` on the same soft targets (the loss of vitkd's ``deit_hard``), the teacher wrapped
     in ``timm.task.DistillationTeacher``; ``compiled`` calls the task's own ``compile()`` (its student and teacher)."""
     from timm.task import DistillationTeacher, TokenDistillationTask
-    task = TokenDistillationTask(student_model=student, teacher_model=DistillationTeacher(teacher_model),
+    task = TokenDistillationTask(student_model=student, teacher_model=DistillationTeacher(teacher_model, device=device),
                                  criterion=SoftTargetCrossEntropy(), distill_type='hard', task_loss_weight=0.5,
                                  device=device, verbose=False)
     task.train()
