@@ -629,10 +629,10 @@ def test_full_disk_while_exporting_is_one_line_and_the_resume_exports(data, tmp_
     out = tmp_path / 'run'
     real_export = ck.export_model
 
-    def full_disk_export(model, folder, data_config):
+    def full_disk_export(model, folder, *args, **kwargs):
         if Path(folder) == out / 'student':
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
-        return real_export(model, folder, data_config)
+        return real_export(model, folder, *args, **kwargs)
     monkeypatch.setattr(ck, 'export_model', full_disk_export)
     code, stdout, err = run(base_args(data, out), capsys)
     assert code == 1

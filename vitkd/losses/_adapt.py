@@ -3,7 +3,7 @@
 The Zoo (AberHu/Knowledge-Distillation-Zoo) distils CIFAR ResNet-110 into ResNet-20: identical C, H, W at every tap,
 so most of its losses have no connector and no resizing. vitkd pairs a ViT student (12 blocks of width D_s, one
 h×w grid) with a CNN teacher (stages of growing width and shrinking size) or a CNN with a CNN, so every map-based
-Zoo method needs the same three decisions, made here once (zoo.md §0.2, a vitkd adaptation):
+Zoo method needs the same three decisions, made here once (a vitkd adaptation, not in the official code):
 
 1. **Which taps** (:func:`default_taps`, :func:`pair_taps`, :class:`PairedTaps`). Tap positions are written in
    *thirds of the depth*: ``(1, 2, 3)`` = the Zoo's rb1/rb2/rb3. On a ViT with L blocks position p is block
@@ -15,7 +15,7 @@ Zoo method needs the same three decisions, made here once (zoo.md §0.2, a vitkd
    end). When only one side is given with a different count, the other side takes that many taps spread evenly
    over the depth (positions 3·j/k, j = 1..k); when both are given they must have the same length.
 2. **Spatial alignment** (:func:`align_spatial`): adaptive average pooling of the larger map down to the smaller
-   size (zoo.md §0.2: teacher s2 28→14 for G_4; student 14→7 for s4). Never upsampling.
+   size (at 224 px: teacher s2 28→14 for G_4; student 14→7 for s4). Never upsampling.
 3. **Channel alignment** (:func:`conv1x1_connector`): a student-side 1×1 conv (= per-token Linear D_s → C_t),
    optionally with BN and ReLU, Kaiming-normal (fan_out, relu) init, BN weight 1 / bias 0 (:func:`init_convs_`).
 

@@ -1,4 +1,4 @@
-"""AB: activation boundaries (``ab``), Knowledge-Distillation-Zoo Z10.
+"""AB: activation boundaries (``ab``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons", Heo, Lee, Yun, Choi,
 AAAI 2019 (arXiv 1811.03233).
@@ -8,23 +8,23 @@ Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d5558
 Formula, element-wise on a student pre-activation s and the teacher's pre-activation t, margin m:
   ℓ = (s + m)²·[s > −m ∧ t ≤ 0] + (s − m)²·[s ≤ m ∧ t > 0];
   L_pair = mean(ℓ) over every element;  L = λ · mean over the tap pairs.
-Defaults: m = 2.0, λ = 10 (``lambda_kd``; CIFAR-tuned starting points, defect Z9). (RepDistiller: m = 1.0, stage
-weights, sum/B/1000.)
+Defaults: m = 2.0, λ = 10 (``lambda_kd``; CIFAR-tuned starting points to re-tune for ViT/ImageNet). (RepDistiller:
+m = 1.0, stage weights, sum/B/1000.)
 
-Student side (vitkd adaptation, zoo.md Z10 "ViT"): a connector Conv1×1(C_s → C_t) + BN per pair (Kaiming-normal
+Student side (vitkd adaptation): a connector Conv1×1(C_s → C_t) + BN per pair (Kaiming-normal
 fan_out, BN 1/0; trained with the student) on the student map; AB acts on the connector output, which is a
 pre-activation. The Zoo has no connector (identical shapes, pre-ReLU student taps); vitkd always uses one, as a CNN
 student's stage outputs are post-ReLU and a ViT's grids have the wrong width.
 
 Teacher side: the loss only reads the teacher's activation *pattern* [t > 0], and for a ReLU output r = max(t, 0),
 [r > 0] = [t > 0] exactly, so the post-ReLU stage outputs give the same loss as the Zoo's pre-ReLU taps. When the
-teacher map is larger than the student's it is adaptive-average-pooled first (zoo.md §0.2), so a pooled position
+teacher map is larger than the student's it is adaptive-average-pooled first (``_adapt``), so a pooled position
 counts as active when any of its inputs is (with pre-ReLU maps it would be the sign of their mean).
 
 Taps (:mod:`vitkd.losses._adapt`): three pairs, by default student blocks at 1/3, 2/3, 3/3 of its depth
 (G_4/G_8/G_12) ↔ the teacher's last three stages (s2/s3/s4, the Zoo's rb1..rb3).
 
-Procedure (zoo.md Z10 and defect Z3), in one vitkd run:
+Procedure (the Zoo's two stages; its stage 2 sets λ = 0, so the teacher is dropped), in one vitkd run:
 1. epochs [0, ``init_epochs``) (default 50): AB initialisation — λ·AB only, the task CE is off (:meth:`task_weight`
    = 0; the class head gets no gradient from this phase);
 2. from ``init_epochs`` on: AB's weight is 0 (no term) and training continues with the task CE — the Zoo's CE-only

@@ -3,7 +3,7 @@
 "Pay Attention to Features, Transfer Learn Faster CNNs", Wang, Gao, Zhang, Xu, Xu, ICLR 2020 (OpenReview
 ryxyCeHtPB; the AFD part of AFDS). Official code this follows: AberHu/Knowledge-Distillation-Zoo @
 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/afd.py::AFD`` (the paper's spatial-MLP attention is commented out
-there as unstable and replaced by an SE-style block), ``train_kd.py --kd_mode afd``. Spec: ``shared/specs/zoo.md`` §Z19.
+there as unstable and replaced by an SE-style block), ``train_kd.py --kd_mode afd``.
 
 Per stage (student map s, teacher map t [B, C, H, W] — equal channels, see below)::
 
@@ -22,7 +22,7 @@ connector (C_s → C_t, with bias, no BN, Kaiming init; ``_adapt.conv1x1_connect
 differ — always for a ViT student (D_s vs the teacher stage width) — and none when they are equal. The larger map of
 each pair is average-pooled to the smaller size.
 
-ViT students (zoo.md §0.2): blocks 4 / 8 / 12 ↔ s2 / s3 / s4 by default (positions 1/2/3 thirds of the depth,
+ViT students (vitkd adaptation): blocks 4 / 8 / 12 ↔ s2 / s3 / s4 by default (positions 1/2/3 thirds of the depth,
 ``_adapt``). At s4 with att_f = 1 the MLP has ≈ 2·3024² ≈ 18 M parameters: ViT presets should use att_f ≪ 1 (e.g.
 1/16).
 
@@ -33,7 +33,7 @@ command gives one (``afd:1`` = the paper's).
 
 Where vitkd differs from the official code:
 
-* Explicit reshapes instead of ``squeeze()`` (defect Z5: the Zoo breaks at B = 1).
+* Explicit reshapes instead of ``squeeze()`` (the Zoo's ``squeeze()`` breaks at B = 1).
 * The connector and the spatial pooling above (vitkd adaptation); fp32 with autocast off.
 """
 from __future__ import annotations

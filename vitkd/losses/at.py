@@ -1,4 +1,4 @@
-"""AT: attention transfer (``at``), Knowledge-Distillation-Zoo Z3.
+"""AT: attention transfer (``at``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Paying More Attention to Attention: Improving the Performance of Convolutional Neural Networks via Attention
 Transfer", Zagoruyko & Komodakis, ICLR 2017 (arXiv 1612.03928).
@@ -8,17 +8,17 @@ Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d5558
 Formula, per tap pair (F_s [B, C_s, H, W], F_t [B, C_t, H, W]; channels may differ, they are reduced):
   A(F) = Σ_c |F_c|^p ∈ ℝ^{B×H·W};  Â = A / (‖A‖_{2, over H·W} + 1e-6)   (eps on the norm, not its square);
   L_pair = mean-MSE(Â_s, Â_t) over B·H·W;   L = λ · mean over the pairs.
-Defaults: p = 2, λ = 1000 (``lambda_kd``; CIFAR-tuned starting point, defect Z9: the per-element mean makes the loss
+Defaults: p = 2, λ = 1000 (``lambda_kd``; CIFAR-tuned starting point: the per-element mean makes the loss
 ∝ 1/(H·W), re-tune at 14×14 / 7×7). No KD term (Zoo issue #19: the paper combines AT with KD — add ``kd``).
 
-Taps (vitkd adaptation, zoo.md §0.2; see :mod:`vitkd.losses._adapt`): three pairs, by default the student blocks
+Taps (vitkd adaptation; see :mod:`vitkd.losses._adapt`): three pairs, by default the student blocks
 at 1/3, 2/3, 3/3 of its depth (G_4/G_8/G_12 of a 12-block DeiT; the stages s2/s3/s4 of a CNN student) against
 the teacher's last three stages s2/s3/s4 (post-ReLU). The larger map of a pair is adaptive-average-pooled to the
 smaller size before A is computed (as RepDistiller pools features). No projection: energy over D_s vs over C_t.
-A ViT student's block-12 patch tokens get no gradient from the heads (specs rule 7): that pair only shapes the
-student through AT itself.
+A ViT student's block-12 patch tokens get no gradient from the heads (a distilled DeiT's heads read only the cls and
+dist tokens, and the final LayerNorm is per token): that pair only shapes the student through AT itself.
 
-zoo.md Z3 suggests an option computing A on LayerNorm-ed tokens (against the few very-high-norm tokens of ViT
+One could compute A on LayerNorm-ed tokens (against the few very-high-norm tokens of ViT
 residual streams). It is not offered: a LayerNorm without affine makes every token's Σ_c x̂_c² = C·σ²/(σ² + eps) ≈ C,
 so for p = 2 the attention map would be flat and the loss constant.
 

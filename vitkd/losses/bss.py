@@ -3,7 +3,7 @@
 "Knowledge Distillation with Adversarial Samples Supporting Decision Boundary", Heo, Lee, Yun, Choi, AAAI 2019
 (arXiv 1805.05532). Official code (the Zoo variant this follows, itself modified from bhheo/BSS_distillation):
 AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/bss.py`` (``BSS``,
-``BSSAttacker``) and ``train_bss.py`` (sample selection, attack classes, schedule). Spec: ``shared/specs/zoo.md`` §Z13.
+``BSSAttacker``) and ``train_bss.py`` (sample selection, attack classes, schedule).
 
 Per training step (z_s, z_t [B, K] logits of the clean batch, y [B] labels):
 
@@ -37,14 +37,15 @@ student's current mode (train: BN statistics update, as in the Zoo).
 
 Where vitkd differs from the official code:
 
-* **Z4.** Attacked images are clamped per channel to the range of valid normalised pixels,
+* **Clamp range.** Attacked images are clamped per channel to the range of valid normalised pixels,
   [(0 − mean_c)/std_c, (1 − mean_c)/std_c] from the run's mean/std (``RunInfo``), not to the CIFAR-specific
   [−2.5, 2.5]. Attack classes are drawn with ``torch.multinomial`` (the same distribution as the Zoo's roulette
   wheel over the sorted cumulative probabilities, without its per-element Python loop and device syncs).
 * The gradient norm in the attack step is clamped at 1e-12 (the Zoo divides by it unguarded: an all-zero gradient,
   e.g. from a saturated softmax, gives NaN there; here it gives a zero step).
 * The schedule's start and slope are options (defaults = the Zoo's at any E); the Zoo's ``torch.autograd.gradcheck
-  .zero_gradients`` import (removed from PyTorch, defect Z1) is not needed: gradients come from ``autograd.grad``.
+  .zero_gradients`` import (removed from PyTorch, so the Zoo's import fails) is not needed: gradients come from
+  ``autograd.grad``.
 * When every row of non-top-1 teacher probabilities underflows to 0, the attack class is drawn uniformly among the
   non-top-1 classes (the Zoo then keeps the teacher's second class).
 """

@@ -3,7 +3,6 @@
 "Correlation Congruence for Knowledge Distillation", Peng, Jin, Liu, Li, Wu, Liu, Zhou, Zhang, ICCV 2019
 (arXiv 1904.01802). Official code (the Zoo variant this follows): AberHu/Knowledge-Distillation-Zoo @
 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/cc.py::CC``, ``train_kd.py --kd_mode cc``.
-Spec: ``shared/specs/zoo.md`` §Z14.
 
 Formula (f [B, d] pooled features, d_s and d_t may differ)::
 
@@ -17,14 +16,14 @@ vectors. No instance congruence term and no special batch sampler (as the Zoo). 
 λ is 100 (``--distill cc:100``; a CIFAR value, re-tune).
 
 ViT students: the student vector is the pre-logits ``forward_head(pre_logits=True)`` (the mean of the final-normed
-cls and dist tokens for a distilled DeiT), the teacher's is its pooled pre-logits t̄ (zoo.md §0.2).
+cls and dist tokens for a distilled DeiT), the teacher's is its pooled pre-logits t̄ (vitkd adaptation).
 
 Batch scope: ``scope='local'`` (default, as the Zoo) builds C over the per-process batch; ``'global'`` all-gathers
 both feature sets first (autograd-aware, ``_adapt.gather_batch``) so the loss does not depend on the number of
 processes. Identical on one process.
 
 Where vitkd differs from the official code: computed in fp32 with autocast off; the ``global`` scope is a vitkd
-option. RepDistiller's "CC" is a different, embedding-based loss (zoo.md §3) and is not what this implements.
+option. RepDistiller's "CC" is a different, embedding-based loss and is not what this implements.
 """
 from __future__ import annotations
 

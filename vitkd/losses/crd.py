@@ -20,8 +20,8 @@ K = ``nce_k`` negatives, τ = ``nce_t``, μ = ``nce_m``, N = training-set size, 
 
 Banks are initialised U(−a, a), a = 1/√(d/3). Everything runs in at least fp32 (exp(·/0.07) overflows fp16).
 
-Distributed design (defect R3; crd.md §6). The banks, Z and the label table are buffers of this loss, kept
-identical on every rank by the loss itself: rank 0's banks are broadcast once at the first step (ranks are seeded
+Distributed design (the official banks are not distribution-safe: under DDP rank 0's banks overwrite the other
+ranks' updates at every step). The banks, Z and the label table are buffers of this loss, kept identical on every rank by the loss itself: rank 0's banks are broadcast once at the first step (ranks are seeded
 differently), each rank scores its local batch against the pre-update banks, then (index, v_s, v_t) are all-gathered
 in rank-major order, deduplicated (the **last** occurrence of an index in rank-major order wins) and the same
 momentum update is applied on every rank; Z is N times the all-reduced mean of the first step's scores. The
@@ -36,7 +36,7 @@ command gives one (``crd:1`` = the paper's).
 
 Where vitkd differs from the official code:
 
-* Negatives are rejection-sampled on the device (defect R4): uniform draws in [0, N), redrawn while the draw has the
+* Negatives are rejection-sampled on the device: uniform draws in [0, N), redrawn while the draw has the
   anchor's class or is the positive itself — the distribution of the official ImageNet sampler (uniform over
   other-class samples, with replacement), without its 4.8 GiB per-class index lists; the official draws themselves
   are not reproduced. The class of every sample comes from ``info.train_labels`` when the run provides it;
@@ -44,11 +44,12 @@ Where vitkd differs from the official code:
   epoch a not-yet-seen sample of the anchor's class can be drawn as a negative (from the second epoch on the
   distribution is exact). A dataset-provided contrast-index mode is available in the pure function
   (:func:`crd_loss` takes any J), not in the loss class (the batch carries no contrast indices).
-* Bank updates are deduplicated (defect R5: ``index_copy_`` with duplicates is undefined on CUDA).
-* Multi-process correctness as above (defect R3); Z and the banks are checkpointed (the official code saves the
+* Bank updates are deduplicated (``index_copy_`` with duplicates is undefined on CUDA, and repeated augmentation
+  guarantees duplicates).
+* Multi-process correctness as above; Z and the banks are checkpointed (the official code saves the
   student only).
 * Under mixup/cutmix (DeiT recipe) the positive, the class excluded from the negatives and the bank row updated are
-  those of the dominant image: index/labels when λ ≥ 0.5, else their flips (crd.md §5). Parity runs disable mixup.
+  those of the dominant image: index/labels when λ ≥ 0.5, else their flips. Parity runs disable mixup.
 * ``relax`` positives and ``percent`` sub-sampling (CIFAR-only options) are not implemented.
 * The loss is a 0-d tensor (the official one has shape (1,)).
 """

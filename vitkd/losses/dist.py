@@ -20,17 +20,17 @@ Warm-up: ``warmup`` = E_w gives the factor min(1, e/E_w) with e the integer epoc
 (DIST++ on CIFAR warms DIST up over 20 epochs); the distiller's generic ``warmup_epochs`` is a per-step ramp instead.
 
 Which student head: the distillation head when the student has one (``head='auto'``, as ``kd``), the task CE then
-goes to the class head (dist.md §4.2, a vitkd adaptation); ``cls``/``avg`` choose the class head / the mean.
+goes to the class head (a vitkd adaptation); ``cls``/``avg`` choose the class head / the mean.
 
 Where vitkd differs from the official code:
 
-* **Scope of the intra-class term (defect S1).** The official code computes L_intra over the per-GPU batch, so the
+* **Scope of the intra-class term.** The official code computes L_intra over the per-GPU batch, so the
   loss changes with the number of GPUs at a fixed global batch. vitkd's default ``intra_scope='global'`` gathers
   Y_s (autograd-aware :func:`vitkd.distributed.all_gather_with_grad`: its backward sums every rank's gradient of
   its copy — like ``torch.distributed.nn.functional.all_gather`` — which DDP's gradient averaging turns back into
   the gradient of the one global loss) and Y_t over the processes and computes L_intra over all B_g samples;
   ``'local'`` reproduces the official per-rank behaviour. Both are identical on one process.
-* Logits come from the model outputs, not from forward hooks (defect S2: the official hook mangles a batch of 1).
+* Logits come from the model outputs, not from forward hooks (the official hook mangles a batch of 1).
 * Computed in at least fp32 (the official loss runs under the trainer's autocast); the 1e-8 eps is meaningless in
   bf16 for K = 1000, where probabilities are ~1e-3.
 """

@@ -16,21 +16,22 @@ by the constant β.
 
 Defaults are the paper's ImageNet values (ResNet-34 → ResNet-18): α = 1, β = 0.5, T = 1, no warm-up. The CIFAR-100
 values are T = 4, β = 8 (2 or 6 for some pairs) and a 20-epoch warm-up with ``warmup_indexing='one'``; DKD++ on
-ImageNet uses α 0.8, β 0.5, T 1, ``warmup=5`` with ``warmup_indexing='zero'`` (see nd.md §7).
+ImageNet uses α 0.8, β 0.5, T 1, ``warmup=5`` with ``warmup_indexing='zero'``.
 
 Warm-up: w(e) = min(1, (e + 1)/E_w) for ``warmup_indexing='one'`` (mdistiller counts epochs from 1: the first epoch
 already trains at 1/E_w) and w(e) = min(1, e/E_w) for ``'zero'`` (DKD++: the first epoch is CE only), e the
 integer epoch counted from 0, constant within an epoch as in both official trainers. This is deliberately not the
 distiller's generic ``warmup_epochs`` (a per-step linear ramp over the fractional epoch); do not set both.
 
-Labels under mixup/cutmix (defect R8, dkd.md §4.2) — option ``label_policy``:
+Labels under mixup/cutmix (the official target mask is built from hard labels and is undefined under mixing) —
+option ``label_policy``:
 
 * ``pair`` (default): λ·DKD(y_a) + (1 − λ)·DKD(y_b), with the batch-mode mixup metadata of :class:`Batch`
   (y_b = flip(y_a), one λ per batch). Without mixup λ = 1 and y_b = y_a, which is the plain hard-label DKD.
 * ``argmax``: y = argmax of the (mixed, smoothed) soft target of the task loss.
 
 Label smoothing does not touch DKD. Which student head: the distillation head when present (``head='auto'``), the
-task CE then goes to the class head (dkd.md §4.1).
+task CE then goes to the class head.
 
 Where vitkd differs from the official code:
 
@@ -145,7 +146,7 @@ class DKD(DistillationLoss):
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
         z_s, z_t = pick_head(student, self.head), teacher.logits
         factor = dkd_warmup_factor(batch.epoch, self.warmup, self.warmup_indexing)
-        if factor == 0:  # inside the warm-up's zero phase the term is not computed (specs rule 8)
+        if factor == 0:  # inside the warm-up's zero phase the term is not computed (a zero-weight term costs nothing)
             zero = z_s.new_zeros(())
             return {'tckd': zero, 'nckd': zero}
         if self.label_policy == 'argmax':

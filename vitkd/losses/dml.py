@@ -2,7 +2,7 @@
 
 "Deep Mutual Learning", Zhang, Xiang, Hospedales, Lu, CVPR 2018 (arXiv 1706.00384). Official code (the Zoo variant
 this follows): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/dml.py::DML``,
-``train_dml.py``. Spec: ``shared/specs/zoo.md`` §Z21.
+``train_dml.py``.
 
 Formula (z_1 student logits, z_2 peer logits [B, K], one forward of both nets per batch, T = 1, no T²)::
 
@@ -32,7 +32,7 @@ Where vitkd differs from the official code:
 * One optimiser over both networks instead of two (identical update, see above); the peer's learning rate and weight
   decay follow the run's. The Zoo picks the best checkpoint by max(acc_1, acc_2); vitkd evaluates and exports the
   student only — the peer lives in the training checkpoint (``losses.dml.peer.*``) and is not evaluated.
-* DML with a frozen teacher would degenerate to ST at T = 1 (zoo.md §Z21), so this loss never uses one.
+* DML with a frozen teacher would degenerate to ST at T = 1, so this loss never uses one.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FitNet: hints (``fitnet``), Knowledge-Distillation-Zoo Z4.
+"""FitNet: hints (``fitnet``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "FitNets: Hints for Thin Deep Nets", Romero, Ballas, Kahou, Chassang, Gatta, Bengio, ICLR 2015
 (arXiv 1412.6550).
@@ -7,10 +7,10 @@ Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d5558
 
 Formula (one tap pair; F_s [B, C_s, H, W], F_t [B, C_t, H, W] post-ReLU):
   L = λ · mean-MSE(r(F_s), F_t) over B·C_t·H·W,  r = Conv1×1(C_s → C_t) + BN + ReLU (the regressor).
-Defaults: λ = 0.1 (``lambda_kd``; CIFAR-tuned starting point, defect Z9). One stage, no hint pre-training, no KD
+Defaults: λ = 0.1 (``lambda_kd``; CIFAR-tuned starting point to re-tune). One stage, no hint pre-training, no KD
 term (Zoo README, issue #7).
 
-Taps (vitkd adaptation, zoo.md §0.2; :mod:`vitkd.losses._adapt`): one pair, by default the student block at 2/3 of
+Taps (vitkd adaptation; :mod:`vitkd.losses._adapt`): one pair, by default the student block at 2/3 of
 its depth (G_8 of a 12-block DeiT, stage s3 of a CNN student) against the teacher's stage s3 (1232 channels, 14×14
 for RegNetY-160 at 224 px: no pooling). Other sizes: the larger map is adaptive-average-pooled to the smaller
 (e.g. ``student_blocks=[11], teacher_blocks=[4]``: G_12 pooled 2×2 to s4's 7×7), then the regressor runs.

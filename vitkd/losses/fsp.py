@@ -1,4 +1,4 @@
-"""FSP: flow of solution procedure (``fsp``), Knowledge-Distillation-Zoo Z7.
+"""FSP: flow of solution procedure (``fsp``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and Transfer Learning", Yim, Joo,
 Bae, Kim, CVPR 2017 (no arXiv version).
@@ -10,9 +10,9 @@ adaptive-average-pooled to the smaller size (the Zoo pools F¹), both are flatte
   G(F¹, F²) = F¹ F²ᵀ / HW ∈ ℝ^{B×C1×C2};   L = λ · mean over pairs of mean-MSE(G_s, G_t) over B·C1·C2.
 Each FSP matrix must have the teacher's C1×C2 shape: the student taps are projected by a trainable 1×1 conv to the
 paired teacher width (``connector=True``; Kaiming-normal fan_out, no BN as FSP has no connector of its own).
-Defaults: λ = 1 (``lambda_kd``; CIFAR-tuned starting point, defect Z9).
+Defaults: λ = 1 (``lambda_kd``; CIFAR-tuned starting point to re-tune).
 
-Procedure (two stages, zoo.md Z7 and defect Z3), in one vitkd run:
+Procedure (the Zoo's two stages; its stage 2 sets λ = 0, so the teacher is dropped), in one vitkd run:
 1. epochs [0, ``init_epochs``) (default 50): the initialisation stage — λ·FSP only, the task CE is off
    (:meth:`task_weight` returns 0, so the class head gets no gradient from FSP's phase);
 2. from ``init_epochs`` on: FSP's weight is 0 (the loss returns no term) and the run continues with the task CE
@@ -20,7 +20,7 @@ Procedure (two stages, zoo.md Z7 and defect Z3), in one vitkd run:
    for the DeiT preset that keeps dist-token KD) are unaffected by FSP's phases, in both stages.
 ``init_epochs=0`` turns the phases off: FSP is then an ordinary term next to CE for the whole run (vitkd option).
 
-Taps (vitkd adaptation, zoo.md Z7 "ViT"; :mod:`vitkd.losses._adapt`): three taps per network, by default student
+Taps (vitkd adaptation; :mod:`vitkd.losses._adapt`): three taps per network, by default student
 blocks at 1/3, 2/3, 3/3 of its depth (G_4/G_8/G_12) and the teacher's last three stages (s2/s3/s4), giving the
 pairs (G_4, G_8) ↔ (s2, s3) and (G_8, G_12) ↔ (s3, s4). Not recommended for a ViT student (its taps all have width
 D_s, so the "flow" largely reflects the projections); cost C1×C2 = 1232×3024 per sample for RegNetY-160.

@@ -1,4 +1,4 @@
-"""FT: factor transfer (``ft``), Knowledge-Distillation-Zoo Z8.
+"""FT: factor transfer (``ft``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Paraphrasing Complex Network: Network Compression via Factor Transfer", Kim, Park, Kwak, NeurIPS 2018
 (arXiv 1802.04977).
@@ -14,7 +14,7 @@ Init: Conv2d and ConvTranspose2d Kaiming-normal (fan_out, relu), bias 0; BN 1/0.
 
 Formula: φ̂ = φ flattened per sample to [B, C_f·H·W] and L2-normalised (``F.normalize``, eps 1e-12);
   L = λ · mean-L1(φ̂_s, sg(φ̂_t)) over B·C_f·H·W (p = 1 as in the paper).
-Defaults: k = 0.5, λ = 200 (``lambda_kd``; CIFAR-tuned starting point, defect Z9), BN on (the Zoo uses BN on
+Defaults: k = 0.5, λ = 200 (``lambda_kd``; CIFAR-tuned starting point to re-tune), BN on (the Zoo uses BN on
 CIFAR-10 only).
 
 Procedure, in one vitkd run (the Zoo runs the paraphraser pre-training as a separate 30-epoch job):
@@ -24,17 +24,17 @@ Procedure, in one vitkd run (the Zoo runs the paraphraser pre-training as a sepa
    does not move (AdamW skips parameters without gradient): the student's training starts after the pre-training,
    as in the Zoo. With AdamW the term's scale (it is multiplied by the method weight) hardly matters.
 2. from ``paraphraser_epochs`` on: the paraphraser is frozen (eval mode for good — :meth:`train` keeps it there — and
-   ``requires_grad=False``, so its BN statistics no longer change) and the student + translator train on
+   ``requires_grad=False``, so its BN statistics stay fixed) and the student + translator train on
    CE + λ·FT; the translator follows the student's train/eval mode.
 
-Taps (vitkd adaptation, zoo.md Z8 "ViT"; :mod:`vitkd.losses._adapt`): one pair, by default the student block at
+Taps (vitkd adaptation; :mod:`vitkd.losses._adapt`): one pair, by default the student block at
 2/3 of its depth (G_8) ↔ the teacher's stage s3 (1232 channels, C_f = 616 at k = 0.5); other sizes are aligned by
 adaptive average pooling of the larger map before the translator / paraphraser. At s4 (3024 channels) one 3×3 conv
 C→C has ≈ 82 M parameters: stay at s3, lower k, or set ``outer_kernel_size=1`` (the C_t→C_t / C_s→C_s outer convs of
 the encoder, decoder and translator become 1×1; vitkd option).
 
 Where vitkd differs from the official code:
-* ConvTranspose2d layers get the same Kaiming init as Conv2d (defect Z7: the Zoo leaves PyTorch's default);
+* ConvTranspose2d layers get the same Kaiming init as Conv2d (the Zoo leaves PyTorch's default);
   ``zoo_deconv_init=True`` reproduces the Zoo;
 * the paraphraser pre-training shares the run's optimizer and lr schedule (the Zoo: separate SGD, lr 0.01, momentum
   0.9, wd 1e-4, no schedule, no nesterov) and occupies the first ``paraphraser_epochs`` epochs of the run;
@@ -124,7 +124,7 @@ class FactorTransfer(PairedTaps, DistillationLoss):
                 epochs allowed).
             use_bn: BN after every conv of both modules (Zoo: CIFAR-10 only).
             outer_kernel_size: kernel of the C→C outer convs (3 = Zoo; 1 keeps wide teacher stages affordable).
-            zoo_deconv_init: leave ConvTranspose2d at PyTorch's default init (the Zoo's defect Z7; parity only).
+            zoo_deconv_init: leave ConvTranspose2d at PyTorch's default init (the Zoo's behaviour; parity only).
             student_blocks, teacher_blocks: one tap index each (None: block at 2/3 of the depth ↔ stage s3).
         """
         super().__init__()

@@ -3,7 +3,6 @@
 "Knowledge Distillation via Instance Relationship Graph", Liu, Cao, Li, Yuan, Hu, Li, Duan, CVPR 2019 (official code
 in Caffe: yufanLIU/IRG). Official code this follows (the Zoo's one-to-one mode): AberHu/Knowledge-Distillation-Zoo @
 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/irg.py::IRG``, ``train_kd.py --kd_mode irg``.
-Spec: ``shared/specs/zoo.md`` §Z16.
 
 Inputs: logits z [B, K], pooled vectors f [B, d], two maps per network F¹ (earlier) and F² (later) [B, C, H, W].
 
@@ -17,7 +16,7 @@ Inputs: logits z [B, K], pooled vectors f [B, d], two maps per network F¹ (earl
 * L = w_v·L_v + w_e·L_e + w_tr·L_tr, defaults 0.1 / 5 / 5 (the Zoo's; its λ is 1). Returned as the three weighted
   terms ``vertex``, ``edge``, ``transformation``.
 
-ViT students (zoo.md §0.2): vertex on the distillation head vs z_t (``head='auto'``; the task CE goes to the class
+ViT students (vitkd adaptation): vertex on the distillation head vs z_t (``head='auto'``; the task CE goes to the class
 head); edges on pre-logits ↔ t̄ and on the grids of blocks 8 / 12 ↔ s3 / s4 (the default two-tap pairing, positions
 2/3 of the depth — see ``_adapt``); the student's transformation G_8 → G_12 has equal shapes (no reduction), the
 teacher's s3 (1232, 14²) → s4 (3024, 7²) pools s3 to 7×7 and reduces s4's channels to 1232.
@@ -32,7 +31,7 @@ command gives one (``irg:1`` = the paper's).
 
 Where vitkd differs from the official code:
 
-* **Z8.** The Zoo reduces channels by averaging adjacent channel pairs of the later map, which only works when the
+* **Channel reduction.** The Zoo reduces channels by averaging adjacent channel pairs of the later map, which only works when the
   channel count exactly doubles (and only when the earlier map is the narrower). Here any ratio works in both
   directions; for a ratio of exactly 2 the channel pooling is identical to the Zoo's pair average.
 * The Zoo pools only the earlier map (when it is larger); here whichever map is larger is pooled (never upsampled).

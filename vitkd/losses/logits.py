@@ -1,15 +1,15 @@
-"""Logits: regression of the teacher's logits (``logits``), Knowledge-Distillation-Zoo Z1.
+"""Logits: regression of the teacher's logits (``logits``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Do Deep Nets Really Need to be Deep?", Ba & Caruana, NeurIPS 2014 (arXiv 1312.6184).
 Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815,
 ``kd_losses/logits.py`` (``Logits``), ``train_kd.py --kd_mode logits``.
 
 Formula (z_s, z_t ∈ ℝ^{B×K}):  L = λ · mean-MSE(z_s, z_t) = λ/(B·K) · Σ_{b,k} (z_s[b,k] − z_t[b,k])².
-Defaults: λ = 0.1 (``lambda_kd``; the Zoo's script value, a CIFAR-tuned starting point — defect Z9: the 1/K factor
+Defaults: λ = 0.1 (``lambda_kd``; the Zoo's script value, a CIFAR-tuned starting point — the 1/K factor
 makes the scale K-dependent, re-tune it). Unlike KL, the loss is not invariant to per-row logit shifts.
 
 On a student with a distillation token the regression goes to the distillation head (``head='auto'``/``'dist'``,
-z_dist vs z_t) and the task loss stays on the class head (zoo.md §0.2); other students use their only head.
+z_dist vs z_t) and the task loss stays on the class head (vitkd adaptation); other students use their only head.
 
 Where vitkd differs from the official code:
 * λ lives in the loss (``lambda_kd``) so ``--distill logits`` alone reproduces the Zoo's CE + 0.1·MSE; the CLI

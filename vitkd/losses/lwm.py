@@ -3,7 +3,6 @@
 "Learning without Memorizing", Dhar, Singh, Peng, Wu, Chellappa, CVPR 2019 (arXiv 1811.08051) — only its Grad-CAM
 attention-distillation term, as in the Zoo. Official code this follows: AberHu/Knowledge-Distillation-Zoo @
 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/lwm.py::LwM``, ``train_kd.py --kd_mode lwm``.
-Spec: ``shared/specs/zoo.md`` §Z15.
 
 Formula (F [B, C, H, W] a tapped map of each network, z [B, K] logits, y [B] labels)::
 
@@ -33,10 +32,10 @@ the teacher uses the same class. The explained head's bias gets no gradient (∂
 
 Where vitkd differs from the official code:
 
-* **Z2 (Zoo issue #16).** The Zoo computes ReLU(Σ_c w_c·∂z_y/∂F_c) — gradients instead of activations — which after
+* **Grad-CAM (Zoo issue #16).** The Zoo computes ReLU(Σ_c w_c·∂z_y/∂F_c) — gradients instead of activations — which after
   GAP + FC is spatially constant at the last stage (hence the README's choice of the middle stage). vitkd computes the
   real Grad-CAM; ``cam='zoo'`` reproduces the Zoo's formula (parity only).
-* **Z6.** The teacher's gradient has no ``create_graph``; the Zoo also sets ``img.requires_grad`` in train and test,
+* **Teacher gradient.** The teacher's gradient has no ``create_graph``; the Zoo also sets ``img.requires_grad`` in train and test,
   which is unnecessary here (the student's map depends on its parameters) — ``needs_input_grad`` is False.
 * The maps a loss receives are fp32 contiguous copies (bf16 autocast, ``channels_last`` teachers), which are not on
   the path to the logits; the gradient is then taken w.r.t. the original tensor through its autograd edge and cast
@@ -100,7 +99,7 @@ def target_gradient(logits: torch.Tensor, labels: torch.Tensor, feature: torch.T
 def grad_cam(feature: torch.Tensor, grad: torch.Tensor, mode: str = 'gradcam') -> torch.Tensor:
     """Grad-CAM [B, H, W] of a map and its gradient [B, C, H, W].
 
-    ``gradcam``: ReLU(Σ_c w_c·F_c); ``zoo``: ReLU(Σ_c w_c·∂z/∂F_c) (defect Z2, parity), w_c = mean_{H,W} ∂z/∂F_c.
+    ``gradcam``: ReLU(Σ_c w_c·F_c); ``zoo``: ReLU(Σ_c w_c·∂z/∂F_c) (the Zoo's bug, parity), w_c = mean_{H,W} ∂z/∂F_c.
     """
     if mode not in CAM_MODES:
         raise ValueError(f'cam must be one of {CAM_MODES}, got {mode!r}')
