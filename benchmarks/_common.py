@@ -10,6 +10,7 @@ quartiles of those per-round ratios as its spread.
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing
 import os
 import resource
@@ -40,6 +41,14 @@ from vitkd.training import TrainBatch  # noqa: E402
 
 Batch = tuple  # (images [B, C, H, W], soft targets [B, K], labels [B], indices [B]) on the device, indices on the host
 Step = Callable[[int], None]  # one full training step on batch number i (forward, backward, optimizer step)
+
+
+def write_report(report: dict, path: str) -> None:
+    """The benchmark's JSON at ``path`` (folders made as needed), and where it went."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + '\n')
+    print(f'wrote {out}')
 
 
 def peak_rss_mb() -> float:

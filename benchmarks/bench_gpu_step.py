@@ -33,7 +33,6 @@ memory ≤ timm_task's. ``--budget-s`` skips the groups (and rounds) that would 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -204,10 +203,7 @@ def main(argv=None) -> int:
                    machine=C.machine(), date=time.strftime('%Y-%m-%d'), wall_s=round(time.time() - start, 1)),
         results=results, failed=failed, skipped=skipped, goals=goal_lines(results))
     print_report(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    print(f'\nwrote {out}')
+    C.write_report(report, args.out)
     return 0
 
 

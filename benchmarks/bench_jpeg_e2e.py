@@ -208,10 +208,7 @@ def main(argv=None) -> int:
                   images=written, loader_only=loader, step_only=step, end_to_end=e2e, ratios=ratios, goal=goal)
     print(f'goal {goal["goal"]}: {goal["value"]:.2f} {"met" if goal["met"] else "NOT met"}; loader-only / step-only '
           f'{ratios["loader_only / step_only"]:.2f}')
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    print(f'wrote {out}')
+    C.write_report(report, args.out)
     return 0
 
 

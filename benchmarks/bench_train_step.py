@@ -40,7 +40,6 @@ vitkd step ≥ 1.2× timm.task's; cached-teacher step ≥ 0.9× student-only. Me
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -55,7 +54,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from _common import build_models, make_batches as common_batches, peak_rss_mb, rates, speed_ratios  # noqa: E402
-from _common import timm_task_step, vitkd_step  # noqa: E402
+from _common import timm_task_step, vitkd_step, write_report  # noqa: E402
 from vitkd.cpu_malloc import tune_malloc  # noqa: E402
 
 TARGETS = {'vitkd_live / timm_task': 1.2, 'vitkd_compiled / timm_task_compiled': 1.2,
@@ -242,10 +241,7 @@ def main(argv=None) -> int:
             low, high = res['ratio_quartiles'][name]
             verdict = '' if target is None else f'  (target ≥ {target}: {"met" if value >= target else "NOT met"})'
             print(f'{"":<8}{name:<40}{value:>6.2f}×  [{low:.2f}–{high:.2f}]{verdict}')
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    print(f'\nwrote {out}')
+    write_report(report, args.out)
     return 0
 
 

@@ -182,10 +182,7 @@ def main(argv=None) -> int:
                   ratio_range={f'vitkd / timm {k}': [min(v), max(v)] for k, v in per_round.items()})
     for name, value in ratios.items():
         print(f'{name}: {value:.2f}×')
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    print(f'wrote {out}')
+    C.write_report(report, args.out)
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One vitkd run over several machines: run this on every node, with the same flags, e.g.
-#   MAIN_ADDR=10.0.0.1 NODE_RANK=0 scripts/launch_multinode.sh --data-path /data/imagenet --output-dir /shared/run1
-#   MAIN_ADDR=10.0.0.1 NODE_RANK=1 scripts/launch_multinode.sh --data-path /data/imagenet --output-dir /shared/run1
+#   MAIN_ADDR=10.0.0.1 NODE_RANK=0 scripts/launch_multinode.sh --data-path /data/imagenet --output-dir /nfs/runs/run1
+#   MAIN_ADDR=10.0.0.1 NODE_RANK=1 scripts/launch_multinode.sh --data-path /data/imagenet --output-dir /nfs/runs/run1
 # Environment:
 #   MAIN_ADDR       node 0's address (reachable from every node)       NODE_RANK  this node, 0 .. NUM_NODES-1
 #   NUM_NODES       number of machines (default 2)                      MAIN_PORT  rendezvous port (default 29500)

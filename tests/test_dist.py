@@ -1,4 +1,4 @@
-"""DIST (dist.md §5): NumPy reference with explicit loops, identity/invariances, Pearson eps, decomposition, scope."""
+"""DIST: NumPy reference with explicit loops, identity/invariances, Pearson eps, decomposition, scope."""
 from __future__ import annotations
 
 import os

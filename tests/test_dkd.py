@@ -1,4 +1,4 @@
-"""DKD (dkd.md §5): NumPy reference in the official masked form, KD decomposition, masking, mixup policy, warm-up."""
+"""DKD: NumPy reference in the official masked form, KD decomposition, masking, mixup policy, warm-up."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Issue 18: the error boundary, damaged files, the run dir's guards, image decoding, and 2-process runs.
+"""The error boundary, damaged files, the run dir's guards, image decoding, and 2-process runs.
 
 In-process runs use the tiny setup of tests/test_reliability.py (4 classes of 32-px images, a 2-block VkD student, a
 random regnety_002 teacher). Each failure must be one ``error:`` line naming the file or value, with the exit code of

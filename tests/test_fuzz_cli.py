@@ -1,4 +1,4 @@
-"""Issue 18: every option of the command line and every key of a YAML config, driven with bad values.
+"""Every option of the command line and every key of a YAML config, driven with bad values.
 
 Each option of ``build_parser()`` (iterated from its ``_actions``, so an option added later is fuzzed too) gets a
 wrong type, a negative number, zero, nan, inf, a huge number and an empty string; each Config key gets the same in a

@@ -1,4 +1,4 @@
-"""ND and the "++" presets (nd.md §10-§11): limits, gradient routing, mixed centres, adapter, centre cache, presets."""
+"""ND and the "++" presets: limits, gradient routing, mixed centres, adapter, centre cache, presets."""
 from __future__ import annotations
 
 import json
@@ -129,7 +129,7 @@ def test_adapter_leaves_student_untouched_and_inits(teacher):
     pt = make_adapter(48, 64, 'pytorch')[2]
     assert torch.equal(pt.bias, torch.zeros(64)) and pt.weight.abs().max().item() <= 1 / 48 ** 0.5
     assert pt.weight.std().item() > 0.05  # PyTorch's kaiming-uniform scale, not N(0, 0.01²)
-    # parity option (defect N2): every Linear of the student re-initialised to N(0, 0.01²), biases included
+    # parity option (the official EmbTrans bug): every Linear of the student re-initialised to N(0, 0.01²), biases too
     parity_student = _tiny_student()
     Distiller(parity_student, teacher, [LossEntry(create_loss('nd', parity_reinit_student=True), 1.0)], _info())
     qkv = parity_student.blocks[0].attn.qkv
@@ -360,7 +360,7 @@ def test_nd_warmup():
 
 # ---- "++" presets -------------------------------------------------------------------------------------------------
 
-PRESETS = {  # nd.md §11.1: terms still active at epoch 0 (besides CE)
+PRESETS = {  # terms of the official recipes still active at epoch 0 (besides CE)
     'kd++': {'nd'}, 'dkd++': set(), 'dist++': {'nd'}, 'deit++': {'nd'},
 }
 

@@ -302,11 +302,11 @@ def test_norm_presets_carry_the_official_values():
         cfg, entries = _preset_losses(name)
         norm = entries['norm']
         assert (norm.weight, norm.loss.num_copies, norm.loss.schedule) == (1.0, 8, 'imagenet'), name
-        assert norm.loss.logit_norm and norm.loss.logit_scale == 2.5, name  # CNN parity preset (defect M1)
+        assert norm.loss.logit_norm and norm.loss.logit_scale == 2.5, name  # CNN parity preset (official logit LN)
         assert (cfg.student, cfg.teacher, cfg.task_weight) == ('resnet18', 'resnet34.tv_in1k', 1.0), name
     _, entries = _preset_losses('norm+kd')
     assert entries['kd'].loss.temperature == 4
     _, entries = _preset_losses('norm+crd')
-    crd = entries['crd']  # the CRD weight is its own option (defect M2), equal to c = 2.5 in this preset
+    crd = entries['crd']  # the CRD weight is its own option (official: shared with c), equal to c = 2.5 in this preset
     assert crd.weight == 2.5 and (crd.loss.feat_dim, crd.loss.nce_k, crd.loss.nce_t, crd.loss.nce_m) == (
         128, 16384, 0.07, 0.5)

@@ -1,5 +1,5 @@
-"""Issue 9: every bad input is a one-line error before anything is written; bad data, non-finite values and a full
-disk are survived; nothing executes code from a checkpoint or a Hub repo.
+"""Every bad input is a one-line error before anything is written; bad data, non-finite values and a full disk are
+survived; nothing executes code from a checkpoint or a Hub repo.
 
 The command-line cases run ``main.main([...])`` in-process on a tiny ImageFolder (4 classes, 32 px) with a 2-block
 VkD student and a random regnety_002 teacher, pointed at a finished run (the "previous run") with ``--resume auto`` or
@@ -676,7 +676,7 @@ def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint_that_looks_
     monkeypatch.setattr(ck.shutil, 'rmtree', real_rmtree)
     listed = ck.find_checkpoints(tmp_path)
     assert all((path / 'model.safetensors').is_file() for _, path in listed), listed
-    assert [s for s, _ in listed] == [4, 6]  # step 2 was being deleted: no longer offered to --resume
+    assert [s for s, _ in listed] == [4, 6]  # step 2 was being deleted: not offered to --resume
     ck.prune_checkpoints(tmp_path, keep_last=1)  # the next save finishes the job
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000006']
 

@@ -1,7 +1,7 @@
 """ReviewKD (``reviewkd``): HCL against an independent numpy implementation, the ABF chain, taps, parameter counts.
 
-Parameter counts and MACs are the spec's numbers (reviewkd.md §2, §5: obtained by running the official builders),
-not values produced by this implementation.
+Parameter counts and MACs are numbers obtained by running the official ReviewKD model builders, not values produced
+by this implementation.
 """
 import os
 
@@ -35,7 +35,7 @@ def np_adaptive_avg_pool(x, size):
     return out
 
 
-# levels and normalised weights of reviewkd.md §3 (full map first)
+# HCL pyramid levels and their normalised weights, by map size (official hcl: weights 1, 1/2, 1/4, ...; full map first)
 SPEC_WEIGHTS = {
     'large': [(None, 8 / 15), (4, 4 / 15), (2, 2 / 15), (1, 1 / 15)],
     4: [(None, 4 / 7), (2, 2 / 7), (1, 1 / 7)],
@@ -74,7 +74,7 @@ def test_hcl_loss_sums_levels():
     assert hcl_loss(ss, ts).item() == pytest.approx(expected, rel=1e-10)
 
 
-# ---------------------------------------------------------------- parameter counts and cost (spec numbers) ------
+# ---------------------------------------------------------------- parameter counts and cost (official builders) -
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
@@ -87,7 +87,7 @@ def test_official_builders_parameter_counts():
     mv1 = [128, 256, 512, 1024, 1024]
     r50 = [256, 512, 1024, 2048, 2048]
     assert n_params(ReviewChain(mv1, r50, 256, shapes)) == 14_338_056
-    assert n_params(ReviewChain(mv1, r50, 512, shapes)) == 28_664_328  # mdistiller's mid (defect R1)
+    assert n_params(ReviewChain(mv1, r50, 512, shapes)) == 28_664_328  # mdistiller's hard-coded mid min(512, C)
 
 
 @pytest.mark.parametrize('dim,params_m,gmacs', [(192, 13.95, 2.53), (384, 28.25, 5.12), (768, 38.64, 6.98)])
@@ -294,7 +294,7 @@ def test_reviewkd_presets_carry_the_official_values():
     assert (rkd.weight, rkd.warmup_epochs, rkd.loss.mid_channels) == (1.0, 0.0, 512)  # official R34 -> R18
     assert rkd.loss.teacher_preact and rkd.loss.student_preact and rkd.loss.teacher_stages == (1, 2, 3, 4)
     assert (cfg.student, cfg.teacher) == ('resnet18', 'resnet34.tv_in1k')
-    _, entries = _preset_losses('reviewkd++')  # nd.md §7: HCL 1.0 warmed up over 5 epochs, ND 3.0 not warmed up
+    _, entries = _preset_losses('reviewkd++')  # official ReviewKD++: HCL 1.0 warmed up over 5 epochs, ND 3.0 not
     assert (entries['reviewkd'].weight, entries['reviewkd'].warmup_epochs) == (1.0, 5.0)
     assert (entries['nd'].weight, entries['nd'].warmup_epochs) == (3.0, 0.0)
     assert entries['reviewkd'].loss.mid_channels == 512

@@ -1,5 +1,6 @@
 """VkD (``vitkd/losses/vkd.py``): math against independent computations, normalisation properties, orthogonality of
-the projector through real optimizer steps (defect V1), independent terms (V4), export without the projector (V6/V7).
+the projector through real optimizer steps (no weight decay on its parametrisation), the default Cayley map against
+the paper's Householder map (same loss for the same W), independent terms, export without the projector.
 
 Tiny models only: VkD student 32 px / 2 blocks / width 48, random regnety_002 teacher (pooled width 368).
 """
@@ -12,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import vitkd  # noqa: F401  (registers students and losses)
-from vitkd.build import build_optimizer
+from vitkd.build import build_losses, build_optimizer
 from vitkd.config import Config
 from vitkd.distiller import Distiller, LossEntry
+from vitkd.errors import UsageError
 from vitkd.features import Features, TapSpec, extract
 from vitkd.losses import RunInfo, create_loss
-from vitkd.losses.vkd import (PROJECTORS, batch_standardize, build_projector, layer_standardize, normalize_teacher,
-                              pool_student, vkd_representation_loss, whiten)
+from vitkd.losses.vkd import (DEFAULT_PROJECTOR, ORTHOGONAL_MAPS, PROJECTORS, batch_standardize, build_projector,
+                              layer_standardize, normalize_teacher, pool_student, vkd_representation_loss, whiten)
 from vitkd.models import create_student, create_teacher
 from vitkd.training import TrainBatch
 
@@ -262,6 +264,58 @@ def test_every_projector_builds_and_maps_widths(kind):
         assert loss.projector[0].out_features == 2048
 
 
+def _map_of(projector) -> str:
+    """torch's name of the map inside an orthogonal projector's parametrisation."""
+    return projector.parametrizations.weight[0].orthogonal_map.name
+
+
+def test_default_is_the_cayley_map_and_the_householder_map_stays_selectable():
+    student, teacher = fake_features(d_s=16, d_t=24)
+    default = create_loss('vkd')
+    default.setup(student, teacher, INFO)
+    assert default.options()['projector'] == 'orthogonal_cayley' == DEFAULT_PROJECTOR
+    assert _map_of(default.projector) == 'cayley'
+    for name, want in [('orthogonal', 'householder'), ('orthogonal_householder', 'householder'),
+                       ('orthogonal_matrix_exp', 'matrix_exp')]:
+        cfg = Config(distill=['vkd'], loss_opts=[f'vkd.projector={name}'])   # the command-line route
+        (entry,) = build_losses(cfg)
+        entry.loss.setup(student, teacher, INFO)
+        assert entry.loss.options()['projector'] == name and _map_of(entry.loss.projector) == want
+    with pytest.raises(UsageError, match='orthogonal_householder'):               # a user error naming the choices
+        create_loss('vkd', projector='householder')
+
+
+@pytest.mark.parametrize('kind', [k for k in ORTHOGONAL_MAPS if k != 'orthogonal_cayley'])
+def test_every_orthogonal_map_gives_the_cayley_loss_and_student_gradients_for_the_same_w(kind):
+    """The loss sees W only: with the same orthonormal W set in both (torch's ``right_inverse``), the Householder /
+    exponential projector and the Cayley one give the same loss and the same gradients w.r.t. the student tokens,
+    and both equal the handwritten computation with W as a plain matrix."""
+    student, teacher = fake_features(b=6, d_s=16, d_t=24)
+    g = torch.Generator().manual_seed(11)
+    w = torch.linalg.qr(torch.randn(24, 16, generator=g))[0]                 # an orthonormal W unrelated to the init
+    results = {}
+    for name in ('orthogonal_cayley', kind):
+        loss = create_loss('vkd', gamma=0.0, projector=name)
+        torch.manual_seed(0)
+        loss.setup(student, teacher, INFO)
+        loss.projector.weight = w                                            # right_inverse: re-anchors base at W
+        assert torch.allclose(loss.projector.weight, w, atol=1e-6)
+        tokens = student.patch_tokens.clone().requires_grad_(True)
+        feats = Features(patch_tokens=tokens, logits=student.logits, logits_dist=student.logits_dist)
+        value = loss(feats, teacher, run_batch())['repr']
+        value.backward()
+        results[name] = (value.item(), tokens.grad)
+    (v_cayley, g_cayley), (v_other, g_other) = results['orthogonal_cayley'], results[kind]
+    assert abs(v_cayley - v_other) < 1e-6
+    assert torch.allclose(g_cayley, g_other, atol=1e-6) and g_cayley.abs().max() > 1e-4
+    tokens = student.patch_tokens.double().requires_grad_(True)              # W as a plain matrix, float64
+    p = tokens.mean(1) @ w.double().T
+    target = torch.from_numpy(np_layer_std(teacher.pooled.numpy()))
+    F.smooth_l1_loss(p, target, beta=1.0).backward()
+    assert v_cayley == pytest.approx(np_huber_mean(p.detach().numpy(), target.numpy()), rel=1e-5)
+    assert torch.allclose(g_cayley.double(), tokens.grad, atol=1e-6)
+
+
 def test_student_wider_than_teacher_gives_orthonormal_rows(caplog):
     with caplog.at_level(logging.WARNING, logger='vitkd.losses.vkd'):
         proj = build_projector('orthogonal', 24, 10)
@@ -271,12 +325,30 @@ def test_student_wider_than_teacher_gives_orthonormal_rows(caplog):
     assert 'orthonormal rows' in caplog.text
 
 
-# ---- (c) orthogonality survives real optimizer steps (defect V1) ---------------------------------------------
+# ---- (c) orthogonality survives real optimizer steps ---------------------------------------------------------
 
 def _param_group_of(optimizer, param):
     groups = [g for g in optimizer.param_groups if any(p is param for p in g['params'])]
     assert len(groups) == 1
     return groups[0]
+
+
+def test_default_cayley_projector_stays_exactly_orthogonal_and_trains_under_the_default_optimizer():
+    """The default projector (Cayley) and the default optimizer (AdamW, weight decay 0.05, lr 5e-4), 20 steps."""
+    d = make_distiller()
+    assert _map_of(d.losses['vkd'].projector) == 'cayley'
+    cfg = Config()
+    assert cfg.opt == 'adamw' and cfg.weight_decay > 0
+    optimizer = build_optimizer(cfg, d, lr=cfg.lr)
+    w0 = proj_weight(d).clone()
+    for step in range(20):
+        images, targets, labels = batch(step, b=4)
+        d(TrainBatch(images, targets, labels, step=step))['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    w = proj_weight(d)
+    assert torch.linalg.matrix_norm(w.T @ w - torch.eye(w.shape[1])).item() < 1e-5
+    assert torch.linalg.matrix_norm(w - w0).item() > 0.1                 # it trained (‖W₀‖_F is √48 ≈ 6.9)
 
 
 @pytest.mark.parametrize('opt,projector,steps', [('adamw', 'orthogonal', 20), ('sgd', 'orthogonal', 20),
@@ -314,7 +386,7 @@ def test_projector_stays_orthogonal_through_real_training_steps(opt, projector, 
 
 def test_decayed_householder_parameter_collapses_projector_to_zero():
     """The official bug, reproduced on purpose: ``original`` in an AdamW group with wd 0.05 zeroes W in one step."""
-    d = make_distiller()
+    d = make_distiller(projector='orthogonal')
     original = d.losses['vkd'].projector.parametrizations.weight.original
     others = [p for p in d.parameters() if p is not original]
     optimizer = torch.optim.AdamW([{'params': [original], 'weight_decay': 0.05},
@@ -330,7 +402,7 @@ def test_decayed_householder_parameter_collapses_projector_to_zero():
     assert original.grad is None or torch.count_nonzero(original.grad) == 0   # no gradient any more
 
 
-# ---- (d) independent terms (V4) ------------------------------------------------------------------------------
+# ---- (d) independent terms -----------------------------------------------------------------------------------
 
 def test_alpha_zero_computes_kl_only_and_has_no_projector():
     d = make_distiller(alpha=0.0)

@@ -1,8 +1,8 @@
 """Knowledge-Distillation-Zoo methods, first half: logits, st, at, fitnet, nst, pkt, fsp, ft, rkd, ab, sp.
 
 Every math check compares against an independent computation written differently (numpy / explicit loops / a
-closed form) or checks a property listed in /work/shared/specs/zoo.md; the generic run trains each method for two
-AdamW steps with a tiny ViT student and a CNN student against a random ResNet-18 teacher.
+closed form) or checks a property of the method (invariances, limits, which parts train); the generic run trains
+each method for two AdamW steps with a tiny ViT student and a CNN student against a random ResNet-18 teacher.
 """
 import math
 
@@ -67,7 +67,7 @@ def test_default_taps_follow_the_spec_pairings():
     vit12 = vitkd.create_student('deit_tiny_distilled_patch16_224', 10, img_size=32, patch_size=8, depth=12,
                                  embed_dim=16, num_heads=1)
     cnn = vitkd.create_student('resnet18', 10)
-    # zoo.md §0.2: blocks 4/8/12 (1-indexed) ↔ s2/s3/s4; single-tap: block 8 ↔ s3; two-tap: 8/12 ↔ s3/s4
+    # vitkd adaptation: blocks 4/8/12 (1-indexed) ↔ s2/s3/s4; single-tap: block 8 ↔ s3; two-tap: 8/12 ↔ s3/s4
     assert default_taps(vit12, THREE_TAPS) == (3, 7, 11)
     assert default_taps(vit12, MIDDLE_TAP) == (7,)
     assert default_taps(vit12, (2, 3)) == (7, 11)
@@ -364,7 +364,7 @@ def test_ft_phases_freeze_the_paraphraser(teacher):
     assert not loss.paraphraser.training and all(not p.requires_grad for p in loss.paraphraser.parameters())
     assert loss.translator.training
     distiller(TrainBatch(x, targets, y, epoch=2))
-    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, bn))  # BN statistics no longer change
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, bn))  # BN statistics stay fixed
     assert all(p.grad is not None for p in loss.translator.parameters())
     translator_ids = {id(p) for p in loss.translator.parameters()}
     assert translator_ids <= {id(p) for g in optimizer.param_groups for p in g['params']}

@@ -1,7 +1,7 @@
 """Knowledge-Distillation-Zoo, second half: sobolev, bss, cc, lwm, irg, vid, ofd, afd, dml, kdsvd.
 
 Each pure function is checked against an independent computation (explicit loops, numpy, closed forms) or a property
-from shared/specs/zoo.md; then every method trains two steps inside a Distiller with a tiny ViT and a CNN student.
+of the method; then every method trains two steps inside a Distiller with a tiny ViT and a CNN student.
 """
 import math
 import os
@@ -351,7 +351,7 @@ def test_lwm_gradcam_is_the_class_activation_map():
     torch.testing.assert_close(cam, expected)
     assert cam.flatten(1).std(1).min() > 0  # not spatially constant
     zoo = grad_cam(feat, grad, mode='zoo')
-    torch.testing.assert_close(zoo, zoo[:, :1, :1].expand_as(zoo))  # the Zoo's formula is constant here (Z2)
+    torch.testing.assert_close(zoo, zoo[:, :1, :1].expand_as(zoo))  # the Zoo's gradient-based CAM is constant here
     with torch.no_grad():  # a positive scaling of the logits scales the CAM: same normalised CAM, zero loss
         net.fc.weight.mul_(4)
         net.fc.bias.mul_(4)

@@ -1,10 +1,10 @@
 """Teacher class centres for ND (KD++ family): one pass of the frozen teacher over the training set, cached on disk.
 
-The official recipe (nd.md §3, ``ImageNet/emb_fea_distribution.py`` of WangYZ1608/Knowledge-Distillation-via-ND):
+The official recipe (``ImageNet/emb_fea_distribution.py`` of WangYZ1608/Knowledge-Distillation-via-ND):
 the teacher in eval mode, no gradients, over the **training set** with the **training crop** (RandomResizedCrop +
 horizontal flip + normalisation; no mixup, no RandAugment, no erasing); for every image its pooled pre-logit
 embedding t̄, each value rounded to 4 decimals; per class the arithmetic mean (no L2 normalisation), rounded to 4
-decimals again. Stock timm gives t̄ as ``forward_head(forward_features(x), pre_logits=True)`` (defect N1: the
+decimals again. Stock timm gives t̄ as ``forward_head(forward_features(x), pre_logits=True)`` (the
 official script needs a patched model returning (embedding, logits)).
 
 Cache: ``<cache_dir>/centers-<key>.safetensors`` (tensor ``centers`` [K, D_t] float32) next to

@@ -21,9 +21,10 @@ K = ``nce_k`` negatives, τ = ``nce_t``, μ = ``nce_m``, N = training-set size, 
 Banks are initialised U(−a, a), a = 1/√(d/3). Everything runs in at least fp32 (exp(·/0.07) overflows fp16).
 
 Distributed design (the official banks are not distribution-safe: under DDP rank 0's banks overwrite the other
-ranks' updates at every step). The banks, Z and the label table are buffers of this loss, kept identical on every rank by the loss itself: rank 0's banks are broadcast once at the first step (ranks are seeded
-differently), each rank scores its local batch against the pre-update banks, then (index, v_s, v_t) are all-gathered
-in rank-major order, deduplicated (the **last** occurrence of an index in rank-major order wins) and the same
+ranks' updates at every step). The banks, Z and the label table are buffers of this loss, kept identical on every
+rank by the loss itself: rank 0's banks are broadcast once at the first step (ranks are seeded differently),
+each rank scores its local batch against the pre-update banks, then (index, v_s, v_t) are all-gathered in rank-major
+order, deduplicated (the **last** occurrence of an index in rank-major order wins) and the same
 momentum update is applied on every rank; Z is N times the all-reduced mean of the first step's scores. The
 distiller is DDP-wrapped with ``broadcast_buffers=True`` (Accelerate's default), which would broadcast rank 0's
 buffers — 1.22 GiB on ImageNet — at every forward: harmless for correctness here (the ranks are identical) but

@@ -31,9 +31,9 @@ command gives one (``irg:1`` = the paper's).
 
 Where vitkd differs from the official code:
 
-* **Channel reduction.** The Zoo reduces channels by averaging adjacent channel pairs of the later map, which only works when the
-  channel count exactly doubles (and only when the earlier map is the narrower). Here any ratio works in both
-  directions; for a ratio of exactly 2 the channel pooling is identical to the Zoo's pair average.
+* **Channel reduction.** The Zoo reduces channels by averaging adjacent channel pairs of the later map, which only
+  works when the channel count exactly doubles (and only when the earlier map is the narrower). Here any ratio works
+  in both directions; for a ratio of exactly 2 the channel pooling is identical to the Zoo's pair average.
 * The Zoo pools only the earlier map (when it is larger); here whichever map is larger is pooled (never upsampled).
 * All in at least fp32; the teacher's side is detached.
 """

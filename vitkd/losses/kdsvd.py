@@ -4,8 +4,9 @@
 Song, ECCV 2018 (arXiv 1807.06819). Official code (TensorFlow): sseung0703/SSKD_SVD @
 155c4c4ac1357067adb514b1590e3ca1836d5c26, ``nets/Distillation.py`` (``SVD``, ``Align_rsv``, ``Radial_Basis_Function``,
 ``RAS``), ``nets/VGG.py`` (taps), ``train.py`` (training). The Knowledge-Distillation-Zoo imports a ``KDSVD`` it never
-shipped (its ``kd_losses/__init__.py`` fails on a clean clone); this file is written from the paper and the official TensorFlow code, not from a Zoo
-file. Re-implementations for comparison: RepDistiller ``distiller_zoo/KDSVD.py`` = mdistiller ``distillers/KDSVD.py``.
+shipped (so its ``kd_losses/__init__.py`` fails on a clean clone); this file is written from the paper and the
+official TensorFlow code, not from a Zoo file. Re-implementations for comparison: RepDistiller
+``distiller_zoo/KDSVD.py`` = mdistiller ``distillers/KDSVD.py``.
 
 Formula (taps l = 1..L of each network, maps F_l [B, C_l, H_l, W_l]; student maps go through a 1×1 connector to the
 teacher's width when the widths differ, so C_l is shared)::

@@ -32,11 +32,12 @@ the teacher uses the same class. The explained head's bias gets no gradient (∂
 
 Where vitkd differs from the official code:
 
-* **Grad-CAM (Zoo issue #16).** The Zoo computes ReLU(Σ_c w_c·∂z_y/∂F_c) — gradients instead of activations — which after
-  GAP + FC is spatially constant at the last stage (hence the README's choice of the middle stage). vitkd computes the
-  real Grad-CAM; ``cam='zoo'`` reproduces the Zoo's formula (parity only).
-* **Teacher gradient.** The teacher's gradient has no ``create_graph``; the Zoo also sets ``img.requires_grad`` in train and test,
-  which is unnecessary here (the student's map depends on its parameters) — ``needs_input_grad`` is False.
+* **Grad-CAM (Zoo issue #16).** The Zoo computes ReLU(Σ_c w_c·∂z_y/∂F_c) — gradients instead of activations — which
+  after GAP + FC is spatially constant at the last stage (hence the README's choice of the middle stage). vitkd
+  computes the real Grad-CAM; ``cam='zoo'`` reproduces the Zoo's formula (parity only).
+* **Teacher gradient.** The teacher's gradient has no ``create_graph``; the Zoo also sets ``img.requires_grad`` in
+  train and test, which is unnecessary here (the student's map depends on its parameters) — ``needs_input_grad`` is
+  False.
 * The maps a loss receives are fp32 contiguous copies (bf16 autocast, ``channels_last`` teachers), which are not on
   the path to the logits; the gradient is then taken w.r.t. the original tensor through its autograd edge and cast
   to fp32 (:func:`target_gradient`).

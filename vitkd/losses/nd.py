@@ -28,7 +28,7 @@ w(e) = min(1, e/E_w) (``warmup``; integer epochs from 0, DKD++ on ImageNet warms
   :meth:`ND.set_centers` (:meth:`ND.prepare_for_run` computes them, split across the processes, or loads them from
   the cache: :func:`vitkd.centers.centers_for_run`). They are
   identical on every rank, so DDP does not re-broadcast them at every step (``ddp_ignored_buffers``).
-* **Mixup** (nd.md §4): c_b = C[y_a] mixed with the same λ and pairing as the images,
+* **Mixup**: c_b = C[y_a] mixed with the same λ and pairing as the images,
   c″ = λ·S(C[y_a]) + (1 − λ)·S(C[y_b]), where S(c)_b = (1 − ε)·c_b + (ε/K)·Σ_j c_j (sum over the local batch) is the
   official batch "label smoothing" of the centres with ε = ``center_smoothing`` (DeiT++: 0.1 = its mixup smoothing;
   the CNN scripts have no mixup: 0). Without mixup (λ = 1, ε = 0) c = C[y].
@@ -37,11 +37,12 @@ Where vitkd differs from the official code:
 
 * Vectorised loss with an element-wise maximum instead of a Python loop with ``max`` (identical values; at exact
   ties the gradient is split between the two branches).
-* Defect N2: the official ``EmbTrans`` re-initialises every ``nn.Linear`` of the wrapped student (qkv, MLP, heads)
-  to N(0, 0.01²); vitkd initialises only the adapter (``parity_reinit_student=True`` reproduces the re-init).
-* Defect N1: centres come from stock timm (``forward_head(pre_logits=True)``), computed and cached by
-  :mod:`vitkd.centers` with their provenance; a file whose shape does not match the run is a one-line error, and
-  :meth:`ND.prepare_for_run` refuses a file made with another teacher.
+* The official ``EmbTrans`` re-initialises every ``nn.Linear`` of the wrapped student (qkv, MLP, heads) to
+  N(0, 0.01²), a bug (its init loop runs after the student is stored inside it); vitkd initialises only the adapter
+  (``parity_reinit_student=True`` reproduces the re-init).
+* Centres come from stock timm (``forward_head(pre_logits=True)``; the official script needs a patched timm model
+  returning (embedding, logits)), computed and cached by :mod:`vitkd.centers` with their provenance; a file whose shape
+  does not match the run is a one-line error, and :meth:`ND.prepare_for_run` refuses a file made with another teacher.
 * Under mixup the centre mixing uses the (y_a, y_b, λ) metadata of the data step (the official Mixup returns the
   mixed centres itself); both follow timm's batch mode (pairing b ↔ B−1−b, one λ per batch).
 * At least fp32 (float64 inputs stay float64).
@@ -118,7 +119,7 @@ def mix_centers(class_centers: torch.Tensor, labels: torch.Tensor, labels_b: tor
 
 
 def make_adapter(student_dim: int, teacher_dim: int, init: str = 'normal') -> nn.Sequential:
-    """EmbTrans: BatchNorm1d(D_s) → Dropout(0.5) → Linear(D_s, D_t), initialised alone (defect N2 fixed)."""
+    """EmbTrans: BatchNorm1d(D_s) → Dropout(0.5) → Linear(D_s, D_t), initialised alone (not the student)."""
     if init not in ADAPTER_INITS:
         raise ValueError(f'adapter_init must be one of {ADAPTER_INITS}, got {init!r}')
     adapter = nn.Sequential(nn.BatchNorm1d(student_dim), nn.Dropout(0.5), nn.Linear(student_dim, teacher_dim))
@@ -160,7 +161,7 @@ class ND(DistillationLoss):
             center_smoothing: ε of the batch smoothing of the centres (DeiT++: 0.1).
             adapter_init: ``normal`` (N(0, 0.01²) weight and bias) or ``pytorch`` (default weight, zero bias).
             warmup: E_w of the per-epoch warm-up min(1, e/E_w), e counted from 0 (0 = none).
-            parity_reinit_student: reproduce defect N2 — re-initialise every ``nn.Linear`` of the student to
+            parity_reinit_student: reproduce the official bug — re-initialise every ``nn.Linear`` of the student to
                 N(0, 0.01²) weights and biases and every ``BatchNorm1d`` to 1/0, as the official ``EmbTrans`` does
                 (official parity only; off by default).
         """
@@ -188,7 +189,7 @@ class ND(DistillationLoss):
         if not self.parity_reinit_student:
             return
         _logger.warning('nd.parity_reinit_student: re-initialising every Linear of the student to N(0, 0.01²) '
-                        '(official EmbTrans defect N2, parity only)')
+                        '(the official EmbTrans bug, parity only)')
         for m in student.modules():
             if isinstance(m, nn.BatchNorm1d):
                 nn.init.ones_(m.weight)

@@ -7,7 +7,7 @@ ICLR 2023 (OpenReview CRNwGauQpb6, arXiv 2305.13803). Official code: OSVAI/NORM 
 
 Feature transform (FT), inserted into the student by :meth:`NORM.adapt_models`, on the student feature h with C_s
 channels (CNN: the last stage map [B, C_s, H, W], per pixel; ViT: every token after the final LayerNorm
-[B, T, C_s] — vitkd adaptation, norm.md §4):
+[B, T, C_s] — vitkd adaptation):
 
     u  = BN_a(W₁ h)            W₁: C_s → N·C_t, no bias      u: [B, N·C_t, H, W] / [B, T, N·C_t]
     h′ = h + BN_b(W₂ u)        W₂: N·C_t → C_s, no bias      (no non-linearity: a linear residual)
@@ -27,10 +27,10 @@ The ViT's matched u is the patch-token part reshaped to its grid. The returned t
 hard-coded piecewise schedule β1 of the official code rescaled to the run length (``schedule``); the CLI weight is
 the paper's α (official ``-b``).
 
-Optional logit standardisation (official, undocumented; defect M1): every classifier of the student and of the
-teacher returns c·LN_K(z) (per-row standardisation over the K classes, no affine, eps 1e-7, biased variance), so
-the task CE, any KL term (NORM+KD: ``distill: [norm, kd]``) and the evaluation all see standardised logits; the
-averaged DeiT logits become (c·LN(z_cls) + c·LN(z_dist))/2 ("NORM-style (logit LN)"). Off by default.
+Optional logit standardisation (in the official code, undocumented in the paper): every classifier of the student and of
+the teacher returns c·LN_K(z) (per-row standardisation over the K classes, no affine, eps 1e-7, biased variance), so the
+task CE, any KL term (NORM+KD: ``distill: [norm, kd]``) and the evaluation all see standardised logits; the averaged
+DeiT logits become (c·LN(z_cls) + c·LN(z_dist))/2 ("NORM-style (logit LN)"). Off by default.
 
 ViT students (``vit_student_weight`` = 0.01): the paper's CNN-tuned weight overwhelms a ViT student's task loss. On the
 table's ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the no-teacher student) weight 1
@@ -40,10 +40,10 @@ command gives one (``norm:1`` = the paper's).
 Where vitkd differs from the official code:
 
 * ViT students (not in the paper): FT per token after the final norm, BN statistics over batch × tokens, the
-  patch-token grid of u is matched (norm.md §4). The official code is CNN-only.
+  patch-token grid of u is matched. The official code is CNN-only.
 * The FT is folded into the classifier at export (:meth:`NORM.export_student`); the released code keeps the modules.
 * The logit standardisation is an explicit option (``logit_norm``), off by default, with its scale ``logit_scale``
-  separate from any CRD weight (defect M2: the official NORM+CRD uses one variable for both, and crashes at the
+  separate from any CRD weight (the official NORM+CRD uses one variable for both, and crashes at the
   first batch). NORM+KD and NORM+CRD are compositions (``distill: [norm, kd]`` / ``[norm, crd]``).
 * Exported students cannot carry the logit standardisation (timm heads are plain linear layers): export drops it
   with a warning (argmax of each head is unchanged; the averaged DeiT head can differ).
@@ -112,7 +112,7 @@ def align_maps(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tuple[to
 
 
 def standardize_logits(logits: torch.Tensor, scale: float, eps: float = LOGIT_EPS) -> torch.Tensor:
-    """c·(z − mean_K z)/√(var_K z + eps) per row, biased variance, no affine (official NORM, defect M1)."""
+    """c·(z − mean_K z)/√(var_K z + eps) per row, biased variance, no affine (the official NORM code's logit LN)."""
     mean = logits.mean(dim=-1, keepdim=True)
     var = logits.var(dim=-1, keepdim=True, unbiased=False)
     return scale * (logits - mean) / torch.sqrt(var + eps)

@@ -1,4 +1,4 @@
-"""NST: neuron selectivity transfer (``nst``), Knowledge-Distillation-Zoo Z5.
+"""NST: neuron selectivity transfer (``nst``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", Huang & Wang, 2017
 (arXiv 1707.01219).
@@ -10,10 +10,10 @@ Formula (one tap pair; F_s [B, C_s, H, W], F_t [B, C_t, H, W]; H·W must match, 
   k(a, b) = (a·b)² (polynomial kernel, d = 2, c = 0);
   L = λ · [ mean_{b,i,j} k(t_i, t_j) + mean_{b,i,j} k(s_i, s_j) − 2·mean_{b,i,j} k(s_i, t_j) ]   (squared MMD),
 each mean over the batch and all channel pairs. The t–t term is constant (no gradient) but kept so the logged value
-is the Zoo's (zoo.md Z5).
-Defaults: λ = 10 (``lambda_kd``; CIFAR-tuned starting point, defect Z9).
+is the Zoo's.
+Defaults: λ = 10 (``lambda_kd``; CIFAR-tuned starting point to re-tune).
 
-Taps (vitkd adaptation, zoo.md §0.2; :mod:`vitkd.losses._adapt`): one pair, by default the student block at 2/3 of
+Taps (vitkd adaptation; :mod:`vitkd.losses._adapt`): one pair, by default the student block at 2/3 of
 its depth (G_8) against the teacher's stage s3 (1232 channels, both 14×14 at 224 px); other sizes are aligned by
 adaptive average pooling of the larger map. No projection. Memory B·C_s·C_t + B·C_t².
 

@@ -3,7 +3,7 @@
 "A Comprehensive Overhaul of Feature Distillation", Heo, Kim, Yun, Park, Kwak, Choi, ICCV 2019 (arXiv 1904.01866;
 original code clovaai/overhaul-distillation). Official code this follows (the Zoo's modification):
 AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/ofd.py::OFD``,
-``train_kd.py --kd_mode ofd``. Spec: ``shared/specs/zoo.md`` §Z18.
+``train_kd.py --kd_mode ofd``.
 
 Per stage (teacher pre-ReLU map t [B, C_t, H, W]; student map s [B, C_s, H, W] after spatial alignment)::
 
@@ -35,9 +35,9 @@ Where vitkd differs from the official code:
 
 * The original OFD (clovaai, mdistiller) derives an analytical margin from the teacher's pre-ReLU BatchNorm
   (E[x | x < 0] of N(β, γ²)); for RegNet/ResNet the pre-ReLU value is BN(conv3) + shortcut, so that margin is inexact
-  and it is not offered: vitkd uses the Zoo's empirical margin (zoo.md §Z18). The original also sums over C, H, W
+  and it is not offered: vitkd uses the Zoo's empirical margin. The original also sums over C, H, W
   per sample, weights stages by 1/2^{n−i−1}, and keeps the teacher in train mode; none of that is reproduced — the
-  teacher is always in eval mode here (the train-mode-teacher parity option of the spec is not implemented).
+  teacher is always in eval mode here (no train-mode-teacher parity option).
 * Spatial alignment by pooling the larger map (the Zoo assumes equal shapes); fp32 with autocast off.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PKT: probabilistic knowledge transfer (``pkt``), Knowledge-Distillation-Zoo Z6.
+"""PKT: probabilistic knowledge transfer (``pkt``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Learning Deep Representations with Probabilistic Knowledge Transfer", Passalis & Tefas, ECCV 2018
 (arXiv 1803.10837).
@@ -9,10 +9,10 @@ Formula (pooled features f_s [B, d_s], f_t [B, d_t]; dimensions may differ):
   f̂ = f / (‖f‖₂ + 1e-6) per row (NaNs set to 0);  K = f̂ f̂ᵀ [B, B];  K ← (K + 1)/2;  P_ij = K_ij / Σ_j K_ij;
   L = λ · mean over the B² entries of P^t_ij · log((P^t_ij + 1e-6) / (P^s_ij + 1e-6))
 (row-wise KL of the cosine-similarity distributions, averaged over B², diagonal included).
-Defaults: λ = 10000 (``lambda_kd``; CIFAR-tuned starting point, defect Z9), eps 1e-6 (RepDistiller: 1e-7, β 30000).
+Defaults: λ = 10000 (``lambda_kd``; CIFAR-tuned starting point to re-tune), eps 1e-6 (RepDistiller: 1e-7, β 30000).
 
-Inputs (zoo.md §0.2): the student's pre-logits (``forward_head(pre_logits=True)``: (h_cls + h_dist)/2 on a distilled
-ViT, the pooled map on a CNN) and the teacher's pooled pre-logits t̄.
+Inputs (vitkd adaptation): the student's pre-logits (``forward_head(pre_logits=True)``: (h_cls + h_dist)/2 on a
+distilled ViT, the pooled map on a CNN) and the teacher's pooled pre-logits t̄.
 
 Batch-relational: ``scope='local'`` (default, as the official code) uses each process's batch; ``scope='global'``
 all-gathers f_s (autograd-aware) and f_t first so the relation spans the global batch (identical on one process).

@@ -29,11 +29,11 @@ pooled pre-logits. Student: a CNN the same way (``student_preact``, official Ima
 post-ReLU students), a ViT the un-normed outputs of blocks ``student_blocks`` as grids (default: evenly spaced, the
 last block included) plus ``forward_head(pre_logits=True)`` ((h_cls + h_dist)/2 for a distilled DeiT).
 
-ViT adaptation (vitkd adaptation, reviewkd.md §5): ABF fusion assumes deeper = coarser, a ViT is flat (14×14 at
+ViT adaptation (vitkd adaptation): ABF fusion assumes deeper = coarser, a ViT is flat (14×14 at
 every block). vitkd follows the official CIFAR ``out_shape`` path unchanged: every level works at the student grid
 and its fused map is nearest-resized to the teacher's size just before conv2 (14 → 56, 28 up; 14 → 7 down); the
 returned residual has the teacher's size and is re-interpolated by the next ABF. Cost: the conv2 at 56×56 dominates;
-for DeiT-Ti/S/B with a RegNetY-160 teacher (mid = min(512, D_s)) the spec counts 13.95 / 28.25 / 38.64 M ABF
+for DeiT-Ti/S/B with a RegNetY-160 teacher (mid = min(512, D_s)) the official builders give 13.95 / 28.25 / 38.64 M ABF
 parameters and 2.53 / 5.12 / 6.98 GMACs per image (students: 1.3 / 4.6 / 17.6 GMACs) — :class:`ReviewChain`
 reproduces these counts exactly; with the default mid 256 they are 18.59 / 18.84 / 19.33 M and 3.37 / 3.41 / 3.49
 GMACs (:meth:`ReviewChain.macs`; both are logged at setup). ``teacher_grid='pooled'`` instead average-pools teacher
@@ -42,9 +42,9 @@ at mid = min(512, D_s), the teacher's fine detail lost (label such runs).
 
 Where vitkd differs from the official code:
 
-* ``mid_channels`` is an explicit option (defect R1: mdistiller hard-codes min(512, C_last)); default 256 (official
-  ImageNet MobileNetV1 value; official ImageNet ResNet-18: 512; reviewkd.md §5 suggests min(512, D_s) for DeiTs).
-* The teacher is always in eval mode (defect R2: the official CIFAR code trains with the teacher in train mode).
+* ``mid_channels`` is an explicit option (mdistiller hard-codes min(512, C_last)); default 256 (official
+  ImageNet MobileNetV1 value; official ImageNet ResNet-18: 512; min(512, D_s) is a reasonable choice for DeiTs).
+* The teacher is always in eval mode (the official CIFAR code trains with the teacher in train mode).
 * Student and teacher levels may have different resolutions at every level (the CIFAR ``out_shape`` path is used
   whenever sizes differ; the official ImageNet ABF has no resize).
 * The HCL weight and warm-up are the generic CLI weight and ``warmup_epochs`` (official ImageNet: 1.0 / 8.0, no

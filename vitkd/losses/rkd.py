@@ -1,4 +1,4 @@
-"""RKD: relational knowledge distillation (``rkd``), Knowledge-Distillation-Zoo Z9.
+"""RKD: relational knowledge distillation (``rkd``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Relational Knowledge Distillation", Park, Kim, Lu, Cho, CVPR 2019 (arXiv 1904.05068).
 Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815,
@@ -10,9 +10,9 @@ Formula (pooled features f_s [B, d_s], f_t [B, d_t]; dimensions may differ):
 * angle: e_ij = normalize(f_j − f_i) (eps 1e-12; e_ii = 0); cos_ijk = ⟨e_ij, e_ik⟩ [B, B, B];
   L_a = mean-SmoothL1_{β=1}(cos_s, cos_t) over B³;
 * L = λ·(w_d·L_d + w_a·L_a).
-Defaults: w_dist = 25, w_angle = 50, λ = 1 (``lambda_kd``; CIFAR-tuned starting points, defect Z9).
+Defaults: w_dist = 25, w_angle = 50, λ = 1 (``lambda_kd``; CIFAR-tuned starting points to re-tune).
 
-Inputs (zoo.md §0.2): the student's pre-logits ((h_cls + h_dist)/2 on a distilled ViT; the pooled map on a CNN) and
+Inputs (vitkd adaptation): the student's pre-logits ((h_cls + h_dist)/2 on a distilled ViT; the pooled map on a CNN) and
 the teacher's pooled pre-logits t̄. The angle term needs B×B×d intermediates per network; ``angle_chunk_size = c``
 computes it c anchors i at a time, recomputing each student chunk in the backward (activation checkpointing), so
 peak memory is c·B·d instead of B²·d (same value and gradient; useful with d = 3024 and large per-GPU batches).

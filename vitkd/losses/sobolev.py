@@ -4,7 +4,6 @@
 (arXiv 1706.04859), and "Knowledge Transfer with Jacobian Matching", Srinivas & Fleuret, ICML 2018 (arXiv 1803.00443).
 Official code (the Zoo variant this follows): AberHu/Knowledge-Distillation-Zoo @
 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/sobolev.py::Sobolev``, ``train_kd.py --kd_mode sobolev``.
-Spec: ``shared/specs/zoo.md`` §Z12.
 
 Formula (x [B, C, H, W] the student's input, y [B] labels, z_s / z_t [B, K] logits)::
 
@@ -18,7 +17,7 @@ The Zoo's λ is 20 (``--distill sobolev:20``; a CIFAR value, re-tune). The READM
 ViT students: the target logit is the averaged heads' logit (``head='auto'``, trained by the task CE too:
 the term alone cannot train a classifier head (in the
   reproduce.py table a distillation head reached only by it stayed near chance); ``head='dist'``: the distillation head's, the task CE then going to the class head); the teacher logit is the one of the same class. The label is the dominant one under mixup
-(y_a if λ ≥ 0.5 else y_b, zoo.md §0.2). PyTorch's fused attention kernels have no double backward, so the student's
+(y_a if λ ≥ 0.5 else y_b). PyTorch's fused attention kernels have no double backward, so the student's
 attention must run the explicit path: :meth:`Sobolev.adapt_models` sets ``fused_attn = False`` on every timm attention
 module of the student (``disable_fused_attn`` makes the builder call ``set_fused_attn(False)``, which only reaches
 models built afterwards). The distillation head's bias receives no gradient (an input gradient does not depend on
@@ -27,8 +26,8 @@ the student-normalised input (the teacher's re-normalisation is part of its grap
 
 Where vitkd differs from the official code:
 
-* **Z6.** The teacher's input gradient is computed without ``create_graph`` (the Zoo builds a second-order graph
-  and then detaches the result), on its own leaf copy of the input, so nothing of the teacher's graph is kept.
+* **Teacher gradient.** The teacher's input gradient is computed without ``create_graph`` (the Zoo builds a second-order
+  graph and then detaches the result), on its own leaf copy of the input, so nothing of the teacher's graph is kept.
   Evaluation never asks for input gradients (the distiller is not used for evaluation).
 * The teacher needs a gradient-enabled pass (``batch.teacher_forward``); the distiller's own no-grad teacher pass
   still runs (its logits are unused here).
@@ -49,7 +48,7 @@ __all__ = ['Sobolev', 'target_logit_input_gradient', 'sobolev_loss']
 
 
 def _dominant_labels(batch: Batch) -> torch.Tensor:
-    """[B] the label with the larger mixup weight: y_a if λ ≥ 0.5 else y_b (zoo.md §0.2)."""
+    """[B] the label with the larger mixup weight: y_a if λ ≥ 0.5 else y_b."""
     return batch.labels if batch.lam >= 0.5 else batch.labels_b
 
 

@@ -1,4 +1,4 @@
-"""SP: similarity-preserving knowledge distillation (``sp``), Knowledge-Distillation-Zoo Z11.
+"""SP: similarity-preserving knowledge distillation (``sp``), as in the Knowledge-Distillation-Zoo.
 
 Paper: "Similarity-Preserving Knowledge Distillation", Tung & Mori, ICCV 2019 (arXiv 1907.09682).
 Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815,
@@ -7,10 +7,10 @@ Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d5558
 Formula, per tap pair (maps of any shapes, each flattened per sample):
   Q = flatten(F) [B, C·H·W];  G = Q Qᵀ [B, B];  Ĝ = G with L2-normalised rows (``F.normalize``, eps 1e-12);
   L_pair = mean-MSE(Ĝ_s, Ĝ_t) over B² (= ‖Ĝ_s − Ĝ_t‖_F² / B²);  L = λ · mean over the pairs.
-Defaults: λ = 3000 (``lambda_kd``; CIFAR-tuned starting point, defect Z9). RepDistiller/mdistiller use the last map
+Defaults: λ = 3000 (``lambda_kd``; CIFAR-tuned starting point to re-tune). RepDistiller/mdistiller use the last map
 only (β = 3000): ``student_blocks=[-1], teacher_blocks=[-1]``.
 
-Taps (vitkd adaptation, zoo.md §0.2; :mod:`vitkd.losses._adapt`): three pairs, by default the student blocks at
+Taps (vitkd adaptation; :mod:`vitkd.losses._adapt`): three pairs, by default the student blocks at
 1/3, 2/3, 3/3 of its depth (G_4/G_8/G_12; ViT grids hold the patch tokens only) ↔ the teacher's last three stages
 (s2/s3/s4). No spatial or channel alignment is needed: each network's Gram matrix is B×B.
 

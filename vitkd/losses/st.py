@@ -1,4 +1,4 @@
-"""ST: soft targets, Hinton KD as configured in the Knowledge-Distillation-Zoo (``st``), Zoo Z2.
+"""ST: soft targets, Hinton KD as configured in the Knowledge-Distillation-Zoo (``st``).
 
 Paper: "Distilling the Knowledge in a Neural Network", Hinton, Vinyals, Dean, 2015 (arXiv 1503.02531).
 Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815,
@@ -6,7 +6,7 @@ Official code (the Zoo): AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d5558
 
 Formula (z_s, z_t ∈ ℝ^{B×K}):  L = λ · T² · KL_batchmean(softmax(z_t/T) ‖ softmax(z_s/T)).
 Defaults: T = 4, λ = 0.1 (``lambda_kd``; the Zoo's script value — its argparse default is 1.0 — a CIFAR-tuned
-starting point, defect Z9); CE weight 1.
+starting point to re-tune); CE weight 1.
 
 The math is :class:`vitkd.losses.kd.KD`'s (``kl_div_logits``): this class only adds the Zoo's λ. On a student with a
 distillation token the KL goes to z_dist (``head='auto'``), which is DeiT soft distillation with the batchmean

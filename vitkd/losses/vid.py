@@ -3,7 +3,7 @@
 "Variational Information Distillation for Knowledge Transfer", Ahn, Hu, Damianou, Lawrence, Dai, CVPR 2019
 (arXiv 1904.05835). Official code this follows (modified by the Zoo from RepDistiller):
 AberHu/Knowledge-Distillation-Zoo @ 65470c846c1300d555815da26999cbe2b51fc815, ``kd_losses/vid.py::VID``,
-``train_kd.py --kd_mode vid``. Spec: ``shared/specs/zoo.md`` §Z17.
+``train_kd.py --kd_mode vid``.
 
 Per stage (student map s [B, C_s, H, W], teacher map t [B, C_t, H, W] after spatial alignment)::
 
@@ -14,9 +14,9 @@ Per stage (student map s [B, C_s, H, W], teacher map t [B, C_t, H, W] after spat
 
 Defaults: sf = 1, init_var = 5 (the Zoo's; its λ is 1). Regressor convs Kaiming-normal (fan_out, relu). The
 regressors and the variance parameters α live in this loss (trained with the student, in the training checkpoint,
-not in the export); α is 1-D and therefore not weight-decayed (rule 3).
+not in the export); α is 1-D and therefore not weight-decayed (vitkd never decays 1-D parameters).
 
-ViT students (zoo.md §0.2): regressors on the grids of blocks 4 / 8 / 12 ↔ teacher stages s2 / s3 / s4 (positions
+ViT students (vitkd adaptation): regressors on the grids of blocks 4 / 8 / 12 ↔ teacher stages s2 / s3 / s4 (positions
 1/2/3 thirds of the depth, see ``_adapt``); the larger map of each pair is average-pooled to the smaller size before
 the regressor (teacher s2 28→14, student 14→7 for s4). At s4 with sf = 1 a regressor has ≈ D_s·3024 + 2·3024² ≈ 18 M
 parameters: use ``sf`` < 1 for ViT presets.
@@ -24,8 +24,8 @@ parameters: use ``sf`` < 1 for ViT presets.
 Where vitkd differs from the official code:
 
 * Spatial alignment by pooling (the Zoo assumes equal shapes); RepDistiller/mdistiller also pool, use eps 1e-5 and
-  sum the stages. mdistiller never registers the variance parameters (defect R7): here they are ``nn.Parameter``s of
-  this module and train.
+  sum the stages. mdistiller never registers the variance parameters (so they never train): here they are
+  ``nn.Parameter``s of this module and train.
 * fp32 with autocast off.
 """
 from __future__ import annotations
