@@ -285,7 +285,8 @@ CASES = [
     ('bad choice', lambda a, p: ['--nan-policy', 'ignore'], ["invalid choice: 'ignore'"], 'both'),
     ('student input channels', lambda a, p: ['--student-kwargs', 'img_size=32', 'patch_size=4', 'depth=2',
                                              'embed_dim=32', 'num_heads=2', 'in_chans=1'],
-     ["student deit_ti_distilled cannot take the data's 3×32×32 images", 'in_chans'], 'both'),
+     ["student deit_ti_distilled takes grey (1-channel) images but the data's are RGB (3-channel)", 'in_chans=3'],
+     'both'),
 ]
 
 
@@ -740,3 +741,14 @@ def test_no_unsafe_deserialisation_in_the_code():
         gc.enable()
     assert not bad, bad
 
+
+def test_rgb_data_with_the_shipped_grey_teacher_says_what_to_do(tmp_path, capsys):
+    """A 10-class RGB ImageFolder (the head width matches) with the 1-channel Fashion-MNIST teacher of the embedded
+    default: the message names both channel counts and the way out."""
+    data = make_image_folder(tmp_path / 'd', classes=10, train_per_class=1, val_per_class=1)
+    args = base_args(data, tmp_path / 'run') + ['--teacher', str(REPO / 'checkpoints' / 'fmnist_regnety_002')]
+    code, _, err = run(args, capsys)
+    line = error_line(err)
+    assert code == 2 and not (tmp_path / 'run').exists(), err
+    assert "takes grey (1-channel) images but the data's are RGB (3-channel)" in line
+    assert '--teacher regnety_160' in line and 'fmnist_regnety_002 is the grey Fashion-MNIST teacher' in line

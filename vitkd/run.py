@@ -286,6 +286,14 @@ def check_input(model: torch.nn.Module, input_size, what: str, prepare=None) -> 
         model(prepare(x) if prepare is not None else x)
     except (RuntimeError, ValueError, AssertionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        channels = re.search(r'to have (\d+) channels, but got (\d+) channels', first)  # torch's convolution message
+        if channels:
+            kind = {'1': 'grey (1-channel)', '3': 'RGB (3-channel)'}
+            takes, data = channels.groups()
+            raise ConfigError(f'{what} takes {kind.get(takes, f"{takes}-channel")} images but the data\'s are '
+                              f'{kind.get(data, f"{data}-channel")}: use a model made for this data (e.g. --teacher '
+                              'regnety_160 for RGB images; the shipped checkpoints/fmnist_regnety_002 is the grey '
+                              f'Fashion-MNIST teacher of the embedded default), or in_chans={data} in its kwargs') from None
         raise ConfigError(f'{what} cannot take the data\'s {"×".join(map(str, input_size))} images ({first}); '
                           'check --input-size and the model kwargs (img_size, patch_size, in_chans)') from None
     finally:
