@@ -25,6 +25,7 @@ import torch
 
 from engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
 from vitkd import run as runlib
+from vitkd.build import build_losses
 from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
 from vitkd.config import parse_args, to_yaml
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
@@ -44,7 +45,8 @@ def train(argv=None) -> int:
         width = max(len(n) for n, _ in list_losses())
         print('\n'.join(f'{n:<{width}}  {paper}' for n, paper in list_losses()))
         return 0
-    accelerator = runlib.make_accelerator(cfg)
+    entries = None if cfg.eval_student else build_losses(cfg)  # the methods, built once for the whole run
+    accelerator = runlib.make_accelerator(cfg, entries)
     log = accelerator.print
     if cfg.eval_student:
         return runlib.eval_student(cfg, accelerator)
@@ -53,7 +55,7 @@ def train(argv=None) -> int:
     # runs before anything is written: a bad command leaves an existing run dir as it was.
     resume_from = resolve_resume(cfg, log)
     out_dir = runlib.check_output_dir(cfg)
-    r = runlib.build_run(cfg, accelerator)
+    r = runlib.build_run(cfg, accelerator, entries)
     methods = ', '.join(f'{name}:{e.weight:g}' for name, e in r.distiller_unwrapped.entries.items()) or 'none'
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
         f'{r.teacher.source if r.teacher else "none"}, methods {methods}, '

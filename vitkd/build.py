@@ -19,7 +19,7 @@ from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
 from .models import Teacher, create_student, create_teacher
 
 __all__ = ['build_student', 'build_teacher', 'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
-           'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill', 'eval_data_config']
+           'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill', 'eval_data_config', 'resolve_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -182,22 +182,37 @@ def default_weight(loss_class, student: Optional[torch.nn.Module]) -> float:
 
 
 def build_losses(cfg: Config, student: Optional[torch.nn.Module] = None) -> list[LossEntry]:
-    """The methods of ``--distill`` with their weights (unset weights resolved by :func:`default_weight` for
-    ``student``; without it, 1) and warm-ups."""
+    """The methods of ``--distill`` with their weights and warm-ups: built once per run, before the models (a bad
+    method fails before anything is loaded). Unset weights are resolved for ``student`` when it is given
+    (:func:`resolve_weights`), else by :func:`build_distiller` once the student exists."""
     entries = []
     for name, weight, options in parse_distill(cfg):
         options = dict(options)
         warmup = float(options.pop('warmup_epochs', 0.0))
         loss = create_loss(name, **options)
-        entries.append(LossEntry(loss, weight if weight is not None else default_weight(type(loss), student), warmup))
+        entries.append(LossEntry(loss, 1.0 if weight is None else weight, warmup, weight_given=weight is not None))
     if len({e.loss.name for e in entries}) != len(entries):
         raise LossSpecError(f'--distill lists a method twice: {cfg.distill}')
+    if student is not None:
+        resolve_weights(entries, student)
     return entries
 
 
+def resolve_weights(entries: list[LossEntry], student: torch.nn.Module) -> None:
+    """Give every method whose weight the command left unset its :func:`default_weight` for ``student``."""
+    for e in entries:
+        if not e.weight_given:
+            e.weight, e.weight_given = default_weight(type(e.loss), student), True
+
+
 def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: int, steps_per_epoch: int,
-                    world_size: int = 1, train_labels: Optional[torch.Tensor] = None) -> Distiller:
-    entries = build_losses(cfg, student)
+                    world_size: int = 1, train_labels: Optional[torch.Tensor] = None,
+                    entries: Optional[list[LossEntry]] = None) -> Distiller:
+    """The run's :class:`Distiller`: ``entries`` from :func:`build_losses` (built from ``cfg`` when None), their unset
+    weights resolved for ``student``."""
+    if entries is None:
+        entries = build_losses(cfg)
+    resolve_weights(entries, student)
     info = RunInfo(num_classes=spec.num_classes, num_samples=num_samples, epochs=cfg.epochs,
                    steps_per_epoch=steps_per_epoch, input_size=spec.input_size, mean=spec.mean, std=spec.std,
                    student_name=cfg.student, student_kwargs=dict(cfg.student_kwargs), world_size=world_size,

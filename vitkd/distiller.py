@@ -68,10 +68,14 @@ def may_leave_parameters_unused(entries: Sequence['LossEntry'], epochs: int,
 
 @dataclass
 class LossEntry:
-    """One method in a run: the loss module, its weight and its linear warm-up length in epochs."""
+    """One method in a run: the loss module, its weight and its linear warm-up length in epochs.
+
+    ``weight_given`` is False when the command gave no weight: the weight then depends on the student (see
+    :func:`vitkd.build.resolve_weights`) and is 1 until the student is known."""
     loss: DistillationLoss
     weight: float = 1.0
     warmup_epochs: float = 0.0
+    weight_given: bool = True
 
     def weight_at(self, epoch: float) -> float:
         if self.warmup_epochs > 0:

@@ -23,7 +23,7 @@ from .config import Config, ConfigError
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
-from .distiller import Distiller
+from .distiller import Distiller, LossEntry
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
 from .training import EpochBatches, TrainState
@@ -39,7 +39,7 @@ __all__ = ['make_accelerator', 'check_output_dir', 'prepare_output_dir', 'build_
 RUN_MARKER = 'config.yaml'
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> Accelerator:
     """Accelerator with the run's precision and accumulation, and the process settings of its device.
 
     Precision: ``--mixed-precision`` when given (command line or YAML), else the launcher's (``accelerate launch
@@ -71,7 +71,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     find_unused = cfg.ddp_find_unused
     if find_unused is None and not cfg.eval_student:
         from .distiller import may_leave_parameters_unused
-        find_unused = may_leave_parameters_unused(build_losses(cfg), cfg.epochs, cfg.task_weight)
+        find_unused = may_leave_parameters_unused(entries if entries is not None else build_losses(cfg), cfg.epochs,
+                                                  cfg.task_weight)
     name_output_dir(cfg)
     accelerator = Accelerator(mixed_precision=requested, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda,
@@ -203,7 +204,7 @@ class Run:
     teacher_cache: Optional[TeacherCache] = None
 
 
-def build_run(cfg: Config, accelerator: Accelerator) -> Run:
+def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[LossEntry]] = None) -> Run:
     """Data, models, losses, optimizer and schedule of a run, on the accelerator's device and prepared.
 
     Order matters on a GPU: the student and the teacher are on the device before the distiller is built (a method's
@@ -211,7 +212,8 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     the optimizer (fused AdamW on CUDA needs its parameters there) and the EMA copy is made after ``prepare`` (timm's
     EMA then updates with one fused kernel per step instead of falling back to per-tensor updates).
     """
-    entries = build_losses(cfg)  # fail fast on unknown methods/options, before data and models are loaded
+    if entries is None:  # the methods, built once (main builds them first: the accelerator's DDP settings need them)
+        entries = build_losses(cfg)
     if any(e.loss.disable_fused_attn for e in entries):
         from timm.layers import set_fused_attn
         set_fused_attn(False)  # read when attention layers are built: second-order gradients need the plain path
@@ -243,7 +245,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
             teacher.compile()
     steps_per_epoch = max(1, len(train_loader) // (accelerator.num_processes * cfg.grad_accum_steps))
     distiller = build_distiller(cfg, student, teacher, spec, len(train_loader.dataset), steps_per_epoch,
-                                accelerator.num_processes, dataset_targets(train_loader.dataset))
+                                accelerator.num_processes, dataset_targets(train_loader.dataset), entries)
     distiller.to(device)  # parts a method's setup built on the host
     distiller.prepare_for_run(RunContext(cfg=cfg, teacher=teacher, spec=spec, accelerator=accelerator))
     if cfg.compile_student:
