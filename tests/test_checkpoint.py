@@ -127,6 +127,24 @@ def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     return path
 
 
+def _loadable_fake_checkpoint(root: Path, step: int) -> Path:
+    """A checkpoint folder whose files pass ``checkpoint_problem`` (readable headers and containers), with tiny
+    contents: resolving a resume only reads them."""
+    import json
+    import zipfile
+
+    from safetensors.torch import save_file
+    path = _fake_checkpoint(root, step)
+    (path / 'trainer_state.json').write_text(json.dumps({'state': {'epoch': 0, 'step': step}, 'world_size': 1}))
+    (path / 'student').mkdir()
+    for file in (path / 'model.safetensors', path / 'student' / 'model.safetensors'):
+        save_file({'w': torch.zeros(1)}, str(file))
+    with zipfile.ZipFile(path / 'optimizer.bin', 'w') as z:
+        z.writestr('data.pkl', b'x')
+    (path / 'random_states_0.pkl').write_bytes(b'x')
+    return path
+
+
 def test_find_latest_and_prune_ignore_incomplete_and_temporary(tmp_path):
     from vitkd.checkpoint import find_checkpoints, latest_checkpoint, prune_checkpoints
     assert latest_checkpoint(tmp_path) is None
@@ -151,7 +169,7 @@ def test_resolve_resume(tmp_path):
     messages = []
     assert resolve_resume(Config(resume='auto', output_dir=str(tmp_path)), messages.append) is None
     assert 'starting from scratch' in messages[0]
-    newest = [_fake_checkpoint(tmp_path / 'run', s) for s in (4, 8)][-1]
+    newest = [_loadable_fake_checkpoint(tmp_path / 'run', s) for s in (4, 8)][-1]
     cfg = Config(resume=str(tmp_path / 'run'))  # a run dir: its newest checkpoint, and the run dir as output
     assert resolve_resume(cfg) == newest and Path(cfg.output_dir) == tmp_path / 'run'
     cfg = Config(resume=str(newest))

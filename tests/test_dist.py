@@ -172,6 +172,9 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str, z_s, z_t) 
             rows = slice(0, split) if rank == 0 else slice(split, 8)
             for scope in ('global', 'local'):
                 loss = create_loss('dist', intra_scope=scope, temperature=2.0, head='cls')
+                # a training batch is equally large on every process (the gather then exchanges no sizes); unequal
+                # ones are gathered with their sizes exchanged, as outside training
+                loss.train(split == 4)
                 z = z_s[rows].clone().requires_grad_(True)
                 n = z.shape[0]
                 student, teacher = Features(logits=z), Features(logits=z_t[rows])

@@ -76,17 +76,19 @@ def test_no_host_read_between_logging_steps_on_two_processes(tmp_path):
     """DIST on 2 CPU processes under accelerate launch: the terms, the finiteness flag and the deadline are reduced
     or read only at logging steps."""
     script = tmp_path / 'count.py'
-    script.write_text(f'import json, sys\nsys.path.insert(0, {str(REPO / "tests")!r})\n'
+    script.write_text(f'import json, os, sys\nsys.path.insert(0, {str(REPO / "tests")!r})\n'
                       'from test_gpu_path import TINY, count_reads_per_step\n'
                       f'reads = count_reads_per_step(TINY + ["--distill", "dist", "--output-dir", {str(tmp_path)!r}])\n'
-                      'print("READS", json.dumps(reads))\n')
-    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--cpu', '--num_processes', '2', '--num_machines',
-              '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0', str(script)]
+                      f'open(os.path.join({str(tmp_path)!r}, "reads_" + os.environ["RANK"] + ".json"), "w")'
+                      '.write(json.dumps(reads))\n')
+    # --multi_gpu with ACCELERATE_USE_CPU: two gloo processes (`--cpu` alone would start one process per launch)
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0',
+              '--num_cpu_threads_per_process', '1', str(script)]
     proc = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                          env={**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line.split(' ', 1)[1]) for line in proc.stdout.splitlines() if line.startswith('READS ')]
-    assert len(rows) == 2
+    rows = [json.loads((tmp_path / f'reads_{rank}.json').read_text()) for rank in (0, 1)]  # one file per process
     for reads in rows:
         assert reads[1:-1] == [0, 0, 0, 0] and reads[-1] > 0, rows
 

@@ -40,9 +40,13 @@ def _gather_sizes(n: int, device: torch.device) -> list[int]:
     return [int(s.item()) for s in sizes]
 
 
-def _gather_padded(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """All ranks' ``x`` concatenated along dim 0 (rank order) and the per-rank sizes."""
-    sizes = _gather_sizes(x.shape[0], x.device)
+def _gather_padded(x: torch.Tensor, equal_sizes: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """All ranks' ``x`` concatenated along dim 0 (rank order) and the per-rank sizes.
+
+    ``equal_sizes``: every rank holds as many rows (a training batch: the loader drops the last partial batch and
+    gives every process as many batches), so the sizes need not be exchanged, which would read them on the host.
+    """
+    sizes = [x.shape[0]] * get_world_size() if equal_sizes else _gather_sizes(x.shape[0], x.device)
     longest = max(sizes)
     x = x.contiguous()
     if x.shape[0] < longest:
@@ -53,17 +57,18 @@ def _gather_padded(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 @torch.no_grad()
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """[n_r, ...] on each rank r → [Σ_r n_r, ...] on every rank, rank-major order, detached."""
+def all_gather_no_grad(x: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
+    """[n_r, ...] on each rank r → [Σ_r n_r, ...] on every rank, rank-major order, detached (``equal_sizes``: see
+    :func:`_gather_padded`)."""
     if get_world_size() == 1:
         return x.detach()
-    return _gather_padded(x.detach())[0]
+    return _gather_padded(x.detach(), equal_sizes)[0]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        gathered, sizes = _gather_padded(x)
+    def forward(ctx, x: torch.Tensor, equal_sizes: bool) -> torch.Tensor:
+        gathered, sizes = _gather_padded(x, equal_sizes)
         ctx.sizes, ctx.rank = sizes, get_rank()
         return gathered
 
@@ -72,17 +77,18 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss may depend on this rank's rows
         start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]]
+        return grad[start:start + ctx.sizes[ctx.rank]], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-gather along dim 0 (rank-major); the identity on one process.
+def all_gather_with_grad(x: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
+    """Differentiable all-gather along dim 0 (rank-major); the identity on one process (``equal_sizes``: see
+    :func:`_gather_padded`).
 
     Every rank must call backward through the result (it is a collective), which DDP training does.
     """
     if get_world_size() == 1:
         return x
-    return _AllGatherWithGrad.apply(x)
+    return _AllGatherWithGrad.apply(x, equal_sizes)
 
 
 @torch.no_grad()

@@ -259,8 +259,8 @@ class CRD(DistillationLoss):
             vdist.broadcast_(self.memory_s)
             vdist.broadcast_(self.memory_t)
             self._synced = True
-        index = vdist.all_gather_no_grad(batch.index.to(self.sample_labels.device).long())
-        labels = vdist.all_gather_no_grad(batch.labels.to(self.sample_labels.device).long())
+        index = vdist.all_gather_no_grad(batch.index.to(self.sample_labels.device).long(), equal_sizes=True)
+        labels = vdist.all_gather_no_grad(batch.labels.to(self.sample_labels.device).long(), equal_sizes=True)
         self.sample_labels[index] = labels  # the true (unmixed) class of every image of the global batch
 
     @torch.no_grad()
@@ -274,9 +274,9 @@ class CRD(DistillationLoss):
     @torch.no_grad()
     def update_banks(self, index: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:
         """All-gather (index, v_s, v_t) and apply the same deduplicated momentum update on every rank."""
-        index = vdist.all_gather_no_grad(index.long())
-        momentum_update(self.memory_s, index, vdist.all_gather_no_grad(v_s), self.nce_m)
-        momentum_update(self.memory_t, index, vdist.all_gather_no_grad(v_t), self.nce_m)
+        index = vdist.all_gather_no_grad(index.long(), equal_sizes=True)  # training batches: as large on every rank
+        momentum_update(self.memory_s, index, vdist.all_gather_no_grad(v_s, equal_sizes=True), self.nce_m)
+        momentum_update(self.memory_t, index, vdist.all_gather_no_grad(v_t, equal_sizes=True), self.nce_m)
 
     def sample_contrast(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """J [B, K+1]: the positive (own index) then K negatives of other classes."""

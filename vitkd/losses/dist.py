@@ -36,6 +36,8 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Callable, Optional
 
 import torch
@@ -141,7 +143,8 @@ class DIST(DistillationLoss):
         if factor == 0:  # not computed in the warm-up's zero phase (every rank agrees: same epoch, no gather)
             zero = student.logits.new_zeros(())
             return {'inter': zero, 'intra': zero}
-        gather = all_gather_with_grad if self.intra_scope == 'global' else None
+        # training batches are equally large on every process: the gather then reads no size on the host
+        gather = partial(all_gather_with_grad, equal_sizes=self.training) if self.intra_scope == 'global' else None
         inter, intra = dist_loss(pick_head(student, self.head), teacher.logits, self.beta, self.gamma,
                                  self.temperature, gather)
         return {'inter': factor * inter, 'intra': factor * intra}
