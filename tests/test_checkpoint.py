@@ -353,16 +353,24 @@ def test_sigint_saves_at_a_step_boundary_and_resumes_exactly(data, reference, tm
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     text = (tmp_path / 'int.log').read_text()
-    assert proc.returncode == 128 + signal.SIGINT, text[-3000:]
-    m = re.search(r'stopped by SIGINT at epoch (\d+), step (\d+) \(batch (\d+)/8\); checkpoint (\S+)', text)
-    assert m, text[-3000:]
-    step, saved = int(m.group(2)), Path(m.group(4))
-    assert step >= 2 and saved.name == f'step_{step:08d}' and (saved / 'trainer_state.json').exists()
-    assert not (out / 'student').exists()
+    saved = assert_stopped_by(signal.SIGINT, proc, text, out)
     result = run_main(args + ['--resume', 'auto'])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'resumed from {saved}' in result.stdout
     assert_same_as_reference(reference, out)
+
+
+def assert_stopped_by(signum: int, proc, text: str, out: Path) -> Path:
+    """The run stopped with 128 + ``signum``, said so with the step and the checkpoint it saved (at step ≥ 2, complete)
+    and exported nothing; returns that checkpoint."""
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, text[-3000:]
+    m = re.search(rf'stopped by {name} at epoch (\d+), step (\d+) \(batch (\d+)/8\); checkpoint (\S+)', text)
+    assert m, text[-3000:]
+    step, saved = int(m.group(2)), Path(m.group(4))
+    assert step >= 2 and saved.name == f'step_{step:08d}' and (saved / 'trainer_state.json').exists()
+    assert not (out / 'student').exists()
+    return saved
 
 
 def children(pid: int) -> list[int]:
@@ -384,12 +392,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_printed_command_resumes_exactl
         os.kill(pid, signal.SIGTERM)
     proc.wait(timeout=120)
     text = (tmp_path / 'term.log').read_text()
-    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
-    m = re.search(r'stopped by SIGTERM at epoch (\d+), step (\d+) \(batch (\d+)/8\); checkpoint (\S+)', text)
-    assert m, text[-3000:]
-    step, saved = int(m.group(2)), Path(m.group(4))
-    assert step >= 2 and saved.name == f'step_{step:08d}' and (saved / 'trainer_state.json').exists()
-    assert not (out / 'student').exists()
+    saved = assert_stopped_by(signal.SIGTERM, proc, text, out)
     command = shlex.split(re.search(r'resume with: (.+)', text).group(1))
     assert command[:2] == ['python', 'main.py'] and command[-2:] == ['--resume', 'auto']
     result = run_main(command[2:])
