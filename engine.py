@@ -21,9 +21,10 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     :class:`~vitkd.training.TrainBatch` inputs (mixed, teacher outputs attached when cached). The host reads device
     values only at logging steps (every ``log_every`` optimizer steps and at the epoch's last batch): there ``guard``
     raises, before the update, when a step since the last check was non-finite (``--nan-policy stop``), the terms are
-    logged and a multi-process run agrees on signals and deadlines. ``step_hook(last_batch, collective)`` runs after every optimizer step (periodic checkpoints,
-    preemption) and returns True to stop the epoch. Returns the epoch means of the logged terms (over the processes),
-    img/s, ``samples``, ``skipped_steps`` and, for a data set that counts them, ``corrupt_images``.
+    logged and a multi-process run agrees on signals and deadlines. ``step_hook(last_batch, collective)`` runs after
+    every optimizer step (periodic checkpoints, preemption) and returns True to stop the epoch. Returns the epoch means
+    of the logged terms (over the processes), img/s, ``samples``, ``skipped_steps`` and, for a data set that counts
+    them, ``corrupt_images``.
     """
     model.train()
     meter = TermMeter(accelerator)

@@ -130,7 +130,8 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
                         f'last checkpoint {ckpt.last_saved or ckpt.resumed_from} is intact: free space and rerun the '
                         'same command with --resume auto to export it') from None
     summary = dict(teacher=teacher_metrics, student=metrics, best=ckpt.best, epochs_run=r.state.epoch,
-                   steps=r.state.step, train_seconds=round(elapsed, 1), stop_reason=r.state.stop_reason or 'epochs done',
+                   steps=r.state.step, train_seconds=round(elapsed, 1),
+                   stop_reason=r.state.stop_reason or 'epochs done',
                    weights={name: e.weight for name, e in r.distiller_unwrapped.entries.items()},
                    student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None,
                    **runlib.run_costs(r, train_stats if r.state.step else {}))

@@ -1,8 +1,8 @@
 """Compute (or find in the cache) the teacher's class centres that ND / the "++" presets need.
 
 Runs like a training run (``accelerate launch scripts/compute_centers.py ...`` splits the pass across the processes,
-each on its GPU, the teacher in the run's precision). Takes the same options as ``main.py`` (``-c preset.yaml`` and flags; only the data, teacher and student-input options
-matter), runs the frozen teacher once over the training set with the training crop, and writes the centres to the
+each on its GPU, the teacher in the run's precision). Takes the same options as ``main.py`` (``-c preset.yaml`` and
+flags; only the data, teacher and student-input options matter), runs the frozen teacher once over the training set with the training crop, and writes the centres to the
 cache (``$VITKD_CACHE_DIR/centers`` or ``~/.cache/vitkd/centers``; ``--cache-dir`` to choose), where a training run
 with the same teacher, data and transform finds them. ``--out FILE.safetensors`` also copies them to a file for
 ``--loss-opts nd.centers=FILE.safetensors``.

@@ -295,7 +295,8 @@ def check_input(model: torch.nn.Module, input_size, what: str, prepare=None) -> 
             raise ConfigError(f'{what} takes {kind.get(takes, f"{takes}-channel")} images but the data\'s are '
                               f'{kind.get(data, f"{data}-channel")}: use a model made for this data (e.g. --teacher '
                               'regnety_160 for RGB images; the shipped checkpoints/fmnist_regnety_002 is the grey '
-                              f'Fashion-MNIST teacher of the embedded default), or in_chans={data} in its kwargs') from None
+                              f'Fashion-MNIST teacher of the embedded default), or in_chans={data} in its '
+                              'kwargs') from None
         raise ConfigError(f'{what} cannot take the data\'s {"×".join(map(str, input_size))} images ({first}); '
                           'check --input-size and the model kwargs (img_size, patch_size, in_chans)') from None
     finally:
@@ -309,7 +310,8 @@ class MetricLogger:
     Each tracker value goes to the optimizer step it belongs to: training terms to their step, an epoch's validation
     metrics to the global step at which that epoch ended (``step``), so the curves of a tracker line up with
     ``log.jsonl``. ``epochs.csv`` (the summary a person reads) has its numbers rounded to what they measure
-    (:func:`vitkd.progress.rounded`); ``log.jsonl`` and the trackers keep them exact. A warm-up that does not end before the run is warned about once, here, before training starts.
+    (:func:`vitkd.progress.rounded`); ``log.jsonl`` and the trackers keep them exact. A warm-up that does not end before
+    the run is warned about once, here, before training starts.
     """
 
     def __init__(self, out_dir: Path, accelerator: Accelerator, cfg: Optional[Config] = None,

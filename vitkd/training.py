@@ -133,7 +133,8 @@ class EpochBatches:
     Args:
         loader: the prepared training loader, yielding (images, labels, indices).
         accelerator: the run's accelerator (device, autocast for a recording teacher pass, process count).
-        mixer: ``mixer(images, labels)`` → (images, soft targets, {'labels_b', 'lam'}) (:class:`vitkd.build.BatchMixer`).
+        mixer: ``mixer(images, labels)`` → (images, soft targets, {'labels_b', 'lam'})
+            (:class:`vitkd.build.BatchMixer`).
         teacher_cache: the run's teacher cache, or None.
         epochs, log_every: the run's length and logging interval, for the progress display.
     """
