@@ -84,8 +84,8 @@ PROBE = textwrap.dedent('''
     from torch.nn.parallel import DistributedDataParallel as DDP
     build_run = runlib.build_run
 
-    def probed(cfg, accelerator):
-        r = build_run(cfg, accelerator)
+    def probed(cfg, accelerator, entries=None):
+        r = build_run(cfg, accelerator, entries)
         teacher_ids = {id(p) for p in r.teacher.model.parameters()}
         info = dict(rank=accelerator.process_index, world=accelerator.num_processes,
                     distiller_is_ddp=isinstance(r.distiller, DDP),
