@@ -144,6 +144,7 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
     code = 0
     if cfg.push_to_hub and accelerator.is_main_process:
         code = push_run_to_hub(out_dir, cfg.hub_model_id, cfg.hub_private, log)
+    accelerator.wait_for_everyone()  # every process leaves together: none tears the group down under another
     accelerator.end_training()
     return code
 

@@ -247,7 +247,7 @@ class Teacher(nn.Module):
 
     def set_student_normalization(self, mean, std):
         """Make the teacher see x·std_s + mean_s normalised by its own mean/std (a per-channel affine map)."""
-        mean_s, std_s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        mean_s, std_s = torch.tensor(mean), torch.tensor(std)  # the default dtype, as the teacher's own stats
         c = len(mean_s)
         if len(self.mean) != c:  # e.g. a 1-channel teacher whose config kept ImageNet's 3-channel stats
             _logger.warning('teacher normalisation has %d channels, the input %d: using the input\'s', len(self.mean), c)

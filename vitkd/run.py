@@ -504,5 +504,6 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
         (out_dir / 'eval_student.json').write_text(json.dumps(report, indent=2) + '\n')
     accelerator.print(f'student {source} on {metrics["samples"]} {cfg.dataset} validation images\n' + '\n'.join(rows))
     accelerator.print(f'wrote {out_dir / "eval_student.json"}')
+    accelerator.wait_for_everyone()  # every process leaves together: none tears the group down under another
     accelerator.end_training()
     return 0
