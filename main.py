@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 # OpenMP threads that spin while waiting make every step ~10x slower on oversubscribed CPUs (measured here).
@@ -257,6 +258,10 @@ def main(argv=None) -> int:
         return code
     finally:
         release_all()  # the run dir's lock (vitkd/rundir.py), however the command ended
+        # DDP's reducer and hooks form reference cycles that keep the process group and its last gloo work alive; left
+        # to the interpreter's shutdown, their C++ destructors run without Python and abort the process (SIGABRT,
+        # "terminate called without an active exception") now and then. Collected here, they go while Python runs.
+        gc.collect()
 
 
 if __name__ == '__main__':

@@ -75,8 +75,9 @@ def test_accelerate_sharding_of_the_epoch_sampler_keeps_the_global_batches():
 # ---- end to end: accelerate launch with 2 processes ---------------------------------------------------------------
 
 PROBE = textwrap.dedent('''
-    """Runs main.py, recording on every rank what build_run built (DDP wrapping, teacher identity)."""
-    import json, os, sys
+    """Runs main.py, recording on every rank what build_run built (DDP wrapping, teacher identity) and whether the DDP
+    module outlived main() (its reference cycles would keep the process group alive into the interpreter's exit)."""
+    import json, os, sys, weakref
     from pathlib import Path
     sys.path.insert(0, os.environ['VITKD_REPO'])
     import main
@@ -94,10 +95,15 @@ PROBE = textwrap.dedent('''
                     find_unused=getattr(r.distiller, 'find_unused_parameters', None),
                     teacher_checksum=float(sum(p.double().abs().sum() for p in r.teacher.model.parameters())))
         Path(os.environ['PROBE_OUT'], f'rank{accelerator.process_index}.json').write_text(json.dumps(info))
+        built.append((accelerator.process_index, weakref.ref(r.distiller)))
         return r
 
+    built = []
     runlib.build_run = probed
-    sys.exit(main.main(sys.argv[1:]))
+    code = main.main(sys.argv[1:])
+    for rank, ref in built:
+        Path(os.environ['PROBE_OUT'], f'after-rank{rank}.json').write_text(json.dumps({'ddp_alive': ref() is not None}))
+    sys.exit(code)
 ''')
 
 
@@ -163,6 +169,8 @@ def run_two_processes(args: list[str], tmp: Path, float64: bool = False) -> tupl
            *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=_env(probe_out, float64), cwd=REPO, timeout=300)
     probes = [json.loads(p.read_text()) for p in sorted(probe_out.glob('rank*.json'))]
+    for probe, after in zip(probes, sorted(probe_out.glob('after-rank*.json'))):
+        probe.update(json.loads(after.read_text()))
     return result, probes
 
 
@@ -197,6 +205,7 @@ def assert_probes(probes: list[dict], find_unused: bool) -> None:
     for p in probes:
         assert p['distiller_is_ddp'] and not p['teacher_is_ddp'] and not p['teacher_params_in_ddp']
         assert p['find_unused'] is find_unused
+        assert p['ddp_alive'] is False  # collected before main() returned, while Python can still run its destructors
     assert probes[0]['teacher_checksum'] == probes[1]['teacher_checksum']  # same (random) teacher on both ranks
 
 
