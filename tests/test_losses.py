@@ -192,20 +192,24 @@ def test_none_on_a_distilled_student_trains_both_heads(tiny_vkd_student):
 
 
 def test_kd_matches_hinton_formula_and_weight_warmup(tiny_vkd_student, tiny_teacher):
+    """In float64: the KL of two close distributions (~4e-3 here) cancels O(1) terms, so a float32 forward's rounding
+    would be amplified ~1000x relative and depend on the machine's kernels; in float64 it stays ~1e-13."""
+    student, teacher = tiny_vkd_student.double(), tiny_teacher.double()
     entry = LossEntry(create_loss('kd', temperature=3.0), weight=2.0, warmup_epochs=4)
     assert entry.weight_at(1.0) == pytest.approx(0.5) and entry.weight_at(10) == 2.0
-    d = Distiller(tiny_vkd_student, tiny_teacher, [entry], RunInfo(num_classes=10, input_size=(3, 32, 32)))
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=2.0))
+    d = Distiller(student, teacher, [entry], RunInfo(num_classes=10, input_size=(3, 32, 32)))
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    out = d(TrainBatch(x, F.one_hot(y, 10).double(), y, epoch=2.0))
     with torch.no_grad():
-        feats = tiny_vkd_student.forward_features(x)
-        z_dist = tiny_vkd_student.head_dist(feats[:, 1])
-        z_t = tiny_teacher.model(x)
-        z_cls = tiny_vkd_student.head(feats[:, 0])
-    kd = _kl_by_hand(z_dist.double(), z_t.double(), 3.0) / 4 * 9
+        feats = student.forward_features(x)
+        z_dist = student.head_dist(feats[:, 1])
+        z_t = teacher.model(x)
+        z_cls = student.head(feats[:, 0])
+    assert out['terms']['kd.kl'].dtype == torch.float64
+    kd = _kl_by_hand(z_dist, z_t, 3.0) / 4 * 9
     task = -(F.one_hot(y, 10) * F.log_softmax(z_cls, -1)).sum(-1).mean().item()  # task CE on the class head only
-    assert out['terms']['kd.kl'].item() == pytest.approx(kd, rel=1e-4)
-    assert out['loss'].item() == pytest.approx(task + 1.0 * kd, rel=1e-4)  # weight 2 half-way through its warm-up
+    assert out['terms']['kd.kl'].item() == pytest.approx(kd, rel=1e-9)
+    assert out['loss'].item() == pytest.approx(task + 1.0 * kd, rel=1e-9)  # weight 2 half-way through its warm-up
 
 
 def test_token_loss_on_a_student_without_dist_token_is_a_clear_error(tiny_teacher):
