@@ -67,7 +67,7 @@ from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
 __all__ = ['l2_normalize', 'contrast_scores', 'nce_loss', 'crd_loss', 'last_occurrence', 'momentum_update',
-           'sample_negatives', 'CRD']
+           'group_by_class', 'sample_negatives', 'CRD']
 
 _logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, contrast_idx: to
     Returns:
         [B, K+1].
     """
-    rows = memory.detach()[contrast_idx]  # [B, K+1, d]
+    rows = memory.detach()[contrast_idx].to(anchor.dtype)  # [B, K+1, d] (a low-precision bank is read at the anchor's)
     return torch.exp(torch.einsum('bkd,bd->bk', rows, anchor) / temperature)
 
 
@@ -129,31 +129,63 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
 
 
 def last_occurrence(index: torch.Tensor) -> torch.Tensor:
-    """Positions [U] of the last occurrence of each distinct value of ``index`` [M] (sorted by value)."""
-    values, inverse = torch.unique(index, return_inverse=True)
-    positions = torch.arange(index.numel(), device=index.device)
-    last = torch.full((values.numel(),), -1, dtype=torch.long, device=index.device)
-    return last.scatter_reduce(0, inverse, positions, reduce='amax')
+    """For each position m of ``index`` [M], the position of the last occurrence of ``index[m]``: a stable sort and a
+    segment maximum over the runs of equal values (no ``unique``, whose output size the host would wait for on a GPU).
+
+    Returns:
+        [M] positions.
+    """
+    m = index.numel()
+    sorted_values, order = torch.sort(index, stable=True)                 # [M]
+    run = torch.ones(m, dtype=torch.long, device=index.device)
+    run[1:] = (sorted_values[1:] != sorted_values[:-1]).long()
+    run = run.cumsum(0) - 1                                               # [M] run number of each sorted position
+    last = torch.zeros(m, dtype=torch.long, device=index.device).scatter_reduce(0, run, order, reduce='amax')
+    return torch.empty_like(order).scatter_(0, order, last[run])          # back to the input positions
 
 
 @torch.no_grad()
 def momentum_update(memory: torch.Tensor, index: torch.Tensor, v: torch.Tensor, momentum: float) -> None:
     """M[y] ← l2n(μ·M[y] + (1−μ)·v) in place; for an index present several times the last occurrence wins. A
     non-finite embedding never enters the bank (its row keeps its value), so a step that ``--nan-policy skip`` drops
-    cannot poison later steps through the banks, which are too large to roll back."""
-    keep = last_occurrence(index)
-    keep = keep[torch.isfinite(v[keep]).all(dim=-1)]
-    rows = index[keep]
-    memory.index_copy_(0, rows, l2_normalize(momentum * memory[rows] + (1 - momentum) * v[keep].to(memory.dtype)))
+    cannot poison later steps through the banks, which are too large to roll back.
+
+    Every position writes its row: duplicates write the same value (their last occurrence's), a row whose last
+    occurrence is non-finite writes its old value back, so the result does not depend on the order of the writes and
+    no data-dependent selection (a host wait on a GPU) is needed. The arithmetic is done in at least fp32 and stored in
+    the bank's dtype.
+    """
+    last = last_occurrence(index)                                         # [M]
+    update = v[last]                                                      # [M, d]
+    old = memory[index]                                                   # [M, d]
+    compute = torch.promote_types(memory.dtype, torch.float32)
+    new = l2_normalize(momentum * old.to(compute) + (1 - momentum) * update.to(compute)).to(memory.dtype)
+    memory.index_copy_(0, index, torch.where(torch.isfinite(update).all(dim=-1, keepdim=True), new, old))
+
+
+def group_by_class(block: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples ordered by block (class + 1; 0 = unknown), with each block's first position and size.
+
+    Args:
+        block: [N] block of every sample, in [0, num_blocks).
+        num_blocks: an upper bound on the number of blocks.
+
+    Returns:
+        (order [N] sample indices grouped by block, starts [num_blocks], sizes [num_blocks]).
+    """
+    sizes = torch.zeros(num_blocks, dtype=torch.long, device=block.device).scatter_add_(0, block,
+                                                                                         torch.ones_like(block))
+    return torch.argsort(block, stable=True), sizes.cumsum(0) - sizes, sizes
 
 
 def sample_negatives(positive: torch.Tensor, labels: torch.Tensor, sample_labels: torch.Tensor, k: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None,
+                     grouping: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """K negatives per anchor, uniform over the samples of other classes, with replacement, on the device.
 
     Drawn directly from the other classes (no rejection loop, so no host read of how many draws to redo): the samples
-    are ordered by class (``argsort``), anchor b with class y picks r uniform in [0, N − n_y) and takes the r-th
-    sample of the order with class y's block cut out. The positives are counted in their anchors' classes, so they
+    are ordered by class (:func:`group_by_class`), anchor b with class y picks r uniform in [0, N − n_y) and takes the
+    r-th sample of the order with class y's block cut out. The positives are counted in their anchors' classes, so they
     are excluded with them.
 
     Args:
@@ -162,19 +194,22 @@ def sample_negatives(positive: torch.Tensor, labels: torch.Tensor, sample_labels
         sample_labels: the class of every training sample [N] (−1 = unknown: a class of its own, always accepted).
         k: K.
         generator: optional RNG (on the device of ``positive``).
+        grouping: :func:`group_by_class` of ``sample_labels + 1`` when every class is known (the positives are then in
+            their anchors' classes already): an ImageNet-size table is sorted once, not at every step. None: grouped
+            here, with the positives moved to their anchors' classes.
 
     Returns:
         [B, K] indices, never of the anchor's class and never the positive itself.
     """
     device = positive.device
     own = labels.long()[:, None] + 1                                      # [B, 1]
-    block = (sample_labels.long() + 1).index_put((positive.long(),), own[:, 0])  # [N] 0 = unknown, c + 1 = class c
-    num_blocks = block.numel() + 1  # ≥ the number of classes + 1 without reading the largest label
-    sizes = torch.zeros(num_blocks, dtype=torch.long, device=device).scatter_add_(0, block, torch.ones_like(block))
-    starts = sizes.cumsum(0) - sizes                                      # [num_blocks] first position of each class
-    order = torch.argsort(block, stable=True)                             # [N] sample indices grouped by class
+    if grouping is None:
+        block = (sample_labels.long() + 1).index_put((positive.long(),), own[:, 0])  # [N] 0 unknown, c + 1 class c
+        # ≥ the number of classes + 1 without reading the largest label
+        grouping = group_by_class(block, block.numel() + 1)
+    order, starts, sizes = grouping
     own_start, own_size = starts[own], sizes[own]
-    others = block.numel() - own_size                                     # [B, 1] samples of other classes
+    others = order.numel() - own_size                                     # [B, 1] samples of other classes
     u = torch.rand(positive.numel(), k, dtype=torch.float64, device=device, generator=generator)  # 53-bit uniform
     r = torch.minimum((u * others).long(), others - 1)                    # [B, K] uniform in [0, others)
     return order[torch.where(r < own_start, r, r + own_size)]
@@ -209,6 +244,7 @@ class CRD(DistillationLoss):
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None
         self._synced = False  # banks broadcast from rank 0 once (ranks are seeded differently)
+        self.labels_given = False  # info.train_labels given: the class grouping is fixed (built in setup)
         self._z_set = False   # Z known to be set (a checkpoint restores it; the first step sets it otherwise)
         self.student_taps = TapSpec(pooled=True) if student_feature == 'pooled' else TapSpec(tokens=True)
         self.teacher_taps = TapSpec(pooled=True)
@@ -240,6 +276,12 @@ class CRD(DistillationLoss):
         if table.shape != (n,):
             raise LossSpecError(f'loss \'crd\': info.train_labels has shape {tuple(table.shape)}, expected ({n},)')
         self.register_buffer('sample_labels', table.to(device))
+        # every class known: the samples are grouped by class once (an ImageNet table is not sorted at every step)
+        self.labels_given = labels is not None
+        if self.labels_given:
+            order, starts, sizes = group_by_class(table.to(device) + 1, int(table.max()) + 2)
+            for name, value in (('class_order', order), ('class_starts', starts), ('class_sizes', sizes)):
+                self.register_buffer(name, value, persistent=False)
         _logger.info('CRD: banks 2 × %d × %d fp32 (%.2f GiB), %d negatives, τ %g, μ %g%s', n, self.feat_dim,
                      2 * n * self.feat_dim * 4 / 2 ** 30, self.nce_k, self.nce_t, self.nce_m,
                      '' if labels is not None else '; sample classes learnt from the batches (first epoch: '
@@ -259,6 +301,8 @@ class CRD(DistillationLoss):
             vdist.broadcast_(self.memory_s)
             vdist.broadcast_(self.memory_t)
             self._synced = True
+        if self.labels_given:
+            return
         index = vdist.all_gather_no_grad(batch.index.to(self.sample_labels.device).long(), equal_sizes=True)
         labels = vdist.all_gather_no_grad(batch.labels.to(self.sample_labels.device).long(), equal_sizes=True)
         self.sample_labels[index] = labels  # the true (unmixed) class of every image of the global batch
@@ -280,7 +324,8 @@ class CRD(DistillationLoss):
 
     def sample_contrast(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """J [B, K+1]: the positive (own index) then K negatives of other classes."""
-        negatives = sample_negatives(index, labels, self.sample_labels, self.nce_k)
+        grouping = (self.class_order, self.class_starts, self.class_sizes) if self.labels_given else None
+        negatives = sample_negatives(index, labels, self.sample_labels, self.nce_k, grouping=grouping)
         return torch.cat([index[:, None], negatives], dim=1)
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
