@@ -15,7 +15,6 @@ img/s and the bytes stored per sample per epoch.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,18 +46,16 @@ def record(argv=None) -> int:
         for data_epoch in todo:
             loader.set_epoch(data_epoch)
             cache.begin_epoch(data_epoch, sampler.sample_seeds(data_epoch))
-            for images, labels, index in loader:
+            for batch_number, (images, labels, index) in enumerate(loader):
                 images, _, _, mix_seed = mix_batch(r.mixer, sampler, data_epoch, images, labels, index)
                 with accelerator.autocast():
-                    cache.features(images, index, mix_seed)
+                    cache.features(images, index.numpy(), mix_seed, batch_number)
                 seen += images.shape[0] * accelerator.num_processes
             cache.end_epoch(complete=True)
             accelerator.print(f'data epoch {data_epoch} recorded')
     elapsed = time.time() - start
-    folder = cache.root / 'epoch_0000'
-    per_sample = sum(os.path.getsize(p) for p in folder.glob('*.npy')) / cache.num_samples if folder.exists() else 0
     accelerator.print(f'{seen} images in {elapsed:.1f} s ({seen / max(elapsed, 1e-9):.0f} img/s); '
-                      f'{per_sample:.0f} bytes per sample per epoch (incl. .npy headers)')
+                      f'{cache.dtype.itemsize} bytes per sample per epoch')
     accelerator.end_training()
     return 0
 

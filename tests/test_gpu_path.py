@@ -192,7 +192,7 @@ def test_no_host_sync_while_the_teacher_cache_records_or_replays(tmp_path):
     record, replay = per_step[:5], per_step[5:]
     assert len(replay) == 5, per_step
     assert [_between_logging_steps(e) for e in (record, replay)] == [[[], []], [[], []]], per_step
-    assert (tmp_path / 'cache' / 'epoch_0000' / 'complete').exists()
+    assert (tmp_path / 'cache' / 'epoch_0000' / 'process_000.done').exists()
 
 
 def test_no_host_sync_per_batch_in_the_nd_centres_pass():
