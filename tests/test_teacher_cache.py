@@ -338,3 +338,26 @@ def test_feature_map_losses_are_not_cacheable(tmp_path):
                           RunInfo(num_classes=K, input_size=(3, 32, 32)))
     with pytest.raises(TeacherCacheError, match='fitnet also need teacher blocks'):
         TeacherCache.for_run(_config(tmp_path / 'c'), distiller, Accelerator(cpu=True), N, (3, 32, 32))
+
+
+def test_main_refuses_a_truncated_cache_in_one_line_with_exit_2(tmp_path):
+    """The command line: ``scripts/cache_teacher.py`` records data epoch 0; after its record file is cut short,
+    ``main.py`` stops with one ``error:`` line naming the file (exit 2, the README's code for a damaged file given on
+    the command line)."""
+    import subprocess
+    import sys
+    from test_gpu_path import REPO, TINY
+    cache = tmp_path / 'cache'
+    options = [*TINY, '--distill', 'kd', '--train-subset', '0.0006', '--epochs', '1', '--teacher-cache', str(cache),
+               '--teacher-cache-epochs', '1']
+    first = subprocess.run([sys.executable, str(REPO / 'scripts' / 'cache_teacher.py'), *options, '--output-dir',
+                            str(tmp_path / 'a')], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    record_file = cache / 'epoch_0000' / 'process_000.rec'
+    os.truncate(record_file, record_file.stat().st_size // 2)
+    second = subprocess.run([sys.executable, str(REPO / 'main.py'), *options, '--output-dir', str(tmp_path / 'b')],
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'process_000.rec: is truncated' in errors[0], second.stderr[-2000:]
+    assert 'Traceback' not in second.stderr
