@@ -14,15 +14,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import vitkd  # noqa: E402,F401
 from vitkd import distributed as vdist  # noqa: E402
 from vitkd.distiller import Distiller, LossEntry  # noqa: E402
 from vitkd.features import Features  # noqa: E402
 from vitkd.losses import Batch, RunInfo, create_loss  # noqa: E402
-from vitkd.losses.crd import (crd_loss, group_by_class, last_occurrence, momentum_update, nce_loss,  # noqa: E402
-                              sample_negatives)
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from vitkd.losses.crd import (contrast_scores, crd_loss, group_by_class, last_occurrence,  # noqa: E402
+                              momentum_update, nce_loss, sample_negatives)
 from vitkd.models import create_student, create_teacher  # noqa: E402
 from vitkd.training import TrainBatch
 
@@ -155,6 +155,21 @@ def test_momentum_formula_and_duplicates_last_write_wins():
     momentum_update(out2, index, v, mu)
     np.testing.assert_allclose(out1.numpy(), expected, rtol=1e-12)
     assert torch.equal(out1, out2)
+
+
+def test_a_bfloat16_bank_is_updated_in_fp32_and_read_at_the_anchors_precision():
+    """Half the bank memory: the momentum update of a bf16 bank is the fp32 update of its values, rounded once; the
+    scores read it at the anchor's fp32."""
+    g = torch.Generator().manual_seed(12)
+    bank = F.normalize(torch.randn(10, 4, generator=g), dim=1).bfloat16()
+    index, v = torch.tensor([3, 5, 3]), torch.randn(3, 4, generator=g)
+    expected = bank.float().clone()
+    momentum_update(expected, index, v, 0.3)
+    momentum_update(bank, index, v, 0.3)
+    assert bank.dtype == torch.bfloat16 and torch.equal(bank, expected.bfloat16())
+    anchor, contrast = F.normalize(torch.randn(2, 4, generator=g), dim=1), torch.tensor([[1, 3], [5, 0]])
+    torch.testing.assert_close(contrast_scores(anchor, bank, contrast, 0.07),
+                               contrast_scores(anchor, bank.float(), contrast, 0.07), rtol=0, atol=0)
 
 
 def test_non_finite_embeddings_never_enter_the_bank():

@@ -149,14 +149,16 @@ def test_the_counter_sees_every_kind_of_host_sync():
     x, mask, index = torch.randn(6, 3), torch.tensor([True, False] * 3), torch.tensor([0, 2])
     a = torch.randn(4, 4, dtype=torch.float64) + 4 * torch.eye(4, dtype=torch.float64)
     syncing = [lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x[mask], lambda: x.nonzero(),
-               lambda: torch.unique(index), lambda: x.masked_select(mask[:, None]), lambda: x.clone().index_put_(
-                   (mask,), torch.zeros(3)), lambda: torch.linalg.solve(a, a), lambda: x.cpu(), lambda: x.tolist(),
-               lambda: x.to('cpu'), lambda: index.repeat_interleave(index), lambda: torch.bincount(index),
-               lambda: x.new_tensor([1.0])]
-    free = [lambda: x[index], lambda: x.index_put((index,), torch.zeros(2, 3)), lambda: torch.where(mask[:, None], x, 0),
-            lambda: torch.linalg.solve_ex(a, a, check_errors=False), lambda: x.to('cpu', non_blocking=True),
-            lambda: index.repeat_interleave(index, output_size=2), lambda: x.gather(0, index[:, None].expand(2, 3)),
-            lambda: x.scatter_add(0, index[:, None].expand(2, 3), x[:2]), lambda: x.max(), lambda: x.argsort(0)]
+               lambda: torch.unique(index), lambda: x.masked_select(mask[:, None]),
+               lambda: x.clone().index_put_((mask,), torch.zeros(3)), lambda: torch.linalg.solve(a, a),
+               lambda: x.cpu(), lambda: x.tolist(), lambda: x.to('cpu'), lambda: index.repeat_interleave(index),
+               lambda: torch.bincount(index), lambda: x.new_tensor([1.0])]
+    free = [lambda: x[index], lambda: x.index_put((index,), torch.zeros(2, 3)),
+            lambda: torch.where(mask[:, None], x, 0), lambda: torch.linalg.solve_ex(a, a, check_errors=False),
+            lambda: x.to('cpu', non_blocking=True), lambda: index.repeat_interleave(index, output_size=2),
+            lambda: x.gather(0, index[:, None].expand(2, 3)), lambda: x.scatter_add(0, index[:, None].expand(2, 3),
+                                                                                    x[:2]),
+            lambda: x.max(), lambda: x.argsort(0)]
     for fn in syncing + free:
         with HostSyncs() as mode:
             fn()
