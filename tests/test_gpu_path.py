@@ -1,5 +1,5 @@
 """The GPU path, shown on CPU: the launcher's precision, every model on the training device before a method probes it,
-and no host read of a device value in a training step outside logging steps."""
+and no host wait for the device in a training step outside logging steps."""
 import json
 import os
 import subprocess

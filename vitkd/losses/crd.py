@@ -40,13 +40,18 @@ Where vitkd differs from the official code:
 * Negatives are rejection-sampled on the device: uniform draws in [0, N), redrawn while the draw has the
   anchor's class or is the positive itself — the distribution of the official ImageNet sampler (uniform over
   other-class samples, with replacement), without its 4.8 GiB per-class index lists; the official draws themselves
-  are not reproduced. The class of every sample comes from ``info.train_labels`` when the run provides it;
-  otherwise the table (buffer ``sample_labels``) is filled from the batches as they arrive, so during the first
-  epoch a not-yet-seen sample of the anchor's class can be drawn as a negative (from the second epoch on the
-  distribution is exact). A dataset-provided contrast-index mode is available in the pure function
+  are not reproduced. The class of every sample comes from ``info.train_labels`` when the run provides it (every
+  data set with labels): the samples are then grouped by class once, in ``setup`` (non-persistent buffers
+  ``class_order``/``class_starts``/``class_sizes``, 8 B per sample), and a step never sorts the N labels; otherwise
+  the table (buffer ``sample_labels``) is filled from the batches as they arrive and grouped again at every step, so
+  during the first epoch a not-yet-seen sample of the anchor's class can be drawn as a negative (from the second
+  epoch on the distribution is exact). A dataset-provided contrast-index mode is available in the pure function
   (:func:`crd_loss` takes any J), not in the loss class (the batch carries no contrast indices).
 * Bank updates are deduplicated (``index_copy_`` with duplicates is undefined on CUDA, and repeated augmentation
-  guarantees duplicates).
+  guarantees duplicates): every position writes the value of its index's last occurrence (found with a sort of the
+  global batch, no ``unique`` or boolean selection, whose sizes the host would wait for on a GPU), so duplicate writes
+  agree. Banks in fp32 take 2 × N × d × 4 B per GPU (1.22 GiB on ImageNet with d = 128); the update also keeps a
+  bf16 bank (computed in fp32, stored rounded), which the scores read at the anchor's precision.
 * Multi-process correctness as above; Z and the banks are checkpointed (the official code saves the
   student only).
 * Under mixup/cutmix (DeiT recipe) the positive, the class excluded from the negatives and the bank row updated are
