@@ -225,6 +225,7 @@ class CRD(DistillationLoss):
     """Contrastive representation distillation (NCE against momentum memory banks of both networks)."""
     paper = 'CRD: Contrastive Representation Distillation, Tian, Krishnan, Isola, ICLR 2020, arXiv:1910.10699'
     vit_student_weight = 0.01
+    labels_given = False  # setup got info.train_labels: the class grouping is fixed (built there)
 
     def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
                  student_feature: str = 'pooled'):
@@ -249,7 +250,6 @@ class CRD(DistillationLoss):
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None
         self._synced = False  # banks broadcast from rank 0 once (ranks are seeded differently)
-        self.labels_given = False  # info.train_labels given: the class grouping is fixed (built in setup)
         self._z_set = False   # Z known to be set (a checkpoint restores it; the first step sets it otherwise)
         self.student_taps = TapSpec(pooled=True) if student_feature == 'pooled' else TapSpec(tokens=True)
         self.teacher_taps = TapSpec(pooled=True)

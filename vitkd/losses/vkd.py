@@ -263,8 +263,8 @@ class CayleyOrthogonal(nn.Module):
         frame = weight.mT if weight.shape[-2] < weight.shape[-1] else weight   # [n, k], n ≥ k
         n, k = frame.shape
         if n == k:
-            gram_error = (frame.mT @ frame - torch.eye(k, dtype=frame.dtype, device=frame.device)).abs().max()
-            is_orthogonal = bool(gram_error <= 10.0 * n * torch.finfo(frame.dtype).eps)  # torch's test, at setup
+            eye = torch.eye(k, dtype=frame.dtype, device=frame.device)
+            is_orthogonal = torch.allclose(frame.mT @ frame, eye, atol=10.0 * n * torch.finfo(frame.dtype).eps)
             self.base = frame.clone() if is_orthogonal else _orthonormalize(frame)
         else:
             completion = torch.randn(n, n - k, dtype=frame.dtype, device=frame.device)
