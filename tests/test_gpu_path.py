@@ -27,8 +27,7 @@ TINY = ['--student', 'deit_ti_distilled', '--student-kwargs', 'img_size=28', 'pa
 
 # ops whose CUDA kernel makes the host wait for the device: a value read, or an output size that depends on values
 _VALUE_SIZED = {'nonzero', 'argwhere', 'masked_select', '_unique', '_unique2', 'unique_dim', 'unique_consecutive',
-                'unique_dim_consecutive', 'bincount', 'equal', 'is_nonzero', 'allclose', '_linalg_check_errors',
-                'histc', 'masked_scatter_'}
+                'unique_dim_consecutive', 'bincount', 'equal', 'is_nonzero', 'allclose', '_linalg_check_errors'}
 _HOST_COPIES = {'cpu', 'tolist'}  # Tensor methods that copy a device tensor to the host and wait for it
 
 
@@ -43,7 +42,7 @@ class HostSyncs(TorchDispatchMode):
 
     * ``aten._local_scalar_dense``: ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)`` (an ``if`` on a tensor);
     * ops whose output size depends on the values: ``nonzero``/``argwhere``, ``masked_select``, every ``unique``,
-      ``bincount``, ``histc``, boolean-mask ``index``/``index_put`` (``x[mask]``, ``x[mask] = v`` and their
+      ``bincount``, boolean-mask ``index``/``index_put`` (``x[mask]``, ``x[mask] = v`` and their
       backward), ``repeat_interleave`` without ``output_size``;
     * value comparisons returning a Python bool (``equal``, ``allclose``, ``is_nonzero``);
     * ``_linalg_check_errors``: the info check of ``torch.linalg.solve``/``inv``/``cholesky`` (``*_ex`` skip it).
@@ -108,7 +107,7 @@ class _HostCopies(TorchFunctionMode):
         if name in _HOST_COPIES and isinstance(args[0], torch.Tensor):
             self.seen.append(f'Tensor.{name}')
         elif name == 'to' and not kwargs.get('non_blocking', False) and not any(a is True for a in args[1:]):
-            if 'cpu' in (kwargs.get('device'), *args[1:]):
+            if any(isinstance(a, str) and a == 'cpu' for a in (kwargs.get('device'), *args[1:])):
                 self.seen.append("Tensor.to('cpu') blocking")
         elif name == 'new_tensor' or name in ('tensor', 'as_tensor') and kwargs.get('device') not in (None, 'cpu'):
             self.seen.append(f'torch.{name} onto the device')
