@@ -361,3 +361,23 @@ def test_main_refuses_a_truncated_cache_in_one_line_with_exit_2(tmp_path):
     errors = [line for line in second.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and 'process_000.rec: is truncated' in errors[0], second.stderr[-2000:]
     assert 'Traceback' not in second.stderr
+
+
+def test_a_full_disk_while_reserving_an_epoch_is_one_line(recorded, tmp_path, monkeypatch):
+    """The file's blocks are reserved when an epoch starts recording: no space then is a one-line refusal (a file
+    system without ``posix_fallocate`` records without the reservation)."""
+    import errno as errno_codes
+    cfg = _config(tmp_path / 'new')
+    cache = TeacherCache.for_run(cfg, recorded['setup'][2], recorded['setup'][0], N, (3, 32, 32))
+    seeds = EpochSampler(N, cfg.seed).sample_seeds(0)
+
+    def fallocate(errno_code):
+        def fail(fd, offset, size):
+            raise OSError(errno_code, os.strerror(errno_code))
+        return fail
+    monkeypatch.setattr(os, 'posix_fallocate', fallocate(errno_codes.EOPNOTSUPP))
+    assert cache.begin_epoch(0, seeds) == 'record'
+    cache.end_epoch(complete=False)
+    monkeypatch.setattr(os, 'posix_fallocate', fallocate(errno_codes.ENOSPC))
+    with pytest.raises(TeacherCacheError, match=r'process_000.rec: cannot reserve .* \(No space left on device\)'):
+        cache.begin_epoch(0, seeds)

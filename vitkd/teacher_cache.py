@@ -81,6 +81,7 @@ seed, the data, the augmentation, the precision and a hash of the teacher's weig
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -218,6 +219,16 @@ def _checksums(records: np.ndarray, seed: int) -> np.ndarray:
     """[n] CRC-32 of each record's bytes but its last four (the ``check`` field), seeded with ``seed``."""
     raw = records.view(np.uint8).reshape(len(records), records.dtype.itemsize)
     return np.fromiter((zlib.crc32(row[:-4].tobytes(), seed) for row in raw), dtype=np.uint32, count=len(records))
+
+
+def _reserve(file: int, size: int) -> None:
+    """Allocate the file's blocks now (the disk is full now or never during the epoch); a file system that cannot
+    (``posix_fallocate`` unsupported) is written without the reservation."""
+    try:
+        os.posix_fallocate(file, 0, size)
+    except (AttributeError, OSError) as e:
+        if getattr(e, 'errno', None) == errno.ENOSPC:
+            raise
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -409,8 +420,7 @@ class TeacherCache:
         self.file = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(self.file, size)  # a re-recorded epoch keeps no record of another layout
-            if hasattr(os, 'posix_fallocate'):
-                os.posix_fallocate(self.file, 0, size)  # the disk is full now or never during the epoch
+            _reserve(self.file, size)
             os.pwrite(self.file, header.ljust(HEADER_BYTES - 1) + b'\n', 0)
         except OSError as e:
             os.close(self.file)
