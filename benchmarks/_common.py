@@ -107,12 +107,12 @@ def record_cache(distiller: Distiller, batches: Sequence[Batch], classes: int, t
     n = len(batches) * batches[0][0].shape[0]
     meta = dict(num_samples=n, num_classes=classes, topk=min(topk, classes), pooled_dim=None, logits=True,
                 pooled=False)
-    cache = TeacherCache(folder, meta, 1, distiller.teacher_features, device=device)
+    cache = TeacherCache(folder, meta, 1, distiller.teacher_features, n, device=device)
     seeds = np.arange(n, dtype=np.uint64)
     cache.begin_epoch(0, seeds)
     with torch.no_grad(), autocast(device, precision):
         for b, (x, _, _, _, host_index) in enumerate(batches):
-            cache.features(x, host_index, b)
+            cache.features(x, host_index, b, b)
     cache.end_epoch(complete=True)
     if cache.begin_epoch(0, seeds) != 'replay':
         raise RuntimeError(f'teacher cache {folder}: the recorded epoch is not complete')
@@ -163,7 +163,7 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
         b = batch_no % len(batches)
         images, targets, labels, index, host_index = batches[b]
         with autocast(device, precision):
-            feats = cache.features(images, host_index, b) if cache is not None else None
+            feats = cache.features(images, host_index, b, b) if cache is not None else None
             out = distiller(TrainBatch(images, targets, labels, index=index, host_index=host_index.numpy(),
                                        teacher_features=feats))
         loss_value = out['loss']

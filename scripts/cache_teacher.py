@@ -15,7 +15,6 @@ img/s and the bytes stored per sample per epoch.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch  # noqa: E402
 
 from vitkd import run as runlib  # noqa: E402
 from vitkd.config import ConfigError, parse_args  # noqa: E402
-from vitkd.data import find_epoch_sampler, mix_batch  # noqa: E402
 from vitkd.errors import UsageError  # noqa: E402
+from vitkd.training import TrainState  # noqa: E402
 
 
 def record(argv=None) -> int:
@@ -36,29 +35,26 @@ def record(argv=None) -> int:
         raise ConfigError('scripts/cache_teacher.py needs --teacher-cache DIR')
     accelerator = runlib.make_accelerator(cfg)
     r = runlib.build_run(cfg, accelerator)
-    cache, loader = r.teacher_cache, r.train_loader
-    sampler = find_epoch_sampler(loader)
+    cache = r.teacher_cache
     todo = [e for e in range(cache.epochs) if not cache.is_complete(e)]
     accelerator.print(f'teacher {r.teacher.source}: recording data epochs {todo or "(none: all complete)"} of '
-                      f'{cache.epochs} into {cache.root} ({len(loader.dataset)} images, {accelerator.num_processes} '
-                      f'process(es) × batch {cfg.batch_size})')
+                      f'{cache.epochs} into {cache.root} ({len(r.train_loader.dataset)} images, '
+                      f'{accelerator.num_processes} process(es) × batch {cfg.batch_size})')
     seen, start = 0, time.time()
     with torch.no_grad():
         for data_epoch in todo:
-            loader.set_epoch(data_epoch)
-            cache.begin_epoch(data_epoch, sampler.sample_seeds(data_epoch))
-            for images, labels, index in loader:
-                images, _, _, mix_seed = mix_batch(r.mixer, sampler, data_epoch, images, labels, index)
-                with accelerator.autocast():
-                    cache.features(images, index, mix_seed)
-                seen += images.shape[0] * accelerator.num_processes
-            cache.end_epoch(complete=True)
+            # the training loop's batches (device copies, seeded mixup, the cache recording each batch's teacher
+            # outputs), without a student step
+            state = TrainState(epoch=data_epoch)
+            progress = r.batches.epoch(state)
+            for it, _ in progress:
+                state.batches_done = it + 1
+                seen += cfg.batch_size * accelerator.num_processes
+            progress.close()
             accelerator.print(f'data epoch {data_epoch} recorded')
     elapsed = time.time() - start
-    folder = cache.root / 'epoch_0000'
-    per_sample = sum(os.path.getsize(p) for p in folder.glob('*.npy')) / cache.num_samples if folder.exists() else 0
     accelerator.print(f'{seen} images in {elapsed:.1f} s ({seen / max(elapsed, 1e-9):.0f} img/s); '
-                      f'{per_sample:.0f} bytes per sample per epoch (incl. .npy headers)')
+                      f'{cache.dtype.itemsize} bytes per sample per epoch')
     accelerator.end_training()
     return 0
 

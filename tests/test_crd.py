@@ -14,13 +14,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import vitkd  # noqa: E402,F401
 from vitkd import distributed as vdist  # noqa: E402
 from vitkd.distiller import Distiller, LossEntry  # noqa: E402
 from vitkd.features import Features  # noqa: E402
 from vitkd.losses import Batch, RunInfo, create_loss  # noqa: E402
-from vitkd.losses.crd import crd_loss, momentum_update, nce_loss, sample_negatives  # noqa: E402
+from vitkd.losses.crd import (contrast_scores, crd_loss, group_by_class, last_occurrence,  # noqa: E402
+                              momentum_update, nce_loss, sample_negatives)
 from vitkd.models import create_student, create_teacher  # noqa: E402
 from vitkd.training import TrainBatch
 
@@ -155,6 +157,21 @@ def test_momentum_formula_and_duplicates_last_write_wins():
     assert torch.equal(out1, out2)
 
 
+def test_a_bfloat16_bank_is_updated_in_fp32_and_read_at_the_anchors_precision():
+    """Half the bank memory: the momentum update of a bf16 bank is the fp32 update of its values, rounded once; the
+    scores read it at the anchor's fp32."""
+    g = torch.Generator().manual_seed(12)
+    bank = F.normalize(torch.randn(10, 4, generator=g), dim=1).bfloat16()
+    index, v = torch.tensor([3, 5, 3]), torch.randn(3, 4, generator=g)
+    expected = bank.float().clone()
+    momentum_update(expected, index, v, 0.3)
+    momentum_update(bank, index, v, 0.3)
+    assert bank.dtype == torch.bfloat16 and torch.equal(bank, expected.bfloat16())
+    anchor, contrast = F.normalize(torch.randn(2, 4, generator=g), dim=1), torch.tensor([[1, 3], [5, 0]])
+    torch.testing.assert_close(contrast_scores(anchor, bank, contrast, 0.07),
+                               contrast_scores(anchor, bank.float(), contrast, 0.07), rtol=0, atol=0)
+
+
 def test_non_finite_embeddings_never_enter_the_bank():
     g = torch.Generator().manual_seed(4)
     memory = F.normalize(torch.randn(8, 4, generator=g), dim=1)
@@ -187,6 +204,57 @@ def test_negatives_never_anchor_class_nor_positive_and_uniform():
     unknown = torch.full((30,), -1)  # classes not yet known: only the positive is excluded
     draws = sample_negatives(positive, anchor_labels, unknown, 2000, generator=g)
     assert (draws != positive[:, None]).all() and (labels_table[draws] == anchor_labels[:, None]).any()
+
+
+def test_last_occurrence_matches_a_loop():
+    g = torch.Generator().manual_seed(8)
+    for m in (1, 7, 64):
+        index = torch.randint(0, max(1, m // 3), (m,), generator=g)
+        last = {}
+        for pos, i in enumerate(index.tolist()):
+            last[i] = pos
+        assert last_occurrence(index).tolist() == [last[i] for i in index.tolist()]
+
+
+def test_a_fixed_class_grouping_draws_exactly_what_the_per_step_grouping_draws():
+    """With every class known, the grouping built once (the run's path) and the one built per step from the table with
+    the positives moved to their classes (the learnt-table path) are the same, so are the draws."""
+    table = torch.randint(0, 5, (50,), generator=torch.Generator().manual_seed(9))
+    positive = torch.tensor([3, 17, 42, 8])
+    fixed = group_by_class(table + 1, int(table.max()) + 2)
+    draws = [sample_negatives(positive, table[positive], table, 300, generator=torch.Generator().manual_seed(10),
+                              grouping=grouping) for grouping in (fixed, None)]
+    assert torch.equal(draws[0], draws[1])
+    assert (table[draws[0]] != table[positive][:, None]).all()
+
+
+class _Sorts(TorchDispatchMode):
+    """Sizes of the tensors sorted (sort / argsort) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ('sort', 'argsort'):
+            self.sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_with_given_labels_sorts_no_training_set_size_tensor():
+    """ImageNet scale: the negatives of a run whose data set gives its labels come from a grouping made once in
+    setup; a step sorts only batch-size tensors (the bank update's deduplication)."""
+    n = 1000
+    info = RunInfo(num_classes=N_CLASSES, num_samples=n)
+    info.train_labels = torch.arange(n) % N_CLASSES
+    loss = create_loss('crd', feat_dim=FEAT, nce_k=16)
+    loss.setup(Features(pooled=torch.zeros(2, D_S)), Features(pooled=torch.zeros(2, D_T)), info)
+    index = torch.tensor([5, 99, 500, 7])
+    with _Sorts() as sorts:
+        for _ in range(2):
+            loss(Features(pooled=torch.randn(4, D_S)), Features(pooled=torch.randn(4, D_T)),
+                 make_batch(index, info.train_labels[index]))
+    assert sorts.sizes and max(sorts.sizes) == 4, sorts.sizes
 
 
 def test_label_table_learnt_from_batches_or_given():

@@ -262,13 +262,14 @@ def test_two_processes_with_idle_parameters_need_and_get_find_unused(image_folde
 
 @pytest.mark.slow
 def test_two_processes_record_and_replay_the_teacher_cache(image_folder, tmp_path):
-    """Each process writes its own samples' teacher outputs; a second run replays every epoch (mixup on)."""
+    """Each process writes its own file of its samples' teacher outputs; a second run replays every epoch (mixup on)."""
     cache = tmp_path / 'cache'
     mix = ['--distill', 'vkd', '--mixup', '0.8', '--cutmix', '1.0', '--teacher-cache', str(cache)]
     first, _ = run_two_processes(_args(image_folder, tmp_path / 'first', 8, *mix, '--teacher-cache-epochs', '1'),
                                  tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((cache / 'epoch_0000' / 'complete').read_text()) == {'samples': 64}  # both ranks' rows
+    for rank in (0, 1):  # one record file per process, each with its 32 samples, read back intact
+        assert json.loads((cache / 'epoch_0000' / f'process_{rank:03d}.done').read_text())['records'] == 32
     second, _ = run_two_processes(_args(image_folder, tmp_path / 'second', 8, *mix), tmp_path)  # epochs from meta
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = step_records(tmp_path / 'first'), step_records(tmp_path / 'second')

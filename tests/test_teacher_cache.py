@@ -7,6 +7,10 @@ teacher's outputs only). Epochs recorded with the live teacher are compared with
 cache, and with a cache keyed by the sample index alone (torchdistill's), which must be wrong.
 """
 import json
+import os
+import shutil
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +24,12 @@ from engine import TrainState, train_one_epoch
 from vitkd.training import EpochBatches, NonFiniteGuard
 from vitkd.build import BatchMixer
 from vitkd.config import Config
-from vitkd.data import ArrayImageDataset, EpochSampler, IndexedDataset, TransformedDataset
+from vitkd.data import ArrayImageDataset, EpochSampler, IndexedDataset, TransformedDataset, mix_batch
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import Features
 from vitkd.losses import RunInfo, create_loss
-from vitkd.teacher_cache import TeacherCache, TeacherCacheError, compress_logits, expand_logits
+from vitkd.teacher_cache import (HEADER_BYTES, TeacherCache, TeacherCacheError, _to_device, cache_bytes,
+                                 compress_logits, expand_logits, record_dtype)
 
 torch.set_num_threads(1)
 N, BATCH, K = 48, 8, 10
@@ -121,7 +126,7 @@ class _IndexOnlyCache:
     def begin_epoch(self, data_epoch, sample_seeds):
         self.mode = 'replay' if self.store else 'record'
 
-    def features(self, images, index, mix_seed):
+    def features(self, images, index, mix_seed, batch_number):
         if self.mode == 'record':
             feats = self.live(images)
             for row, i in enumerate(index.tolist()):
@@ -170,23 +175,47 @@ def test_a_cache_keyed_by_index_alone_gives_wrong_losses(recorded):
     assert _max_rel_diff(stale, recorded['live'][1]) > 5e-2   # fails the tolerance the real cache meets
 
 
-def test_cache_files_hold_per_sample_seeds_and_a_complete_marker(recorded):
-    cache_dir = recorded['cache_dir']
+def _records(cache_dir, data_epoch: int, cache) -> np.ndarray:
+    """A record file read independently of the cache: NumPy's reader after the fixed-size header."""
+    return np.fromfile(cache_dir / f'epoch_{data_epoch:04d}' / 'process_000.rec', dtype=cache.dtype,
+                       offset=HEADER_BYTES)
+
+
+def test_cache_files_hold_per_sample_seeds_in_visiting_order_and_a_done_marker(recorded):
+    cache_dir, cache = recorded['cache_dir'], recorded['cache']
     sampler = EpochSampler(N, recorded['cfg'].seed)
+    assert cache.dtype.names == ('index', 'seed', 'mix_seed', 'logits', 'pooled', 'check')  # all K logits kept
     for data_epoch in (0, 1):
         folder = cache_dir / f'epoch_{data_epoch:04d}'
-        np.testing.assert_array_equal(np.load(folder / 'seeds.npy'), sampler.sample_seeds(data_epoch))
-        assert json.loads((folder / 'complete').read_text()) == {'samples': N}  # 48 = 6 full batches
-        assert np.load(folder / 'logits.npy').shape == (N, K) and not (folder / 'classes.npy').exists()
-        assert np.load(folder / 'pooled.npy').dtype == np.float16
-        # every batch's samples carry that batch's mixup seed, computed independently from the epoch's order
-        mix = np.load(folder / 'mix_seeds.npy')
+        records = _records(cache_dir, data_epoch, cache)
         sampler.set_epoch(data_epoch)
         keys = [i for i, _ in sampler]
-        for start in range(0, N, BATCH):
-            batch = keys[start:start + BATCH]
-            assert set(mix[batch].tolist()) == {sampler.mix_seed(data_epoch, batch[0])}
+        assert records['index'].tolist() == keys  # one process: record r is the r-th sample visited
+        np.testing.assert_array_equal(records['seed'], sampler.sample_seeds(data_epoch)[keys])
+        assert json.loads((folder / 'process_000.done').read_text())['records'] == N  # 48 = 6 full batches
+        assert records['logits'].shape == (N, K) and records['pooled'].dtype == np.int16  # bf16 bit patterns
+        for start in range(0, N, BATCH):  # each batch's records carry its mixup seed, computed independently
+            assert set(records['mix_seed'][start:start + BATCH].tolist()) == {sampler.mix_seed(data_epoch,
+                                                                                               keys[start])}
+        seed = zlib.crc32(f'{cache.digest}:{data_epoch}:0'.encode())
+        assert [zlib.crc32(r.tobytes()[:-4], seed) for r in records] == records['check'].tolist()
     assert not (cache_dir / 'epoch_0002').exists()
+
+
+def test_stored_features_are_the_teachers_rounded_to_bfloat16_and_logits_to_float16(recorded):
+    """The first batch of data epoch 0, run through the live teacher again, against its records."""
+    _, _, distiller, _, loader, mixer = recorded['setup']
+    cache = recorded['cache']
+    records = _records(recorded['cache_dir'], 0, cache)[:BATCH]
+    loader.set_epoch(0)
+    images, labels, index = next(iter(loader))
+    images, _, _, _ = mix_batch(mixer, EpochSampler(N, recorded['cfg'].seed), 0, images, labels, index.numpy())
+    with torch.no_grad():
+        live = distiller.teacher_features(images)
+    assert records['index'].tolist() == index.tolist()
+    pooled = torch.from_numpy(records['pooled'].copy()).view(torch.bfloat16)
+    assert torch.equal(pooled, live.pooled.to(torch.bfloat16))
+    assert torch.equal(torch.from_numpy(records['logits'].copy()), live.logits.half())
 
 
 def test_a_cache_refuses_another_batch_layout_or_teacher(recorded):
@@ -207,17 +236,97 @@ def test_a_cache_refuses_another_batch_layout_or_teacher(recorded):
             distiller.teacher.model.head.fc.bias.sub_(1.0)
 
 
-def test_a_replayed_batch_with_another_mixup_seed_is_an_error(recorded, tmp_path):
-    import shutil
+def _copy(recorded, tmp_path) -> Path:
     copy = tmp_path / 'cache'
     shutil.copytree(recorded['cache_dir'], copy)
-    mix = np.load(copy / 'epoch_0001' / 'mix_seeds.npy')
-    mix[:] += np.uint64(1)
-    np.save(copy / 'epoch_0001' / 'mix_seeds.npy', mix)
-    cfg = _config(copy)
+    return copy
+
+
+def _replay_first_batch(recorded, cache_dir, data_epoch: int = 1, mix_offset: int = 0):
+    """Open ``data_epoch`` of the cache in ``cache_dir`` and read its first batch (as the engine would)."""
+    cfg = _config(cache_dir)
     cache = TeacherCache.for_run(cfg, recorded['setup'][2], recorded['setup'][0], N, (3, 32, 32))
+    sampler = EpochSampler(N, cfg.seed)
+    sampler.set_epoch(data_epoch)
+    keys = np.array([i for i, _ in sampler][:BATCH])
+    assert cache.begin_epoch(data_epoch, sampler.sample_seeds(data_epoch)) == 'replay'
+    try:
+        return cache.features(None, keys, sampler.mix_seed(data_epoch, int(keys[0])) + mix_offset, 0)
+    finally:
+        cache.end_epoch(complete=False)
+
+
+def test_a_replayed_batch_with_another_mixup_seed_is_an_error(recorded):
+    assert _replay_first_batch(recorded, recorded['cache_dir']).pooled.shape == (BATCH, 368)
     with pytest.raises(TeacherCacheError, match='mixup seed'):
-        _epoch(recorded['setup'], 1, cache)
+        _replay_first_batch(recorded, recorded['cache_dir'], mix_offset=1)
+
+
+def test_a_truncated_record_file_is_named_and_never_replayed(recorded, tmp_path):
+    copy = _copy(recorded, tmp_path)
+    path = copy / 'epoch_0001' / 'process_000.rec'
+    os.truncate(path, path.stat().st_size - 100)
+    with pytest.raises(TeacherCacheError, match=r'process_000.rec: is truncated or damaged .* not replayed'):
+        _replay_first_batch(recorded, copy)
+
+
+def test_a_damaged_record_fails_its_checksum(recorded, tmp_path):
+    copy = _copy(recorded, tmp_path)
+    path = copy / 'epoch_0001' / 'process_000.rec'
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 3 * recorded['cache'].dtype.itemsize + 40] ^= 0x10  # one bit of record 3
+    path.write_bytes(bytes(data))
+    with pytest.raises(TeacherCacheError, match='record 3 fails its checksum'):
+        _replay_first_batch(recorded, copy)
+
+
+def test_a_record_file_of_another_cache_or_epoch_is_refused(recorded, tmp_path):
+    """A file copied in from another data epoch (or another cache: its header names another meta.json) is refused
+    from its header; with the header rewritten to match, from its records' checksums, seeded by the file's
+    identity."""
+    copy = _copy(recorded, tmp_path)
+    epoch0, epoch1 = (copy / f'epoch_000{e}' / 'process_000.rec' for e in (0, 1))
+    shutil.copy(epoch0, epoch1)
+    with pytest.raises(TeacherCacheError, match='written for another cache .data_epoch differ'):
+        _replay_first_batch(recorded, copy)
+    header = epoch1.read_bytes()[:HEADER_BYTES].replace(b'"data_epoch": 0', b'"data_epoch": 1')
+    epoch1.write_bytes(header + epoch0.read_bytes()[HEADER_BYTES:])
+    with pytest.raises(TeacherCacheError, match='record 0 fails its checksum'):
+        _replay_first_batch(recorded, copy)
+
+
+def test_a_cache_of_another_vitkd_version_or_format_is_refused(recorded, tmp_path):
+    copy = _copy(recorded, tmp_path)
+    meta = json.loads((copy / 'meta.json').read_text())
+    for change in ({'format': 1}, {'vitkd_version': '0.0.1'}):
+        (copy / 'meta.json').write_text(json.dumps({**meta, **change}))
+        with pytest.raises(TeacherCacheError, match=r'was written by vitkd .* use another folder'):
+            _replay_first_batch(recorded, copy)
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_recording(recorded, tmp_path, monkeypatch):
+    """The size is computed from the record layout: E_c epochs × N records (+ a header per file)."""
+    cfg = _config(tmp_path / 'new')
+    per_epoch = HEADER_BYTES + N * record_dtype(K, K, True, 368).itemsize
+    free = 2 * per_epoch - 1  # two data epochs do not fit
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - free, free))
+    with pytest.raises(TeacherCacheError, match=f'recording 2 data epochs needs .* the disk has'):
+        TeacherCache.for_run(cfg, recorded['setup'][2], recorded['setup'][0], N, (3, 32, 32))
+    assert cache_bytes(N, 1, 2, record_dtype(K, K, True, 368)) == 2 * per_epoch > free
+
+
+def test_replay_copies_from_pinned_memory_without_blocking(monkeypatch):
+    """The meta device stands in for CUDA: the replayed arrays are pinned, then copied with ``non_blocking``."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda self: calls.append('pin') or self)
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        calls.append(('to', kwargs.get('non_blocking')))
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, 'to', to)
+    out = _to_device(np.zeros((2, 3), dtype=np.float16), torch.device('meta'))
+    assert out.device.type == 'meta' and calls == ['pin', ('to', True)]
 
 
 def test_feature_map_losses_are_not_cacheable(tmp_path):
@@ -229,3 +338,46 @@ def test_feature_map_losses_are_not_cacheable(tmp_path):
                           RunInfo(num_classes=K, input_size=(3, 32, 32)))
     with pytest.raises(TeacherCacheError, match='fitnet also need teacher blocks'):
         TeacherCache.for_run(_config(tmp_path / 'c'), distiller, Accelerator(cpu=True), N, (3, 32, 32))
+
+
+def test_main_refuses_a_truncated_cache_in_one_line_with_exit_2(tmp_path):
+    """The command line: ``scripts/cache_teacher.py`` records data epoch 0; after its record file is cut short,
+    ``main.py`` stops with one ``error:`` line naming the file (exit 2, the README's code for a damaged file given on
+    the command line)."""
+    import subprocess
+    import sys
+    from test_gpu_path import REPO, TINY
+    cache = tmp_path / 'cache'
+    options = [*TINY, '--distill', 'kd', '--train-subset', '0.0006', '--epochs', '1', '--teacher-cache', str(cache),
+               '--teacher-cache-epochs', '1']
+    first = subprocess.run([sys.executable, str(REPO / 'scripts' / 'cache_teacher.py'), *options, '--output-dir',
+                            str(tmp_path / 'a')], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    record_file = cache / 'epoch_0000' / 'process_000.rec'
+    os.truncate(record_file, record_file.stat().st_size // 2)
+    second = subprocess.run([sys.executable, str(REPO / 'main.py'), *options, '--output-dir', str(tmp_path / 'b')],
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'process_000.rec: is truncated' in errors[0], second.stderr[-2000:]
+    assert 'Traceback' not in second.stderr
+
+
+def test_a_full_disk_while_reserving_an_epoch_is_one_line(recorded, tmp_path, monkeypatch):
+    """The file's blocks are reserved when an epoch starts recording: no space then is a one-line refusal (a file
+    system without ``posix_fallocate`` records without the reservation)."""
+    import errno as errno_codes
+    cfg = _config(tmp_path / 'new')
+    cache = TeacherCache.for_run(cfg, recorded['setup'][2], recorded['setup'][0], N, (3, 32, 32))
+    seeds = EpochSampler(N, cfg.seed).sample_seeds(0)
+
+    def fallocate(errno_code):
+        def fail(fd, offset, size):
+            raise OSError(errno_code, os.strerror(errno_code))
+        return fail
+    monkeypatch.setattr(os, 'posix_fallocate', fallocate(errno_codes.EOPNOTSUPP))
+    assert cache.begin_epoch(0, seeds) == 'record'
+    cache.end_epoch(complete=False)
+    monkeypatch.setattr(os, 'posix_fallocate', fallocate(errno_codes.ENOSPC))
+    with pytest.raises(TeacherCacheError, match=r'process_000.rec: cannot reserve .* \(No space left on device\)'):
+        cache.begin_epoch(0, seeds)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import orthogonal
 
 import vitkd  # noqa: F401  (registers students and losses)
 from vitkd.build import build_losses, build_optimizer
@@ -19,8 +20,9 @@ from vitkd.distiller import Distiller, LossEntry
 from vitkd.errors import UsageError
 from vitkd.features import Features, TapSpec, extract
 from vitkd.losses import RunInfo, create_loss
-from vitkd.losses.vkd import (DEFAULT_PROJECTOR, ORTHOGONAL_MAPS, PROJECTORS, batch_standardize, build_projector,
-                              layer_standardize, normalize_teacher, pool_student, vkd_representation_loss, whiten)
+from vitkd.losses.vkd import (DEFAULT_PROJECTOR, ORTHOGONAL_MAPS, PROJECTORS, CayleyOrthogonal, batch_standardize,
+                              build_projector, cayley_frame, layer_standardize, normalize_teacher, pool_student,
+                              vkd_representation_loss, whiten)
 from vitkd.models import create_student, create_teacher
 from vitkd.training import TrainBatch
 
@@ -265,8 +267,63 @@ def test_every_projector_builds_and_maps_widths(kind):
 
 
 def _map_of(projector) -> str:
-    """torch's name of the map inside an orthogonal projector's parametrisation."""
-    return projector.parametrizations.weight[0].orthogonal_map.name
+    """The map inside an orthogonal projector's parametrisation: vitkd's Cayley map, or torch's map's name."""
+    parametrisation = projector.parametrizations.weight[0]
+    return 'cayley' if isinstance(parametrisation, CayleyOrthogonal) else parametrisation.orthogonal_map.name
+
+
+def _torch_cayley(in_dim: int, out_dim: int) -> torch.nn.Module:
+    return orthogonal(torch.nn.Linear(in_dim, out_dim, bias=False), orthogonal_map='cayley', use_trivialization=True)
+
+
+def _set_original(projector, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        projector.parametrizations.weight.original.copy_(value)
+
+
+@pytest.mark.parametrize('in_dim,out_dim', [(6, 20), (12, 12), (20, 6), (1, 9)])
+@pytest.mark.parametrize('scale', [0.1, 3.0])
+def test_vitkd_cayley_map_is_torchs_in_float64_with_the_same_tensors_and_gradients(in_dim, out_dim, scale):
+    """Same seed → the same ``base`` and ``original`` (so torch-map checkpoints load unchanged); the same trained
+    tensor → the same W (to 1e-12 in fp64, where both are exact up to rounding) and the same gradient of a loss on W
+    with respect to the trained tensor (torch's computes them from an n×n solve, vitkd's from a k×k one)."""
+    torch.manual_seed(3)
+    ours = build_projector('orthogonal_cayley', in_dim, out_dim).double()
+    torch.manual_seed(3)
+    reference = _torch_cayley(in_dim, out_dim).double()
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    trained = scale * torch.randn(out_dim, in_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    probe = torch.randn(out_dim, in_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for projector in (ours, reference):
+        _set_original(projector, trained)
+        (projector.weight * probe).sum().pow(2).backward()
+        grads.append(projector.parametrizations.weight.original.grad)
+    torch.testing.assert_close(ours.weight, reference.weight, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10 * grads[1].abs().max().item(), rtol=0)
+    assert grads[1].abs().max() > 0
+
+
+def test_vitkd_cayley_map_equals_the_dense_formula_and_stays_orthonormal():
+    """Against Q = (I − A/2)⁻¹(I + A/2) written out densely (A from the padded lower triangle), and WᵀW = I for
+    large trained tensors (fp64: the map is exact for every X); a torch-map checkpoint loads and gives its W."""
+    n, k = 30, 8
+    x = 5.0 * torch.randn(n, k, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    padded = torch.cat([x.tril(), torch.zeros(n, n - k, dtype=torch.float64)], dim=1)
+    a = padded - padded.T
+    eye = torch.eye(n, dtype=torch.float64)
+    q = torch.linalg.inv(eye - a / 2) @ (eye + a / 2)
+    base = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(7)))[0]
+    w = cayley_frame(x, base)
+    torch.testing.assert_close(w, base @ q[:, :k], atol=1e-12, rtol=0)
+    torch.testing.assert_close(w.T @ w, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0)
+    reference = _torch_cayley(k, n)
+    _set_original(reference, x.float())
+    ours = build_projector('orthogonal_cayley', k, n)
+    ours.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(ours.weight, reference.weight, atol=1e-5, rtol=0)  # fp32, ‖X‖ ~ 5: solve rounding
 
 
 def test_default_is_the_cayley_map_and_the_householder_map_stays_selectable():

@@ -78,12 +78,12 @@ class Config:
     compile_student: bool = option(False, 'torch.compile the student\'s training forward (its taps, logits and '
                                    'backward; inductor; evaluation and export stay eager)')
     teacher_cache: Optional[str] = option(None, 'teacher-output cache folder: epochs not cached yet record the '
-                                       'teacher\'s logits/pooled features (fp16) per sample with their augmentation '
-                                       'seeds, cached epochs replay them without running the teacher '
-                                       '(see vitkd/teacher_cache.py, scripts/cache_teacher.py)')
+                                       'teacher\'s logits (fp16) and pooled features (bf16) per sample with their '
+                                       'augmentation seeds and checksums, cached epochs replay them without running '
+                                       'the teacher (see vitkd/teacher_cache.py, scripts/cache_teacher.py)')
     teacher_cache_epochs: Optional[int] = option(None, 'distinct epochs of augmentation the cache holds; epoch e '
                                               'uses data epoch e mod this (default: an existing cache\'s, else '
-                                              '--epochs: no repetition)')
+                                              'min(--epochs, 10): the augmentations cycle, bounding the disk)')
     teacher_cache_topk: int = option(10, 'teacher logits kept per sample (the rest of the probability mass spread '
                                      'uniformly, as TinyViT); >= the number of classes keeps every logit')
     # ---- distillation ----------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class EpochSampler(Sampler):
     def order(self, epoch: int) -> list[tuple[int, int]]:
         """The epoch's ``(index, copy)`` pairs in yield order."""
         gen = torch.Generator().manual_seed(int(self._streams(epoch)[0].generate_state(1, np.uint64)[0]))
-        perm = torch.randperm(self.num_samples, generator=gen).tolist()
+        perm = torch.randperm(self.num_samples, generator=gen).numpy().tolist()  # a host tensor: read as NumPy
         if self.repeats == 1:
             return [(i, 0) for i in perm]
         repeated = [(i, c) for i in perm for c in range(self.repeats)]  # [R·N]

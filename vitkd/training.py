@@ -180,7 +180,7 @@ class EpochBatches:
                 cached = None
                 if cache is not None:
                     with self.accelerator.autocast():
-                        cached = cache.features(images, index, mix_seed)
+                        cached = cache.features(images, host_index, mix_seed, it)
                 yield it, TrainBatch(images=images, targets=targets, labels=labels, labels_b=mix['labels_b'],
                                      lam=mix['lam'], index=index.to(device, non_blocking=True), host_index=host_index,
                                      epoch=state.epoch + it / max(1, num_batches), step=state.step,

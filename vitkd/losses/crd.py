@@ -40,13 +40,18 @@ Where vitkd differs from the official code:
 * Negatives are rejection-sampled on the device: uniform draws in [0, N), redrawn while the draw has the
   anchor's class or is the positive itself — the distribution of the official ImageNet sampler (uniform over
   other-class samples, with replacement), without its 4.8 GiB per-class index lists; the official draws themselves
-  are not reproduced. The class of every sample comes from ``info.train_labels`` when the run provides it;
-  otherwise the table (buffer ``sample_labels``) is filled from the batches as they arrive, so during the first
-  epoch a not-yet-seen sample of the anchor's class can be drawn as a negative (from the second epoch on the
-  distribution is exact). A dataset-provided contrast-index mode is available in the pure function
+  are not reproduced. The class of every sample comes from ``info.train_labels`` when the run provides it (every
+  data set with labels): the samples are then grouped by class once, in ``setup`` (non-persistent buffers
+  ``class_order``/``class_starts``/``class_sizes``, 8 B per sample), and a step never sorts the N labels; otherwise
+  the table (buffer ``sample_labels``) is filled from the batches as they arrive and grouped again at every step, so
+  during the first epoch a not-yet-seen sample of the anchor's class can be drawn as a negative (from the second
+  epoch on the distribution is exact). A dataset-provided contrast-index mode is available in the pure function
   (:func:`crd_loss` takes any J), not in the loss class (the batch carries no contrast indices).
 * Bank updates are deduplicated (``index_copy_`` with duplicates is undefined on CUDA, and repeated augmentation
-  guarantees duplicates).
+  guarantees duplicates): every position writes the value of its index's last occurrence (found with a sort of the
+  global batch, no ``unique`` or boolean selection, whose sizes the host would wait for on a GPU), so duplicate writes
+  agree. Banks in fp32 take 2 × N × d × 4 B per GPU (1.22 GiB on ImageNet with d = 128); the update also keeps a
+  bf16 bank (computed in fp32, stored rounded), which the scores read at the anchor's precision.
 * Multi-process correctness as above; Z and the banks are checkpointed (the official code saves the
   student only).
 * Under mixup/cutmix (DeiT recipe) the positive, the class excluded from the negatives and the bank row updated are
@@ -67,7 +72,7 @@ from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
 __all__ = ['l2_normalize', 'contrast_scores', 'nce_loss', 'crd_loss', 'last_occurrence', 'momentum_update',
-           'sample_negatives', 'CRD']
+           'group_by_class', 'sample_negatives', 'CRD']
 
 _logger = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, contrast_idx: to
     Returns:
         [B, K+1].
     """
-    rows = memory.detach()[contrast_idx]  # [B, K+1, d]
+    rows = memory.detach()[contrast_idx].to(anchor.dtype)  # [B, K+1, d] (a low-precision bank is read at the anchor's)
     return torch.exp(torch.einsum('bkd,bd->bk', rows, anchor) / temperature)
 
 
@@ -129,31 +134,63 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
 
 
 def last_occurrence(index: torch.Tensor) -> torch.Tensor:
-    """Positions [U] of the last occurrence of each distinct value of ``index`` [M] (sorted by value)."""
-    values, inverse = torch.unique(index, return_inverse=True)
-    positions = torch.arange(index.numel(), device=index.device)
-    last = torch.full((values.numel(),), -1, dtype=torch.long, device=index.device)
-    return last.scatter_reduce(0, inverse, positions, reduce='amax')
+    """For each position m of ``index`` [M], the position of the last occurrence of ``index[m]``: a stable sort and a
+    segment maximum over the runs of equal values (no ``unique``, whose output size the host would wait for on a GPU).
+
+    Returns:
+        [M] positions.
+    """
+    m = index.numel()
+    sorted_values, order = torch.sort(index, stable=True)                 # [M]
+    run = torch.ones(m, dtype=torch.long, device=index.device)
+    run[1:] = (sorted_values[1:] != sorted_values[:-1]).long()
+    run = run.cumsum(0) - 1                                               # [M] run number of each sorted position
+    last = torch.zeros(m, dtype=torch.long, device=index.device).scatter_reduce(0, run, order, reduce='amax')
+    return torch.empty_like(order).scatter_(0, order, last[run])          # back to the input positions
 
 
 @torch.no_grad()
 def momentum_update(memory: torch.Tensor, index: torch.Tensor, v: torch.Tensor, momentum: float) -> None:
     """M[y] ← l2n(μ·M[y] + (1−μ)·v) in place; for an index present several times the last occurrence wins. A
     non-finite embedding never enters the bank (its row keeps its value), so a step that ``--nan-policy skip`` drops
-    cannot poison later steps through the banks, which are too large to roll back."""
-    keep = last_occurrence(index)
-    keep = keep[torch.isfinite(v[keep]).all(dim=-1)]
-    rows = index[keep]
-    memory.index_copy_(0, rows, l2_normalize(momentum * memory[rows] + (1 - momentum) * v[keep].to(memory.dtype)))
+    cannot poison later steps through the banks, which are too large to roll back.
+
+    Every position writes its row: duplicates write the same value (their last occurrence's), a row whose last
+    occurrence is non-finite writes its old value back, so the result does not depend on the order of the writes and
+    no data-dependent selection (a host wait on a GPU) is needed. The arithmetic is done in at least fp32 and stored in
+    the bank's dtype.
+    """
+    last = last_occurrence(index)                                         # [M]
+    update = v[last]                                                      # [M, d]
+    old = memory[index]                                                   # [M, d]
+    compute = torch.promote_types(memory.dtype, torch.float32)
+    new = l2_normalize(momentum * old.to(compute) + (1 - momentum) * update.to(compute)).to(memory.dtype)
+    memory.index_copy_(0, index, torch.where(torch.isfinite(update).all(dim=-1, keepdim=True), new, old))
+
+
+def group_by_class(block: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples ordered by block (class + 1; 0 = unknown), with each block's first position and size.
+
+    Args:
+        block: [N] block of every sample, in [0, num_blocks).
+        num_blocks: an upper bound on the number of blocks.
+
+    Returns:
+        (order [N] sample indices grouped by block, starts [num_blocks], sizes [num_blocks]).
+    """
+    sizes = torch.zeros(num_blocks, dtype=torch.long, device=block.device).scatter_add_(0, block,
+                                                                                         torch.ones_like(block))
+    return torch.argsort(block, stable=True), sizes.cumsum(0) - sizes, sizes
 
 
 def sample_negatives(positive: torch.Tensor, labels: torch.Tensor, sample_labels: torch.Tensor, k: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None,
+                     grouping: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """K negatives per anchor, uniform over the samples of other classes, with replacement, on the device.
 
     Drawn directly from the other classes (no rejection loop, so no host read of how many draws to redo): the samples
-    are ordered by class (``argsort``), anchor b with class y picks r uniform in [0, N − n_y) and takes the r-th
-    sample of the order with class y's block cut out. The positives are counted in their anchors' classes, so they
+    are ordered by class (:func:`group_by_class`), anchor b with class y picks r uniform in [0, N − n_y) and takes the
+    r-th sample of the order with class y's block cut out. The positives are counted in their anchors' classes, so they
     are excluded with them.
 
     Args:
@@ -162,19 +199,22 @@ def sample_negatives(positive: torch.Tensor, labels: torch.Tensor, sample_labels
         sample_labels: the class of every training sample [N] (−1 = unknown: a class of its own, always accepted).
         k: K.
         generator: optional RNG (on the device of ``positive``).
+        grouping: :func:`group_by_class` of ``sample_labels + 1`` when every class is known (the positives are then in
+            their anchors' classes already): an ImageNet-size table is sorted once, not at every step. None: grouped
+            here, with the positives moved to their anchors' classes.
 
     Returns:
         [B, K] indices, never of the anchor's class and never the positive itself.
     """
     device = positive.device
     own = labels.long()[:, None] + 1                                      # [B, 1]
-    block = (sample_labels.long() + 1).index_put((positive.long(),), own[:, 0])  # [N] 0 = unknown, c + 1 = class c
-    num_blocks = block.numel() + 1  # ≥ the number of classes + 1 without reading the largest label
-    sizes = torch.zeros(num_blocks, dtype=torch.long, device=device).scatter_add_(0, block, torch.ones_like(block))
-    starts = sizes.cumsum(0) - sizes                                      # [num_blocks] first position of each class
-    order = torch.argsort(block, stable=True)                             # [N] sample indices grouped by class
+    if grouping is None:
+        block = (sample_labels.long() + 1).index_put((positive.long(),), own[:, 0])  # [N] 0 unknown, c + 1 class c
+        # ≥ the number of classes + 1 without reading the largest label
+        grouping = group_by_class(block, block.numel() + 1)
+    order, starts, sizes = grouping
     own_start, own_size = starts[own], sizes[own]
-    others = block.numel() - own_size                                     # [B, 1] samples of other classes
+    others = order.numel() - own_size                                     # [B, 1] samples of other classes
     u = torch.rand(positive.numel(), k, dtype=torch.float64, device=device, generator=generator)  # 53-bit uniform
     r = torch.minimum((u * others).long(), others - 1)                    # [B, K] uniform in [0, others)
     return order[torch.where(r < own_start, r, r + own_size)]
@@ -185,6 +225,7 @@ class CRD(DistillationLoss):
     """Contrastive representation distillation (NCE against momentum memory banks of both networks)."""
     paper = 'CRD: Contrastive Representation Distillation, Tian, Krishnan, Isola, ICLR 2020, arXiv:1910.10699'
     vit_student_weight = 0.01
+    labels_given = False  # setup got info.train_labels: the class grouping is fixed (built there)
 
     def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
                  student_feature: str = 'pooled'):
@@ -240,6 +281,12 @@ class CRD(DistillationLoss):
         if table.shape != (n,):
             raise LossSpecError(f'loss \'crd\': info.train_labels has shape {tuple(table.shape)}, expected ({n},)')
         self.register_buffer('sample_labels', table.to(device))
+        # every class known: the samples are grouped by class once (an ImageNet table is not sorted at every step)
+        self.labels_given = labels is not None
+        if self.labels_given:
+            order, starts, sizes = group_by_class(table.to(device) + 1, int(table.max()) + 2)
+            for name, value in (('class_order', order), ('class_starts', starts), ('class_sizes', sizes)):
+                self.register_buffer(name, value, persistent=False)
         _logger.info('CRD: banks 2 × %d × %d fp32 (%.2f GiB), %d negatives, τ %g, μ %g%s', n, self.feat_dim,
                      2 * n * self.feat_dim * 4 / 2 ** 30, self.nce_k, self.nce_t, self.nce_m,
                      '' if labels is not None else '; sample classes learnt from the batches (first epoch: '
@@ -259,6 +306,8 @@ class CRD(DistillationLoss):
             vdist.broadcast_(self.memory_s)
             vdist.broadcast_(self.memory_t)
             self._synced = True
+        if self.labels_given:
+            return
         index = vdist.all_gather_no_grad(batch.index.to(self.sample_labels.device).long(), equal_sizes=True)
         labels = vdist.all_gather_no_grad(batch.labels.to(self.sample_labels.device).long(), equal_sizes=True)
         self.sample_labels[index] = labels  # the true (unmixed) class of every image of the global batch
@@ -280,7 +329,8 @@ class CRD(DistillationLoss):
 
     def sample_contrast(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """J [B, K+1]: the positive (own index) then K negatives of other classes."""
-        negatives = sample_negatives(index, labels, self.sample_labels, self.nce_k)
+        grouping = (self.class_order, self.class_starts, self.class_sizes) if self.labels_given else None
+        negatives = sample_negatives(index, labels, self.sample_labels, self.nce_k, grouping=grouping)
         return torch.cat([index[:, None], negatives], dim=1)
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:

@@ -58,16 +58,25 @@ LABEL_POLICIES = ('pair', 'argmax')
 WARMUP_INDEXING = ('zero', 'one')
 
 
-def _binary_and_nontarget_log_probs(logits: torch.Tensor, target_mask: torch.Tensor, temperature: float
+def _binary_and_nontarget_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log b [B, 2] (target, rest) and log p̂ [B, K − 1] over the non-target classes, at temperature T."""
-    b, k = logits.shape
+    """log b [B, 2] (target, rest) and log p̂ [B, K − 1] over the non-target classes (in class order), at temperature T.
+
+    Gathers by index (the target, and the K − 1 others from :func:`_nontarget_classes`) rather than by a boolean
+    target mask: a boolean selection's output size is a device value the host would wait for on a GPU.
+    """
     log_p = F.log_softmax(logits / temperature, dim=1)                    # [B, K]
-    log_p_target = log_p[target_mask].view(b, 1)                          # [B, 1]
-    log_p_other = log_p[~target_mask].view(b, k - 1)                      # [B, K − 1]
+    log_p_target = log_p.gather(1, labels[:, None])                       # [B, 1]
+    log_p_other = log_p.gather(1, _nontarget_classes(labels, logits.shape[1]))  # [B, K − 1]
     log_binary = torch.cat([log_p_target, torch.logsumexp(log_p_other, dim=1, keepdim=True)], dim=1)  # [B, 2]
     log_nontarget = F.log_softmax(log_p_other, dim=1)                     # [B, K − 1] (shift-invariant)
     return log_binary, log_nontarget
+
+
+def _nontarget_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[B, K − 1] the classes other than ``labels`` [B], ascending: j, or j + 1 from the label on."""
+    others = torch.arange(num_classes - 1, device=labels.device)[None, :]  # [1, K − 1]
+    return others + (others >= labels[:, None]).long()
 
 
 def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -85,9 +94,9 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     """
     if student_logits.shape[1] < 2:
         raise ValueError('DKD needs at least 2 classes')
-    mask = F.one_hot(labels.long(), student_logits.shape[1]).bool()       # [B, K]
-    log_b_s, log_nt_s = _binary_and_nontarget_log_probs(at_least_fp32(student_logits), mask, temperature)
-    log_b_t, log_nt_t = _binary_and_nontarget_log_probs(at_least_fp32(teacher_logits), mask, temperature)
+    labels = labels.long()
+    log_b_s, log_nt_s = _binary_and_nontarget_log_probs(at_least_fp32(student_logits), labels, temperature)
+    log_b_t, log_nt_t = _binary_and_nontarget_log_probs(at_least_fp32(teacher_logits), labels, temperature)
     tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(dim=1)              # [B]
     nckd = (log_nt_t.exp() * (log_nt_t - log_nt_s)).sum(dim=1)           # [B]
     scale = temperature ** 2

@@ -49,9 +49,12 @@ def pairwise_distance(features: torch.Tensor, eps: float = 1e-12) -> torch.Tenso
 
 
 def normalized_distance(features: torch.Tensor) -> torch.Tensor:
-    """D / mean of its positive entries: [B, d] → [B, B]."""
+    """D / mean of its positive entries: [B, d] → [B, B].
+
+    The entries are ≥ 0, so the sum of the positive ones is the sum of all of them: no boolean selection, whose output
+    size the host would have to wait for on a GPU."""
     distance = pairwise_distance(features)
-    return distance / distance[distance > 0].mean()
+    return distance / (distance.sum() / (distance > 0).sum())
 
 
 def angle_cosines(features: torch.Tensor, anchors: Optional[slice] = None) -> torch.Tensor:
