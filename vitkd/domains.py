@@ -18,7 +18,7 @@ import math
 from typing import Any, Optional
 
 __all__ = ['Domain', 'OutOfDomain', 'Real', 'Positive', 'NonNegative', 'Interval', 'Finite', 'Integer', 'OneOf',
-           'Bool', 'Text', 'OrNone', 'ListOf', 'Span', 'Kwargs', 'MAX_INT']
+           'Bool', 'Text', 'OrNone', 'Either', 'ListOf', 'Span', 'Kwargs', 'MAX_INT']
 
 MAX_INT = 2 ** 31 - 1
 
@@ -209,6 +209,27 @@ class OrNone(Domain):
 
     def edges(self) -> list:
         return [None, *self.inner.edges()]
+
+
+class Either(Domain):
+    """A value that one of ``domains`` accepts (the first that does normalises it)."""
+
+    def __init__(self, *domains: Domain):
+        self.domains = domains
+
+    def check(self, value: Any) -> Any:
+        for domain in self.domains:
+            try:
+                return domain.check(value)
+            except OutOfDomain:
+                pass
+        self._refuse()
+
+    def describe(self) -> str:
+        return ' or '.join(d.describe() for d in self.domains)
+
+    def edges(self) -> list:
+        return [e for d in self.domains for e in d.edges()]
 
 
 class ListOf(Domain):
