@@ -104,7 +104,7 @@ def previous(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def tripwire(monkeypatch):
     """The first step after validation: reaching it means a bad value was accepted."""
-    def reached(cfg):
+    def reached(*args):
         raise AssertionError('validation accepted the value: make_accelerator was reached')
     monkeypatch.setattr(runlib, 'make_accelerator', reached)
 

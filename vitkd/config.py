@@ -211,10 +211,10 @@ def _kv(items) -> dict:
     """key=value strings (the command line's form, also accepted in YAML) or a mapping → a dict."""
     if isinstance(items, dict):
         return dict(items)
-    if not isinstance(items, (list, tuple)) and items is not None:
+    if not isinstance(items, (list, tuple)):
         raise ConfigError(f'expected key=value pairs, got {items!r}')
     out = {}
-    for item in items or []:
+    for item in items:
         if not isinstance(item, str) or '=' not in item:
             raise ConfigError(f'expected key=value, got {item!r}')
         k, v = item.split('=', 1)
