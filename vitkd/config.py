@@ -20,7 +20,7 @@ from .domains import (Bool, Domain, Either, Integer, Interval, Kwargs, ListOf, N
                       Text)
 from .errors import ConfigError
 from .losses import list_losses
-from .validate import validate_config
+from .validate import check_field, validate_config
 
 __all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'embedded_default', 'load_yaml', 'resolve',
            'validate', 'distill_spec', 'list_methods_and_presets']
@@ -413,6 +413,13 @@ def load_yaml(path: str) -> dict:
     if unknown:
         hints = [f'{u} (did you mean {m[0]}?)' if (m := difflib.get_close_matches(u, valid, 1)) else u for u in unknown]
         raise ConfigError(f'config {path!r} has unknown keys: {", ".join(hints)}')
+    try:
+        data = _normalise(data)
+        for f in dataclasses.fields(Config):  # a bad value is refused even where the command line overrides it
+            if f.name in data:
+                check_field(f.name, data[f.name], f.metadata['domain'])
+    except ConfigError as e:
+        raise ConfigError(f'config {path!r}: {e}') from None
     return data
 
 
@@ -436,6 +443,14 @@ def _merge(cli: dict, yaml_values: dict) -> Config:
     values = embedded_default() if dataset == 'fashion_mnist' and not explicit.get('data_path') else {}
     values.update(explicit)
     values['dataset'] = dataset
+    values = _normalise(values)
+    return Config(**values)
+
+
+def _normalise(values: dict) -> dict:
+    """The command line's spellings that YAML may use too: key=value lists → dicts, a ``distill`` string → its items,
+    ``none`` for no teacher / no RandAugment → null."""
+    values = dict(values)
     for key in ('student_kwargs', 'teacher_kwargs'):
         if key in values:
             try:
@@ -444,11 +459,10 @@ def _merge(cli: dict, yaml_values: dict) -> Config:
                 raise ConfigError(f'--{key.replace("_", "-")}: {e}') from None
     if isinstance(values.get('distill'), str):
         values['distill'] = values['distill'].split()
-    if isinstance(values.get('teacher'), str) and values['teacher'].lower() in ('none', ''):
-        values['teacher'] = None
-    if isinstance(values.get('aa'), str) and values['aa'].lower() in ('none', ''):
-        values['aa'] = None
-    return Config(**values)
+    for key in ('teacher', 'aa'):
+        if isinstance(values.get(key), str) and values[key].lower() in ('none', ''):
+            values[key] = None
+    return values
 
 
 def validate(cfg: Config) -> DistillSpec:

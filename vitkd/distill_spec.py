@@ -92,8 +92,7 @@ def check_method_option(name: str, option: str, value: Any, where: str) -> Any:
     ``where`` (how the command gave it) and naming the method, the option and what is accepted."""
     domains = {**option_domains(get_loss_class(name)), **COMMON_OPTIONS}
     if option not in domains:
-        raise ConfigError(f'{where}: {name} has no option {option}; its options: '
-                          f'{", ".join(domains)}')
+        raise ConfigError(f'{where}: loss {name!r} has no option {option}; its options: {", ".join(domains)}')
     try:
         return domains[option].check(value)
     except OutOfDomain as e:
@@ -175,8 +174,7 @@ def parse_distill(distill: Any, loss_opts: Any = (), presets: Collection[str] = 
         if not eq or not dot or not option:
             raise ConfigError(f'--loss-opts {item!r}: expected name.option=value')
         if name not in given:
-            raise ConfigError(f'--loss-opts {item}: {name} is not among the methods (--distill '
-                              f'{" ".join(given)})')
+            raise ConfigError(f'--loss-opts {item}: loss {name!r} is not in --distill ({", ".join(given)})')
         try:
             value = parse_option_value(text)
         except ConfigError as e:

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Collection
+from typing import Any, Collection
 
 import torch
 from accelerate.tracking import get_available_trackers
@@ -31,10 +31,10 @@ from timm.optim import get_optimizer_class, list_optimizers
 from timm.scheduler import create_scheduler_v2
 
 from .distill_spec import DistillSpec, parse_distill
-from .domains import OrNone, OutOfDomain
+from .domains import Domain, OrNone, OutOfDomain
 from .errors import ConfigError
 
-__all__ = ['validate_config', 'check_safetensors', 'read_model_config', 'flag', 'MAX_SEED']
+__all__ = ['validate_config', 'check_field', 'check_safetensors', 'read_model_config', 'flag', 'MAX_SEED']
 
 MAX_SEED = 2 ** 32 - 1  # numpy.random.seed's range; each process adds its rank
 
@@ -44,17 +44,22 @@ def flag(name: str) -> str:
     return '--' + name.replace('_', '-')
 
 
+def check_field(name: str, value: Any, domain: Domain) -> None:
+    """``value`` of the Config field ``name`` inside its ``domain``, else a one-line error naming the flag, what is
+    accepted and the value."""
+    try:
+        domain.check(value)
+    except OutOfDomain as e:  # a set value of an optional field: what a value must be (null means unset)
+        accepted = domain.inner.describe() if isinstance(domain, OrNone) and value is not None else str(e)
+        raise ConfigError(f'{flag(name)} must be {accepted}, got {value!r}') from None
+
+
 def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
     """Check every option of ``cfg`` (a :class:`vitkd.config.Config`) and return its methods as a checked
     :class:`~vitkd.distill_spec.DistillSpec`; the first bad value is a one-line :class:`ConfigError`. ``presets``:
     the names ``-c`` accepts (the hint when one is given to ``--distill``)."""
     for f in dataclasses.fields(cfg):
-        value, domain = getattr(cfg, f.name), f.metadata['domain']
-        try:
-            domain.check(value)
-        except OutOfDomain as e:  # a set value of an optional field: what a value must be (null means unset)
-            accepted = domain.inner.describe() if isinstance(domain, OrNone) and value is not None else str(e)
-            raise ConfigError(f'{flag(f.name)} must be {accepted}, got {value!r}') from None
+        check_field(f.name, getattr(cfg, f.name), f.metadata['domain'])
     world = int(os.environ.get('WORLD_SIZE', '1') or 1)
     if cfg.seed > MAX_SEED - (world - 1):
         raise ConfigError(f'--seed {cfg.seed} is out of range: numpy\'s seeds end at {MAX_SEED} and each of the {world} '
