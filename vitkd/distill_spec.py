@@ -120,7 +120,7 @@ def _weight(name: str, text: Any, item: Any) -> Optional[float]:
     except ValueError:
         raise ConfigError(f'--distill {item}: the weight after ":" must be a number, got {text!r}') from None
     try:
-        return WEIGHT.check(weight)
+        return float(WEIGHT.check(weight))
     except OutOfDomain as e:
         raise _refuse(f'--distill {item}', name, 'weight', str(e)) from None
 
