@@ -245,12 +245,6 @@ def _method_options():
 METHOD_OPTIONS = list(_method_options())
 
 
-def test_every_option_of_every_method_declares_a_domain():
-    from vitkd.domains import Domain
-    missing = [f'{name}.{option}' for name, option, domain in METHOD_OPTIONS if not isinstance(domain, Domain)]
-    assert not missing, f'options without a domain beside their default: {missing}'
-
-
 def _same(a, b) -> bool:
     return type(a) is type(b) and (a == b or (a != a and b != b))
 

@@ -16,8 +16,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .distill_spec import DistillSpec, check_method_option, method_names, parse_distill
-from .domains import (Bool, Domain, Either, Integer, Interval, Kwargs, ListOf, NonNegative, OneOf, OrNone, Positive, Span,
-                      Text)
+from .domains import (Bool, Domain, Either, Integer, Interval, Kwargs, ListOf, NonNegative, OneOf, OrNone, Positive,
+                      Span, Text)
 from .errors import ConfigError
 from .losses import list_losses
 from .validate import check_field, validate_config

@@ -20,8 +20,8 @@ code  meaning
 ====  ==========================================================================================================
 """
 
-__all__ = ['VitkdError', 'UsageError', 'ConfigError', 'SaveError', 'HubError', 'DataFailure', 'RunDirError', 'INTERNAL_ERROR',
-           'RESOURCE_ERROR']
+__all__ = ['VitkdError', 'UsageError', 'ConfigError', 'SaveError', 'HubError', 'DataFailure', 'RunDirError',
+           'INTERNAL_ERROR', 'RESOURCE_ERROR']
 
 INTERNAL_ERROR = 70  # BSD sysexits' EX_SOFTWARE
 RESOURCE_ERROR = 7

@@ -62,8 +62,8 @@ def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
         check_field(f.name, getattr(cfg, f.name), f.metadata['domain'])
     world = int(os.environ.get('WORLD_SIZE', '1') or 1)
     if cfg.seed > MAX_SEED - (world - 1):
-        raise ConfigError(f'--seed {cfg.seed} is out of range: numpy\'s seeds end at {MAX_SEED} and each of the {world} '
-                          f'process(es) adds its rank; use at most {MAX_SEED - (world - 1)}')
+        raise ConfigError(f'--seed {cfg.seed} is out of range: numpy\'s seeds end at {MAX_SEED} and each of the '
+                          f'{world} process(es) adds its rank; use at most {MAX_SEED - (world - 1)}')
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise ConfigError(f'--batch-size {cfg.batch_size}: mixup/cutmix pair sample i with sample B-1-i and need an '
                           'even batch per process; use an even --batch-size or --mixup 0 --cutmix 0')
@@ -104,7 +104,7 @@ def _check_input_size(cfg) -> None:
     if patch and patch > 0 and size % patch:
         what = '--input-size' if cfg.input_size is not None else '--student-kwargs img_size'
         raise ConfigError(f'{what} {size} is not a multiple of the student\'s patch size {patch}; use '
-                     f'{(size // patch) * patch or patch} or {(size // patch + 1) * patch}')
+                          f'{(size // patch) * patch or patch} or {(size // patch + 1) * patch}')
 
 
 def _check_timm_strings(cfg) -> None:
@@ -117,13 +117,13 @@ def _check_timm_strings(cfg) -> None:
             parse(aa, {'translate_const': 100, 'img_mean': (124, 116, 104)})
         except (AssertionError, KeyError, ValueError, IndexError) as e:
             raise ConfigError(f'--aa {aa!r} is not a timm auto-augment policy ({e or type(e).__name__}); e.g. '
-                         'rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, v0, original, or none') from None
+                              'rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, v0, original, or none') from None
     if cfg.train_interpolation != 'random':
         try:
             str_to_interp_mode(cfg.train_interpolation)
         except KeyError:
             raise ConfigError(f'--train-interpolation {cfg.train_interpolation!r} is not one of '
-                         f'{", ".join([*_str_to_pil_interpolation, "random"])}') from None
+                              f'{", ".join([*_str_to_pil_interpolation, "random"])}') from None
     try:
         RandomErasing(0.5, mode=cfg.remode, device='cpu')
     except (AssertionError, AttributeError):
@@ -139,15 +139,16 @@ def _check_opt_and_sched(cfg) -> None:
     except ValueError:
         close = difflib.get_close_matches(name, list_optimizers(), 3)
         hint = f' (did you mean {", ".join(close)}?)' if close else ''
-        raise ConfigError(f'--opt {cfg.opt!r} is not a timm optimizer{hint}; see timm.optim.list_optimizers()') from None
+        raise ConfigError(f'--opt {cfg.opt!r} is not a timm optimizer{hint}; see '
+                          'timm.optim.list_optimizers()') from None
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     try:
         scheduler, _ = create_scheduler_v2(probe, sched=cfg.sched, num_epochs=2, updates_per_epoch=1)
     except (AssertionError, ValueError, TypeError):
         scheduler = None
     if scheduler is None:
-        raise ConfigError(f'--sched {cfg.sched!r} is not a timm scheduler (cosine, tanh, step, multistep, plateau, poly, '
-                     'rsqrt)')
+        raise ConfigError(f'--sched {cfg.sched!r} is not a timm scheduler (cosine, tanh, step, multistep, plateau, '
+                          'poly, rsqrt)')
 
 
 def _check_log_with(log_with) -> None:
@@ -157,8 +158,8 @@ def _check_log_with(log_with) -> None:
     if log_with not in known:
         raise ConfigError(f'--log-with {log_with!r} is not an Accelerate tracker; one of {", ".join(known)}')
     if log_with != 'all' and log_with not in [str(getattr(t, 'value', t)) for t in get_available_trackers()]:
-        raise ConfigError(f'--log-with {log_with}: the {log_with} package is not installed (pip install {log_with}), or '
-                     'leave --log-with out (log.jsonl and epochs.csv are always written)')
+        raise ConfigError(f'--log-with {log_with}: the {log_with} package is not installed (pip install {log_with}), '
+                          'or leave --log-with out (log.jsonl and epochs.csv are always written)')
 
 
 def _check_hub_id(cfg) -> None:
@@ -167,8 +168,8 @@ def _check_hub_id(cfg) -> None:
     try:
         validate_repo_id(cfg.hub_model_id)
     except HFValidationError as e:
-        raise ConfigError(f'--hub-model-id {cfg.hub_model_id!r} is not a Hub repo id (org/name or name: letters, digits, '
-                     f'-_. ; {str(e).splitlines()[0]})') from None
+        raise ConfigError(f'--hub-model-id {cfg.hub_model_id!r} is not a Hub repo id (org/name or name: letters, '
+                          f'digits, -_. ; {str(e).splitlines()[0]})') from None
 
 
 def check_safetensors(path, what: str) -> None:
@@ -180,7 +181,7 @@ def check_safetensors(path, what: str) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f'{what} {path} is not a readable safetensors file ({detail}); it is empty, truncated or '
-                     'corrupt: re-export or re-download it') from None
+                          'corrupt: re-export or re-download it') from None
 
 
 def read_model_config(path, what: str) -> dict:

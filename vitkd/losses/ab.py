@@ -76,7 +76,8 @@ class ActivationBoundaries(InitStage, PairedTaps, DistillationLoss):
     may_leave_parameters_unused = True
 
     def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10.0, margin: Annotated[float, NonNegative()] = 2.0,
-                 init_epochs: Annotated[float, NonNegative()] = 50, student_blocks: Blocks = None, teacher_blocks: Blocks = None):
+                 init_epochs: Annotated[float, NonNegative()] = 50, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).

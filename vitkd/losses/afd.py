@@ -95,7 +95,8 @@ class AFD(PairedTaps, DistillationLoss):
     vit_student_weight = 0.01
     default_positions = THREE_TAPS
 
-    def __init__(self, att_f: Annotated[float, Positive()] = 1.0, student_blocks: Blocks = None, teacher_blocks: Blocks = None):
+    def __init__(self, att_f: Annotated[float, Positive()] = 1.0, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             att_f: hidden width factor of the attention MLP.

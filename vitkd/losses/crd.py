@@ -190,7 +190,8 @@ class CRD(DistillationLoss):
     vit_student_weight = 0.01
 
     def __init__(self, feat_dim: Annotated[int, Integer(lo=1)] = 128, nce_k: Annotated[int, Integer(lo=1)] = 16384,
-                 nce_t: Annotated[float, Positive()] = 0.07, nce_m: Annotated[float, Interval(0, 1, hi_open=True)] = 0.5,
+                 nce_t: Annotated[float, Positive()] = 0.07,
+                 nce_m: Annotated[float, Interval(0, 1, hi_open=True)] = 0.5,
                  student_feature: Annotated[str, OneOf(*STUDENT_FEATURES)] = 'pooled'):
         """
         Args:

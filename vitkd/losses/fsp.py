@@ -82,7 +82,8 @@ class FSP(InitStage, PairedTaps, DistillationLoss):
     # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
     may_leave_parameters_unused = True
 
-    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 1.0, init_epochs: Annotated[float, NonNegative()] = 50,
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 1.0,
+                 init_epochs: Annotated[float, NonNegative()] = 50,
                  connector: Annotated[bool, Bool()] = True, student_blocks: PairsOfTaps = None,
                  teacher_blocks: PairsOfTaps = None):
         """

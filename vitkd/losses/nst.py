@@ -62,7 +62,8 @@ class NeuronSelectivityTransfer(PairedTaps, DistillationLoss):
     vit_student_weight = 0.1
     default_positions = MIDDLE_TAP
 
-    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10.0, student_blocks: Blocks = None, teacher_blocks: Blocks = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10.0, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).

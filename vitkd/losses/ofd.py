@@ -55,7 +55,8 @@ from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 __all__ = ['OFD', 'ofd_margin', 'ofd_partial_l2', 'pre_activation_tap', 'MARGINS']
 
 MARGINS = ('batch', 'ema')
-ModuleTaps = Annotated[Optional[Sequence[str]], OrNone(ListOf(Text()))]  # module names, ``name:input`` for a module's input
+# module names, ``name:input`` for a module's input
+ModuleTaps = Annotated[Optional[Sequence[str]], OrNone(ListOf(Text()))]
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU)
 
 

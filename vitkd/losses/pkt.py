@@ -71,7 +71,8 @@ class PKT(DistillationLoss):
     paper = 'PKT, Passalis & Tefas, ECCV 2018, arXiv:1803.10837 (Knowledge-Distillation-Zoo)'
     vit_student_weight = 0.01
 
-    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10000.0, eps: Annotated[float, Positive()] = PKT_EPS,
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10000.0,
+                 eps: Annotated[float, Positive()] = PKT_EPS,
                  scope: Scope = 'local'):
         """
         Args:

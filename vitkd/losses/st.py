@@ -42,7 +42,8 @@ class SoftTarget(KD):
     paper = 'ST (soft targets), Hinton et al. 2015, arXiv:1503.02531 (Knowledge-Distillation-Zoo)'
     vit_student_weight = 10.0
 
-    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 0.1, temperature: Annotated[float, Positive()] = 4.0,
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 0.1,
+                 temperature: Annotated[float, Positive()] = 4.0,
                  head: Head = 'auto', reduction: Annotated[str, OneOf(*KL_REDUCTIONS)] = 'batchmean'):
         """
         Args:

@@ -93,7 +93,8 @@ class VID(PairedTaps, DistillationLoss):
     default_positions = THREE_TAPS
 
     def __init__(self, sf: Annotated[float, Positive()] = 1.0,
-                 init_var: Annotated[float, Real(lo=VARIANCE_EPS, lo_open=True)] = 5.0, student_blocks: Blocks = None, teacher_blocks: Blocks = None):
+                 init_var: Annotated[float, Real(lo=VARIANCE_EPS, lo_open=True)] = 5.0, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             sf: width factor of the regressors' hidden layers, M = max(1, ⌊sf·C_t⌋).
