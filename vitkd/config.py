@@ -136,7 +136,8 @@ class Config:
                              'inputs, fp32 accumulation; what autocast leaves in fp32)', domain=Bool())
     cudnn_benchmark: bool = option(True, 'CUDA: cuDNN autotuning (picks the fastest convolution algorithms for the '
                                    'fixed input shapes of a run)', domain=Bool())
-    seed: int = option(0, 'random seed (each process adds its rank)', domain=Integer(lo=0))
+    seed: int = option(0, 'random seed (each process adds its rank)',
+                       domain=Integer(lo=0, hi=2 ** 32 - 1))  # numpy.random.seed's range
     ddp_find_unused: Optional[bool] = option(None, 'DDP find_unused_parameters for multi-process runs (default: on '
                                           'when some method can leave parameters without gradient in a step)',
                                              domain=OrNone(Bool()))

@@ -24,7 +24,7 @@ from .losses.base import COMMON_OPTIONS, option_domains
 
 __all__ = ['MethodSpec', 'DistillSpec', 'parse_distill', 'method_names', 'check_method_option', 'parse_option_value']
 
-WEIGHT = NonNegative()  # a method's weight (a factor on its terms; 0 logs them without training on them)
+WEIGHT = NonNegative()  # a method's weight: a finite factor >= 0 on its terms
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class DistillSpec:
-    """The run's methods in ``--distill`` order (``none`` alone: no distillation term)."""
+    """The run's methods in ``--distill`` order (the method ``none`` adds no distillation term)."""
     methods: tuple[MethodSpec, ...]
 
     @property

@@ -54,7 +54,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _g(x: float) -> str:
-    return f'{x:g}'
+    return str(x) if isinstance(x, int) else f'{x:g}'
 
 
 class Real(Domain):
@@ -115,17 +115,19 @@ def Finite() -> Real:
 
 
 class Integer(Real):
-    """An integer (not a bool, not a fraction) within ``lo``/``hi`` (inclusive) and the C int range."""
+    """An integer (not a bool, not a fraction) within ``lo``/``hi`` (inclusive); without ``hi``, within the C int
+    range."""
 
     def __init__(self, lo: Optional[int] = None, hi: Optional[int] = None):
         super().__init__(lo, hi, kind='an integer')
+        self.cap = MAX_INT if hi is None else max(abs(hi), abs(lo or 0))
 
     def contains(self, value: Any) -> bool:
-        return isinstance(value, int) and abs(value) <= MAX_INT and super().contains(value)
+        return isinstance(value, int) and abs(value) <= self.cap and super().contains(value)
 
     def check(self, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT and super().contains(value):
-            raise OutOfDomain(f'{self.describe()} and at most {MAX_INT}')
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > self.cap and super().contains(value):
+            raise OutOfDomain(f'{self.describe()} and at most {self.cap}')
         return super().check(value)
 
     def describe(self) -> str:
@@ -136,7 +138,7 @@ class Integer(Real):
         for bound in (self.lo, self.hi):
             if bound is not None:
                 out += [bound, bound - 1, bound + 1]
-        return out + [MAX_INT + 1, 1.5]
+        return out + [self.cap + 1, 1.5]
 
 
 class OneOf(Domain):

@@ -34,9 +34,7 @@ from .distill_spec import DistillSpec, parse_distill
 from .domains import Domain, OrNone, OutOfDomain
 from .errors import ConfigError
 
-__all__ = ['validate_config', 'check_field', 'check_safetensors', 'read_model_config', 'flag', 'MAX_SEED']
-
-MAX_SEED = 2 ** 32 - 1  # numpy.random.seed's range; each process adds its rank
+__all__ = ['validate_config', 'check_field', 'check_safetensors', 'read_model_config', 'flag']
 
 
 def flag(name: str) -> str:
@@ -58,12 +56,14 @@ def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
     """Check every option of ``cfg`` (a :class:`vitkd.config.Config`) and return its methods as a checked
     :class:`~vitkd.distill_spec.DistillSpec`; the first bad value is a one-line :class:`ConfigError`. ``presets``:
     the names ``-c`` accepts (the hint when one is given to ``--distill``)."""
-    for f in dataclasses.fields(cfg):
-        check_field(f.name, getattr(cfg, f.name), f.metadata['domain'])
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for name, f in fields.items():
+        check_field(name, getattr(cfg, name), f.metadata['domain'])
     world = int(os.environ.get('WORLD_SIZE', '1') or 1)
-    if cfg.seed > MAX_SEED - (world - 1):
-        raise ConfigError(f'--seed {cfg.seed} is out of range: numpy\'s seeds end at {MAX_SEED} and each of the '
-                          f'{world} process(es) adds its rank; use at most {MAX_SEED - (world - 1)}')
+    last_seed = fields['seed'].metadata['domain'].hi  # numpy's seed range
+    if cfg.seed > last_seed - (world - 1):
+        raise ConfigError(f'--seed {cfg.seed} is out of range: numpy\'s seeds end at {last_seed} and each of the '
+                          f'{world} process(es) adds its rank; use at most {last_seed - (world - 1)}')
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise ConfigError(f'--batch-size {cfg.batch_size}: mixup/cutmix pair sample i with sample B-1-i and need an '
                           'even batch per process; use an even --batch-size or --mixup 0 --cutmix 0')
