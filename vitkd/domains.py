@@ -9,8 +9,9 @@ A method's constructor states each option's domain in its annotation, and a Conf
 One validator (:mod:`vitkd.validate`) reads them: ``domain.check(value)`` returns the value (as the option uses it)
 or raises :class:`OutOfDomain`, whose message is what the value must be (``domain.describe()``, e.g. "a number > 0",
 "one of auto, dist, cls, avg"); the validator adds which option of which method, and the value. Numbers refuse
-booleans, strings, NaN and infinities; integers refuse fractions and counts beyond a C int (they overflow index
-arithmetic long before they mean anything). This module sits at the bottom: it imports nothing from vitkd.
+booleans, strings, NaN and infinities; integers refuse fractions and, without an upper bound of their own, counts
+beyond a C int (they overflow index arithmetic long before they mean anything). This module sits at the bottom: it
+imports nothing from vitkd.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Optional
 __all__ = ['Domain', 'OutOfDomain', 'Real', 'Positive', 'NonNegative', 'Interval', 'Finite', 'Integer', 'OneOf',
            'Bool', 'Text', 'OrNone', 'Either', 'ListOf', 'Span', 'Kwargs', 'MAX_INT']
 
-MAX_INT = 2 ** 31 - 1
+MAX_INT = 2 ** 31 - 1  # the largest count an option without an upper bound accepts
 
 
 class OutOfDomain(ValueError):
