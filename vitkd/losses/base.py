@@ -3,9 +3,12 @@
 A method is
 
 * a pure function on tensors with the paper's math (testable alone), and
-* a :class:`DistillationLoss` subclass registered with ``@register_loss('name')`` that declares the taps it needs
-  (``student_taps`` / ``teacher_taps``), builds its trainable parts in :meth:`DistillationLoss.setup` once the
-  shapes are known, and maps (student features, teacher features, batch) to named loss terms.
+* a :class:`DistillationLoss` subclass registered with ``@register_loss('name')`` whose constructor options each
+  declare their accepted values beside the default (``temperature: Annotated[float, Positive()] = 4.0``, see
+  :mod:`vitkd.domains`; the command line, YAML files and :func:`create_loss` check every value against them), that
+  declares the taps it needs (``student_taps`` / ``teacher_taps``), builds its trainable parts in
+  :meth:`DistillationLoss.setup` once the shapes are known, and maps (student features, teacher features, batch) to
+  named loss terms.
 
 The distiller owns every loss (so projectors, adapters and memory banks are optimised, DDP-synchronised and
 checkpointed with the student), applies the task loss once, weights and warms up each method, computes every loss
