@@ -7,6 +7,12 @@ YAML file, plus values of the wrong YAML type. ``main.main`` runs in-process and
 legitimately accepts (0 loader workers, seed 0, a teacher of ``none``…) are listed in :data:`ACCEPTED` with the
 reason, and checked to pass validation instead. Validation builds nothing: :func:`vitkd.run.make_accelerator`, the
 first step after it, is replaced by a tripwire, so a value that slips through fails the test at once and cheaply.
+
+Every option of every registered method (read from the registry, so a new method is fuzzed too) gets the same junk
+plus its domain's own edges, with the method selected: a value inside the domain (judged by a second reading of the
+domain, written apart from :mod:`vitkd.domains`) must validate and reach the method, any other value must be the
+one-line exit-2 refusal naming the method, the option and the value. DeiT's flags are driven the same way with a
+DeiT method.
 """
 import copy
 import dataclasses
@@ -204,8 +210,8 @@ def _accepts(domain, value) -> bool:
     if kind in ('Real', 'Integer'):
         if not is_number or value != value or value in (math.inf, -math.inf):
             return False
-        if kind == 'Integer' and (type(value) is not int or abs(value) >= 2 ** 31):
-            return False
+        if kind == 'Integer' and (type(value) is not int or domain.hi is None and abs(value) >= 2 ** 31):
+            return False  # without an upper bound of its own, a count stays within a C int
         low_ok = domain.lo is None or value > domain.lo or (value == domain.lo and not domain.lo_open)
         high_ok = domain.hi is None or value < domain.hi or (value == domain.hi and not domain.hi_open)
         return low_ok and high_ok
