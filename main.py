@@ -28,7 +28,7 @@ from engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epo
 from vitkd import run as runlib
 from vitkd.build import build_losses
 from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
-from vitkd.config import parse_args, to_yaml
+from vitkd.config import list_methods_and_presets, parse_args, to_yaml
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
 from vitkd.hub import push_run_to_hub
 from vitkd.rundir import RunFinished, release_all
@@ -42,9 +42,7 @@ def train(argv=None) -> int:
     """Parse, build, train, evaluate, export. Errors propagate (see :func:`main`)."""
     cfg, args = parse_args(argv)
     if args.list_losses:
-        from vitkd.losses import list_losses
-        width = max(len(n) for n, _ in list_losses())
-        print('\n'.join(f'{n:<{width}}  {paper}' for n, paper in list_losses()))
+        print(list_methods_and_presets())
         return 0
     entries = None if cfg.eval_student else build_losses(cfg)  # the methods, built once for the whole run
     accelerator = runlib.make_accelerator(cfg, entries)

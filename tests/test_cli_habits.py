@@ -55,10 +55,32 @@ def test_every_flag_has_its_underscore_spelling():
 
 
 def test_distillation_alpha_and_tau_reach_the_deit_losses():
-    from vitkd.build import parse_distill
+    from vitkd.config import distill_spec
+    from vitkd.distill_spec import MethodSpec
     cfg, _ = parse_args(DATA + ['--distillation-type', 'soft', '--distillation-alpha', '0.3',
                                '--distillation-tau', '2'])
-    assert parse_distill(cfg) == [('deit_soft', None, {'alpha': 0.3, 'temperature': 2.0})]
+    assert distill_spec(cfg).methods == (MethodSpec('deit_soft', None, {'alpha': 0.3, 'temperature': 2.0}),)
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--distillation-type', 'soft', '--distillation-alpha', '2'], '--distillation-alpha 2'),
+    (['--distillation-type', 'hard', '--distillation-alpha', '-0.5'], '--distillation-alpha -0.5'),
+    (['--distillation-type', 'soft', '--distillation-tau', '0'], '--distillation-tau 0'),
+])
+def test_deit_flags_out_of_their_domain_name_the_flag(argv, flag):
+    with pytest.raises(UsageError) as e:
+        parse_args(DATA + argv)
+    assert str(e.value).startswith(flag) and 'deit_' in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('name', ['norm', 'reviewkd'])
+def test_a_listed_method_that_shares_a_preset_name_runs_as_the_method(name):
+    from vitkd.config import distill_spec, list_methods_and_presets
+    assert name in preset_names()
+    cfg, _ = parse_args(DATA + ['--distill', name])
+    assert distill_spec(cfg).names == (name,)
+    methods, presets = list_methods_and_presets().split('presets (')
+    assert f'  {name} ' in methods and f' {name} ' in f' {presets.splitlines()[1]} '
 
 
 def test_compile_compiles_teacher_and_student_and_the_single_ones_stay():

@@ -132,7 +132,9 @@ def test_threads_option_sets_torch_threads_and_rejects_nonpositive():
     import torch
     from vitkd import run as runlib
     from vitkd.config import ConfigError, parse_args
-    with pytest.raises(ConfigError, match='--threads must be > 0, got 0'):
+    accepted = {f.name: f for f in dataclasses.fields(Config)}['threads'].metadata['domain'].inner.describe()
+    assert accepted == 'an integer >= 1'
+    with pytest.raises(ConfigError, match=f'--threads must be {accepted}, got 0'):
         parse_args(['--threads', '0'])
     before = torch.get_num_threads()
     try:

@@ -4,6 +4,7 @@ In-process runs use the tiny setup of tests/test_reliability.py (4 classes of 32
 random regnety_002 teacher). Each failure must be one ``error:`` line naming the file or value, with the exit code of
 ``vitkd.errors``, and leave an existing run dir byte-identical.
 """
+import dataclasses
 import errno
 import json
 import os
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps
 
 import main
 from test_reliability import base_args, error_line, make_image_folder, run, snapshot
+from vitkd.config import Config
 from vitkd.errors import INTERNAL_ERROR, DataFailure, RunDirError, SaveError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,8 +338,8 @@ def _launch(args, tmp_path, script=None):
 def test_two_processes_a_bad_value_is_one_line_printed_once_exit_2(data, tmp_path):
     result = _launch(base_args(data, tmp_path / 'run') + ['--seed', '-5'], tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-    assert lines == ['error: --seed must be >= 0 (numpy\'s seed range; each of the 2 process(es) adds its rank), '
-                     'got -5'], result.stderr[-3000:]
+    seed_domain = {f.name: f for f in dataclasses.fields(Config)}['seed'].metadata['domain']
+    assert lines == [f'error: --seed must be {seed_domain.describe()}, got -5'], result.stderr[-3000:]
     # the process that failed first exited 2; torch's launcher then stops the other one, exits 1 itself and prints
     # its own failure summary (a launcher traceback, no frame of vitkd)
     assert 'exitcode  : 2' in result.stderr and result.returncode != 0

@@ -10,7 +10,7 @@ import vitkd
 from vitkd.build import check_taps
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import Features
-from vitkd.losses import LOSS_REGISTRY, LossSpecError, RunInfo, create_loss
+from vitkd.losses import LOSS_REGISTRY, LossSpecError, RunInfo, create_loss, get_loss_class, list_losses
 from vitkd.losses.base import Batch
 from vitkd.losses.functional import kl_div_logits
 from vitkd.training import TrainBatch
@@ -230,3 +230,34 @@ def test_weight_decay_groups_exclude_tokens_norms_and_parametrisations(tiny_deit
                      'student.head.bias', 'extra.parametrizations.weight.original'):
         assert expected in names
     assert 'student.blocks.0.attn.qkv.weight' not in names
+
+
+def test_every_option_of_every_method_declares_a_domain():
+    """Each constructor option of each registered method states its accepted values beside its default
+    (``Annotated[type, Domain]``), and its default lies inside them."""
+    import inspect
+    from vitkd.domains import Domain
+    from vitkd.losses.base import option_domains
+    missing, outside = [], []
+    for name, _ in list_losses():
+        cls = get_loss_class(name)
+        defaults = inspect.signature(cls.__init__).parameters
+        for option, domain in option_domains(cls).items():
+            if not isinstance(domain, Domain):
+                missing.append(f'{name}.{option}')
+                continue
+            try:
+                domain.check(defaults[option].default)
+            except ValueError:
+                outside.append(f'{name}.{option}={defaults[option].default!r}')
+    assert not missing, f'options without a domain beside their default: {missing}'
+    assert not outside, f'defaults outside their own domain: {outside}'
+
+
+def test_create_loss_checks_options_against_their_domains():
+    """The Python API applies the same domains as the command line: a value outside is a one-line usage error."""
+    with pytest.raises(LossSpecError, match=r"kd's temperature must be a number > 0, got 0"):
+        create_loss('kd', temperature=0)
+    with pytest.raises(LossSpecError, match=r"irg's student_blocks must be a list of 2 values"):
+        create_loss('irg', student_blocks=[3])
+    assert create_loss('fitnet', student_blocks=3).student_blocks == (3,)

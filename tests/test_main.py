@@ -86,8 +86,8 @@ def test_embedded_default_for_40_steps_and_its_accuracy_recomputed_from_the_expo
 
 @pytest.mark.parametrize('args,message', [
     (['--distill', 'vkdd'], "unknown loss 'vkdd'"),
-    (['--lr', '-1'], '--lr must be > 0, got -1'),
-    (['--batch-size', '0'], '--batch-size must be > 0, got 0'),
+    (['--lr', '-1'], '--lr must be a number > 0, got -1'),
+    (['--batch-size', '0'], '--batch-size must be an integer >= 1, got 0'),
     (['--student', 'deit_smal_distilled'], "unknown student model 'deit_smal_distilled'"),
     (['--data-path', '/nonexistent/imagenet'], "--data-path '/nonexistent/imagenet' does not exist"),
     (['--loss-opts', 'kd.temperature=2'], "loss 'kd' is not in --distill"),

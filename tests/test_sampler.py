@@ -82,7 +82,7 @@ def test_aug_repeats_reaches_the_training_loader(tmp_path):
 
 
 @pytest.mark.parametrize('fields,message', [
-    (dict(aug_repeats=0), '--aug-repeats must be >= 1 (1 = off, DeiT uses 3), got 0'),
+    (dict(aug_repeats=0), '--aug-repeats must be an integer >= 1, got 0'),
     (dict(aug_repeats=3, teacher_cache='cache'), '--aug-repeats 3 with --teacher-cache'),
 ])
 def test_bad_aug_repeats_is_a_one_line_error(fields, message):

@@ -11,15 +11,15 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, distill_spec
 from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_worker, worker_context
 from .hf_data import HFOptions
 from .distiller import Distiller, LossEntry
-from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
+from .losses import LossSpecError, RunInfo, create_loss
 from .models import Teacher, create_student, create_teacher
 
 __all__ = ['build_student', 'build_teacher', 'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
-           'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill', 'eval_data_config', 'resolve_weights']
+           'build_scheduler', 'BatchMixer', 'scaled_lr', 'eval_data_config', 'resolve_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -142,38 +142,6 @@ class BatchMixer:
         return images, targets, {'labels_b': labels.flip(0), 'lam': float(lam)}
 
 
-def parse_distill(cfg: Config) -> list[tuple[str, Optional[float], dict]]:
-    """``name[:weight]`` items + ``name.key=value`` options → [(name, weight or None when not given, options)]."""
-    import yaml
-    methods: list[tuple[str, Optional[float], dict]] = []
-    for item in cfg.distill:
-        if isinstance(item, dict):  # YAML form: {name: vkd, weight: 1.0, alpha: 1.0}
-            item = dict(item)
-            name = item.pop('name', None)
-            if not name:
-                raise LossSpecError(f'distill entry {item} has no name')
-            weight = item.pop('weight', None)
-            methods.append((name, None if weight is None else float(weight), item))
-            continue
-        name, _, weight = str(item).partition(':')
-        try:
-            methods.append((name, float(weight) if weight else None, {}))
-        except ValueError:
-            raise LossSpecError(f'--distill {item!r}: the weight after ":" must be a number') from None
-    by_name = {m[0]: m for m in methods}
-    for name, _, _ in methods:
-        get_loss_class(name)  # unknown names fail here, listing the registered ones
-    for item in cfg.loss_opts:
-        key, eq, value = str(item).partition('=')
-        name, dot, option = key.partition('.')
-        if not eq or not dot:
-            raise LossSpecError(f'--loss-opts {item!r}: expected name.option=value')
-        if name not in by_name:
-            raise LossSpecError(f'--loss-opts {item!r}: loss {name!r} is not in --distill ({", ".join(by_name)})')
-        by_name[name][2][option] = yaml.safe_load(value)
-    return methods
-
-
 def default_weight(loss_class, student: Optional[torch.nn.Module]) -> float:
     """A method's weight when the command gives none: its ``vit_student_weight`` for a ViT student, else 1."""
     from .features import _is_vit
@@ -186,13 +154,10 @@ def build_losses(cfg: Config, student: Optional[torch.nn.Module] = None) -> list
     method fails before anything is loaded). Unset weights are resolved for ``student`` when it is given
     (:func:`resolve_weights`), else by :func:`build_distiller` once the student exists."""
     entries = []
-    for name, weight, options in parse_distill(cfg):
-        options = dict(options)
-        warmup = float(options.pop('warmup_epochs', 0.0))
-        loss = create_loss(name, **options)
-        entries.append(LossEntry(loss, 1.0 if weight is None else weight, warmup, weight_given=weight is not None))
-    if len({e.loss.name for e in entries}) != len(entries):
-        raise LossSpecError(f'--distill lists a method twice: {cfg.distill}')
+    for method in distill_spec(cfg):
+        loss = create_loss(method.name, **method.options)
+        entries.append(LossEntry(loss, 1.0 if method.weight is None else method.weight,
+                                 float(method.warmup_epochs or 0.0), weight_given=method.weight is not None))
     if student is not None:
         resolve_weights(entries, student)
     return entries

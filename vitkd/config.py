@@ -6,27 +6,31 @@ embedded Fashion-MNIST one) < ``-c file.yaml`` < command-line flags. The resolve
 """
 from __future__ import annotations
 
-from .errors import UsageError
 import argparse
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'embedded_default', 'load_yaml', 'resolve']
+from .distill_spec import DistillSpec, check_method_option, method_names, parse_distill
+from .domains import (Bool, Domain, Either, Integer, Interval, Kwargs, ListOf, NonNegative, OneOf, OrNone, Positive,
+                      Span, Text)
+from .errors import ConfigError
+from .losses import list_losses
+from .validate import check_field, validate_config
+
+__all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'embedded_default', 'load_yaml', 'resolve',
+           'validate', 'distill_spec', 'list_methods_and_presets']
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ConfigError(UsageError):
-    """A bad option value (message is the one-line user error)."""
-
-
-def option(default: Any = None, help: str = '', aliases: tuple[str, ...] = (), choices=None, nargs=None):
-    """A config field with its command-line help."""
-    meta = dict(help=help, aliases=aliases, choices=choices, nargs=nargs)
+def option(default: Any, help: str, domain: Domain, aliases: tuple[str, ...] = (), nargs=None):
+    """A config field: its default, its command-line help and the domain of its accepted values."""
+    meta = dict(help=help, aliases=aliases, domain=domain, nargs=nargs)
     if isinstance(default, (list, dict, tuple)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -38,137 +42,158 @@ class Config:
     dataset: str = option('auto', 'fashion_mnist (the embedded default), cifar10, cifar100, imagefolder, hf (a Hugging '
                        'Face datasets data set); auto = hf when --data-path is hf-hub:org/name, imagefolder when it '
                        'is anything else, fashion_mnist without --data-path',
-                       choices=('auto', 'fashion_mnist', 'cifar10', 'cifar100', 'imagefolder', 'hf'))
+                       domain=OneOf('auto', 'fashion_mnist', 'cifar10', 'cifar100', 'imagefolder', 'hf'))
     data_path: Optional[str] = option(None, 'ImageFolder root with train/ and val/ (or a torchvision root); with '
                                    '--dataset hf: a Hub id (org/name, hf-hub:org/name), a save_to_disk folder, or '
-                                   'parquet files (a folder, a file or a glob)', aliases=('--data-dir',))
+                                   'parquet files (a folder, a file or a glob)', aliases=('--data-dir',),
+                                      domain=OrNone(Text()))
     hf_image_column: Optional[str] = option(None, '--dataset hf: the image column (default: the datasets.Image one, '
-                                         'else image or img)')
+                                         'else image or img)', domain=OrNone(Text()))
     hf_label_column: Optional[str] = option(None, '--dataset hf: the label column (default: the ClassLabel one, else '
-                                         'label)')
-    train_split: str = option('train', '--dataset hf: the training split')
+                                         'label)', domain=OrNone(Text()))
+    train_split: str = option('train', '--dataset hf: the training split', domain=Text())
     val_split: str = option('validation', '--dataset hf: the validation split (the default falls back to val, then '
-                            'test)')
-    num_classes: Optional[int] = option(None, 'expected number of classes (checked against the data and the teacher)')
-    train_subset: Optional[str] = option(None, 'train on a fraction (0.01) or on the files listed in a text file')
+                            'test)', domain=Text())
+    num_classes: Optional[int] = option(None, 'expected number of classes (checked against the data and the teacher)',
+                                        domain=OrNone(Integer(lo=1)))
+    train_subset: Optional[str] = option(None, 'train on a fraction (0.01) or on the files listed in a text file',
+                                         domain=OrNone(Text()))
     input_size: Optional[int] = option(None, 'image side: DeiT\'s --input-size 224 or timm\'s C H W (3 224 224, square; '
                                        'the channels are the data\'s) (default: the student\'s / data set\'s)',
-                                       aliases=('--img-size',))
+                                       aliases=('--img-size',), domain=OrNone(Integer(lo=1)))
     num_workers: Optional[int] = option(None, 'data loader workers per process (default: the CPU cores of the machine '
-                                        'shared by its processes, at most 16)', aliases=('--workers', '-j'))
+                                        'shared by its processes, at most 16)', aliases=('--workers', '-j'),
+                                        domain=OrNone(Integer(lo=0)))
     threads: Optional[int] = option(None, 'CPU threads of each process (default: every core for a single CPU process, '
-                                 'else the launcher\'s OMP_NUM_THREADS)')
+                                 'else the launcher\'s OMP_NUM_THREADS)', domain=OrNone(Integer(lo=1)))
     cpu_malloc: str = option('tuned', 'CPU runs: tuned = glibc keeps freed activation memory instead of re-faulting it '
                           'each step (vitkd/cpu_malloc.py; the process keeps its peak heap), system = glibc defaults',
-                          choices=('tuned', 'system'))
-    skip_corrupt: bool = option(True, 'skip (and count) unreadable images instead of failing')
+                          domain=OneOf('tuned', 'system'))
+    skip_corrupt: bool = option(True, 'skip (and count) unreadable images instead of failing', domain=Bool())
     # ---- models ----------------------------------------------------------------------------------------------
     student: str = option('deit_s_distilled', 'timm student (deit_{ti,s,b}_distilled = VkD student, '
-                       'deit_*_distilled_patch16_224, any timm model)', aliases=('--model', '--student-model'))
-    student_kwargs: dict = option({}, 'timm kwargs for the student, key=value (e.g. depth=4 embed_dim=96)', nargs='*')
-    student_pretrained: bool = option(False, 'start the student from its pretrained timm/Hub weights')
-    drop_path: float = option(0.0, 'stochastic depth rate of the student')
+                       'deit_*_distilled_patch16_224, any timm model)', aliases=('--model', '--student-model'),
+                          domain=Text())
+    student_kwargs: dict = option({}, 'timm kwargs for the student, key=value (e.g. depth=4 embed_dim=96)', nargs='*',
+                                  domain=Kwargs())
+    student_pretrained: bool = option(False, 'start the student from its pretrained timm/Hub weights', domain=Bool())
+    drop_path: float = option(0.0, 'stochastic depth rate of the student', domain=Interval(0, 1, hi_open=True))
     teacher: Optional[str] = option('regnety_160', 'timm name[.tag] (regnety_160 = regnety_160.deit_in1k), '
-                                 'hf-hub:org/name, a save_for_hf folder, or a .safetensors file; none = no teacher')
-    teacher_arch: Optional[str] = option(None, 'timm architecture of a bare .safetensors teacher')
-    teacher_kwargs: dict = option({}, 'timm kwargs for the teacher, key=value', nargs='*')
-    teacher_pretrained: bool = option(True, 'load the teacher\'s weights (off only for smoke tests)')
+                                 'hf-hub:org/name, a save_for_hf folder, or a .safetensors file; none = no teacher',
+                                    domain=OrNone(Text()))
+    teacher_arch: Optional[str] = option(None, 'timm architecture of a bare .safetensors teacher',
+                                         domain=OrNone(Text()))
+    teacher_kwargs: dict = option({}, 'timm kwargs for the teacher, key=value', nargs='*', domain=Kwargs())
+    teacher_pretrained: bool = option(True, 'load the teacher\'s weights (off only for smoke tests)', domain=Bool())
     compile_teacher: bool = option(False, 'torch.compile the teacher\'s forward (inductor; the first batches pay the '
-                                   'compilation; --compile compiles teacher and student)')
+                                   'compilation; --compile compiles teacher and student)', domain=Bool())
     compile_student: bool = option(False, 'torch.compile the student\'s training forward (its taps, logits and '
-                                   'backward; inductor; evaluation and export stay eager)')
+                                   'backward; inductor; evaluation and export stay eager)', domain=Bool())
     teacher_cache: Optional[str] = option(None, 'teacher-output cache folder: epochs not cached yet record the '
                                        'teacher\'s logits (fp16) and pooled features (bf16) per sample with their '
                                        'augmentation seeds and checksums, cached epochs replay them without running '
-                                       'the teacher (see vitkd/teacher_cache.py, scripts/cache_teacher.py)')
+                                       'the teacher (see vitkd/teacher_cache.py, scripts/cache_teacher.py)',
+                                       domain=OrNone(Text()))
     teacher_cache_epochs: Optional[int] = option(None, 'distinct epochs of augmentation the cache holds; epoch e '
                                               'uses data epoch e mod this (default: an existing cache\'s, else '
-                                              'min(--epochs, 10): the augmentations cycle, bounding the disk)')
+                                              'min(--epochs, 10): the augmentations cycle, bounding the disk)',
+                                              domain=OrNone(Integer(lo=1)))
     teacher_cache_topk: int = option(10, 'teacher logits kept per sample (the rest of the probability mass spread '
-                                     'uniformly, as TinyViT); >= the number of classes keeps every logit')
+                                     'uniformly, as TinyViT); >= the number of classes keeps every logit',
+                                     domain=Integer(lo=1))
     # ---- distillation ----------------------------------------------------------------------------------------
     distill: list = option(['vkd'], 'methods as name[:weight] (e.g. vkd:1.0 deit_soft:0.5); see --list-losses',
-                        nargs='+')
+                        nargs='+', domain=ListOf(Either(Text(), Kwargs())))
     loss_opts: list = option([], 'method options as name.key=value (e.g. kd.temperature=2 dkd.warmup_epochs=20)',
-                          nargs='*', aliases=('--loss-opt',))
-    task_weight: Optional[float] = option(None, 'factor on the task CE (default: product of the methods\' choice)')
+                          nargs='*', aliases=('--loss-opt',), domain=ListOf(Text(), min_len=0))
+    task_weight: Optional[float] = option(None, 'factor on the task CE (default: product of the methods\' choice)',
+                                          domain=OrNone(NonNegative()))
     # ---- schedule and optimisation ---------------------------------------------------------------------------
-    epochs: int = option(300, 'training epochs')
-    max_steps: Optional[int] = option(None, 'stop after this many optimizer steps')
-    time_limit: Optional[float] = option(None, 'stop training after this many seconds (then evaluate and save)')
-    batch_size: int = option(64, 'batch per process', aliases=('-b',))
-    grad_accum_steps: int = option(1, 'gradient accumulation steps')
-    opt: str = option('adamw', 'timm optimizer name (create_optimizer_v2)')
-    lr: float = option(5e-4, 'base learning rate, scaled by global batch / 512 unless --unscale-lr')
-    unscale_lr: bool = option(False, 'use --lr as is (no linear scaling with the global batch)')
-    weight_decay: float = option(0.05, 'decoupled weight decay (never on norms, biases, tokens, parametrisations)')
-    momentum: float = option(0.9, 'SGD momentum / Adam beta1 where applicable')
-    sched: str = option('cosine', 'timm scheduler name (create_scheduler_v2)')
-    min_lr: float = option(1e-5, 'final learning rate of the schedule')
-    warmup_epochs: float = option(5, 'linear warm-up epochs')
-    warmup_lr: float = option(1e-6, 'learning rate at the start of the warm-up')
-    clip_grad: Optional[float] = option(None, 'clip the gradient norm to this value')
+    epochs: int = option(300, 'training epochs', domain=Integer(lo=1))
+    max_steps: Optional[int] = option(None, 'stop after this many optimizer steps', domain=OrNone(Integer(lo=1)))
+    time_limit: Optional[float] = option(None, 'stop training after this many seconds (then evaluate and save)',
+                                         domain=OrNone(Positive()))
+    batch_size: int = option(64, 'batch per process', aliases=('-b',), domain=Integer(lo=1))
+    grad_accum_steps: int = option(1, 'gradient accumulation steps', domain=Integer(lo=1))
+    opt: str = option('adamw', 'timm optimizer name (create_optimizer_v2)', domain=Text())
+    lr: float = option(5e-4, 'base learning rate, scaled by global batch / 512 unless --unscale-lr', domain=Positive())
+    unscale_lr: bool = option(False, 'use --lr as is (no linear scaling with the global batch)', domain=Bool())
+    weight_decay: float = option(0.05, 'decoupled weight decay (never on norms, biases, tokens, parametrisations)',
+                                 domain=NonNegative())
+    momentum: float = option(0.9, 'SGD momentum / Adam beta1 where applicable', domain=Interval(0, 1, hi_open=True))
+    sched: str = option('cosine', 'timm scheduler name (create_scheduler_v2)', domain=Text())
+    min_lr: float = option(1e-5, 'final learning rate of the schedule', domain=NonNegative())
+    warmup_epochs: float = option(5, 'linear warm-up epochs', domain=NonNegative())
+    warmup_lr: float = option(1e-6, 'learning rate at the start of the warm-up', domain=NonNegative())
+    clip_grad: Optional[float] = option(None, 'clip the gradient norm to this value', domain=OrNone(Positive()))
     nan_policy: str = option('stop', 'a non-finite loss or gradient: stop the run, or skip that optimizer step; both '
                              'write <run>/nonfinite_step<N>.json (terms, step, lr, sample indices)',
-                             choices=('stop', 'skip'))
-    model_ema: bool = option(False, 'keep an EMA of the student (timm ModelEmaV3), evaluated beside it')
-    model_ema_decay: float = option(0.99996, 'EMA decay')
+                             domain=OneOf('stop', 'skip'))
+    model_ema: bool = option(False, 'keep an EMA of the student (timm ModelEmaV3), evaluated beside it', domain=Bool())
+    model_ema_decay: float = option(0.99996, 'EMA decay', domain=Interval(0, 1))
     mixed_precision: Optional[str] = option(None, 'no, bf16 or fp16 (fp16 needs a GPU); unset = the launcher\'s '
                                             '(accelerate launch --mixed_precision, its config file), else no',
-                                            choices=('no', 'bf16', 'fp16'))
+                                            domain=OrNone(OneOf('no', 'bf16', 'fp16')))
     cuda_tf32: bool = option(True, 'CUDA: TF32 tensor cores for the fp32 matmuls and convolutions (10-bit mantissa '
-                             'inputs, fp32 accumulation; what autocast leaves in fp32)')
+                             'inputs, fp32 accumulation; what autocast leaves in fp32)', domain=Bool())
     cudnn_benchmark: bool = option(True, 'CUDA: cuDNN autotuning (picks the fastest convolution algorithms for the '
-                                   'fixed input shapes of a run)')
-    seed: int = option(0, 'random seed (each process adds its rank)')
+                                   'fixed input shapes of a run)', domain=Bool())
+    seed: int = option(0, 'random seed (each process adds its rank)',
+                       domain=Integer(lo=0, hi=2 ** 32 - 1))  # numpy.random.seed's range
     ddp_find_unused: Optional[bool] = option(None, 'DDP find_unused_parameters for multi-process runs (default: on '
-                                          'when some method can leave parameters without gradient in a step)')
+                                          'when some method can leave parameters without gradient in a step)',
+                                             domain=OrNone(Bool()))
     # ---- augmentation (timm) ---------------------------------------------------------------------------------
-    aa: Optional[str] = option('rand-m9-mstd0.5-inc1', 'RandAugment policy (none to disable)')
+    aa: Optional[str] = option('rand-m9-mstd0.5-inc1', 'RandAugment policy (none to disable)', domain=OrNone(Text()))
     three_augment: bool = option(False, 'DeiT III 3-Augment (grayscale / solarize / blur) instead of RandAugment',
-                                        aliases=('--ThreeAugment',))
-    color_jitter: float = option(0.3, 'colour jitter strength')
-    scale: list = option([0.08, 1.0], 'RandomResizedCrop scale range', nargs=2)
-    hflip: float = option(0.5, 'horizontal flip probability')
-    train_interpolation: str = option('bicubic', 'interpolation of the training crops')
+                                        aliases=('--ThreeAugment',), domain=Bool())
+    color_jitter: float = option(0.3, 'colour jitter strength', domain=NonNegative())
+    scale: list = option([0.08, 1.0], 'RandomResizedCrop scale range', nargs=2, domain=Span(0, 1))
+    hflip: float = option(0.5, 'horizontal flip probability', domain=Interval(0, 1))
+    train_interpolation: str = option('bicubic', 'interpolation of the training crops', domain=Text())
     aug_repeats: int = option(1, 'repeated augmentation (DeiT\'s RASampler): each image R times per epoch with its own '
                               'augmentations, the copies on different processes, epoch length unchanged; DeiT uses 3, '
-                              '1 = off; --repeated-aug = 3')
-    reprob: float = option(0.25, 'random erasing probability')
-    remode: str = option('pixel', 'random erasing mode')
-    recount: int = option(1, 'random erasing count')
-    smoothing: float = option(0.1, 'label smoothing')
-    mixup: float = option(0.8, 'mixup alpha (0 = off)')
-    cutmix: float = option(1.0, 'cutmix alpha (0 = off)')
-    mixup_prob: float = option(1.0, 'probability of mixing a batch')
-    mixup_switch_prob: float = option(0.5, 'probability of cutmix instead of mixup')
-    mixup_mode: str = option('batch', 'timm Mixup mode', choices=('batch', 'pair', 'elem'))
-    eval_crop_ratio: float = option(0.875, 'centre-crop ratio of the evaluation transform', aliases=('--crop-pct',))
+                              '1 = off; --repeated-aug = 3', domain=Integer(lo=1))
+    reprob: float = option(0.25, 'random erasing probability', domain=Interval(0, 1))
+    remode: str = option('pixel', 'random erasing mode', domain=Text(empty=True))
+    recount: int = option(1, 'random erasing count', domain=Integer(lo=1))
+    smoothing: float = option(0.1, 'label smoothing', domain=Interval(0, 1, hi_open=True))
+    mixup: float = option(0.8, 'mixup alpha (0 = off)', domain=NonNegative())
+    cutmix: float = option(1.0, 'cutmix alpha (0 = off)', domain=NonNegative())
+    mixup_prob: float = option(1.0, 'probability of mixing a batch', domain=Interval(0, 1))
+    mixup_switch_prob: float = option(0.5, 'probability of cutmix instead of mixup', domain=Interval(0, 1))
+    mixup_mode: str = option('batch', 'timm Mixup mode', domain=OneOf('batch', 'pair', 'elem'))
+    eval_crop_ratio: float = option(0.875, 'centre-crop ratio of the evaluation transform', aliases=('--crop-pct',),
+                                    domain=Interval(0, 1, lo_open=True))
     # ---- run -------------------------------------------------------------------------------------------------
     output_dir: Optional[str] = option(None, 'run dir (default output/<student>-<methods>-<time>)',
-                                    )
-    overwrite: bool = option(False, 'reuse an output dir that holds another run')
+                                    domain=OrNone(Text()))
+    overwrite: bool = option(False, 'reuse an output dir that holds another run', domain=Bool())
     resume: Optional[str] = option(None, 'auto (newest complete checkpoint in the output dir; none yet = start) or a '
-                                'checkpoint folder / run dir')
-    save_every_steps: Optional[int] = option(None, 'also save a training checkpoint every N optimizer steps')
+                                'checkpoint folder / run dir', domain=OrNone(Text()))
+    save_every_steps: Optional[int] = option(None, 'also save a training checkpoint every N optimizer steps',
+                                             domain=OrNone(Integer(lo=1)))
     keep_last: int = option(1, 'keep the newest K training checkpoints (checkpoints/best is kept apart, as hard '
                                 'links when it is one of them); 1 is enough to resume: a save replaces the previous '
-                                'checkpoint only once it is complete')
+                                'checkpoint only once it is complete', domain=Integer(lo=1))
     log_with: Optional[str] = option(None, 'Accelerate trackers (tensorboard, wandb, mlflow, comet_ml, aim, all) beside '
-                                     'the run dir\'s log.jsonl/epochs.csv; the tracker package must be installed')
+                                     'the run dir\'s log.jsonl/epochs.csv; the tracker package must be installed',
+                                     domain=OrNone(Text()))
     log_every: int = option(50, 'log training terms every N steps (and a progress line when stdout is not a '
-                            'terminal)', aliases=('--log-interval',))
-    eval_every: int = option(1, 'evaluate every N epochs')
-    eval_student: bool = option(False, 'only evaluate --student-ckpt')
+                            'terminal)', aliases=('--log-interval',), domain=Integer(lo=1))
+    eval_every: int = option(1, 'evaluate every N epochs', domain=Integer(lo=1))
+    eval_student: bool = option(False, 'only evaluate --student-ckpt', domain=Bool())
     student_ckpt: Optional[str] = option(None, 'student to evaluate: export folder, checkpoint, .safetensors, hf-hub:id',
-                                      )
-    eval_teacher: bool = option(True, 'report the teacher\'s own accuracy once')
-    push_to_hub: bool = option(False, 'upload the exported student with a model card to the Hugging Face Hub')
-    hub_model_id: Optional[str] = option(None, 'Hub repo org/name for --push-to-hub (default: <you>/<run dir name>)')
-    hub_private: bool = option(False, 'create the Hub repo as private')
+                                      domain=OrNone(Text()))
+    eval_teacher: bool = option(True, 'report the teacher\'s own accuracy once', domain=Bool())
+    push_to_hub: bool = option(False, 'upload the exported student with a model card to the Hugging Face Hub',
+                               domain=Bool())
+    hub_model_id: Optional[str] = option(None, 'Hub repo org/name for --push-to-hub (default: <you>/<run dir name>)',
+                                         domain=OrNone(Text()))
+    hub_private: bool = option(False, 'create the Hub repo as private', domain=Bool())
     hub_license: Optional[str] = option(None, 'license of the model card (a Hub license id, e.g. apache-2.0; the '
                                         'student\'s training data and teacher have their own terms); unset = the '
-                                        'card says none was given')
+                                        'card says none was given', domain=OrNone(Text()))
 
 
 EMBEDDED_PRESET = REPO / 'scripts' / 'configs' / 'embedded.yaml'
@@ -186,11 +211,14 @@ def _parse_value(text: str) -> Any:
 
 
 def _kv(items) -> dict:
+    """key=value strings (the command line's form, also accepted in YAML) or a mapping → a dict."""
     if isinstance(items, dict):
         return dict(items)
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f'expected key=value pairs, got {items!r}')
     out = {}
-    for item in items or []:
-        if '=' not in item:
+    for item in items:
+        if not isinstance(item, str) or '=' not in item:
             raise ConfigError(f'expected key=value, got {item!r}')
         k, v = item.split('=', 1)
         out[k.strip()] = _parse_value(v)
@@ -210,7 +238,6 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.startswith('unrecognized arguments:'):
-            import difflib
             flags = [s for a in self._actions if a.help != argparse.SUPPRESS for s in a.option_strings
                      if s.startswith('--')]
             hints = []
@@ -273,6 +300,12 @@ _REFUSED = {
     '--world-size': 'processes come from the launcher: accelerate launch --num_processes N main.py ...',
     '--dist-url': 'processes come from the launcher: accelerate launch main.py ...',
 }
+
+
+def _choices(domain: Domain) -> Optional[tuple]:
+    """The names a OneOf domain (or its OrNone) accepts, for argparse's choices and --help."""
+    domain = domain.inner if isinstance(domain, OrNone) else domain
+    return domain.names if isinstance(domain, OneOf) else None
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -338,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add(p, group, names, dest=f.name, nargs='+', type=int, default=None, metavar='SIZE', help=helptext)
         else:
             _add(p, group, names, dest=f.name, type=base if base in (int, float) else str, default=None,
-                 choices=f.metadata.get('choices'), help=helptext)
+                 choices=_choices(f.metadata['domain']), help=helptext)
     _add(p, groups['teacher'], ['--teacher-model'], dest='habit_teacher_model', default=None, metavar='NAME',
          help='DeiT\'s teacher architecture: = --teacher NAME; with --teacher-path, the architecture of its weights')
     _add(p, groups['teacher'], ['--teacher-path'], dest='habit_teacher_path', default=None, metavar='PATH',
@@ -381,34 +414,27 @@ def load_yaml(path: str) -> dict:
     valid = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(data) - valid)
     if unknown:
-        import difflib
         hints = [f'{u} (did you mean {m[0]}?)' if (m := difflib.get_close_matches(u, valid, 1)) else u for u in unknown]
         raise ConfigError(f'config {path!r} has unknown keys: {", ".join(hints)}')
-    for key, value in data.items():
-        _check_yaml_type(path, key, value)
+    try:
+        data = _normalise(data)
+        for f in dataclasses.fields(Config):  # a bad value is refused even where the command line overrides it
+            if f.name in data:
+                check_field(f.name, data[f.name], f.metadata['domain'])
+    except ConfigError as e:
+        raise ConfigError(f'config {path!r}: {e}') from None
     return data
 
 
-def _check_yaml_type(path: str, key: str, value: Any) -> None:
-    """A YAML value of the wrong type (``lr: fast``) is a one-line error naming the key and the expected type."""
-    typ = _hints()[key]
-    optional = get_origin(typ) is Union and type(None) in get_args(typ)
-    base = next(t for t in get_args(typ) if t is not type(None)) if get_origin(typ) is Union else typ
-    if value is None and optional:
-        return
-    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, str), dict: (dict, list)}
-    ok = accepted.get(base)
-    if ok is not None and not (isinstance(value, ok) and not (base in (int, float) and isinstance(value, bool))):
-        name = getattr(base, '__name__', str(base))
-        raise ConfigError(f'config {path!r}: {key} must be {"a" if name != "int" else "an"} {name}'
-                          f'{" or null" if optional else ""}, got {value!r}')
-    from .validate import check_yaml_value
-    check_yaml_value(path, key, value)
-
-
 def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
-    """Config from explicitly-set CLI values and YAML values (see the module docstring for the order)."""
-    yaml_values = yaml_values or {}
+    """Config from explicitly-set CLI values and YAML values (see the module docstring for the order), validated."""
+    cfg = _merge(cli, yaml_values or {})
+    validate(cfg)
+    return cfg
+
+
+def _merge(cli: dict, yaml_values: dict) -> Config:
+    """The Config of the YAML values overridden by the explicitly-set CLI values, not validated yet."""
     explicit = {**yaml_values, **{k: v for k, v in cli.items() if v is not None}}
     if isinstance(explicit.get('data_path'), str) and not explicit['data_path'].strip():
         raise ConfigError('--data-path is empty (an unset shell variable?); give the folder with train/ and val/, or '
@@ -420,6 +446,14 @@ def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
     values = embedded_default() if dataset == 'fashion_mnist' and not explicit.get('data_path') else {}
     values.update(explicit)
     values['dataset'] = dataset
+    values = _normalise(values)
+    return Config(**values)
+
+
+def _normalise(values: dict) -> dict:
+    """The command line's spellings that YAML may use too: key=value lists → dicts, a ``distill`` string → its items,
+    ``none`` for no teacher / no RandAugment → null."""
+    values = dict(values)
     for key in ('student_kwargs', 'teacher_kwargs'):
         if key in values:
             try:
@@ -428,48 +462,33 @@ def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
                 raise ConfigError(f'--{key.replace("_", "-")}: {e}') from None
     if isinstance(values.get('distill'), str):
         values['distill'] = values['distill'].split()
-    if isinstance(values.get('teacher'), str) and values['teacher'].lower() in ('none', ''):
-        values['teacher'] = None
-    if isinstance(values.get('aa'), str) and values['aa'].lower() in ('none', ''):
-        values['aa'] = None
-    cfg = Config(**values)
-    validate(cfg)
-    return cfg
+    for key in ('teacher', 'aa'):
+        if isinstance(values.get(key), str) and values[key].lower() in ('none', ''):
+            values[key] = None
+    return values
 
 
-def validate(cfg: Config) -> None:
-    """Reject impossible values with a one-line message naming the value and what is accepted."""
-    for f in dataclasses.fields(Config):  # choices also bind values that come from a YAML file
-        choices, value = f.metadata.get('choices'), getattr(cfg, f.name)
-        if choices and value is not None and value not in choices:
-            raise ConfigError(f'--{f.name.replace("_", "-")} {value!r} is not one of {", ".join(choices)}')
-    positive = dict(batch_size=cfg.batch_size, epochs=cfg.epochs, grad_accum_steps=cfg.grad_accum_steps,
-                    lr=cfg.lr)
-    for name, value in positive.items():
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')
-    for name in ('max_steps', 'time_limit', 'clip_grad', 'num_classes', 'save_every_steps', 'teacher_cache_epochs',
-                 'threads'):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f'--{name.replace("_", "-")} must be > 0, got {value}')
-    if cfg.weight_decay < 0 or cfg.min_lr < 0 or cfg.warmup_epochs < 0:
-        raise ConfigError('--weight-decay, --min-lr and --warmup-epochs must be >= 0')
-    if not 0 <= cfg.smoothing < 1:
-        raise ConfigError(f'--smoothing must be in [0, 1), got {cfg.smoothing}')
-    if cfg.teacher_cache_topk < 1:
-        raise ConfigError(f'--teacher-cache-topk must be >= 1, got {cfg.teacher_cache_topk}')
-    if cfg.aug_repeats < 1:
-        raise ConfigError(f'--aug-repeats must be >= 1 (1 = off, DeiT uses 3), got {cfg.aug_repeats}')
-    if cfg.aug_repeats > 1 and cfg.teacher_cache:
-        raise ConfigError(f'--aug-repeats {cfg.aug_repeats} with --teacher-cache: the cache keeps one augmentation per '
-                          'image and epoch; use --aug-repeats 1 or no cache')
-    if cfg.keep_last < 1:
-        raise ConfigError(f'--keep-last must be >= 1, got {cfg.keep_last}')
-    if cfg.resume not in (None, 'auto') and not Path(cfg.resume).exists():
-        raise ConfigError(f'--resume {cfg.resume!r}: no such checkpoint (use auto or a checkpoint folder)')
-    from .validate import validate_options
-    validate_options(cfg)
+def validate(cfg: Config) -> DistillSpec:
+    """Check every option of ``cfg`` against its domain, and the methods' options against theirs (a one-line error
+    naming the first bad value and what is accepted); the checked methods are kept as ``cfg``'s
+    :func:`distill_spec`."""
+    spec = validate_config(cfg, preset_names())
+    cfg.__dict__['_distill_spec'] = ((_spec_key(cfg)), spec)
+    return spec
+
+
+def _spec_key(cfg: Config) -> str:
+    return repr((cfg.distill, cfg.loss_opts))
+
+
+def distill_spec(cfg: Config) -> DistillSpec:
+    """The run's methods as :func:`validate` checked them (parsed here when ``cfg`` was built without
+    :func:`resolve`, or its methods changed since)."""
+    key, spec = cfg.__dict__.get('_distill_spec', (None, None))
+    if key != _spec_key(cfg):
+        spec = parse_distill(cfg.distill, cfg.loss_opts, preset_names())
+        cfg.__dict__['_distill_spec'] = (_spec_key(cfg), spec)
+    return spec
 
 
 PRESETS = REPO / 'scripts' / 'configs'
@@ -478,6 +497,17 @@ PRESETS = REPO / 'scripts' / 'configs'
 def preset_names() -> list[str]:
     """The presets ``-c NAME`` accepts: the YAML files of ``scripts/configs/`` by stem (``kd++``, ``vkd_deit_s``)."""
     return sorted(path.stem for path in PRESETS.glob('*.yaml'))
+
+
+def list_methods_and_presets() -> str:
+    """``--list-losses``: the registered methods (each works with ``--distill NAME``) with their papers, then the
+    presets (``-c NAME``; a preset that shares a method's name runs that method with its paper's recipe)."""
+    methods = list_losses()
+    width = max(len(n) for n, _ in methods)
+    lines = ['methods (--distill NAME[:WEIGHT], options with --loss-opts NAME.OPTION=VALUE):']
+    lines += [f'  {n:<{width}}  {paper}' for n, paper in methods]
+    lines += ['presets (-c NAME: scripts/configs/NAME.yaml):', '  ' + ' '.join(preset_names())]
+    return '\n'.join(lines)
 
 
 def config_path(spec: str) -> str:
@@ -533,40 +563,40 @@ def _apply_habits(args: argparse.Namespace, cli: dict) -> None:
             cli[name] = args.habit_compile if cli[name] is None else cli[name]
 
 
-def _method_names(cfg: Config) -> list[str]:
-    return [m.get('name', '') if isinstance(m, dict) else str(m).partition(':')[0] for m in cfg.distill]
-
-
 def _apply_deit_options(args: argparse.Namespace, cfg: Config) -> None:
     """``--distillation-alpha`` / ``--distillation-tau`` → the options of the run's DeiT method (after ``-c`` and
-    ``--distill`` are resolved, so they also apply to a preset's deit_hard)."""
+    ``--distill`` are resolved, so they also apply to a preset's deit_hard); each value is checked against the
+    domain its method declares, naming the flag."""
     alpha, tau = args.habit_distillation_alpha, args.habit_distillation_tau
     if alpha is None and tau is None:
         return
-    names = _method_names(cfg)
+    names = method_names(cfg.distill, preset_names())
     deit = [n for n in names if n in ('deit_soft', 'deit_hard')]
     if not deit:
         raise ConfigError(f'--distillation-alpha/--distillation-tau set DeiT\'s deit_soft/deit_hard options, but the '
                           f'methods are {" ".join(names)}; add --distillation-type soft|hard, or set another '
                           'method\'s options with --loss-opts NAME.OPTION=VALUE')
-    extra = [f'{n}.alpha={alpha}' for n in deit if alpha is not None]
-    extra += [f'deit_soft.temperature={tau}' for n in deit if n == 'deit_soft' and tau is not None]
+    extra = []
+    for name in deit:
+        if alpha is not None:
+            check_method_option(name, 'alpha', alpha, f'--distillation-alpha {alpha}')
+            extra.append(f'{name}.alpha={alpha}')
+        if tau is not None and name == 'deit_soft':
+            check_method_option(name, 'temperature', tau, f'--distillation-tau {tau}')
+            extra.append(f'{name}.temperature={tau}')
     cfg.loss_opts = [*cfg.loss_opts, *extra]
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    """Parse the command line (+ ``-c`` YAML or preset) into a validated :class:`Config`."""
+    """Parse the command line (+ ``-c`` YAML or preset) into a :class:`Config` validated as a whole (its fields,
+    its methods, their options; DeiT's flags included) before anything is built."""
     args = build_parser().parse_args(argv)
     yaml_values = load_yaml(config_path(args.config)) if args.config else {}
     cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     _apply_habits(args, cli)
-    presets = set(preset_names())
-    for name in (str(m).partition(':')[0] for m in cli['distill'] or ()):
-        if name in presets:
-            raise ConfigError(f'--distill {name}: {name} is a preset (scripts/configs/{name}.yaml), not a method; run '
-                              f'it with -c {name}')
-    cfg = resolve(cli, yaml_values)
+    cfg = _merge(cli, yaml_values)
     _apply_deit_options(args, cfg)
+    validate(cfg)
     return cfg, args
 
 

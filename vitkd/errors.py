@@ -20,8 +20,8 @@ code  meaning
 ====  ==========================================================================================================
 """
 
-__all__ = ['VitkdError', 'UsageError', 'SaveError', 'HubError', 'DataFailure', 'RunDirError', 'INTERNAL_ERROR',
-           'RESOURCE_ERROR']
+__all__ = ['VitkdError', 'UsageError', 'ConfigError', 'SaveError', 'HubError', 'DataFailure', 'RunDirError',
+           'INTERNAL_ERROR', 'RESOURCE_ERROR']
 
 INTERNAL_ERROR = 70  # BSD sysexits' EX_SOFTWARE
 RESOURCE_ERROR = 7
@@ -37,6 +37,10 @@ class UsageError(VitkdError, ValueError):
     """A bad name, path, option or combination given by the user; the message names it and what is accepted."""
 
     exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A bad option value: the message names the option, the value and what is accepted."""
 
 
 class SaveError(VitkdError, RuntimeError):

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import Config, ConfigError, load_yaml
+from .config import Config, ConfigError, distill_spec, load_yaml
 from .errors import HubError
 
 __all__ = ['HubPushError', 'model_card', 'teacher_description', 'push_run', 'push_run_to_hub', 'default_repo_name',
@@ -93,14 +93,13 @@ def _metric_rows(summary: dict) -> list[str]:
 
 def model_card(run_dir: Path, repo_id: str) -> str:
     """The README.md (front matter + body) for the run's exported student."""
-    from .build import parse_distill
     from .models import default_cfgs as vitkd_cfgs
     run_dir = Path(run_dir)
     cfg, summary, export = _read_run(run_dir)
     arch = export['architecture']
     pretrained_cfg = export.get('pretrained_cfg', {})
-    methods = parse_distill(cfg)
-    method_names = [name for name, _, _ in methods if name != 'none']
+    methods = distill_spec(cfg).methods
+    method_names = [m.name for m in methods if m.name != 'none']
     dataset = HUB_DATASETS.get(cfg.dataset) or (Path(cfg.data_path).name if cfg.data_path else cfg.dataset)
     license_ = getattr(cfg, 'hub_license', None)  # the user's choice only: no license is inferred for the weights
     front = {'library_name': 'timm', **({'license': license_} if license_ else {}),
@@ -117,8 +116,8 @@ def model_card(run_dir: Path, repo_id: str) -> str:
                     'classifier', '')) else '')]
     method_rows = ['| method | weight | options |', '|---|---|---|']
     weights = summary.get('weights', {})  # as the run resolved them (a ViT student's defaults); older runs: 1
-    method_rows += [f'| {name} | {weight if weight is not None else weights.get(name, 1.0):g} | '
-                    f'{", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults"} |' for name, weight, opts in methods]
+    method_rows += [f'| {m.name} | {m.weight if m.weight is not None else weights.get(m.name, 1.0):g} | '
+                    f'{", ".join(f"{k}={v}" for k, v in m.shown_options().items()) or "defaults"} |' for m in methods]
     epochs_run = summary.get('epochs_run', '?')
     teacher = teacher_description(cfg)
     recipe = [f'- data: {cfg.dataset}' + (f' ({_public_name(cfg.data_path)})' if cfg.data_path else '') +

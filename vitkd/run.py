@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
                     build_teacher, eval_data_config, scaled_lr, student_data_spec)
-from .config import Config, ConfigError
+from .config import Config, ConfigError, distill_spec
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
@@ -112,7 +112,7 @@ def name_output_dir(cfg: Config) -> None:
         from .checkpoint import resolve_resume
         resolve_resume(cfg, log=lambda *_: None)  # fills output_dir with the checkpoint's run dir (or fails)
     if cfg.output_dir is None:
-        methods = '+'.join(m.split(':')[0] if isinstance(m, str) else m.get('name', 'm') for m in cfg.distill)
+        methods = '+'.join(distill_spec(cfg).names)
         cfg.output_dir = str(Path('output') / f'{cfg.student.replace("/", "_")}-{methods}-{time.strftime("%Y%m%d-%H%M%S")}')
 
 
@@ -403,7 +403,7 @@ def plot_curves(out_dir: Path, cfg: Config, accelerator: Accelerator) -> None:
     """``curves.png`` in the run dir: loss terms, lr, accuracy per head (main process)."""
     if accelerator.is_main_process and (out_dir / 'log.jsonl').exists():
         from .plots import plot_run
-        methods = ' + '.join(str(m) for m in cfg.distill)
+        methods = ' + '.join(m.name if m.weight is None else f'{m.name}:{m.weight:g}' for m in distill_spec(cfg))
         plot_run(out_dir / 'log.jsonl', out_dir / 'curves.png', f'{cfg.student} ← {cfg.teacher} ({methods})')
 
 

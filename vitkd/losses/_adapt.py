@@ -24,24 +24,38 @@ Also :func:`gather_batch` for batch-relational losses with a global (all-gathere
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Optional, Sequence
+from typing import Annotated, ClassVar, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Integer, ListOf, OneOf, OrNone
 from ..features import Features, TapSpec, _is_vit, num_taps
 from .base import LossSpecError
 
 __all__ = ['THREE_TAPS', 'MIDDLE_TAP', 'LAST_TWO_TAPS', 'SCOPES', 'default_taps', 'even_positions', 'pair_taps',
            'PairedTaps', 'as_taps', 'align_spatial', 'pool_to', 'conv1x1_connector', 'init_convs_', 'gather_batch',
-           'check_scope']
+           'Blocks', 'Scope', 'tap_indices']
 
 THREE_TAPS = (1.0, 2.0, 3.0)   # Zoo rb1, rb2, rb3 -> G_4/G_8/G_12 ↔ s2/s3/s4
 MIDDLE_TAP = (2.0,)            # single-tap methods -> G_8 ↔ s3
 LAST_TWO_TAPS = (2.0, 3.0)     # two-tap methods -> G_8/G_12 ↔ s3/s4
 SCOPES = ('local', 'global')
+
+
+
+def tap_indices(min_len: int = 1, max_len: Optional[int] = None):
+    """The annotation of a tap-index option: ``min_len`` to ``max_len`` indices (blocks of a ViT, stem + stages of a
+    CNN; negative counts from the end; a lone index stands for one), or None for the method's default taps at thirds
+    of the depth (``configure_taps``). Indices beyond the network are refused once the models exist."""
+    return Annotated[Optional[Sequence[int]], OrNone(ListOf(Integer(), min_len, max_len, scalar=True))]
+
+
+Blocks = tap_indices()
+#: Batch statistics over this process's batch ('local') or over the batch of every process ('global').
+Scope = Annotated[str, OneOf(*SCOPES)]
 
 
 def _round_half_up(x: float) -> int:
@@ -207,9 +221,3 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(x), dim=0)
-
-
-def check_scope(scope: str) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
-    return scope

@@ -40,13 +40,14 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 
+from ..domains import NonNegative
 from ..features import Features
-from ._adapt import InitStage, PairedTaps, align_spatial, as_taps, conv1x1_connector
+from ._adapt import Blocks, InitStage, PairedTaps, align_spatial, as_taps, conv1x1_connector
 from .base import Batch, DistillationLoss, RunInfo, register_loss
 
 __all__ = ['ab_loss', 'ActivationBoundaries']
@@ -74,8 +75,9 @@ class ActivationBoundaries(InitStage, PairedTaps, DistillationLoss):
     # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
     may_leave_parameters_unused = True
 
-    def __init__(self, lambda_kd: float = 10.0, margin: float = 2.0, init_epochs: float = 50,
-                 student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10.0, margin: Annotated[float, NonNegative()] = 2.0,
+                 init_epochs: Annotated[float, NonNegative()] = 50, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
@@ -85,8 +87,6 @@ class ActivationBoundaries(InitStage, PairedTaps, DistillationLoss):
             student_blocks, teacher_blocks: tap indices (None: thirds of the depth ↔ last three stages).
         """
         super().__init__()
-        if init_epochs < 0:
-            raise ValueError(f'init_epochs must be >= 0, got {init_epochs}')
         self.lambda_kd, self.margin, self.init_epochs = lambda_kd, margin, init_epochs
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
         self.connectors = nn.ModuleList()

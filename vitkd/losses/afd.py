@@ -38,14 +38,15 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Positive
 from ..features import Features
-from ._adapt import THREE_TAPS, PairedTaps, align_spatial, as_taps, conv1x1_connector, init_convs_
+from ._adapt import THREE_TAPS, Blocks, PairedTaps, align_spatial, as_taps, conv1x1_connector, init_convs_
 from .base import Batch, DistillationLoss, RunInfo, register_loss
 
 __all__ = ['AFD', 'ChannelAttention', 'channel_attention_weights', 'afd_loss']
@@ -94,16 +95,14 @@ class AFD(PairedTaps, DistillationLoss):
     vit_student_weight = 0.01
     default_positions = THREE_TAPS
 
-    def __init__(self, att_f: float = 1.0, student_blocks: Optional[Sequence[int]] = None,
-                 teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, att_f: Annotated[float, Positive()] = 1.0, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             att_f: hidden width factor of the attention MLP.
             student_blocks, teacher_blocks: paired taps; None = 1/3, 2/3, 3/3 of the depth.
         """
         super().__init__()
-        if att_f <= 0:
-            raise ValueError(f'att_f must be > 0, got {att_f}')
         self.att_f = att_f
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
         self.attentions = nn.ModuleList()

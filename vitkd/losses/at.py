@@ -33,13 +33,14 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
+from ..domains import NonNegative, Positive
 from ..features import Features
-from ._adapt import PairedTaps, align_spatial, as_taps
+from ._adapt import Blocks, PairedTaps, align_spatial, as_taps
 from .base import Batch, DistillationLoss, register_loss
 
 __all__ = ['attention_map', 'at_loss', 'AttentionTransfer']
@@ -71,8 +72,8 @@ class AttentionTransfer(PairedTaps, DistillationLoss):
     paper = 'AT, Zagoruyko & Komodakis, ICLR 2017, arXiv:1612.03928 (Knowledge-Distillation-Zoo)'
     vit_student_weight = 0.01
 
-    def __init__(self, lambda_kd: float = 1000.0, p: float = 2.0, student_blocks: Optional[Sequence[int]] = None,
-                 teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 1000.0, p: Annotated[float, Positive()] = 2.0,
+                 student_blocks: Blocks = None, teacher_blocks: Blocks = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).

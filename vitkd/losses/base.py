@@ -3,9 +3,12 @@
 A method is
 
 * a pure function on tensors with the paper's math (testable alone), and
-* a :class:`DistillationLoss` subclass registered with ``@register_loss('name')`` that declares the taps it needs
-  (``student_taps`` / ``teacher_taps``), builds its trainable parts in :meth:`DistillationLoss.setup` once the
-  shapes are known, and maps (student features, teacher features, batch) to named loss terms.
+* a :class:`DistillationLoss` subclass registered with ``@register_loss('name')`` whose constructor options each
+  declare their accepted values beside the default (``temperature: Annotated[float, Positive()] = 4.0``, see
+  :mod:`vitkd.domains`; the command line, YAML files and :func:`create_loss` check every value against them), that
+  declares the taps it needs (``student_taps`` / ``teacher_taps``), builds its trainable parts in
+  :meth:`DistillationLoss.setup` once the shapes are known, and maps (student features, teacher features, batch) to
+  named loss terms.
 
 The distiller owns every loss (so projectors, adapters and memory banks are optimised, DDP-synchronised and
 checkpointed with the student), applies the task loss once, weights and warms up each method, computes every loss
@@ -24,20 +27,41 @@ Generic hooks for methods with a special procedure (no engine branches):
 """
 from __future__ import annotations
 
-from ..errors import UsageError
+import difflib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Annotated, Any, Callable, ClassVar, Optional, get_type_hints
 
 import torch
 import torch.nn as nn
 
+from ..domains import Domain, NonNegative, OneOf, OutOfDomain
+from ..errors import UsageError
 from ..features import Features, TapSpec
 
-__all__ = ['DistillationLoss', 'Batch', 'RunContext', 'RunInfo', 'register_loss', 'create_loss', 'list_losses', 'get_loss_class',
-           'LossSpecError', 'LOSS_REGISTRY']
+__all__ = ['DistillationLoss', 'Batch', 'RunContext', 'RunInfo', 'register_loss', 'create_loss', 'list_losses',
+           'get_loss_class', 'LossSpecError', 'LOSS_REGISTRY', 'HEADS', 'Head', 'pick_head', 'option_domains',
+           'COMMON_OPTIONS']
 
 LOSS_REGISTRY: dict[str, type['DistillationLoss']] = {}
+
+#: Which student head a logit method reads: 'auto' = the distillation head when the student has one (DeiT's
+#: token distillation), else the only head; 'avg' = the mean of the class and distillation heads.
+HEADS = ('auto', 'dist', 'cls', 'avg')
+Head = Annotated[str, OneOf(*HEADS)]
+
+#: Options every method takes besides its constructor's, applied by the distiller: ``warmup_epochs`` ramps the
+#: method's weight linearly from 0 over that many epochs (0 = full weight from the start).
+COMMON_OPTIONS: dict[str, Domain] = {'warmup_epochs': NonNegative()}
+
+
+def pick_head(student: Features, head: str) -> torch.Tensor:
+    """Student logits [B, K] of ``head`` (one of :data:`HEADS`)."""
+    if head in ('auto', 'dist') and student.logits_dist is not None:
+        return student.logits_dist
+    if head == 'avg':
+        return student.head_logits
+    return student.logits
 
 
 class LossSpecError(UsageError):
@@ -199,7 +223,6 @@ def register_loss(name: str):
 
 def get_loss_class(name: str) -> type[DistillationLoss]:
     if name not in LOSS_REGISTRY:
-        import difflib
         close = difflib.get_close_matches(name, LOSS_REGISTRY, n=3)
         hint = f' (did you mean {", ".join(close)}?)' if close else ''
         raise LossSpecError(f'unknown loss {name!r}{hint}; registered: {", ".join(sorted(LOSS_REGISTRY))}; recipes '
@@ -208,20 +231,33 @@ def get_loss_class(name: str) -> type[DistillationLoss]:
     return LOSS_REGISTRY[name]
 
 
-def loss_option_names(name: str) -> list[str]:
-    sig = inspect.signature(get_loss_class(name).__init__)
-    return [k for k, p in sig.parameters.items() if k != 'self' and p.kind == p.KEYWORD_ONLY or
-            (k != 'self' and p.kind == p.POSITIONAL_OR_KEYWORD)]
+def option_domains(loss_class: type[DistillationLoss]) -> dict[str, Optional[Domain]]:
+    """Every constructor option of ``loss_class`` with the domain its annotation declares (``Annotated[type,
+    Domain]``), in signature order; None for an option that declares none (the registry test refuses those)."""
+    hints = get_type_hints(loss_class.__init__, include_extras=True)
+    domains = {}
+    for name, param in inspect.signature(loss_class.__init__).parameters.items():
+        if name == 'self' or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        declared = [m for m in getattr(hints.get(name), '__metadata__', ()) if isinstance(m, Domain)]
+        domains[name] = declared[0] if declared else None
+    return domains
 
 
 def create_loss(name: str, **options: Any) -> DistillationLoss:
-    """Build the registered loss ``name`` with ``options`` (unknown options are an error listing the valid ones)."""
+    """Build the registered loss ``name`` with ``options``, each checked against its declared domain (an unknown
+    option or a value outside its domain is an error naming the accepted ones)."""
     cls = get_loss_class(name)
-    valid = loss_option_names(name)
-    unknown = sorted(set(options) - set(valid))
+    domains = option_domains(cls)
+    unknown = sorted(set(options) - set(domains))
     if unknown:
         raise LossSpecError(f'loss {name!r} has no option {", ".join(unknown)}; its options: '
-                            f'{", ".join(valid) or "(none)"}')
+                            f'{", ".join(domains) or "(none)"}')
+    for option, value in options.items():
+        try:
+            options[option] = domains[option].check(value) if domains[option] is not None else value
+        except OutOfDomain as e:
+            raise LossSpecError(f'{name}\'s {option} must be {e}, got {value!r}') from None
     return cls(**options)
 
 

@@ -51,15 +51,15 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..domains import Bool, Integer, NonNegative, Positive
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, RunInfo, register_loss
+from .base import Batch, DistillationLoss, Head, RunInfo, pick_head, register_loss
 from .functional import at_least_fp32, kl_div_logits
-from .kd import HEADS, pick_head
 
 __all__ = ['BSS', 'bss_factor', 'select_base_samples', 'sample_attack_classes', 'boundary_attack', 'bss_loss',
            'valid_pixel_range']
@@ -161,9 +161,11 @@ class BSS(DistillationLoss):
     #: steps without a term (before ``start_epoch``, after the decay, no base sample) leave z_dist's head idle
     may_leave_parameters_unused = True
 
-    def __init__(self, temperature: float = 3.0, attack_size: int = 32, step_alpha: float = 0.3,
-                 num_steps: int = 10, attack_eps: float = 1e-4, start_epoch: float = 10, decay: float = 1.25,
-                 head: str = 'auto', per_step: bool = False):
+    def __init__(self, temperature: Annotated[float, Positive()] = 3.0, attack_size: Annotated[int, Integer(lo=1)] = 32,
+                 step_alpha: Annotated[float, Positive()] = 0.3, num_steps: Annotated[int, Integer(lo=1)] = 10,
+                 attack_eps: Annotated[float, NonNegative()] = 1e-4, start_epoch: Annotated[float, NonNegative()] = 10,
+                 decay: Annotated[float, NonNegative()] = 1.25, head: Head = 'auto',
+                 per_step: Annotated[bool, Bool()] = False):
         """
         Args:
             temperature: T of the KL on attacked samples (no T² factor).
@@ -177,8 +179,6 @@ class BSS(DistillationLoss):
             head: student head (``auto`` = the averaged heads).
         """
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         self.temperature, self.attack_size, self.step_alpha = temperature, attack_size, step_alpha
         self.num_steps, self.attack_eps, self.start_epoch, self.decay = num_steps, attack_eps, start_epoch, decay
         self.per_step = per_step

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
+from ..domains import Integer, Positive
 from ..features import Features, TapSpec
-from ._adapt import check_scope, gather_batch
+from ._adapt import Scope, gather_batch
 from .base import Batch, DistillationLoss, register_loss
 
 __all__ = ['CC', 'correlation_matrix', 'cc_loss']
@@ -71,7 +74,8 @@ class CC(DistillationLoss):
     """Correlation congruence of pooled features (local batch by default)."""
     paper = 'CC, Peng et al., ICCV 2019, arXiv:1904.01802'
 
-    def __init__(self, gamma: float = 0.4, order: int = 2, scope: str = 'local'):
+    def __init__(self, gamma: Annotated[float, Positive()] = 0.4, order: Annotated[int, Integer(lo=0)] = 2,
+                 scope: Scope = 'local'):
         """
         Args:
             gamma: RBF γ.
@@ -79,9 +83,7 @@ class CC(DistillationLoss):
             scope: ``local`` (per-process batch, the Zoo) or ``global`` (all-gathered batch).
         """
         super().__init__()
-        if order < 0:
-            raise ValueError(f'order must be ≥ 0, got {order}')
-        self.gamma, self.order, self.scope = gamma, int(order), check_scope(scope)
+        self.gamma, self.order, self.scope = gamma, order, scope
         self.student_taps = TapSpec(pooled=True)
         self.teacher_taps = TapSpec(pooled=True)
 

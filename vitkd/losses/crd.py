@@ -64,10 +64,13 @@ from __future__ import annotations
 import logging
 import math
 
+from typing import Annotated
+
 import torch
 import torch.nn as nn
 
 from .. import distributed as vdist
+from ..domains import Integer, Interval, OneOf, Positive
 from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
@@ -227,8 +230,10 @@ class CRD(DistillationLoss):
     vit_student_weight = 0.01
     labels_given = False  # setup got info.train_labels: the class grouping is fixed (built there)
 
-    def __init__(self, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
-                 student_feature: str = 'pooled'):
+    def __init__(self, feat_dim: Annotated[int, Integer(lo=1)] = 128, nce_k: Annotated[int, Integer(lo=1)] = 16384,
+                 nce_t: Annotated[float, Positive()] = 0.07,
+                 nce_m: Annotated[float, Interval(0, 1, hi_open=True)] = 0.5,
+                 student_feature: Annotated[str, OneOf(*STUDENT_FEATURES)] = 'pooled'):
         """
         Args:
             feat_dim: d, the embedding width.
@@ -239,11 +244,6 @@ class CRD(DistillationLoss):
                 the global pool on a CNN), ``cls`` or ``dist`` (that token after the final norm, ViTs).
         """
         super().__init__()
-        if student_feature not in STUDENT_FEATURES:
-            raise ValueError(f'student_feature must be one of {STUDENT_FEATURES}, got {student_feature!r}')
-        if feat_dim < 1 or nce_k < 1 or nce_t <= 0 or not 0 <= nce_m < 1:
-            raise ValueError(f'need feat_dim >= 1, nce_k >= 1, nce_t > 0, 0 <= nce_m < 1; got {feat_dim}, {nce_k}, '
-                             f'{nce_t}, {nce_m}')
         self.feat_dim, self.nce_k, self.nce_t, self.nce_m = feat_dim, nce_k, nce_t, nce_m
         self.student_feature = student_feature
         self.num_samples = 0

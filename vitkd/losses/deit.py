@@ -16,9 +16,12 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
+from ..domains import Interval, OneOf, Positive
 from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, register_loss
 from .functional import KL_REDUCTIONS, kl_div_logits
@@ -46,10 +49,8 @@ class _DeiTTokenDistillation(DistillationLoss):
     requires_dist_head = True
     uses_dist_head = True
 
-    def __init__(self, alpha: float = 0.5):
+    def __init__(self, alpha: Annotated[float, Interval(0, 1)] = 0.5):
         super().__init__()
-        if not 0 <= alpha <= 1:
-            raise ValueError(f'alpha must be in [0, 1], got {alpha}')
         self.alpha = alpha
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
@@ -63,10 +64,9 @@ class DeiTSoft(_DeiTTokenDistillation):
     """DeiT soft distillation: α·T²·KL(p_t ‖ p_dist) on the distillation head (Touvron et al., ICML 2021)."""
     paper = 'DeiT soft, Touvron et al. ICML 2021, arXiv:2012.12877'
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, reduction: str = 'batchmean'):
+    def __init__(self, alpha: Annotated[float, Interval(0, 1)] = 0.5, temperature: Annotated[float, Positive()] = 1.0,
+                 reduction: Annotated[str, OneOf(*KL_REDUCTIONS)] = 'batchmean'):
         super().__init__(alpha)
-        if reduction not in KL_REDUCTIONS:
-            raise ValueError(f'reduction must be one of {KL_REDUCTIONS}, got {reduction!r}')
         self.temperature, self.reduction = temperature, reduction
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:

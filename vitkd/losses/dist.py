@@ -38,15 +38,15 @@ from __future__ import annotations
 
 from functools import partial
 
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 
 from ..distributed import all_gather_with_grad
+from ..domains import Integer, NonNegative, OneOf, Positive
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, register_loss
 from .functional import at_least_fp32
-from .kd import HEADS, pick_head
 
 __all__ = ['pearson_correlation', 'inter_class_relation', 'intra_class_relation', 'dist_loss', 'DIST', 'INTRA_SCOPES']
 
@@ -112,8 +112,10 @@ class DIST(DistillationLoss):
     """DIST: τ²·(β·(1 − inter-class Pearson) + γ·(1 − intra-class Pearson)) on softened probabilities."""
     paper = 'DIST, Huang et al. NeurIPS 2022, arXiv:2205.10536'
 
-    def __init__(self, beta: float = 2.0, gamma: float = 2.0, temperature: float = 1.0, intra_scope: str = 'global',
-                 head: str = 'auto', warmup: int = 0):
+    def __init__(self, beta: Annotated[float, NonNegative()] = 2.0, gamma: Annotated[float, NonNegative()] = 2.0,
+                 temperature: Annotated[float, Positive()] = 1.0,
+                 intra_scope: Annotated[str, OneOf(*INTRA_SCOPES)] = 'global', head: Head = 'auto',
+                 warmup: Annotated[int, Integer(lo=0)] = 0):
         """
         Args:
             beta: β, weight of the inter-class relation term.
@@ -126,12 +128,6 @@ class DIST(DistillationLoss):
                 0 = none.
         """
         super().__init__()
-        if intra_scope not in INTRA_SCOPES:
-            raise ValueError(f'intra_scope must be one of {INTRA_SCOPES}, got {intra_scope!r}')
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
-        if temperature <= 0 or warmup < 0:
-            raise ValueError(f'need temperature > 0 and warmup >= 0, got {temperature}, {warmup}')
         self.beta, self.gamma, self.temperature, self.warmup = beta, gamma, temperature, warmup
         self.intra_scope, self.head = intra_scope, head
         self.uses_dist_head = head in ('auto', 'dist')

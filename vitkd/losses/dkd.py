@@ -44,13 +44,15 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
+from ..domains import Integer, NonNegative, OneOf, Positive
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, register_loss
 from .functional import at_least_fp32
-from .kd import HEADS, pick_head
 
 __all__ = ['dkd_terms', 'dkd_loss', 'dkd_warmup_factor', 'DKD', 'LABEL_POLICIES', 'WARMUP_INDEXING']
 
@@ -124,8 +126,10 @@ class DKD(DistillationLoss):
     """DKD: w(e)·(α·TCKD + β·NCKD) with an explicit label policy under mixup."""
     paper = 'DKD, Zhao et al. CVPR 2022, arXiv:2203.08679'
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.5, temperature: float = 1.0, warmup: int = 0,
-                 warmup_indexing: str = 'zero', label_policy: str = 'pair', head: str = 'auto'):
+    def __init__(self, alpha: Annotated[float, NonNegative()] = 1.0, beta: Annotated[float, NonNegative()] = 0.5,
+                 temperature: Annotated[float, Positive()] = 1.0, warmup: Annotated[int, Integer(lo=0)] = 0,
+                 warmup_indexing: Annotated[str, OneOf(*WARMUP_INDEXING)] = 'zero',
+                 label_policy: Annotated[str, OneOf(*LABEL_POLICIES)] = 'pair', head: Head = 'auto'):
         """
         Args:
             alpha: α, weight of TCKD.
@@ -137,14 +141,6 @@ class DKD(DistillationLoss):
             head: student head: ``auto`` (distillation head when present), ``dist``, ``cls`` or ``avg``.
         """
         super().__init__()
-        if label_policy not in LABEL_POLICIES:
-            raise ValueError(f'label_policy must be one of {LABEL_POLICIES}, got {label_policy!r}')
-        if warmup_indexing not in WARMUP_INDEXING:
-            raise ValueError(f'warmup_indexing must be one of {WARMUP_INDEXING}, got {warmup_indexing!r}')
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
-        if warmup < 0 or temperature <= 0:
-            raise ValueError(f'need warmup >= 0 and temperature > 0, got {warmup}, {temperature}')
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.warmup, self.warmup_indexing = warmup, warmup_indexing
         self.label_policy, self.head = label_policy, head

@@ -36,15 +36,15 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import torch.nn as nn
 
+from ..domains import Kwargs, NonNegative, OrNone, Text
 from ..features import Features, TapSpec, extract
-from .base import Batch, DistillationLoss, RunInfo, register_loss
+from .base import Batch, DistillationLoss, Head, LossSpecError, RunInfo, pick_head, register_loss
 from .functional import at_least_fp32, kl_div_logits, soft_target_cross_entropy
-from .kd import HEADS, pick_head
 
 __all__ = ['DML', 'mutual_kl']
 
@@ -60,8 +60,9 @@ class DML(DistillationLoss):
     paper = 'DML, Zhang et al., CVPR 2018, arXiv:1706.00384'
     needs_teacher = False
 
-    def __init__(self, kl_weight: float = 1.0, peer: Optional[str] = None, peer_kwargs: Optional[dict] = None,
-                 head: str = 'auto'):
+    def __init__(self, kl_weight: Annotated[float, NonNegative()] = 1.0,
+                 peer: Annotated[Optional[str], OrNone(Text())] = None,
+                 peer_kwargs: Annotated[Optional[dict], OrNone(Kwargs())] = None, head: Head = 'auto'):
         """
         Args:
             kl_weight: λ on both KL terms.
@@ -70,10 +71,8 @@ class DML(DistillationLoss):
             head: student head in the KLs (``auto`` = distillation head if any).
         """
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         if peer_kwargs is not None and peer is None:
-            raise ValueError('peer_kwargs needs peer (the default peer copies the student\'s kwargs)')
+            raise LossSpecError('peer_kwargs needs peer (the default peer copies the student\'s kwargs)')
         self.kl_weight, self.peer_name, self.peer_kwargs, self.head = kl_weight, peer, peer_kwargs, head
         self.uses_dist_head = head in ('auto', 'dist')
         self.student_taps = TapSpec(logits=True)

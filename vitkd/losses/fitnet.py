@@ -26,14 +26,15 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Bool, NonNegative
 from ..features import Features
-from ._adapt import MIDDLE_TAP, PairedTaps, align_spatial, as_taps, conv1x1_connector
+from ._adapt import MIDDLE_TAP, Blocks, PairedTaps, align_spatial, as_taps, conv1x1_connector
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
 __all__ = ['hint_loss', 'FitNet']
@@ -50,8 +51,8 @@ class FitNet(PairedTaps, DistillationLoss):
     paper = 'FitNet, Romero et al., ICLR 2015, arXiv:1412.6550 (Knowledge-Distillation-Zoo)'
     default_positions = MIDDLE_TAP
 
-    def __init__(self, lambda_kd: float = 0.1, regressor: bool = True, student_blocks: Optional[Sequence[int]] = None,
-                 teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 0.1, regressor: Annotated[bool, Bool()] = True,
+                 student_blocks: Blocks = None, teacher_blocks: Blocks = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).

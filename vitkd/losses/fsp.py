@@ -36,17 +36,20 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Bool, NonNegative
 from ..features import Features
-from ._adapt import InitStage, PairedTaps, as_taps, conv1x1_connector, pool_to
+from ._adapt import InitStage, tap_indices, PairedTaps, as_taps, conv1x1_connector, pool_to
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
 __all__ = ['fsp_matrix', 'fsp_loss', 'FSP']
+
+PairsOfTaps = tap_indices(min_len=2)  # consecutive taps form the FSP pairs: at least two
 
 
 def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -79,8 +82,10 @@ class FSP(InitStage, PairedTaps, DistillationLoss):
     # connectors or heads sit idle in one of the two stages: DDP needs find_unused_parameters
     may_leave_parameters_unused = True
 
-    def __init__(self, lambda_kd: float = 1.0, init_epochs: float = 50, connector: bool = True,
-                 student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 1.0,
+                 init_epochs: Annotated[float, NonNegative()] = 50,
+                 connector: Annotated[bool, Bool()] = True, student_blocks: PairsOfTaps = None,
+                 teacher_blocks: PairsOfTaps = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
@@ -90,13 +95,8 @@ class FSP(InitStage, PairedTaps, DistillationLoss):
             student_blocks, teacher_blocks: ≥ 2 tap indices each (None: thirds of the depth ↔ last three stages).
         """
         super().__init__()
-        if init_epochs < 0:
-            raise ValueError(f'init_epochs must be >= 0, got {init_epochs}')
         self.lambda_kd, self.init_epochs, self.connector = lambda_kd, init_epochs, connector
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
-        given = self.student_blocks or self.teacher_blocks
-        if given is not None and len(given) < 2:
-            raise ValueError(f'fsp needs at least two taps per network (consecutive pairs), got {given}')
         self.connectors = nn.ModuleList()
 
     def setup(self, student: Features, teacher: Features, info: RunInfo) -> None:

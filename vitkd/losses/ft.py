@@ -44,17 +44,20 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Bool, NonNegative, OneOf, Positive
 from ..features import Features
-from ._adapt import MIDDLE_TAP, PairedTaps, align_spatial, as_taps, init_convs_
+from ._adapt import MIDDLE_TAP, tap_indices, PairedTaps, align_spatial, as_taps, init_convs_
 from .base import Batch, DistillationLoss, RunInfo, register_loss
 
 __all__ = ['ft_loss', 'Paraphraser', 'Translator', 'FactorTransfer']
+
+OneTap = tap_indices(max_len=1)  # FT compares one tap pair
 
 
 def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor) -> torch.Tensor:
@@ -113,9 +116,10 @@ class FactorTransfer(PairedTaps, DistillationLoss):
     may_leave_parameters_unused = True
     default_positions = MIDDLE_TAP
 
-    def __init__(self, lambda_kd: float = 200.0, k: float = 0.5, paraphraser_epochs: float = 30, use_bn: bool = True,
-                 outer_kernel_size: int = 3, zoo_deconv_init: bool = False,
-                 student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 200.0, k: Annotated[float, Positive()] = 0.5,
+                 paraphraser_epochs: Annotated[float, Positive()] = 30, use_bn: Annotated[bool, Bool()] = True,
+                 outer_kernel_size: Annotated[int, OneOf(1, 3)] = 3, zoo_deconv_init: Annotated[bool, Bool()] = False,
+                 student_blocks: OneTap = None, teacher_blocks: OneTap = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
@@ -128,17 +132,9 @@ class FactorTransfer(PairedTaps, DistillationLoss):
             student_blocks, teacher_blocks: one tap index each (None: block at 2/3 of the depth ↔ stage s3).
         """
         super().__init__()
-        if paraphraser_epochs <= 0:
-            raise ValueError(f'paraphraser_epochs must be > 0 (the factor needs a trained paraphraser), '
-                             f'got {paraphraser_epochs}')
-        if outer_kernel_size not in (1, 3):
-            raise ValueError(f'outer_kernel_size must be 1 or 3, got {outer_kernel_size}')
         self.lambda_kd, self.k, self.paraphraser_epochs, self.use_bn = lambda_kd, k, paraphraser_epochs, use_bn
         self.outer_kernel_size, self.zoo_deconv_init = outer_kernel_size, zoo_deconv_init
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
-        given = self.student_blocks or self.teacher_blocks
-        if given is not None and len(given) != 1:
-            raise ValueError(f'ft compares one tap pair, got {given}')
         self.paraphraser: Optional[Paraphraser] = None
         self.translator: Optional[Translator] = None
         self.paraphraser_frozen = False

@@ -39,17 +39,19 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..domains import NonNegative
 from ..features import Features, TapSpec
-from ._adapt import LAST_TWO_TAPS, PairedTaps, align_spatial, as_taps, check_scope, gather_batch
-from .base import Batch, DistillationLoss, register_loss
-from .kd import HEADS, pick_head
+from ._adapt import LAST_TWO_TAPS, PairedTaps, Scope, align_spatial, as_taps, gather_batch, tap_indices
+from .base import Batch, DistillationLoss, Head, pick_head, register_loss
 
 __all__ = ['IRG', 'edge_matrix', 'channel_pool', 'align_pair', 'transformation_distance', 'irg_terms']
+
+TwoTaps = tap_indices(min_len=2, max_len=2)  # the earlier and the later map of the transformation term
 
 
 def edge_matrix(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -119,9 +121,9 @@ class IRG(PairedTaps, DistillationLoss):
     vit_student_weight = 0.01
     default_positions = LAST_TWO_TAPS
 
-    def __init__(self, w_vertex: float = 0.1, w_edge: float = 5.0, w_transformation: float = 5.0,
-                 student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None,
-                 scope: str = 'local', head: str = 'auto'):
+    def __init__(self, w_vertex: Annotated[float, NonNegative()] = 0.1, w_edge: Annotated[float, NonNegative()] = 5.0,
+                 w_transformation: Annotated[float, NonNegative()] = 5.0, student_blocks: TwoTaps = None,
+                 teacher_blocks: TwoTaps = None, scope: Scope = 'local', head: Head = 'auto'):
         """
         Args:
             w_vertex, w_edge, w_transformation: term weights (Zoo: 0.1, 5, 5).
@@ -131,14 +133,9 @@ class IRG(PairedTaps, DistillationLoss):
             head: student head of the vertex term (``auto`` = distillation head if any).
         """
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         self.w_vertex, self.w_edge, self.w_transformation = w_vertex, w_edge, w_transformation
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
-        for name, taps in (('student_blocks', self.student_blocks), ('teacher_blocks', self.teacher_blocks)):
-            if taps is not None and len(taps) != 2:
-                raise ValueError(f'irg needs exactly two {name} (earlier, later), got {taps}')
-        self.scope, self.head = check_scope(scope), head
+        self.scope, self.head = scope, head
         self.uses_dist_head = head in ('auto', 'dist')
 
     def configure_taps(self, student, teacher) -> None:

@@ -9,24 +9,16 @@ heads. On other students it uses the only head.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
+from ..domains import OneOf, Positive
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, register_loss
 from .functional import KL_REDUCTIONS, kl_div_logits
 
-__all__ = ['KD', 'pick_head']
-
-HEADS = ('auto', 'dist', 'cls', 'avg')
-
-
-def pick_head(student: Features, head: str) -> torch.Tensor:
-    """Student logits [B, K] of ``head`` ('auto' = the distillation head when there is one)."""
-    if head in ('auto', 'dist') and student.logits_dist is not None:
-        return student.logits_dist
-    if head == 'avg':
-        return student.head_logits
-    return student.logits
+__all__ = ['KD']
 
 
 @register_loss('kd')
@@ -34,12 +26,9 @@ class KD(DistillationLoss):
     """Hinton KD: T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), batchmean."""
     paper = 'KD, Hinton et al. 2015, arXiv:1503.02531'
 
-    def __init__(self, temperature: float = 4.0, head: str = 'auto', reduction: str = 'batchmean'):
+    def __init__(self, temperature: Annotated[float, Positive()] = 4.0, head: Head = 'auto',
+                 reduction: Annotated[str, OneOf(*KL_REDUCTIONS)] = 'batchmean'):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
-        if reduction not in KL_REDUCTIONS:
-            raise ValueError(f'reduction must be one of {KL_REDUCTIONS}, got {reduction!r}')
         self.temperature, self.head, self.reduction = temperature, head, reduction
         self.uses_dist_head = head in ('auto', 'dist')
         self.student_taps = TapSpec(logits=True)

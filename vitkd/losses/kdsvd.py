@@ -51,16 +51,19 @@ ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the n
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Annotated, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..domains import Integer, Positive
 from ..features import Features
-from ._adapt import THREE_TAPS, PairedTaps, as_taps, conv1x1_connector
+from ._adapt import THREE_TAPS, tap_indices, PairedTaps, as_taps, conv1x1_connector
 from .base import Batch, DistillationLoss, RunInfo, register_loss
 
 __all__ = ['KDSVD', 'right_singular_vectors', 'align_singular_vectors', 'dfv', 'kdsvd_loss']
+
+AtLeastTwoTaps = tap_indices(min_len=2)  # the correlation term pairs consecutive taps
 
 
 def _drop_nonfinite_grad(x: torch.Tensor) -> torch.Tensor:
@@ -166,8 +169,9 @@ class KDSVD(PairedTaps, DistillationLoss):
     vit_student_weight = 0.1
     default_positions = THREE_TAPS
 
-    def __init__(self, k: int = 1, extra_candidates: int = 1, sigma: float = 8.0,
-                 student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, k: Annotated[int, Integer(lo=1)] = 1, extra_candidates: Annotated[int, Integer(lo=0)] = 1,
+                 sigma: Annotated[float, Positive()] = 8.0, student_blocks: AtLeastTwoTaps = None,
+                 teacher_blocks: AtLeastTwoTaps = None):
         """
         Args:
             k: number of singular vectors per tap.
@@ -176,14 +180,8 @@ class KDSVD(PairedTaps, DistillationLoss):
             student_blocks, teacher_blocks: ≥ 2 paired taps, in network order; None = 1/3, 2/3, 3/3 of the depth.
         """
         super().__init__()
-        if k < 1 or extra_candidates < 0 or sigma <= 0:
-            raise ValueError(f'kdsvd needs k ≥ 1, extra_candidates ≥ 0, sigma > 0 (got {k}, {extra_candidates}, '
-                             f'{sigma})')
-        self.k, self.extra_candidates, self.sigma = int(k), int(extra_candidates), sigma
+        self.k, self.extra_candidates, self.sigma = k, extra_candidates, sigma
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
-        for name, taps in (('student_blocks', self.student_blocks), ('teacher_blocks', self.teacher_blocks)):
-            if taps is not None and len(taps) < 2:
-                raise ValueError(f'kdsvd needs at least two {name}, got {taps}')
         self.connectors = nn.ModuleList()
 
     def setup(self, student: Features, teacher: Features, info: RunInfo) -> None:

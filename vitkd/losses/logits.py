@@ -25,12 +25,14 @@ Zoo's).
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
+from ..domains import NonNegative
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, register_loss
-from .kd import HEADS, pick_head
+from .base import Batch, DistillationLoss, Head, pick_head, register_loss
 
 __all__ = ['logits_mse', 'Logits']
 
@@ -46,7 +48,7 @@ class Logits(DistillationLoss):
     paper = 'Logits, Ba & Caruana, NeurIPS 2014, arXiv:1312.6184 (Knowledge-Distillation-Zoo)'
     vit_student_weight = 10.0
 
-    def __init__(self, lambda_kd: float = 0.1, head: str = 'auto'):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 0.1, head: Head = 'auto'):
         """
         Args:
             lambda_kd: λ (Zoo script value; CIFAR-tuned starting point).
@@ -54,8 +56,6 @@ class Logits(DistillationLoss):
                 ``avg`` (mean of both heads).
         """
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         self.lambda_kd, self.head = lambda_kd, head
         self.uses_dist_head = head in ('auto', 'dist')
         self.student_taps = TapSpec(logits=True)

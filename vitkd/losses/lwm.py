@@ -49,17 +49,17 @@ ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the n
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 
+from ..domains import Integer, OneOf, OrNone
 from ..features import Features, TapSpec, _is_vit
 from ._adapt import MIDDLE_TAP, align_spatial, as_taps, pair_taps
-from .base import Batch, DistillationLoss, LossSpecError, register_loss
-from .kd import HEADS, pick_head
+from .base import Batch, DistillationLoss, Head, LossSpecError, pick_head, register_loss
 
 __all__ = ['LwM', 'grad_cam', 'lwm_loss', 'target_gradient', 'CAM_MODES']
 
@@ -147,8 +147,9 @@ class LwM(DistillationLoss):
     #: ∂z_y/∂F does not depend on the explained head's bias: z_dist's bias never gets a gradient
     may_leave_parameters_unused = True
 
-    def __init__(self, cam: str = 'gradcam', student_block: Optional[int] = None, teacher_block: Optional[int] = None,
-                 head: str = 'auto'):
+    def __init__(self, cam: Annotated[str, OneOf(*CAM_MODES)] = 'gradcam',
+                 student_block: Annotated[Optional[int], OrNone(Integer())] = None,
+                 teacher_block: Annotated[Optional[int], OrNone(Integer())] = None, head: Head = 'auto'):
         """
         Args:
             cam: ``gradcam`` (correct) or ``zoo`` (the Zoo's gradient-times-gradient formula, parity only).
@@ -156,10 +157,6 @@ class LwM(DistillationLoss):
             head: student head whose target logit is explained (``auto`` = the averaged heads).
         """
         super().__init__()
-        if cam not in CAM_MODES:
-            raise ValueError(f'cam must be one of {CAM_MODES}, got {cam!r}')
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         self.cam, self.head = cam, 'avg' if head == 'auto' else head
         self.student_block = None if student_block is None else int(student_block)
         self.teacher_block = None if teacher_block is None else int(teacher_block)

@@ -52,11 +52,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
 
+from ..domains import Bool, Integer, Interval, OneOf, OrNone, Text
 from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, LossSpecError, RunContext, RunInfo, register_loss
 from .functional import at_least_fp32
@@ -153,8 +154,10 @@ def read_centers_file(path: str) -> tuple[torch.Tensor, dict]:
 class ND(DistillationLoss):
     """Norm-and-direction loss of the student embedding against the teacher's class centres."""
     paper = 'ND (KD++), Wang et al. arXiv:2305.17007 (ECCV 2024)'
-    def __init__(self, centers: Optional[str] = None, center_smoothing: float = 0.0, adapter_init: str = 'normal',
-                 warmup: int = 0, parity_reinit_student: bool = False):
+    def __init__(self, centers: Annotated[Optional[str], OrNone(Text())] = None,
+                 center_smoothing: Annotated[float, Interval(0, 1, hi_open=True)] = 0.0,
+                 adapter_init: Annotated[str, OneOf(*ADAPTER_INITS)] = 'normal',
+                 warmup: Annotated[int, Integer(lo=0)] = 0, parity_reinit_student: Annotated[bool, Bool()] = False):
         """
         Args:
             centers: a centre file (vitkd ``.safetensors`` or official ``.json``); None = set by the run.
@@ -166,10 +169,6 @@ class ND(DistillationLoss):
                 (official parity only; off by default).
         """
         super().__init__()
-        if adapter_init not in ADAPTER_INITS:
-            raise ValueError(f'adapter_init must be one of {ADAPTER_INITS}, got {adapter_init!r}')
-        if not 0 <= center_smoothing < 1 or warmup < 0:
-            raise ValueError(f'need 0 <= center_smoothing < 1 and warmup >= 0, got {center_smoothing}, {warmup}')
         self.centers_path = centers
         self.center_smoothing, self.adapter_init, self.warmup = center_smoothing, adapter_init, warmup
         self.parity_reinit_student = parity_reinit_student

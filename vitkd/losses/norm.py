@@ -55,12 +55,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Bool, Integer, OneOf, Positive
 from ..features import Features, TapSpec, _is_vit
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
@@ -268,8 +269,9 @@ class NORM(DistillationLoss):
              'arXiv:2305.13803')
     vit_student_weight = 0.01
 
-    def __init__(self, num_copies: int = 8, schedule: str = 'imagenet', logit_norm: bool = False,
-                 logit_scale: float = 2.5):
+    def __init__(self, num_copies: Annotated[int, Integer(lo=1)] = 8,
+                 schedule: Annotated[str, OneOf(*SCHEDULES)] = 'imagenet', logit_norm: Annotated[bool, Bool()] = False,
+                 logit_scale: Annotated[float, Positive()] = 2.5):
         """
         Args:
             num_copies: N (official ``-s``; ImageNet and CIFAR scripts: 8). 1 bypasses the feature transform.
@@ -279,12 +281,6 @@ class NORM(DistillationLoss):
             logit_scale: c (official ``--ceta`` 2.5); used only with ``logit_norm``.
         """
         super().__init__()
-        if num_copies < 1:
-            raise ValueError(f'num_copies must be >= 1, got {num_copies}')
-        if schedule not in SCHEDULES:
-            raise ValueError(f'schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}')
-        if logit_scale <= 0:
-            raise ValueError(f'logit_scale must be > 0, got {logit_scale}')
         self.num_copies, self.schedule = num_copies, schedule
         self.logit_norm, self.logit_scale = logit_norm, logit_scale
         self.ft_name: Optional[str] = None   # where the FT sits in the student ('norm', 'layer4', 's4')

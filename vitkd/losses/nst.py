@@ -30,13 +30,14 @@ ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the n
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
+from ..domains import NonNegative
 from ..features import Features
-from ._adapt import MIDDLE_TAP, PairedTaps, align_spatial, as_taps
+from ._adapt import MIDDLE_TAP, Blocks, PairedTaps, align_spatial, as_taps
 from .base import Batch, DistillationLoss, register_loss
 
 __all__ = ['poly_kernel_mean', 'nst_loss', 'NeuronSelectivityTransfer']
@@ -61,8 +62,8 @@ class NeuronSelectivityTransfer(PairedTaps, DistillationLoss):
     vit_student_weight = 0.1
     default_positions = MIDDLE_TAP
 
-    def __init__(self, lambda_kd: float = 10.0, student_blocks: Optional[Sequence[int]] = None,
-                 teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10.0, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).

@@ -42,18 +42,21 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..domains import Interval, ListOf, OneOf, OrNone, Text
 from ..features import INPUT_SUFFIX, Features, TapSpec, _is_vit
-from ._adapt import THREE_TAPS, PairedTaps, align_spatial, as_taps, conv1x1_connector
+from ._adapt import THREE_TAPS, Blocks, PairedTaps, align_spatial, as_taps, conv1x1_connector
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
 __all__ = ['OFD', 'ofd_margin', 'ofd_partial_l2', 'pre_activation_tap', 'MARGINS']
 
 MARGINS = ('batch', 'ema')
+# module names, ``name:input`` for a module's input
+ModuleTaps = Annotated[Optional[Sequence[str]], OrNone(ListOf(Text()))]
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU)
 
 
@@ -124,9 +127,10 @@ class OFD(PairedTaps, DistillationLoss):
     paper = 'OFD, Heo et al., ICCV 2019, arXiv:1904.01866 (Zoo variant, empirical margin)'
     default_positions = THREE_TAPS
 
-    def __init__(self, margin: str = 'batch', margin_momentum: float = 0.1,
-                 student_blocks: Optional[Sequence[int]] = None, teacher_blocks: Optional[Sequence[int]] = None,
-                 student_modules: Optional[Sequence[str]] = None, teacher_modules: Optional[Sequence[str]] = None):
+    def __init__(self, margin: Annotated[str, OneOf(*MARGINS)] = 'batch',
+                 margin_momentum: Annotated[float, Interval(0, 1, lo_open=True)] = 0.1,
+                 student_blocks: Blocks = None, teacher_blocks: Blocks = None,
+                 student_modules: ModuleTaps = None, teacher_modules: ModuleTaps = None):
         """
         Args:
             margin: ``batch`` (empirical margin of the current batch) or ``ema`` (running average of it).
@@ -136,10 +140,6 @@ class OFD(PairedTaps, DistillationLoss):
                 automatic pre-ReLU choice, one per stage.
         """
         super().__init__()
-        if margin not in MARGINS:
-            raise ValueError(f'margin must be one of {MARGINS}, got {margin!r}')
-        if not 0 < margin_momentum <= 1:
-            raise ValueError(f'margin_momentum must be in (0, 1], got {margin_momentum}')
         self.margin, self.margin_momentum = margin, margin_momentum
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
         self.student_modules = tuple(student_modules) if student_modules is not None else None

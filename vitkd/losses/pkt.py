@@ -29,12 +29,13 @@ ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the n
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 
+from ..domains import NonNegative, Positive
 from ..features import Features, TapSpec
-from ._adapt import check_scope, gather_batch
+from ._adapt import Scope, gather_batch
 from .base import Batch, DistillationLoss, register_loss
 
 __all__ = ['cosine_probabilities', 'pkt_loss', 'PKT']
@@ -70,7 +71,9 @@ class PKT(DistillationLoss):
     paper = 'PKT, Passalis & Tefas, ECCV 2018, arXiv:1803.10837 (Knowledge-Distillation-Zoo)'
     vit_student_weight = 0.01
 
-    def __init__(self, lambda_kd: float = 10000.0, eps: float = PKT_EPS, scope: str = 'local'):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 10000.0,
+                 eps: Annotated[float, Positive()] = PKT_EPS,
+                 scope: Scope = 'local'):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
@@ -78,7 +81,7 @@ class PKT(DistillationLoss):
             scope: ``local`` (per-process batch, official) or ``global`` (all-gathered batch).
         """
         super().__init__()
-        self.lambda_kd, self.eps, self.scope = lambda_kd, eps, check_scope(scope)
+        self.lambda_kd, self.eps, self.scope = lambda_kd, eps, scope
         self.student_taps = TapSpec(pooled=True)
         self.teacher_taps = TapSpec(pooled=True)
 

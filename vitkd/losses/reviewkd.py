@@ -53,12 +53,13 @@ Where vitkd differs from the official code:
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Bool, Integer, ListOf, OneOf, OrNone
 from ..features import Features, TapSpec, _is_vit
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
@@ -218,9 +219,11 @@ class ReviewKD(DistillationLoss):
     """Review chain of ABFs from student levels to teacher stages, trained with the hierarchical context loss."""
     paper = 'ReviewKD: Distilling Knowledge via Knowledge Review, Chen, Liu, Zhao, Jia, CVPR 2021, arXiv:2104.09044'
 
-    def __init__(self, teacher_stages: Sequence[int] = (1, 2, 3, 4), student_blocks: Optional[Sequence[int]] = None,
-                 mid_channels: int = 256, teacher_preact: bool = True, student_preact: bool = True,
-                 teacher_grid: str = 'native'):
+    def __init__(self, teacher_stages: Annotated[Sequence[int], ListOf(Integer())] = (1, 2, 3, 4),
+                 student_blocks: Annotated[Optional[Sequence[int]], OrNone(ListOf(Integer()))] = None,
+                 mid_channels: Annotated[int, Integer(lo=1)] = 256, teacher_preact: Annotated[bool, Bool()] = True,
+                 student_preact: Annotated[bool, Bool()] = True,
+                 teacher_grid: Annotated[str, OneOf(*TEACHER_GRIDS)] = 'native'):
         """
         Args:
             teacher_stages: teacher feature indices (timm ``feature_info``: 0 = stem, 1..4 = stages), shallow-first.
@@ -233,10 +236,6 @@ class ReviewKD(DistillationLoss):
                 than the student's grid are average-pooled down to it).
         """
         super().__init__()
-        if teacher_grid not in TEACHER_GRIDS:
-            raise ValueError(f'teacher_grid must be one of {TEACHER_GRIDS}, got {teacher_grid!r}')
-        if mid_channels < 1:
-            raise ValueError(f'mid_channels must be >= 1, got {mid_channels}')
         self.teacher_stages = tuple(int(i) for i in teacher_stages)
         self.student_blocks = None if student_blocks is None else tuple(int(i) for i in student_blocks)
         if self.student_blocks is not None and len(self.student_blocks) != len(self.teacher_stages):

@@ -26,14 +26,15 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..domains import Integer, NonNegative
 from ..features import Features, TapSpec
-from ._adapt import check_scope, gather_batch
+from ._adapt import Scope, gather_batch
 from .base import Batch, DistillationLoss, register_loss
 
 __all__ = ['pairwise_distance', 'normalized_distance', 'angle_cosines', 'rkd_distance_loss', 'rkd_angle_loss',
@@ -130,8 +131,9 @@ class RKD(DistillationLoss):
     """RKD: λ·(w_d·distance + w_a·angle) SmoothL1 between student and teacher batch relations."""
     paper = 'RKD, Park et al., CVPR 2019, arXiv:1904.05068 (Knowledge-Distillation-Zoo)'
 
-    def __init__(self, lambda_kd: float = 1.0, w_dist: float = 25.0, w_angle: float = 50.0, angle_chunk_size: int = 0,
-                 scope: str = 'local'):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 1.0, w_dist: Annotated[float, NonNegative()] = 25.0,
+                 w_angle: Annotated[float, NonNegative()] = 50.0, angle_chunk_size: Annotated[int, Integer(lo=0)] = 0,
+                 scope: Scope = 'local'):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
@@ -140,10 +142,8 @@ class RKD(DistillationLoss):
             scope: ``local`` (per-process batch, official) or ``global`` (all-gathered batch).
         """
         super().__init__()
-        if angle_chunk_size < 0:
-            raise ValueError(f'angle_chunk_size must be >= 0, got {angle_chunk_size}')
         self.lambda_kd, self.w_dist, self.w_angle = lambda_kd, w_dist, w_angle
-        self.angle_chunk_size, self.scope = angle_chunk_size, check_scope(scope)
+        self.angle_chunk_size, self.scope = angle_chunk_size, scope
         self.student_taps = TapSpec(pooled=True)
         self.teacher_taps = TapSpec(pooled=True)
 

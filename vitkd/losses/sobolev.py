@@ -41,8 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, register_loss
-from .kd import HEADS, pick_head
+from .base import Batch, DistillationLoss, Head, pick_head, register_loss
 
 __all__ = ['Sobolev', 'target_logit_input_gradient', 'sobolev_loss']
 
@@ -91,14 +90,12 @@ class Sobolev(DistillationLoss):
     #: a logit's input gradient does not depend on that head's bias: z_dist's bias never gets a gradient
     may_leave_parameters_unused = True
 
-    def __init__(self, head: str = 'auto'):
+    def __init__(self, head: Head = 'auto'):
         """
         Args:
             head: student head whose target logit is differentiated (``auto`` = the averaged heads).
         """
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f'head must be one of {HEADS}, got {head!r}')
         self.head = 'avg' if head == 'auto' else head
         self.uses_dist_head = head == 'dist'
         self.student_taps = TapSpec(logits=True)

@@ -27,13 +27,14 @@ ViT student (``scripts/reproduce.py``, 150 steps, avg-head top-1 gain over the n
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Annotated, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..domains import NonNegative
 from ..features import Features
-from ._adapt import PairedTaps, as_taps, check_scope, gather_batch
+from ._adapt import Blocks, PairedTaps, Scope, as_taps, gather_batch
 from .base import Batch, DistillationLoss, register_loss
 
 __all__ = ['similarity_matrix', 'sp_loss', 'SimilarityPreserving']
@@ -64,8 +65,8 @@ class SimilarityPreserving(PairedTaps, DistillationLoss):
     paper = 'SP, Tung & Mori, ICCV 2019, arXiv:1907.09682 (Knowledge-Distillation-Zoo)'
     vit_student_weight = 0.01
 
-    def __init__(self, lambda_kd: float = 3000.0, scope: str = 'local', student_blocks: Optional[Sequence[int]] = None,
-                 teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 3000.0, scope: Scope = 'local',
+                 student_blocks: Blocks = None, teacher_blocks: Blocks = None):
         """
         Args:
             lambda_kd: λ (Zoo value; CIFAR-tuned starting point).
@@ -73,7 +74,7 @@ class SimilarityPreserving(PairedTaps, DistillationLoss):
             student_blocks, teacher_blocks: tap indices (None: thirds of the depth ↔ last three stages).
         """
         super().__init__()
-        self.lambda_kd, self.scope = lambda_kd, check_scope(scope)
+        self.lambda_kd, self.scope = lambda_kd, scope
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:

@@ -23,10 +23,14 @@ steps, avg-head top-1 gain over the no-teacher student) weight 1 gave −1.05 po
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
+from ..domains import NonNegative, OneOf, Positive
 from ..features import Features
-from .base import Batch, register_loss
+from .base import Batch, Head, register_loss
+from .functional import KL_REDUCTIONS
 from .kd import KD
 
 __all__ = ['SoftTarget']
@@ -38,8 +42,9 @@ class SoftTarget(KD):
     paper = 'ST (soft targets), Hinton et al. 2015, arXiv:1503.02531 (Knowledge-Distillation-Zoo)'
     vit_student_weight = 10.0
 
-    def __init__(self, lambda_kd: float = 0.1, temperature: float = 4.0, head: str = 'auto',
-                 reduction: str = 'batchmean'):
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 0.1,
+                 temperature: Annotated[float, Positive()] = 4.0,
+                 head: Head = 'auto', reduction: Annotated[str, OneOf(*KL_REDUCTIONS)] = 'batchmean'):
         """
         Args:
             lambda_kd: λ (Zoo script value; CIFAR-tuned starting point).

@@ -31,14 +31,15 @@ Where vitkd differs from the official code:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..domains import Positive, Real
 from ..features import Features
-from ._adapt import THREE_TAPS, PairedTaps, align_spatial, as_taps, init_convs_
+from ._adapt import THREE_TAPS, Blocks, PairedTaps, align_spatial, as_taps, init_convs_
 from .base import Batch, DistillationLoss, RunInfo, register_loss
 
 __all__ = ['VID', 'VIDRegressor', 'vid_nll', 'softplus_inverse']
@@ -91,8 +92,9 @@ class VID(PairedTaps, DistillationLoss):
     paper = 'VID, Ahn et al., CVPR 2019, arXiv:1904.05835'
     default_positions = THREE_TAPS
 
-    def __init__(self, sf: float = 1.0, init_var: float = 5.0, student_blocks: Optional[Sequence[int]] = None,
-                 teacher_blocks: Optional[Sequence[int]] = None):
+    def __init__(self, sf: Annotated[float, Positive()] = 1.0,
+                 init_var: Annotated[float, Real(lo=VARIANCE_EPS, lo_open=True)] = 5.0, student_blocks: Blocks = None,
+                 teacher_blocks: Blocks = None):
         """
         Args:
             sf: width factor of the regressors' hidden layers, M = max(1, ⌊sf·C_t⌋).
@@ -101,8 +103,6 @@ class VID(PairedTaps, DistillationLoss):
                 CNN s2/s3/s4).
         """
         super().__init__()
-        if sf <= 0 or init_var <= VARIANCE_EPS:
-            raise ValueError(f'vid needs sf > 0 and init_var > {VARIANCE_EPS}, got sf={sf}, init_var={init_var}')
         self.sf, self.init_var = sf, init_var
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
         self.regressors = nn.ModuleList()

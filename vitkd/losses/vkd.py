@@ -95,7 +95,7 @@ Where vitkd differs from the official code:
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
@@ -103,10 +103,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
+from ..domains import Integer, NonNegative, OneOf, OrNone, Positive
 from ..features import Features, TapError, TapSpec
-from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
+from .base import Batch, DistillationLoss, LossSpecError, RunInfo, pick_head, register_loss
 from .functional import kl_div_logits
-from .kd import pick_head
 
 __all__ = ['VkD', 'layer_standardize', 'batch_standardize', 'whiten', 'normalize_teacher', 'vkd_representation_loss',
            'build_projector', 'cayley_frame', 'CayleyOrthogonal', 'pool_student', 'NORMALIZATIONS', 'PROJECTORS',
@@ -347,20 +347,15 @@ class VkD(DistillationLoss):
     """
     paper = 'VkD, Miles, Elezi, Deng, CVPR 2024, arXiv:2403.06213'
 
-    def __init__(self, alpha: float = 1.0, gamma: float = 1.0, temperature: float = 1.0,
-                 projector: str = DEFAULT_PROJECTOR, normalization: str = 'layernorm', pool: str = 'patch',
-                 student_block: Optional[int] = None):
+    def __init__(self, alpha: Annotated[float, NonNegative()] = 1.0, gamma: Annotated[float, NonNegative()] = 1.0,
+                 temperature: Annotated[float, Positive()] = 1.0,
+                 projector: Annotated[str, OneOf(*PROJECTORS)] = DEFAULT_PROJECTOR,
+                 normalization: Annotated[str, OneOf(*NORMALIZATIONS)] = 'layernorm',
+                 pool: Annotated[str, OneOf(*POOLS)] = 'patch',
+                 student_block: Annotated[Optional[int], OrNone(Integer())] = None):
         super().__init__()
-        if projector not in PROJECTORS:
-            raise LossSpecError(f'vkd: projector must be one of {", ".join(PROJECTORS)}; got {projector!r}')
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}')
-        if pool not in POOLS:
-            raise ValueError(f'pool must be one of {POOLS}, got {pool!r}')
-        if alpha < 0 or gamma < 0 or temperature <= 0:
-            raise ValueError(f'vkd needs alpha >= 0, gamma >= 0, temperature > 0; got {alpha}, {gamma}, {temperature}')
         if alpha == 0 and gamma == 0:
-            raise ValueError('vkd with alpha = gamma = 0 computes nothing; use --distill none')
+            raise LossSpecError('vkd with alpha = gamma = 0 computes nothing; use --distill none')
         self.alpha, self.gamma, self.temperature = float(alpha), float(gamma), float(temperature)
         self.projector_kind = projector
         self.normalization, self.pool, self.student_block = normalization, pool, student_block
