@@ -172,6 +172,26 @@ def test_a_bfloat16_bank_is_updated_in_fp32_and_read_at_the_anchors_precision():
                                contrast_scores(anchor, bank.float(), contrast, 0.07), rtol=0, atol=0)
 
 
+def test_bank_dtype_option_stores_the_same_draw_in_half_the_memory():
+    """``bank_dtype=bfloat16``: the initial banks are the fp32 run's draw rounded once, and a step's loss stays within
+    what that rounding allows. bf16 rounds each entry to 2^-8 relative, so a score ⟨m, v⟩ (‖v‖ = 1) moves by
+    δ ≤ 2^-8·‖m‖; log p = ⟨m, v⟩/τ − log Z moves by ≤ 2δ/τ (Z is a mean of such exponentials), each NCE log term
+    by ≤ 2δ/τ (its slope in log p is ≤ 1), and the loss, a sum of the two networks' mean terms, by ≤ 4δ/τ."""
+    full, half = make_crd(), make_crd(bank_dtype='bfloat16')
+    assert half.memory_s.dtype == half.memory_t.dtype == torch.bfloat16 and full.memory_s.dtype == torch.float32
+    assert torch.equal(half.memory_s, full.memory_s.bfloat16()) and torch.equal(half.memory_t, full.memory_t.bfloat16())
+    assert half.memory_s.element_size() * 2 == full.memory_s.element_size()
+    torch.manual_seed(3)
+    v_s, v_t, index = torch.randn(4, D_S), torch.randn(4, D_T), torch.tensor([1, 5, 9, 13])
+    delta = 2 ** -8 * max(full.memory_s.norm(dim=1).max().item(), full.memory_t.norm(dim=1).max().item())
+    out = {}
+    for name, loss in (('full', full), ('half', half)):
+        torch.manual_seed(4)  # the same negatives
+        out[name] = loss(Features(pooled=v_s), Features(pooled=v_t), make_batch(index))['crd']
+    assert 0 < abs(out['half'].item() - out['full'].item()) <= 4 * delta / full.nce_t
+    assert half.memory_s.dtype == torch.bfloat16  # the update kept the storage
+
+
 def test_non_finite_embeddings_never_enter_the_bank():
     g = torch.Generator().manual_seed(4)
     memory = F.normalize(torch.randn(8, 4, generator=g), dim=1)

@@ -81,6 +81,7 @@ _logger = logging.getLogger(__name__)
 
 NCE_EPS = 1e-7
 STUDENT_FEATURES = ('pooled', 'cls', 'dist')
+BANK_DTYPES = ('float32', 'bfloat16')
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +234,8 @@ class CRD(DistillationLoss):
     def __init__(self, feat_dim: Annotated[int, Integer(lo=1)] = 128, nce_k: Annotated[int, Integer(lo=1)] = 16384,
                  nce_t: Annotated[float, Positive()] = 0.07,
                  nce_m: Annotated[float, Interval(0, 1, hi_open=True)] = 0.5,
-                 student_feature: Annotated[str, OneOf(*STUDENT_FEATURES)] = 'pooled'):
+                 student_feature: Annotated[str, OneOf(*STUDENT_FEATURES)] = 'pooled',
+                 bank_dtype: Annotated[str, OneOf(*BANK_DTYPES)] = 'float32'):
         """
         Args:
             feat_dim: d, the embedding width.
@@ -242,10 +244,12 @@ class CRD(DistillationLoss):
             nce_m: μ, momentum of the bank update.
             student_feature: ``pooled`` (``forward_head(pre_logits=True)``: (h_cls + h_dist)/2 on a distilled DeiT,
                 the global pool on a CNN), ``cls`` or ``dist`` (that token after the final norm, ViTs).
+            bank_dtype: storage of the two banks: ``float32`` (the official precision, 2·N·d·4 B per GPU) or
+                ``bfloat16`` (half of it: updated in fp32 and rounded once, read at the anchor's precision).
         """
         super().__init__()
         self.feat_dim, self.nce_k, self.nce_t, self.nce_m = feat_dim, nce_k, nce_t, nce_m
-        self.student_feature = student_feature
+        self.student_feature, self.bank_dtype = student_feature, bank_dtype
         self.num_samples = 0
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None
@@ -272,8 +276,9 @@ class CRD(DistillationLoss):
         self.embed_s = nn.Linear(f_s.shape[1], self.feat_dim).to(device)
         self.embed_t = nn.Linear(f_t.shape[1], self.feat_dim).to(device)
         bound = 1.0 / math.sqrt(self.feat_dim / 3)  # E‖m‖² = 1
-        self.register_buffer('memory_s', torch.rand(n, self.feat_dim, device=device) * 2 * bound - bound)
-        self.register_buffer('memory_t', torch.rand(n, self.feat_dim, device=device) * 2 * bound - bound)
+        dtype = getattr(torch, self.bank_dtype)
+        for name in ('memory_s', 'memory_t'):  # drawn in fp32 (the same numbers for either dtype), stored as asked
+            self.register_buffer(name, (torch.rand(n, self.feat_dim, device=device) * 2 * bound - bound).to(dtype))
         self.register_buffer('z_s', torch.tensor(-1.0, device=device))  # < 0: not set yet
         self.register_buffer('z_t', torch.tensor(-1.0, device=device))
         labels = getattr(info, 'train_labels', None)
@@ -287,8 +292,8 @@ class CRD(DistillationLoss):
             order, starts, sizes = group_by_class(table.to(device) + 1, int(table.max()) + 2)
             for name, value in (('class_order', order), ('class_starts', starts), ('class_sizes', sizes)):
                 self.register_buffer(name, value, persistent=False)
-        _logger.info('CRD: banks 2 × %d × %d fp32 (%.2f GiB), %d negatives, τ %g, μ %g%s', n, self.feat_dim,
-                     2 * n * self.feat_dim * 4 / 2 ** 30, self.nce_k, self.nce_t, self.nce_m,
+        _logger.info('CRD: banks 2 × %d × %d %s (%.2f GiB), %d negatives, τ %g, μ %g%s', n, self.feat_dim,
+                     self.bank_dtype, 2 * n * self.feat_dim * dtype.itemsize / 2 ** 30, self.nce_k, self.nce_t, self.nce_m,
                      '' if labels is not None else '; sample classes learnt from the batches (first epoch: '
                      'unseen same-class samples can be drawn as negatives)')
 
