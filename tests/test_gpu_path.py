@@ -40,7 +40,7 @@ class ScalarReads(TorchDispatchMode):
 def count_reads_per_step(argv, steps: int = 6) -> list[int]:
     """Build the run of ``main.py <argv>`` and train ``steps`` steps with logging only at the end; returns the host
     reads of each step (the last one is a logging step)."""
-    from engine import train_one_epoch
+    from vitkd.engine import train_one_epoch
     from vitkd import run as runlib
     from vitkd.config import parse_args
     from vitkd.training import NonFiniteGuard

@@ -17,7 +17,12 @@ import yaml
 
 __all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'embedded_default', 'load_yaml', 'resolve']
 
-REPO = Path(__file__).resolve().parents[1]
+# Where the files the command reads at run time lie (the presets of ``-c NAME`` in scripts/configs/, the embedded
+# default's teacher in checkpoints/): a checkout's root, or in an installed wheel the copy that pyproject.toml puts
+# under vitkd/_shipped/ with the same layout.
+REPO = Path(__file__).resolve().parent / '_shipped'
+if not REPO.is_dir():
+    REPO = REPO.parents[1]
 
 
 class ConfigError(UsageError):
@@ -176,6 +181,9 @@ EMBEDDED_PRESET = REPO / 'scripts' / 'configs' / 'embedded.yaml'
 
 def embedded_default() -> dict:
     """The embedded-default preset (``scripts/configs/embedded.yaml``), its teacher path made absolute."""
+    if not EMBEDDED_PRESET.is_file():
+        raise ConfigError(f'the embedded default\'s preset {EMBEDDED_PRESET} is missing (a vitkd install without its '
+                          'shipped files?): reinstall vitkd, or pass --data-path and --teacher')
     values = load_yaml(str(EMBEDDED_PRESET))
     values['teacher'] = str(REPO / values['teacher'])
     return values

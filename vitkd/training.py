@@ -1,7 +1,7 @@
 """The pieces a training loop is made of: the train state, the batches of an epoch, the non-finite-loss policy and
 the running means of the logged terms.
 
-``engine.train_one_epoch`` composes them; none of them waits for the device between logging steps. On a GPU every
+``vitkd.engine.train_one_epoch`` composes them; none of them waits for the device between logging steps. On a GPU every
 host read of a device value (``float(t)``, ``t.item()``, ``bool(t)``, ``int(t)``) stalls the host until the queued
 kernels have run, so the next step's kernels are not queued while the current ones run. Here the loss terms, the
 accuracy and the finiteness of every step are accumulated on the device and read once per logging step (or at a
