@@ -13,6 +13,9 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 from . import losses, models  # noqa: E402,F401  (registration side effects)
 from .losses import create_loss, list_losses, register_loss  # noqa: E402
 from .models import create_student, create_teacher  # noqa: E402
+from .api import Parts, build, make_config  # noqa: E402
+from .training import TrainBatch  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['create_loss', 'list_losses', 'register_loss', 'create_student', 'create_teacher']
+__all__ = ['create_loss', 'list_losses', 'register_loss', 'create_student', 'create_teacher', 'build', 'make_config',
+           'Parts', 'TrainBatch']
