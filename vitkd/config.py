@@ -72,6 +72,9 @@ class Config:
                        'deit_*_distilled_patch16_224, any timm model)', aliases=('--model', '--student-model'))
     student_kwargs: dict = option({}, 'timm kwargs for the student, key=value (e.g. depth=4 embed_dim=96)', nargs='*')
     student_pretrained: bool = option(False, 'start the student from its pretrained timm/Hub weights')
+    finetune: Optional[str] = option(None, 'start a new run from these student weights: export folder, run dir, '
+                                     'checkpoint, hf-hub:org/name, or a DeiT/timm .pth/.safetensors (with --student); '
+                                     'new heads for other classes, position embeddings resampled for another size')
     drop_path: float = option(0.0, 'stochastic depth rate of the student')
     teacher: Optional[str] = option('regnety_160', 'timm name[.tag] (regnety_160 = regnety_160.deit_in1k), '
                                  'hf-hub:org/name, a save_for_hf folder, or a .safetensors file; none = no teacher')
@@ -275,7 +278,6 @@ _REFUSED = {
     '--amp-dtype': 'use --mixed-precision bf16 or fp16',
     '--log-wandb': 'use --log-with wandb',
     '--eval': 'use --eval-student --student-ckpt PATH (an exported student, a checkpoint or a run dir)',
-    '--finetune': 'use --student-ckpt with --eval-student to evaluate, or --resume to continue a vitkd run',
     '--output': 'use --output-dir (the run dir itself, not a parent of experiment folders)',
     '--device': 'devices come from the launcher: python main.py (one device) or accelerate launch (several)',
     '--world-size': 'processes come from the launcher: accelerate launch --num_processes N main.py ...',
@@ -476,6 +478,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f'--keep-last must be >= 1, got {cfg.keep_last}')
     if cfg.resume not in (None, 'auto') and not Path(cfg.resume).exists():
         raise ConfigError(f'--resume {cfg.resume!r}: no such checkpoint (use auto or a checkpoint folder)')
+    if cfg.finetune is not None and (cfg.student_pretrained or cfg.eval_student):
+        raise ConfigError(f'--finetune {cfg.finetune}: the student\'s weights come from there; leave out '
+                          f'{"--student-pretrained" if cfg.student_pretrained else "--eval-student"}')
     from .validate import validate_options
     validate_options(cfg)
 

@@ -24,6 +24,7 @@ from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
 from .distiller import Distiller, LossEntry
+from .finetune import load_finetune_weights, open_source, use_source_architecture
 from .losses import RunContext
 from .models import Teacher
 from .training import EpochBatches, TrainState
@@ -215,12 +216,17 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
     if entries is None:  # the methods, built once (main builds them first: the accelerator's DDP settings need them)
         entries = build_losses(cfg)
     use_plain_attention_if_needed(entries)
+    finetune = open_source(cfg.finetune, cfg) if cfg.finetune else None
+    if finetune is not None:
+        use_source_architecture(cfg, finetune, accelerator.print)
     set_seed(cfg.seed)  # models and distillation parts start identical on every process (a random teacher too)
     probe = build_student(cfg, num_classes=1)  # only for the data config (input size, mean/std)
     input_size, mean, std, _ = student_data_spec(cfg, probe)
     del probe
     train_loader, val_loader, spec = build_data(cfg, input_size, mean, std, accelerator.num_processes)
     teacher, student = build_models(cfg, spec, accelerator.device, accelerator.mixed_precision)
+    if finetune is not None:
+        load_finetune_weights(student, finetune, accelerator.print)
     if teacher is not None:
         try:  # a warning only: a teacher may name the same classes otherwise (ImageNet synsets vs words)
             check_label_names([str(c) for c in spec.classes], (teacher.model.pretrained_cfg or {}).get('label_names'))

@@ -73,7 +73,7 @@ _FLOATS = dict(drop_path=dict(low=0, high=1, high_open=True), task_weight=dict(l
 # string fields that name something and cannot be empty when set
 _NAMES = ('student', 'teacher_arch', 'opt', 'sched', 'train_interpolation', 'output_dir', 'resume', 'student_ckpt',
           'data_path', 'teacher_cache', 'train_subset', 'hub_model_id', 'hf_image_column', 'hf_label_column',
-          'train_split', 'val_split', 'hub_license')
+          'train_split', 'val_split', 'hub_license', 'finetune')
 
 
 def validate_options(cfg) -> None:
