@@ -19,7 +19,8 @@ from .distiller import Distiller, LossEntry
 from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
 from .models import Teacher, create_student, create_teacher, set_fused_attention
 
-__all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed', 'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
+__all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
+           'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
            'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill', 'eval_data_config', 'resolve_weights']
 
 _logger = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def use_plain_attention_if_needed(entries: list[LossEntry]) -> None:
         set_fused_attn(False)
 
 
-def build_models(cfg: Config, spec: DataSpec, device, precision: str = 'no') -> tuple[Optional[Teacher], torch.nn.Module]:
+def build_models(cfg: Config, spec: DataSpec, device,
+                 precision: str = 'no') -> tuple[Optional[Teacher], torch.nn.Module]:
     """The teacher (None without one) and the student of ``cfg`` for data described by ``spec``, on ``device``.
 
     Both are checked against one batch of the data's shape (:func:`check_input`). On the CPU attention runs timm's

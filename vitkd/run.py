@@ -17,8 +17,9 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader
 
-from .build import (BatchMixer, build_data, build_distiller, build_losses, build_models, build_optimizer, build_scheduler,
-                    build_student, eval_data_config, scaled_lr, student_data_spec, use_plain_attention_if_needed)
+from .build import (BatchMixer, build_data, build_distiller, build_losses, build_models, build_optimizer,
+                    build_scheduler, build_student, eval_data_config, scaled_lr, student_data_spec,
+                    use_plain_attention_if_needed)
 from .config import Config, ConfigError
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
