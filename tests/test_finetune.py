@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 import main
 import vitkd
@@ -139,7 +140,7 @@ def test_a_deit_checkpoint_file_fine_tunes_and_another_architecture_is_refused(t
     assert not out.exists()
 
 
-def test_a_fine_tuning_run_from_the_hub_trains_without_a_teacher(source, two_classes, tmp_path, monkeypatch, capsys):
+def test_a_run_from_the_hub_trains_without_a_teacher_and_its_run_dir_is_a_source_too(source, two_classes, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
@@ -153,3 +154,8 @@ def test_a_fine_tuning_run_from_the_hub_trains_without_a_teacher(source, two_cla
     config = (out / 'student' / 'config.json').read_text()
     assert '"num_classes": 2' in config and '"architecture": "deit_ti_distilled"' in config
     assert math.isfinite(float(stdout.split('top-1 cls ')[1].split('%')[0]))
+    exported = load_file(str(out / 'student' / 'model.safetensors'))
+    for spec in (out, sorted((out / 'checkpoints').glob('step_*'))[-1]):  # a run dir, a training checkpoint
+        student, _, state, lines = _finetuned(spec, two_classes, '--input-size', '32')
+        assert len(lines) == 1 and lines[0].startswith(f'--finetune {spec}: student deit_ti_distilled')  # no change
+        assert all(torch.equal(v, exported[k]) for k, v in student.state_dict().items())
