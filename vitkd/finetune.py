@@ -71,6 +71,9 @@ def open_source(spec: str, cfg: Config) -> FinetuneSource:
     if not spec.startswith('hf-hub:') and not path.is_dir():
         raise CheckpointError(f'--finetune {spec!r}: expected an exported student folder, a run dir, a checkpoint '
                               'folder, hf-hub:org/name, or a .safetensors/.pth/.bin file (with --student)')
+    if not spec.startswith('hf-hub:') and not _config_json(spec).is_file():
+        raise CheckpointError(f'--finetune {spec}: no exported student (config.json + model.safetensors) in '
+                              f'{_config_json(spec).parent}')
     model, _, _ = load_student(spec, cfg)  # strict load of the export: a damaged source fails here, in one line
     config = json.loads(_config_json(spec).read_text())
     args = {k: v for k, v in (config.get('model_args') or {}).items() if k != 'num_classes'}
