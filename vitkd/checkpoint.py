@@ -35,6 +35,7 @@ import shlex
 import shutil
 import signal
 import sys
+import sys
 import threading
 import time
 from pathlib import Path
@@ -736,7 +737,8 @@ class Checkpointer:
                 continue
             cleaned.append(a)
         launcher = 'python' if self.acc.num_processes == 1 else 'accelerate launch <the same launch options>'
-        cmd = launcher + ' ' + shlex.join(['main.py', *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
+        program = ['main.py'] if Path(sys.argv[0]).name == 'main.py' else ['-m', 'vitkd']  # a checkout, or installed
+        cmd = launcher + ' ' + shlex.join([*program, *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
         name = signal.Signals(self.signal.signum).name if self.signal.signum else 'a signal on another process'
         where = f'epoch {s.epoch}, step {s.step} (batch {s.batches_done}/{len(self.r.train_loader)})'
         return f'stopped by {name} at {where}; checkpoint {self.last_saved}\nresume with: {cmd}'
