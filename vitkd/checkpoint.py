@@ -35,7 +35,6 @@ import shlex
 import shutil
 import signal
 import sys
-import sys
 import threading
 import time
 from pathlib import Path
