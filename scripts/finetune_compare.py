@@ -25,7 +25,6 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import main  # noqa: E402
