@@ -38,7 +38,7 @@ def loops():
 
 def test_the_readme_has_the_two_loops():
     blocks = readme_loops()
-    assert len(blocks) == 2 and 'vitkd.build(' in blocks[0] and 'Accelerator()' in blocks[1]
+    assert len(blocks) == 2 and 'vitkd.create_distillation(' in blocks[0] and 'Accelerator()' in blocks[1]
 
 
 def test_the_build_gives_the_teacher_the_student_and_the_criterion_that_owns_it(loops):
@@ -58,7 +58,7 @@ def test_both_readme_loops_train_the_same_weights(loops):
     other = accelerated['accelerator'].unwrap_model(accelerated['criterion']).state_dict()
     assert trained.keys() == other.keys()
     assert all(torch.equal(trained[k], other[k]) for k in trained)
-    assert any(not torch.equal(trained[k], v) for k, v in vitkd.build(plain['cfg'], num_classes=10)
+    assert any(not torch.equal(trained[k], v) for k, v in vitkd.create_distillation(plain['cfg'], num_classes=10)
                .criterion.state_dict().items())  # ... and they did train
 
 

@@ -1,8 +1,8 @@
 """vitkd: knowledge distillation into vision transformers, on timm and Accelerate.
 
 ``import vitkd`` registers the VkD students (``deit_{ti,s,b}_distilled``) in timm's registry and every distillation
-method in the loss registry. :func:`vitkd.build` gives a teacher, a student and the distillation criterion for a loop
-of your own (see :mod:`vitkd.api`).
+method in the loss registry. :func:`vitkd.create_distillation` gives a teacher, a student and the distillation
+criterion for a loop of your own (see :mod:`vitkd.api`).
 """
 import os
 
@@ -13,9 +13,9 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 from . import losses, models  # noqa: E402,F401  (registration side effects)
 from .losses import create_loss, list_losses, register_loss  # noqa: E402
 from .models import create_student, create_teacher  # noqa: E402
-from .api import Parts, build, make_config  # noqa: E402
+from .api import Parts, create_distillation, make_config  # noqa: E402
 from .training import TrainBatch  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['create_loss', 'list_losses', 'register_loss', 'create_student', 'create_teacher', 'build', 'make_config',
-           'Parts', 'TrainBatch']
+__all__ = ['create_loss', 'list_losses', 'register_loss', 'create_student', 'create_teacher', 'create_distillation',
+           'make_config', 'Parts', 'TrainBatch']

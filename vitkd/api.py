@@ -4,7 +4,7 @@ The options are the command line's (``--distill vkd`` is ``distill='vkd'``, ``--
 ``student_kwargs={'depth': 4}``), resolved and checked as the command line resolves them; the criterion is the
 :class:`~vitkd.distiller.Distiller` that ``vitkd``'s own loop (:mod:`vitkd.engine`) trains::
 
-    teacher, student, criterion = vitkd.build(distill='vkd', num_classes=10)   # the embedded default's parts
+    teacher, student, criterion = vitkd.create_distillation(num_classes=10)   # the embedded default's parts
     optimizer = timm.optim.create_optimizer_v2(criterion, 'adamw', lr=1e-3, weight_decay=0.05)
     for images, labels in loader:
         out = criterion(vitkd.TrainBatch.from_labels(images, labels, num_classes=10))
@@ -32,11 +32,11 @@ from .data import DataSpec
 from .distiller import Distiller
 from .models import Teacher
 
-__all__ = ['Parts', 'build', 'make_config']
+__all__ = ['Parts', 'create_distillation', 'make_config']
 
 
 class Parts(NamedTuple):
-    """What :func:`build` returns: ``teacher, student, criterion = vitkd.build(...)``."""
+    """What :func:`create_distillation` returns: ``teacher, student, criterion = vitkd.create_distillation(...)``."""
     teacher: Optional[Teacher]  # the frozen teacher (None when the methods need none), not inside the criterion
     student: torch.nn.Module    # the timm student; also ``criterion.student``
     criterion: Distiller        # student + the methods' trainable parts; forward(batch) -> {'loss', 'logits', 'terms'}
@@ -53,9 +53,9 @@ def make_config(**options) -> Config:
     return resolve(options)
 
 
-def build(config: Optional[Config] = None, *, num_classes: int, device: str | torch.device = 'cpu',
-          precision: str = 'no', num_samples: int = 0, steps_per_epoch: int = 1,
-          train_labels: Optional[torch.Tensor] = None, **options) -> Parts:
+def create_distillation(config: Optional[Config] = None, *, num_classes: int, device: str | torch.device = 'cpu',
+                        precision: str = 'no', num_samples: int = 0, steps_per_epoch: int = 1,
+                        train_labels: Optional[torch.Tensor] = None, **options) -> Parts:
     """Teacher, student and criterion, built as the command builds them for a run.
 
     Args:
@@ -73,7 +73,8 @@ def build(config: Optional[Config] = None, *, num_classes: int, device: str | to
         :class:`Parts` ``(teacher, student, criterion)``; the criterion is in train mode.
     """
     if config is not None and options:
-        raise TypeError(f'build() takes a config or options, not both (got {", ".join(sorted(options))})')
+        raise TypeError(f'create_distillation() takes a config or options, not both (got '
+                        f'{", ".join(sorted(options))})')
     cfg = config if config is not None else make_config(**options)
     entries = build_losses(cfg)
     use_plain_attention_if_needed(entries)
