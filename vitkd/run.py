@@ -27,7 +27,7 @@ from .data import DataSpec, dataset_targets
 from .distiller import Distiller, LossEntry
 from .finetune import load_finetune_weights, open_source, use_source_architecture
 from .losses import RunContext
-from .models import Teacher
+from .models import Teacher, set_fused_attention
 from .training import EpochBatches, TrainState
 
 if TYPE_CHECKING:
