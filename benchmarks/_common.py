@@ -127,7 +127,7 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
     """vitkd's training step: a :class:`Distiller` with ``loss`` (``'none'``: task CE only, no teacher), the teacher
     live or, with ``cache_dir``, replayed from a :class:`TeacherCache` recorded first (read with the batch's host
     indices, as ``vitkd.training.EpochBatches`` reads it; the read and the logit rebuild are inside the step), then
-    backward, the gradient norm the engine checks for non-finite values, AdamW: the calls ``engine.train_one_epoch``
+    backward, the gradient norm the engine checks for non-finite values, AdamW: the calls ``vitkd.engine.train_one_epoch``
     makes for a step, without the accelerator (one process, bf16 through autocast as Accelerate applies it) and
     without its logging bookkeeping (a few small device ops accumulating the terms).
 

@@ -10,7 +10,7 @@ rounds, ratios as medians of per-round ratios with their quartiles), for each st
 * ``timm_task``    — ``timm.task.TokenDistillationTask`` (hard distillation, task weight 0.5) on the same student,
   teacher, batches and precision.
 
-The vitkd variants take the calls ``engine.train_one_epoch`` makes for a step (``_common.vitkd_step``): Distiller
+The vitkd variants take the calls ``vitkd.engine.train_one_epoch`` makes for a step (``_common.vitkd_step``): Distiller
 forward under bf16 autocast, backward, AdamW. Both vitkd and timm.task use timm's ``create_optimizer_v2`` AdamW with
 torch's fused kernel on CUDA (``fused=True``; on CPU torch's default). Students ``deit_{tiny,small,base}_distilled_
 patch16_224`` and the teacher ``regnety_160`` have random weights (``pretrained=False``: nothing is downloaded), 1000

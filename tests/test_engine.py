@@ -6,7 +6,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitkd
-from engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
+from vitkd.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from vitkd.build import BatchMixer, build_optimizer, build_scheduler
 from vitkd.config import Config
 from vitkd.distiller import Distiller, LossEntry

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 import main
+import vitkd.cli
 from test_reliability import base_args, error_line, make_image_folder, run, snapshot
 from vitkd.config import Config
 from vitkd.errors import INTERNAL_ERROR, DataFailure, RunDirError, SaveError, UsageError
@@ -66,7 +67,7 @@ def test_exit_codes_are_distinct_and_documented():
 def test_an_unexpected_error_is_one_line_and_the_traceback_only_on_request(monkeypatch, capsys):
     def broken(argv):
         raise KeyError('boom')
-    monkeypatch.setattr(main, 'parse_args', broken)
+    monkeypatch.setattr(vitkd.cli, 'parse_args', broken)
     code, out, err = run(['--lr', '1'], capsys)
     line = error_line(err)
     assert code == INTERNAL_ERROR and 'internal error (KeyError' in line and '--debug' in line
@@ -80,7 +81,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_only_on_request(monke
 def test_an_os_error_names_its_file(monkeypatch, capsys):
     def unreadable(argv):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), '/data/secret.png')
-    monkeypatch.setattr(main, 'parse_args', unreadable)
+    monkeypatch.setattr(vitkd.cli, 'parse_args', unreadable)
     code, out, err = run([], capsys)
     assert code == RunDirError.exit_code and '/data/secret.png: Permission denied' in error_line(err)
 

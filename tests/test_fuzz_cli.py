@@ -51,7 +51,8 @@ for _flag in ('--teacher-model', '--teacher-path'):  # DeiT's spellings of --tea
     for _v in BAD_VALUES:
         ACCEPTED[(_flag, _v)] = _FREE_NAME
 for _name in ('student', 'teacher_arch', 'data_path', 'output_dir', 'student_ckpt', 'teacher_cache', 'train_subset',
-              'hub_license', 'hub_model_id', 'hf_image_column', 'hf_label_column', 'train_split', 'val_split'):
+              'hub_license', 'hub_model_id', 'hf_image_column', 'hf_label_column', 'train_split', 'val_split',
+              'finetune'):
     for _v in BAD_VALUES[:-1]:
         ACCEPTED[('--' + _name.replace('_', '-'), _v)] = _FREE_NAME
 del ACCEPTED[('--hub-model-id', '-1')]  # a Hub name cannot start with '-': rejected by huggingface_hub's own check

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitkd
+import vitkd.cli
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.losses import RunInfo, create_loss, list_losses
 from vitkd.models import set_fused_attention
@@ -285,7 +286,7 @@ def test_the_teacher_cache_records_one_epoch_and_replays_it_without_the_teacher(
     calls, per_epoch = [], []
     live = Distiller.teacher_features
     monkeypatch.setattr(Distiller, 'teacher_features', lambda self, x: calls.append(1) or live(self, x))
-    train_one_epoch = main.train_one_epoch
+    train_one_epoch = vitkd.cli.train_one_epoch
 
     def counted_epoch(*args, **kwargs):
         before = len(calls)
@@ -293,7 +294,7 @@ def test_the_teacher_cache_records_one_epoch_and_replays_it_without_the_teacher(
         per_epoch.append(len(calls) - before)
         return result
 
-    monkeypatch.setattr(main, 'train_one_epoch', counted_epoch)
+    monkeypatch.setattr(vitkd.cli, 'train_one_epoch', counted_epoch)
     out = tmp_path / 'run'
     run_cli(cli_args(data, out, '--epochs', '2', '--teacher-cache', str(tmp_path / 'cache'),
                      '--teacher-cache-epochs', '1', '--log-every', '1', '--lr', '1e-12', '--min-lr', '1e-12',

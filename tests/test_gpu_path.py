@@ -118,7 +118,7 @@ def count_syncs_per_step(argv, steps: int = 4, epochs: int = 1) -> list[list[str
     """Build the run of ``main.py <argv>`` and train ``epochs`` epochs of at most ``steps`` steps with logging only at
     the end of each; returns the host syncs of each step (the last one of an epoch is a logging step; the first
     also opens the epoch and runs the methods' one-off work)."""
-    from engine import train_one_epoch
+    from vitkd.engine import train_one_epoch
     from vitkd import run as runlib
     from vitkd.config import parse_args
     from vitkd.training import NonFiniteGuard, TrainState

@@ -527,7 +527,7 @@ def batches(n: int):
 def train(model, loader, report_dir=None, policy='stop'):
     from accelerate import Accelerator
 
-    from engine import TrainState, train_one_epoch
+    from vitkd.engine import TrainState, train_one_epoch
     from vitkd.training import EpochBatches, NonFiniteGuard
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)  # decay: a zero-grad step moves
     state = TrainState()
@@ -562,7 +562,7 @@ def test_skip_policy_leaves_the_weights_exactly_as_without_that_step(mode, tmp_p
 
 
 def test_stop_policy_raises_after_writing_the_diagnostic_without_stepping(tmp_path):
-    from engine import NonFiniteLossError
+    from vitkd.engine import NonFiniteLossError
     data = batches(3)
     poisoned = Toy(poison={5})
     with pytest.raises(NonFiniteLossError) as err:

@@ -20,7 +20,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 
 import vitkd
-from engine import TrainState, train_one_epoch
+from vitkd.engine import TrainState, train_one_epoch
 from vitkd.training import EpochBatches, NonFiniteGuard
 from vitkd.build import BatchMixer
 from vitkd.config import Config

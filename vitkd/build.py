@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional
 
 import torch
@@ -16,10 +17,11 @@ from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_wo
 from .hf_data import HFOptions
 from .distiller import Distiller, LossEntry
 from .losses import LossSpecError, RunInfo, create_loss
-from .models import Teacher, create_student, create_teacher
+from .models import Teacher, create_student, create_teacher, set_fused_attention
 
-__all__ = ['build_student', 'build_teacher', 'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
-           'build_scheduler', 'BatchMixer', 'scaled_lr', 'eval_data_config', 'resolve_weights']
+__all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
+           'build_data', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler', 'BatchMixer',
+           'scaled_lr', 'eval_data_config', 'resolve_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +52,70 @@ def build_teacher(cfg: Config, num_classes: int, student_mean, student_std) -> O
                              **cfg.teacher_kwargs)
     teacher.set_student_normalization(student_mean, student_std)
     return teacher
+
+
+def use_plain_attention_if_needed(entries: list[LossEntry]) -> None:
+    """Turn timm's fused attention off for models built from now on when a method takes second-order gradients
+    through attention (Sobolev, LwM: the fused kernels have no double backward). timm reads the switch when it builds
+    an attention layer, so this runs before the student is built."""
+    if any(e.loss.disable_fused_attn for e in entries):
+        from timm.layers import set_fused_attn
+        set_fused_attn(False)
+
+
+def build_models(cfg: Config, spec: DataSpec, device,
+                 precision: str = 'no') -> tuple[Optional[Teacher], torch.nn.Module]:
+    """The teacher (None without one) and the student of ``cfg`` for data described by ``spec``, on ``device``.
+
+    Both are checked against one batch of the data's shape (:func:`check_input`). On the CPU attention runs timm's
+    unfused path (PyTorch's CPU flash-attention backward is slower in bf16 and no faster in fp32). The frozen teacher
+    is cast once to the run's half precision (``precision`` bf16/fp16: autocast would re-cast its fp32 weights every
+    step, since it caches casts only for weights that require gradients) and compiled with ``--compile-teacher``.
+    """
+    student = build_student(cfg, spec.num_classes)
+    teacher = build_teacher(cfg, spec.num_classes, spec.mean, spec.std)
+    check_input(student, spec.input_size, f'student {cfg.student}')
+    if teacher is not None:
+        check_input(teacher.model, spec.input_size, f'teacher {teacher.source}', teacher.prepare_input)
+    device = torch.device(device)
+    if device.type == 'cpu':
+        for model in (student, teacher.model if teacher is not None else None):
+            if model is not None:
+                set_fused_attention(model, False)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+        if precision in ('bf16', 'fp16'):
+            teacher.cast(torch.bfloat16 if precision == 'bf16' else torch.float16)
+        if cfg.compile_teacher:
+            teacher.compile()
+    return teacher, student
+
+
+@torch.no_grad()
+def check_input(model: torch.nn.Module, input_size, what: str, prepare=None) -> None:
+    """One eval-mode forward of a [2, C, H, W] zero batch: a model that cannot take the data's images (channels,
+    a fixed input size, a patch size that does not divide it) fails here in one line, not in the first step."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(2, *input_size, device=next(model.parameters()).device)
+    try:
+        model(prepare(x) if prepare is not None else x)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        channels = re.search(r'to have (\d+) channels, but got (\d+) channels', first)  # torch's convolution message
+        if channels:
+            kind = {'1': 'grey (1-channel)', '3': 'RGB (3-channel)'}
+            takes, data = channels.groups()
+            raise ConfigError(f'{what} takes {kind.get(takes, f"{takes}-channel")} images but the data\'s are '
+                              f'{kind.get(data, f"{data}-channel")}: use a model made for this data (e.g. --teacher '
+                              'regnety_160 for RGB images; the shipped checkpoints/fmnist_regnety_002 is the grey '
+                              f'Fashion-MNIST teacher of the embedded default), or in_chans={data} in its '
+                              'kwargs') from None
+        raise ConfigError(f'{what} cannot take the data\'s {"×".join(map(str, input_size))} images ({first}); '
+                          'check --input-size and the model kwargs (img_size, patch_size, in_chans)') from None
+    finally:
+        model.train(was_training)
 
 
 def student_data_spec(cfg: Config, student) -> tuple[tuple[int, int, int], tuple, tuple, Optional[float]]:

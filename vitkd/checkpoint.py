@@ -314,6 +314,32 @@ def _load_export_folder(folder: Path, source: str) -> tuple[nn.Module, dict]:
     return model, dict(config.get('pretrained_cfg') or {})
 
 
+def read_student_state(path: Path, what: str = '--student-ckpt') -> dict:
+    """The student's tensors in a ``.safetensors`` file or a pickled ``.pth``/``.bin`` (read with
+    ``weights_only=True``; DeiT's ``{'model': …}`` and ``{'state_dict': …}`` wrappers are opened, a DDP ``module.``
+    prefix is dropped); a vitkd training checkpoint's ``student.`` part alone (the rest is training-only)."""
+    if path.suffix == '.safetensors':
+        state = _read_safetensors(path)
+    else:  # a pickle: tensors only (weights_only=True); {'model': …} / {'state_dict': …} wrappers are opened
+        state = _read_pickle_weights(path, what)
+        while isinstance(state, dict) and len(state) and not any(torch.is_tensor(v) for v in state.values()):
+            inner = next((state[k] for k in ('state_dict', 'model', 'module') if isinstance(state.get(k), dict)),
+                         None)
+            if inner is None:
+                break
+            state = inner
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise CheckpointError(f'{what} {path}: not a state dict of tensors')
+        if state and all(k.startswith('module.') for k in state):  # saved from a DDP-wrapped model
+            state = {k[len('module.'):]: v for k, v in state.items()}
+    if any(k.startswith('student.') for k in state):
+        skipped = sorted(k for k in state if not k.startswith('student.'))
+        if skipped:
+            _logger.info('skipping %d training-only tensors of %s: %s', len(skipped), path, _key_list(skipped, 5))
+        state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
+    return state
+
+
 def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> tuple[nn.Module, dict, str]:
     """Load a student for evaluation, strictly.
 
@@ -358,25 +384,7 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
         if not path.is_file():
             raise CheckpointError(f'--student-ckpt {spec}: no such file')
         from .models import create_student
-        if path.suffix == '.safetensors':
-            state = _read_safetensors(path)
-        else:  # a pickle: tensors only (weights_only=True); {'model': …} / {'state_dict': …} wrappers are opened
-            state = _read_pickle_weights(path, '--student-ckpt')
-            while isinstance(state, dict) and len(state) and not any(torch.is_tensor(v) for v in state.values()):
-                inner = next((state[k] for k in ('state_dict', 'model', 'module') if isinstance(state.get(k), dict)),
-                             None)
-                if inner is None:
-                    break
-                state = inner
-            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-                raise CheckpointError(f'--student-ckpt {spec}: not a state dict of tensors')
-            if state and all(k.startswith('module.') for k in state):  # saved from a DDP-wrapped model
-                state = {k[len('module.'):]: v for k, v in state.items()}
-        if any(k.startswith('student.') for k in state):
-            skipped = sorted(k for k in state if not k.startswith('student.'))
-            if skipped:
-                _logger.info('skipping %d training-only tensors of %s: %s', len(skipped), path, _key_list(skipped, 5))
-            state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
+        state = read_student_state(path)
         model = create_student(cfg.student, num_classes or 1000, **cfg.student_kwargs)
         load_state_dict_strict(model, state, f'{path} (as --student {cfg.student})')
         return model.eval(), {}, f'{path} as {cfg.student}'
@@ -728,7 +736,8 @@ class Checkpointer:
                 continue
             cleaned.append(a)
         launcher = 'python' if self.acc.num_processes == 1 else 'accelerate launch <the same launch options>'
-        cmd = launcher + ' ' + shlex.join(['main.py', *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
+        program = ['main.py'] if Path(sys.argv[0]).name == 'main.py' else ['-m', 'vitkd']  # a checkout, or installed
+        cmd = launcher + ' ' + shlex.join([*program, *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
         name = signal.Signals(self.signal.signum).name if self.signal.signum else 'a signal on another process'
         where = f'epoch {s.epoch}, step {s.step} (batch {s.batches_done}/{len(self.r.train_loader)})'
         return f'stopped by {name} at {where}; checkpoint {self.last_saved}\nresume with: {cmd}'

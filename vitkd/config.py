@@ -25,7 +25,12 @@ from .validate import check_field, validate_config
 __all__ = ['Config', 'parse_args', 'build_parser', 'ConfigError', 'embedded_default', 'load_yaml', 'resolve',
            'validate', 'distill_spec', 'list_methods_and_presets']
 
-REPO = Path(__file__).resolve().parents[1]
+# Where the files the command reads at run time lie (the presets of ``-c NAME`` in scripts/configs/, the embedded
+# default's teacher in checkpoints/): a checkout's root, or in an installed wheel the copy that pyproject.toml puts
+# under vitkd/_shipped/ with the same layout.
+REPO = Path(__file__).resolve().parent / '_shipped'
+if not REPO.is_dir():
+    REPO = REPO.parents[1]
 
 
 def option(default: Any, help: str, domain: Domain, aliases: tuple[str, ...] = (), nargs=None):
@@ -77,6 +82,10 @@ class Config:
     student_kwargs: dict = option({}, 'timm kwargs for the student, key=value (e.g. depth=4 embed_dim=96)', nargs='*',
                                   domain=Kwargs())
     student_pretrained: bool = option(False, 'start the student from its pretrained timm/Hub weights', domain=Bool())
+    finetune: Optional[str] = option(None, 'start a new run from these student weights: export folder, run dir, '
+                                     'checkpoint, hf-hub:org/name, or a DeiT/timm .pth/.safetensors (with --student); '
+                                     'new heads for other classes, position embeddings resampled for another size',
+                                     domain=OrNone(Text()))
     drop_path: float = option(0.0, 'stochastic depth rate of the student', domain=Interval(0, 1, hi_open=True))
     teacher: Optional[str] = option('regnety_160', 'timm name[.tag] (regnety_160 = regnety_160.deit_in1k), '
                                  'hf-hub:org/name, a save_for_hf folder, or a .safetensors file; none = no teacher',
@@ -201,6 +210,9 @@ EMBEDDED_PRESET = REPO / 'scripts' / 'configs' / 'embedded.yaml'
 
 def embedded_default() -> dict:
     """The embedded-default preset (``scripts/configs/embedded.yaml``), its teacher path made absolute."""
+    if not EMBEDDED_PRESET.is_file():
+        raise ConfigError(f'the embedded default\'s preset {EMBEDDED_PRESET} is missing (a vitkd install without its '
+                          'shipped files?): reinstall vitkd, or pass --data-path and --teacher')
     values = load_yaml(str(EMBEDDED_PRESET))
     values['teacher'] = str(REPO / values['teacher'])
     return values
@@ -294,7 +306,6 @@ _REFUSED = {
     '--amp-dtype': 'use --mixed-precision bf16 or fp16',
     '--log-wandb': 'use --log-with wandb',
     '--eval': 'use --eval-student --student-ckpt PATH (an exported student, a checkpoint or a run dir)',
-    '--finetune': 'use --student-ckpt with --eval-student to evaluate, or --resume to continue a vitkd run',
     '--output': 'use --output-dir (the run dir itself, not a parent of experiment folders)',
     '--device': 'devices come from the launcher: python main.py (one device) or accelerate launch (several)',
     '--world-size': 'processes come from the launcher: accelerate launch --num_processes N main.py ...',

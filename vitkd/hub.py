@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from . import __version__
 from .config import Config, ConfigError, distill_spec, load_yaml
 from .errors import HubError
 
@@ -106,12 +107,15 @@ def model_card(run_dir: Path, repo_id: str) -> str:
              'tags': ['image-classification', 'timm', 'vitkd', 'knowledge-distillation', *method_names],
              'datasets': [dataset], 'metrics': ['accuracy'], 'pipeline_tag': 'image-classification'}
     needs_vitkd = arch.split('.')[0] in {name.split('.')[0] for name in vitkd_cfgs}
-    load = ['import timm, torch', *(['import vitkd  # registers the VkD student architecture in timm']
-                                    if needs_vitkd else []),
+    install = f'pip install vitkd=={__version__}' if needs_vitkd else 'pip install timm'
+    mode = 'L' if tuple(pretrained_cfg.get('input_size', (3,)))[0] == 1 else 'RGB'
+    load = ['import timm', 'import torch', 'from PIL import Image', '',
+            *(['import vitkd  # registers the VkD student architecture in timm', ''] if needs_vitkd else []),
             f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
-            'data_config = timm.data.resolve_data_config(model=model)',
-            'transform = timm.data.create_transform(**data_config)',
-            'logits = model(transform(image).unsqueeze(0))' + (
+            'transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))',
+            f"image = Image.open('image.png').convert('{mode}')",
+            'with torch.no_grad():',
+            '    logits = model(transform(image).unsqueeze(0))' + (
                 '  # eval mode: the mean of the cls and dist heads' if 'head_dist' in str(pretrained_cfg.get(
                     'classifier', '')) else '')]
     method_rows = ['| method | weight | options |', '|---|---|---|']
@@ -143,7 +147,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
             '## Distillation', '', *method_rows, '',
             '## Recipe', '', *recipe, '',
             '## Results (validation set, final weights)', '', *_metric_rows(summary), '',
-            '## How to load', '', '```python', *load, '```', '']
+            '## How to load', '', '```bash', install, '```', '', '```python', *load, '```', '']
     return '---\n' + yaml.safe_dump(front, sort_keys=False) + '---\n\n' + '\n'.join(body)
 
 

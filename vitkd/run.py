@@ -17,13 +17,15 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader
 
-from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
-                    build_teacher, eval_data_config, scaled_lr, student_data_spec)
+from .build import (BatchMixer, build_data, build_distiller, build_losses, build_models, build_optimizer,
+                    build_scheduler, build_student, eval_data_config, scaled_lr, student_data_spec,
+                    use_plain_attention_if_needed)
 from .config import Config, ConfigError, distill_spec
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
 from .distiller import Distiller, LossEntry
+from .finetune import load_finetune_weights, open_source, use_source_architecture
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
 from .training import EpochBatches, TrainState
@@ -214,35 +216,24 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
     """
     if entries is None:  # the methods, built once (main builds them first: the accelerator's DDP settings need them)
         entries = build_losses(cfg)
-    if any(e.loss.disable_fused_attn for e in entries):
-        from timm.layers import set_fused_attn
-        set_fused_attn(False)  # read when attention layers are built: second-order gradients need the plain path
+    use_plain_attention_if_needed(entries)
+    finetune = open_source(cfg.finetune, cfg) if cfg.finetune else None
+    if finetune is not None:
+        use_source_architecture(cfg, finetune, accelerator.print)
     set_seed(cfg.seed)  # models and distillation parts start identical on every process (a random teacher too)
     probe = build_student(cfg, num_classes=1)  # only for the data config (input size, mean/std)
     input_size, mean, std, _ = student_data_spec(cfg, probe)
     del probe
     train_loader, val_loader, spec = build_data(cfg, input_size, mean, std, accelerator.num_processes)
-    student = build_student(cfg, spec.num_classes)
-    teacher = build_teacher(cfg, spec.num_classes, mean, std)
-    check_input(student, spec.input_size, f'student {cfg.student}')
+    teacher, student = build_models(cfg, spec, accelerator.device, accelerator.mixed_precision)
+    if finetune is not None:
+        load_finetune_weights(student, finetune, accelerator.print)
     if teacher is not None:
-        check_input(teacher.model, spec.input_size, f'teacher {teacher.source}', teacher.prepare_input)
         try:  # a warning only: a teacher may name the same classes otherwise (ImageNet synsets vs words)
             check_label_names([str(c) for c in spec.classes], (teacher.model.pretrained_cfg or {}).get('label_names'))
         except ConfigError as e:
             accelerator.print(f'warning: {e}')
     device = accelerator.device
-    if device.type == 'cpu':  # CPU flash-attention backward is slow (bf16) or no faster (fp32)
-        for model in (student, teacher.model if teacher is not None else None):
-            if model is not None:
-                set_fused_attention(model, False)
-    student.to(device)
-    if teacher is not None:
-        teacher.to(device)
-        if accelerator.mixed_precision in ('bf16', 'fp16'):
-            teacher.cast(torch.bfloat16 if accelerator.mixed_precision == 'bf16' else torch.float16)
-        if cfg.compile_teacher:
-            teacher.compile()
     steps_per_epoch = max(1, len(train_loader) // (accelerator.num_processes * cfg.grad_accum_steps))
     distiller = build_distiller(cfg, student, teacher, spec, len(train_loader.dataset), steps_per_epoch,
                                 accelerator.num_processes, dataset_targets(train_loader.dataset), entries)
@@ -275,32 +266,6 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                steps_per_epoch=steps_per_epoch,
                student_params=sum(p.numel() for p in unwrapped.student.parameters()),
                data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache)
-
-
-@torch.no_grad()
-def check_input(model: torch.nn.Module, input_size, what: str, prepare=None) -> None:
-    """One eval-mode forward of a [2, C, H, W] zero batch: a model that cannot take the data's images (channels,
-    a fixed input size, a patch size that does not divide it) fails here in one line, not in the first step."""
-    was_training = model.training
-    model.eval()
-    x = torch.zeros(2, *input_size, device=next(model.parameters()).device)
-    try:
-        model(prepare(x) if prepare is not None else x)
-    except (RuntimeError, ValueError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        channels = re.search(r'to have (\d+) channels, but got (\d+) channels', first)  # torch's convolution message
-        if channels:
-            kind = {'1': 'grey (1-channel)', '3': 'RGB (3-channel)'}
-            takes, data = channels.groups()
-            raise ConfigError(f'{what} takes {kind.get(takes, f"{takes}-channel")} images but the data\'s are '
-                              f'{kind.get(data, f"{data}-channel")}: use a model made for this data (e.g. --teacher '
-                              'regnety_160 for RGB images; the shipped checkpoints/fmnist_regnety_002 is the grey '
-                              f'Fashion-MNIST teacher of the embedded default), or in_chans={data} in its '
-                              'kwargs') from None
-        raise ConfigError(f'{what} cannot take the data\'s {"×".join(map(str, input_size))} images ({first}); '
-                          'check --input-size and the model kwargs (img_size, patch_size, in_chans)') from None
-    finally:
-        model.train(was_training)
 
 
 class MetricLogger:

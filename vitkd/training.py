@@ -1,7 +1,7 @@
 """The pieces a training loop is made of: the train state, the batches of an epoch, the non-finite-loss policy and
 the running means of the logged terms.
 
-``engine.train_one_epoch`` composes them; none of them waits for the device between logging steps. On a GPU every
+``vitkd.engine.train_one_epoch`` composes them; none of them waits for the device between logging steps. On a GPU every
 host read of a device value (``float(t)``, ``t.item()``, ``bool(t)``, ``int(t)``) stalls the host until the queued
 kernels have run, so the next step's kernels are not queued while the current ones run. Here the loss terms, the
 accuracy and the finiteness of every step are accumulated on the device and read once per logging step (or at a
@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from timm.data.mixup import mixup_target
 
 from .data import find_epoch_sampler, mix_batch
 from .features import Features
@@ -115,6 +116,24 @@ class TrainBatch:
     def __post_init__(self):
         if self.labels_b is None:
             self.labels_b = self.labels
+
+    @classmethod
+    def from_labels(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, smoothing: float = 0.0,
+                    epoch: float = 0.0, step: int = 0, index: Optional[torch.Tensor] = None) -> 'TrainBatch':
+        """A batch without mixup for a loop of your own: the targets are the labels' one-hot vectors with label
+        smoothing (timm's ``mixup_target`` at λ = 1, as :class:`vitkd.build.BatchMixer` makes them without mixup).
+
+        Args:
+            images: [B, C, H, W] the student's input, on the criterion's device.
+            labels: [B] class indices, on the same device.
+            num_classes: K, the width of the targets.
+            smoothing: label smoothing ε (the run's ``--smoothing``).
+            epoch: the fractional epoch (method warm-ups and phases read it).
+            step: optimizer steps taken before this batch.
+            index: [B] data-set indices, for the methods with memory banks (CRD).
+        """
+        targets = mixup_target(labels, num_classes, 1.0, smoothing)  # [B, K]
+        return cls(images=images, targets=targets, labels=labels, index=index, epoch=epoch, step=step)
 
 
 class EpochBatches:

@@ -70,6 +70,9 @@ def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
     if cfg.aug_repeats > 1 and cfg.teacher_cache:
         raise ConfigError(f'--aug-repeats {cfg.aug_repeats} with --teacher-cache: the cache keeps one augmentation per '
                           'image and epoch; use --aug-repeats 1 or no cache')
+    if cfg.finetune is not None and (cfg.student_pretrained or cfg.eval_student):
+        raise ConfigError(f'--finetune {cfg.finetune}: the student\'s weights come from there; leave out '
+                          f'{"--student-pretrained" if cfg.student_pretrained else "--eval-student"}')
     if cfg.resume not in (None, 'auto') and not Path(cfg.resume).exists():
         raise ConfigError(f'--resume {cfg.resume!r}: no such checkpoint (use auto or a checkpoint folder)')
     _check_input_size(cfg)
