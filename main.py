@@ -91,7 +91,7 @@ def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | No
     log, state = accelerator.print, r.state
     metrics, train_stats = {}, {}
     with ckpt.signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
-        while state.epoch < cfg.epochs and not state.stop_reason:
+        while state.epoch < cfg.epochs and not state.stop_reason and not state.steps_spent():
             epoch = state.epoch
             train_stats = train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
                                           cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook)

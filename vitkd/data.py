@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .errors import DataFailure, UsageError
 import gzip
+import hashlib
 import logging
 import os
 import multiprocessing
@@ -38,7 +39,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset', 'EpochSampler', 'read_idx',
            'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
-           'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path']
+           'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path', 'train_set_fingerprint']
 
 _logger = logging.getLogger(__name__)
 
@@ -283,6 +284,37 @@ def sample_path(dataset, index: int) -> str:
             return dataset.sample_name(index)
         dataset = getattr(dataset, 'dataset', None)
     return f'index {index}'
+
+
+def train_set_fingerprint(dataset) -> dict:
+    """What identifies a training set: ``{'samples': N, 'sha256': …}`` over its samples in order.
+
+    A sample is its file path relative to the data root with its class (an image folder, after any subset), or its
+    label (an in-memory or Hugging Face set, whose rows have no file). A checkpoint keeps it, so a resume can tell
+    that images were added, removed or renamed since the run started: a moved data folder keeps its fingerprint.
+    """
+    keep: Optional[list[int]] = None  # positions in the innermost set, through Subset wrappers
+    items: Optional[list[str]] = None
+    while dataset is not None and items is None:
+        if hasattr(dataset, 'indices') and hasattr(dataset, 'dataset'):  # torch Subset
+            outer = [int(i) for i in dataset.indices]
+            keep = outer if keep is None else [outer[i] for i in keep]
+            dataset = dataset.dataset
+            continue
+        samples = getattr(dataset, 'samples', None)
+        targets = getattr(dataset, 'targets', None)
+        if samples is not None:
+            root = getattr(dataset, 'root', '') or ''
+            items = [f'{os.path.relpath(path, root)}\t{label}' for path, label in samples]
+        elif targets is not None:
+            items = [str(int(label)) for label in targets]
+        else:
+            dataset = getattr(dataset, 'dataset', None)
+    if items is None:
+        return {}
+    if keep is not None:
+        items = [items[i] for i in keep]
+    return {'samples': len(items), 'sha256': hashlib.sha256('\n'.join(items).encode()).hexdigest()}
 
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',

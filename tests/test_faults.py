@@ -1,0 +1,147 @@
+"""Faults from outside and from the user's own changes: a run dir changed between start and resume, a Hub that fails
+while downloading or pushing, a full disk while saving, data that is not clean, one process of several failing.
+
+In-process runs use the tiny setup of tests/test_reliability.py (4 classes of 32-px images, a 2-block VkD student, a
+random regnety_002 teacher). A refused command must be one ``error:`` line with the README's exit code and leave the
+run dir byte-identical (its files hashed before and after).
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main
+from test_reliability import base_args, error_line, make_image_folder, run, snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, 'cpu_count', lambda: 1)
+        yield
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp('data') / 'folder')
+
+
+@pytest.fixture(scope='module')
+def previous(data, tmp_path_factory) -> Path:
+    """A finished 1-epoch run (4 steps of 4 images)."""
+    out = tmp_path_factory.mktemp('prev') / 'run'
+    assert main.main(base_args(data, out)) == 0
+    return out
+
+
+def _with(args: list, option: str, *values) -> list:
+    """``args`` with ``option``'s value(s) replaced (a flag followed by its values up to the next flag)."""
+    i = args.index(option)
+    j = i + 1
+    while j < len(args) and not str(args[j]).startswith('--'):
+        j += 1
+    return args[:i + 1] + list(values) + args[j:]
+
+
+# ---- a run changed between its start and its resume -------------------------------------------------------------
+
+IDENTITY_CASES = [  # (option, new values, the old → new the line must show)
+    ('--distill', ['dkd'], '--distill kd, this command has --distill dkd (kd → dkd)'),
+    ('--teacher', ['regnety_004'], '(regnety_002 → regnety_004)'),
+    ('--student-kwargs', ['img_size=32', 'patch_size=4', 'depth=3', 'embed_dim=32', 'num_heads=2'],
+     'depth=2 embed_dim=32 num_heads=2 → img_size=32 patch_size=4 depth=3'),
+    ('--student', ['deit_tiny_distilled_patch16_224'], '(deit_ti_distilled → deit_tiny_distilled_patch16_224)'),
+]
+
+
+@pytest.mark.parametrize('option,values,shown', IDENTITY_CASES, ids=[c[0] for c in IDENTITY_CASES])
+def test_resuming_with_another_method_teacher_or_student_is_refused(option, values, shown, previous, data, capsys):
+    before = snapshot(previous)
+    args = _with(base_args(data, previous), option, *values) + ['--resume', 'auto']
+    code, _, err = run(args, capsys)
+    line = error_line(err)
+    assert code == 2 and shown in line and option in line and '--overwrite' in line, line
+    assert snapshot(previous) == before
+
+
+def _changed_copy(data: Path, where: Path, change: str) -> Path:
+    copy = shutil.copytree(data, where)
+    train = copy / 'train'
+    if change == 'added':
+        shutil.copy(train / 'class0' / '0.png', train / 'class0' / 'extra.png')
+    elif change == 'removed':
+        (train / 'class1' / '3.png').unlink()
+    elif change == 'renamed':
+        (train / 'class2' / '3.png').rename(train / 'class2' / 'other.png')
+    elif change == 'class added':
+        for split in ('train', 'val'):
+            shutil.copytree(copy / split / 'class0', copy / split / 'class9')
+    return copy
+
+
+@pytest.mark.parametrize('change,shown', [('added', '16 → 17 images, 1 images added'),
+                                          ('removed', '16 → 15 images, 1 images removed'),
+                                          ('renamed', 'the same number of images, other files'),
+                                          ('class added', 'trained on 4 classes and the data now has 5 (4 → 5)')])
+def test_resuming_on_a_changed_training_set_is_refused(change, shown, previous, data, tmp_path, capsys):
+    before = snapshot(previous)
+    changed = _changed_copy(data, tmp_path / 'data', change)
+    code, _, err = run(_with(base_args(data, previous), '--data-path', changed) + ['--resume', 'auto'], capsys)
+    line = error_line(err)
+    assert code == 2 and shown in line and 'fresh run' in line, line
+    assert snapshot(previous) == before
+
+
+def test_more_epochs_on_a_moved_but_identical_data_set_goes_on_and_says_so(previous, data, tmp_path, capsys):
+    """The data folder copied elsewhere keeps its fingerprint (relative paths): the resume is accepted."""
+    out = shutil.copytree(previous, tmp_path / 'run')
+    moved = shutil.copytree(data, tmp_path / 'moved')
+    code, stdout, err = run(_with(base_args(moved, out), '--epochs', '2') + ['--resume', 'auto'], capsys)
+    assert code == 0, err[-3000:]
+    said = [line for line in stdout.splitlines() if line.startswith('resumed from')]
+    assert len(said) == 1 and 'training goes on with --epochs 1 → 2' in said[0], stdout
+    assert json.loads((out / 'summary.json').read_text())['steps'] == 8  # 4 more steps of 4 images
+
+
+def test_a_checkpoint_records_the_training_sets_fingerprint(previous, data):
+    """Independent count: the images on disk, their relative paths hashed by hand."""
+    import hashlib
+    state = json.loads(next((previous / 'checkpoints').glob('step_*/trainer_state.json')).read_text())
+    root = data / 'train'
+    items = [f'{p.relative_to(root)}\t{c}' for c, folder in enumerate(sorted(root.iterdir()))
+             for p in sorted(folder.iterdir())]
+    assert state['data'] == {'samples': 16, 'sha256': hashlib.sha256('\n'.join(items).encode()).hexdigest(),
+                             'num_classes': 4}
+
+
+def test_sigterm_while_evaluating_the_last_step_resumes_without_an_extra_step(data, tmp_path, monkeypatch, capsys):
+    """--max-steps 2 of a 4-step epoch; SIGTERM arrives during the evaluation after step 2: the checkpoint is step 2
+    and the resumed run evaluates and exports it without training a third step."""
+    out = tmp_path / 'run'
+    args = base_args(data, out) + ['--max-steps', '2']
+    real = main._evaluate_student
+    calls = []
+
+    def terminated_while_evaluating(r, accelerator):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler sets the flag; evaluation goes on
+        calls.append(r.state.step)
+        return real(r, accelerator)
+
+    monkeypatch.setattr(main, '_evaluate_student', terminated_while_evaluating)
+    code, _, err = run(args, capsys)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert [p.name for p in (out / 'checkpoints').glob('step_*')] == ['step_00000002']
+    code, _, err = run(args + ['--resume', 'auto'], capsys)
+    assert code == 0, err[-3000:]
+    assert calls == [2, 2]
+    assert json.loads((out / 'summary.json').read_text())['steps'] == 2
+    assert not (out / 'checkpoints' / 'step_00000003').exists()
