@@ -29,7 +29,7 @@ from vitkd.build import build_losses
 from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
 from vitkd.config import parse_args, to_yaml
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
-from vitkd.hub import push_run_to_hub
+from vitkd.hub import HubPushError, check_push_token, push_run_to_hub
 from vitkd.rundir import RunFinished, release_all
 from vitkd.progress import rounded
 from vitkd.training import NonFiniteGuard
@@ -55,6 +55,8 @@ def train(argv=None) -> int:
     # runs before anything is written: a bad command leaves an existing run dir as it was.
     resume_from = resolve_resume(cfg, log)
     out_dir = runlib.check_output_dir(cfg)
+    if cfg.push_to_hub:
+        _check_push_token(cfg, accelerator)
     r = runlib.build_run(cfg, accelerator, entries)
     methods = ', '.join(f'{name}:{e.weight:g}' for name, e in r.distiller_unwrapped.entries.items()) or 'none'
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
@@ -146,6 +148,21 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
         code = push_run_to_hub(out_dir, cfg.hub_model_id, cfg.hub_private, log)
     accelerator.end_training()
     return code
+
+
+def _check_push_token(cfg, accelerator) -> None:
+    """``--push-to-hub``: the main process (the one that pushes) asks the Hub whether the token may write, before
+    anything is trained; every process raises the same one-line error."""
+    from accelerate.utils import broadcast_object_list
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            check_push_token(cfg.hub_model_id)
+        except HubPushError as e:
+            failure = str(e)
+    failure = broadcast_object_list([failure])[0]
+    if failure is not None:
+        raise HubPushError(failure)
 
 
 def _evaluate_student(r, accelerator) -> dict:

@@ -37,7 +37,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class FakeHub:
     """The Hub API endpoints huggingface_hub uses to create a repo, commit files and download them.
 
-    Repos named ``*fail-once*`` refuse their first commit with 403 (to test the retry path).
+    Repos named ``*fail-once*`` refuse their first commit with 403 (to test the retry path). ``whoami`` accepts the
+    test's token only.
     """
 
     def __init__(self):
@@ -113,7 +114,15 @@ class FakeHub:
                                    headers={'X-Repo-Commit': hub.commits[repo],
                                             'ETag': f'"{hashlib.sha256(data).hexdigest()}"'})
 
-            do_GET = do_HEAD = _resolve
+            def do_GET(self):
+                if self.path.split('?')[0] == '/api/whoami-v2':  # the token check of --push-to-hub
+                    if self.headers.get('Authorization') != f'Bearer {TOKEN}':
+                        return self._reply(401, {'error': 'Invalid credentials in Authorization header'})
+                    return self._reply(200, {'type': 'user', 'name': 'alice',
+                                             'auth': {'accessToken': {'role': 'write'}}})
+                return self._resolve()
+
+            do_HEAD = _resolve
 
         self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
         self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
