@@ -149,18 +149,6 @@ def test_sigterm_while_evaluating_the_last_step_resumes_without_an_extra_step(da
 
 # ---- the Hub failing: 500, no answer, a dropped connection ---------------------------------------------------------
 
-# Runs a script with huggingface_hub's retry pacing shortened (its second try of a download waits 60 s per request
-# and its back-off sleeps 1 + 2 + 4 + 8 + 8 s): the same retries, without the waiting.
-FAST_RETRIES = '''
-import runpy, sys, time, types
-import huggingface_hub.file_download as file_download
-import huggingface_hub.utils._http as http
-file_download._ETAG_RETRY_TIMEOUT = 1
-http.time = types.SimpleNamespace(sleep=lambda seconds: None, time=time.time, monotonic=time.monotonic)
-sys.argv = sys.argv[1:]
-sys.path.insert(0, str(__import__('pathlib').Path(sys.argv[0]).resolve().parents[1]))
-runpy.run_path(sys.argv[0], run_name='__main__')
-'''
 FAULTS = {'500': 'answered HTTP 500 Internal Server Error', 'hang': 'timed out',
           'drop': 'closed the connection without a complete answer'}
 
@@ -173,33 +161,53 @@ def hub():
     server.close()
 
 
-def _hub_run(hub, tmp_path, args, token=True):
-    from test_export_hub import TOKEN, hub_env
-    import subprocess
+@pytest.fixture
+def online(hub, tmp_path, monkeypatch):
+    """huggingface_hub in this process pointed at the local Hub (with the test's token), online, with its own cache,
+    1-second timeouts and its retry pacing shortened: its second try of a download waits 60 s per request and its
+    back-off sleeps 1 + 2 + 4 + 8 + 8 s; the same retries run, without the waiting."""
+    import huggingface_hub.file_download as file_download
+    import huggingface_hub.utils._http as http
+    import time
+    import types
+    from huggingface_hub import constants
+    from test_export_hub import TOKEN
+    for name, value in dict(ENDPOINT=hub.url, HUGGINGFACE_CO_URL_TEMPLATE=hub.url + '/{repo_id}/resolve/{revision}/{filename}',
+                            HF_HUB_OFFLINE=False, HF_HUB_CACHE=str(tmp_path / 'hub_cache'),
+                            HF_TOKEN_PATH=str(tmp_path / 'no_token'), HF_HUB_DOWNLOAD_TIMEOUT=1,
+                            HF_HUB_ETAG_TIMEOUT=1).items():
+        monkeypatch.setattr(constants, name, value)
+    monkeypatch.setattr(file_download, '_ETAG_RETRY_TIMEOUT', 1)
+    monkeypatch.setattr(http, 'time', types.SimpleNamespace(sleep=lambda seconds: None, time=time.time,
+                                                            monotonic=time.monotonic))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '0')
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    yield monkeypatch
+    hub.faults, hub.read_only = {}, False
+
+
+def push_script(args, capsys) -> tuple[int, str, str]:
+    """``python scripts/push_to_hub.py ARGS``, in this process."""
+    import runpy
     import sys
-    env = dict(hub_env(hub, tmp_path / 'hf_home'), HF_HUB_ETAG_TIMEOUT='1', HF_HUB_DOWNLOAD_TIMEOUT='1')
-    if token is not True:
-        env.pop('HF_TOKEN')
-        if token:
-            env['HF_TOKEN'] = token
-    wrapper = tmp_path / 'fast_retries.py'
-    wrapper.write_text(FAST_RETRIES)
-    assert env.get('HF_TOKEN', TOKEN) == TOKEN or token is not True
-    return subprocess.run([sys.executable, str(wrapper), *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, 'argv', ['scripts/push_to_hub.py', *map(str, args)])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(REPO / 'scripts' / 'push_to_hub.py'), run_name='__main__')
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize('mode', list(FAULTS))
-def test_a_failing_hub_while_downloading_the_teacher_is_one_line_saying_what_happened(mode, hub, data, tmp_path):
+def test_a_failing_hub_while_downloading_the_teacher_is_one_line_saying_what_happened(mode, hub, online, data, tmp_path,
+                                                                                       capsys):
     out = tmp_path / 'run'
     hub.faults = {r'^/org/teacher-' + mode: mode}
-    try:
-        result = _hub_run(hub, tmp_path, ['main.py', *_with(base_args(data, out), '--teacher',
-                                                             f'hf-hub:org/teacher-{mode}'), '--teacher-pretrained'])
-    finally:
-        hub.faults = {}
-    line = error_line(result.stderr)
-    assert result.returncode == 4, result.stderr[-3000:]
+    code, _, err = run([*_with(base_args(data, out), '--teacher', f'hf-hub:org/teacher-{mode}'),
+                        '--teacher-pretrained'], capsys)
+    line = error_line(err)
+    assert code == 4, err[-3000:]
     assert FAULTS[mode] in line and f'hf-hub:org/teacher-{mode}' in line and hub.url in line, line
     assert 'cannot be reached' not in line and 'rerun the same command' in line
     assert any(f.startswith(mode) for f in hub.faulted)
@@ -214,46 +222,53 @@ def finished_export(data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize('mode', list(FAULTS))
-def test_a_failing_hub_while_pushing_keeps_the_export_and_its_retry_command_works(mode, hub, finished_export,
-                                                                                  tmp_path):
+def test_a_failing_hub_while_pushing_keeps_the_export_and_its_retry_command_works(mode, hub, online, finished_export,
+                                                                                  capsys):
     import shlex
     out = finished_export
     repo = f'org/push-{mode}'
     before = {p.name: p.read_bytes() for p in (out / 'student').iterdir() if p.name != 'README.md'}
     hub.faults = {f'^/api/models/{repo}/': mode}
-    try:
-        result = _hub_run(hub, tmp_path, ['scripts/push_to_hub.py', out, '--hub-model-id', repo])
-    finally:
-        hub.faults = {}
-    line = error_line(result.stderr)
-    assert result.returncode == 4 and FAULTS[mode] in line and 'export is intact' in line, result.stderr[-3000:]
+    code, _, err = push_script([out, '--hub-model-id', repo], capsys)
+    hub.faults = {}
+    line = error_line(err)
+    assert code == 4 and FAULTS[mode] in line and 'export is intact' in line, err[-3000:]
     if mode == 'hang':
         assert 'after 1 s; HF_HUB_DOWNLOAD_TIMEOUT' in line
     assert {p.name: p.read_bytes() for p in (out / 'student').iterdir() if p.name != 'README.md'} == before
     assert 'model.safetensors' not in hub.repos.get(repo, {})
     retry = shlex.split(line.split('retry with: ', 1)[1])
     assert retry[:2] == ['python', 'scripts/push_to_hub.py']
-    result = _hub_run(hub, tmp_path, retry[1:])
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = push_script(retry[2:], capsys)
+    assert code == 0, err[-3000:]
     assert hub.repos[repo]['model.safetensors'] == before['model.safetensors']
 
 
-@pytest.mark.parametrize('case', ['missing', 'invalid', 'read-only', 'hub 500'])
-def test_push_to_hub_with_a_bad_token_is_refused_before_training(case, hub, data, tmp_path):
+def test_a_failed_push_at_the_end_of_training_keeps_the_run_and_prints_the_retry(hub, online, data, tmp_path, capsys):
     out = tmp_path / 'run'
-    token = {'missing': None, 'invalid': 'hf_notTheRightToken', 'read-only': True, 'hub 500': True}[case]
+    hub.faults = {'^/api/models/org/end-500/': '500'}
+    code, _, err = run(base_args(data, out) + ['--push-to-hub', '--hub-model-id', 'org/end-500'], capsys)
+    line = error_line(err)
+    assert code == 4 and FAULTS['500'] in line, err[-3000:]
+    assert f'retry with: python scripts/push_to_hub.py {out} --hub-model-id org/end-500' in line
+    assert (out / 'student' / 'model.safetensors').is_file() and (out / 'summary.json').is_file()
+
+
+@pytest.mark.parametrize('case', ['missing', 'invalid', 'read-only', 'hub 500'])
+def test_push_to_hub_with_a_bad_token_is_refused_before_training(case, hub, online, data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    if case == 'missing':
+        online.delenv('HF_TOKEN')
+    elif case == 'invalid':
+        online.setenv('HF_TOKEN', 'hf_notTheRightToken')
     hub.faults = {'^/api/whoami': '500'} if case == 'hub 500' else {}
     hub.read_only = case == 'read-only'
-    try:
-        result = _hub_run(hub, tmp_path, ['main.py', *base_args(data, out), '--push-to-hub', '--hub-model-id',
-                                          'org/token'], token=token)
-    finally:
-        hub.faults, hub.read_only = {}, False
-    line = error_line(result.stderr)
+    code, stdout, err = run(base_args(data, out) + ['--push-to-hub', '--hub-model-id', 'org/token'], capsys)
+    line = error_line(err)
     expected = {'missing': 'no Hugging Face token', 'invalid': 'refused the token (HTTP 401',
                 'read-only': 'is read-only', 'hub 500': 'checking the token failed: the Hub'}[case]
-    assert result.returncode == 4 and expected in line and 'nothing was trained or written' in line, line
+    assert code == 4 and expected in line and 'nothing was trained or written' in line, line
     assert 'scripts/push_to_hub.py <run dir> --hub-model-id org/token' in line
     if case == 'hub 500':
         assert FAULTS['500'] in line
-    assert not out.exists() and 'epoch' not in result.stdout
+    assert not out.exists() and 'epoch' not in stdout
