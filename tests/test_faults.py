@@ -272,3 +272,37 @@ def test_push_to_hub_with_a_bad_token_is_refused_before_training(case, hub, onli
     if case == 'hub 500':
         assert FAULTS['500'] in line
     assert not out.exists() and 'epoch' not in stdout
+
+
+# ---- a full disk in the middle of a checkpoint ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('writer,step', [('export_model', 6), ('_save_safetensors', 6), ('_copy_tree_linked', 4)])
+def test_a_full_disk_mid_save_leaves_no_tmp_folder_and_the_previous_checkpoint_intact(writer, step, data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """One writer of checkpoint ``step`` (its student export, its EMA weights, its copy into best/) writes half a
+    file, then fails with ENOSPC: no ``*.tmp`` folder stays, the checkpoint before is byte-identical and complete,
+    and the run goes on to its last checkpoint."""
+    import vitkd.checkpoint as ck
+    out = tmp_path / 'run'
+    real = getattr(ck, writer)
+    name, previous = f'step_{step:08d}', out / 'checkpoints' / f'step_{step - 2:08d}'
+    seen = {}
+
+    def full_disk(*args, **kwargs):
+        if 'failed' not in seen and any(name in str(a) for a in args):
+            seen['failed'] = True
+            seen['previous'] = snapshot(previous)
+            folder = Path(args[1]) if writer != '_save_safetensors' else Path(args[1]).parent  # what it writes into
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / 'half-written').write_bytes(b'x' * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ck, writer, full_disk)
+    args = base_args(data, out, epochs=2) + ['--save-every-steps', '2', '--keep-last', '10', '--model-ema',
+                                             '--model-ema-decay', '0.9']
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err[-3000:]
+    assert seen.get('failed') and 'No space left on device' in stdout, stdout[-3000:]
+    assert not list((out / 'checkpoints').glob('*.tmp')) and not list((out / 'checkpoints').rglob('half-written'))
+    assert snapshot(previous) == seen['previous'] and ck.checkpoint_problem(previous) is None
+    assert ck.checkpoint_problem(out / 'checkpoints' / 'step_00000008') is None  # the run went on
