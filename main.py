@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 # OpenMP threads that spin while waiting make every step ~10x slower on oversubscribed CPUs (measured here).
@@ -22,6 +23,7 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
 
 from engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
 from vitkd import run as runlib
@@ -226,21 +228,46 @@ def _is_main_process() -> bool:
     return os.environ.get('RANK', '0') == '0'
 
 
-def _settle(timeout_s: float = 10.0) -> None:
-    """On N processes, let the main process print its line before any process exits: the launcher stops the whole job
-    as soon as one process ends, so a process that failed first would otherwise cut the main process's message off.
-    A barrier with a timeout (gloo; the main process reaches it after printing), else a short grace period."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _job_store(timeout_s: float):
+    """A client of the launcher's key-value store (torchrun's rendezvous TCPStore at ``MASTER_ADDR:MASTER_PORT``),
+    under a prefix of this job and restart; None for a single process or when there is no store to reach."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or not os.environ.get('MASTER_PORT'):
+        return None
+    try:
+        store = dist.TCPStore(os.environ.get('MASTER_ADDR', '127.0.0.1'), int(os.environ['MASTER_PORT']),
+                              is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError):  # DistStoreError is a RuntimeError
+        return None
+    job = f'vitkd/{os.environ.get("TORCHELASTIC_RUN_ID", "")}/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}/'
+    return dist.PrefixStore(job, store)
+
+
+def _report_failure(line: str, timeout_s: float = 10.0) -> None:
+    """Print a failure's line once per job, whichever process failed.
+
+    A process that fails alone leaves the others waiting in a collective (a gradient all-reduce, a barrier), and only
+    it knows why: so on N processes the first process to fail prints its line, whatever its rank, and marks it done in
+    the launcher's store. A process that fails after it (every process, for a bad option) prints nothing and waits up
+    to ``timeout_s`` for that line to be out before it exits, since the launcher stops the whole job as soon as one
+    process ends. The processes still waiting in a collective are then stopped by the launcher (SIGTERM, then
+    SIGKILL after its grace period), not by the collective's 30-minute timeout. Without a store to reach, the main
+    process prints.
+    """
+    store = _job_store(timeout_s)
+    if store is None:
+        if _is_main_process():
+            print(line, file=sys.stderr, flush=True)
         return
     try:
-        if dist.get_backend() == 'gloo':
-            import datetime
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-        elif not _is_main_process():
-            time.sleep(2.0)
-    except RuntimeError:  # a process is already gone or never comes: exit with our own code anyway
-        pass
+        first = store.add('failed', 1) == 1
+        if first:
+            print(line, file=sys.stderr, flush=True)
+            store.set('printed', '1')
+        else:
+            store.wait(['printed'])
+    except RuntimeError:  # the store went away (the launcher is stopping the job): exit with our own code anyway
+        if _is_main_process():
+            print(line, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -252,7 +279,7 @@ def main(argv=None) -> int:
     failure; 5 unreadable data; 6 an I/O failure or an unusable run dir; 7 out of memory; 70 a bug; 128+N stopped
     by signal N). Tracebacks only with ``--debug`` or ``VITKD_DEBUG=1``. Under ``accelerate launch`` every process
     returns the same code (the checks before the build run on every process, a failed save is agreed on by all)
-    and only the main process prints the line.
+    and the line is printed once, by the first process that failed (:func:`_report_failure`).
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
@@ -267,9 +294,7 @@ def main(argv=None) -> int:
         code, message = _failure(e)
         if _debug_requested(argv):
             traceback.print_exc()
-        if _is_main_process():
-            print(f'error: {message}', file=sys.stderr, flush=True)
-        _settle()
+        _report_failure(f'error: {message}')
         return code
     finally:
         release_all()  # the run dir's lock (vitkd/rundir.py), however the command ended

@@ -306,3 +306,45 @@ def test_a_full_disk_mid_save_leaves_no_tmp_folder_and_the_previous_checkpoint_i
     assert not list((out / 'checkpoints').glob('*.tmp')) and not list((out / 'checkpoints').rglob('half-written'))
     assert snapshot(previous) == seen['previous'] and ck.checkpoint_problem(previous) is None
     assert ck.checkpoint_problem(out / 'checkpoints' / 'step_00000008') is None  # the run went on
+
+
+# ---- one process of two failing ------------------------------------------------------------------------------------
+
+ONE_RANK_FAILS = '''
+import os, sys
+sys.path.insert(0, os.environ['VITKD_REPO'])
+import torch
+import main
+import vitkd.distiller as distiller
+RANK, KIND = sys.argv.pop(1), sys.argv.pop(1)
+real = distiller.Distiller.forward
+calls = []
+def forward(self, *args, **kwargs):  # the second training step of one process fails
+    calls.append(1)
+    if os.environ.get('RANK') == RANK and len(calls) == 2:
+        if KIND == 'oom':
+            raise torch.OutOfMemoryError('injected: tried to allocate 64.00 GiB')
+        raise RuntimeError('injected failure')
+    return real(self, *args, **kwargs)
+distiller.Distiller.forward = forward
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.ci_once
+@pytest.mark.parametrize('rank,kind,code,shown', [('1', 'error', 70, 'internal error (RuntimeError: injected failure)'),
+                                                  ('0', 'oom', 7, 'out of memory (injected: tried to allocate')])
+def test_one_process_failing_ends_the_job_with_its_line_once_and_its_code(rank, kind, code, shown, data, tmp_path):
+    """The other process waits in the gradient all-reduce of that step: the job still ends (the subprocess timeout
+    bounds it far below the collective's 30-minute timeout), the failure's line is printed once, by the process that
+    failed, and the launcher names that process's exit code as the root cause."""
+    from test_failures import _launch
+    script = tmp_path / 'one_rank_fails.py'
+    script.write_text(ONE_RANK_FAILS)
+    result = _launch([rank, kind, *base_args(data, tmp_path / 'run', epochs=2), '--batch-size', '2'], tmp_path, script)
+    lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1 and shown in lines[0], result.stderr[-4000:]
+    root = result.stderr.split('Root Cause', 1)[1]
+    assert f'rank      : {rank} ' in root and f'exitcode  : {code} ' in root, result.stderr[-3000:]
+    assert 'main.py", line' not in result.stderr and 'vitkd/' not in result.stderr
