@@ -348,3 +348,45 @@ def test_one_process_failing_ends_the_job_with_its_line_once_and_its_code(rank, 
     root = result.stderr.split('Root Cause', 1)[1]
     assert f'rank      : {rank} ' in root and f'exitcode  : {code} ' in root, result.stderr[-3000:]
     assert 'main.py", line' not in result.stderr and 'vitkd/' not in result.stderr
+
+
+# ---- a teacher whose weights do not fit its architecture -----------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def teacher_folder(tmp_path_factory) -> Path:
+    """A 4-class regnety_002 in timm's save_for_hf format."""
+    import timm
+    from timm.models import save_for_hf
+    folder = tmp_path_factory.mktemp('teacher') / 'regnety_002'
+    save_for_hf(timm.create_model('regnety_002', num_classes=4), folder, safe_serialization=True)
+    return folder
+
+
+def _other_config(folder: Path, tmp_path: Path, how: str) -> list:
+    """Teacher arguments whose weights are regnety_002's and whose architecture is another one."""
+    import timm
+    from timm.models import save_for_hf
+    if how == 'bare file, another --teacher-arch':
+        return ['--teacher', folder / 'model.safetensors', '--teacher-arch', 'regnety_004']
+    copy = shutil.copytree(folder, tmp_path / 'teacher')
+    if how == 'config names another timm model':
+        config = json.loads((copy / 'config.json').read_text())
+        config['architecture'] = 'regnety_004'
+        (copy / 'config.json').write_text(json.dumps(config))
+    else:  # the whole config.json of another model
+        other = tmp_path / 'resnet'
+        save_for_hf(timm.create_model('resnet10t', num_classes=4), other, safe_serialization=True)
+        shutil.copy(other / 'config.json', copy / 'config.json')
+    return ['--teacher', copy]
+
+
+@pytest.mark.parametrize('how', ['config names another timm model', 'config.json of another model',
+                                 'bare file, another --teacher-arch'])
+def test_teacher_weights_that_do_not_fit_their_architecture_are_one_line_exit_2(how, teacher_folder, previous, data,
+                                                                               tmp_path, capsys):
+    before = snapshot(previous)
+    args = base_args(data, previous) + _other_config(teacher_folder, tmp_path, how)  # the last --teacher counts
+    code, _, err = run(args + ['--teacher-pretrained', '--overwrite'], capsys)
+    line = error_line(err)
+    assert code == 2 and 'do not fit the architecture' in line and ('missing keys' in line or 'shape' in line), line
+    assert snapshot(previous) == before
