@@ -6,6 +6,8 @@ random regnety_002 teacher). A refused command must be one ``error:`` line with 
 run dir byte-identical (its files hashed before and after).
 """
 import errno
+import logging
+import re
 import json
 import os
 import shutil
@@ -390,3 +392,115 @@ def test_teacher_weights_that_do_not_fit_their_architecture_are_one_line_exit_2(
     line = error_line(err)
     assert code == 2 and 'do not fit the architecture' in line and ('missing keys' in line or 'shape' in line), line
     assert snapshot(previous) == before
+
+
+# ---- data that is not clean ----------------------------------------------------------------------------------------
+
+def _nan_tiff(path: Path, bad=float('nan')) -> Path:
+    pixels = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    pixels[5, 7] = bad
+    Image.fromarray(pixels, mode='F').save(path)
+    return path
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_a_float_image_with_nan_or_inf_pixels_is_unreadable_not_guessed(bad, tmp_path):
+    from vitkd.data import CorruptImage, load_image
+    path = _nan_tiff(tmp_path / 'x.tiff', bad)
+    assert Image.open(path).mode == 'F' and not np.isfinite(np.asarray(Image.open(path))).all()  # control
+    with pytest.raises(CorruptImage, match=r'1 of its 1024 float pixels are NaN or infinite'):
+        load_image(str(path))
+    clean = _nan_tiff(tmp_path / 'clean.tiff', 0.5)
+    assert np.asarray(load_image(str(clean)))[5, 7, 0] == round(0.5 * 255)  # the same image without it reads
+
+
+def test_nan_images_stray_files_and_empty_classes_in_a_training_run(data, tmp_path, caplog, capsys):
+    """A run on a folder with a NaN TIFF, a notes file, a CSV and an empty class folder: the TIFF is skipped and
+    counted in the epoch's warning, the two stray files are counted and named once, the empty class is reported."""
+    folder = shutil.copytree(data, tmp_path / 'data')
+    _nan_tiff(folder / 'train' / 'class1' / 'scan.tiff')
+    (folder / 'train' / 'class0' / 'notes.txt').write_text('labelled by hand')
+    (folder / 'train' / 'class2' / 'labels.csv').write_text('a,b\n')
+    for split in ('train', 'val'):
+        (folder / split / 'class9').mkdir()
+    with caplog.at_level(logging.WARNING, logger='vitkd.data'):
+        code, stdout, err = run(_with(base_args(data, tmp_path / 'run'), '--data-path', folder), capsys)
+    assert code == 0, err[-3000:]
+    strays = [r.getMessage() for r in caplog.records if 'not images by their extension' in r.getMessage()]
+    assert len(strays) == 1 and 'ignored 2 file(s)' in strays[0], strays
+    assert 'class0/notes.txt' in strays[0] and 'class2/labels.csv' in strays[0]
+    skipped = [r.getMessage() for r in caplog.records if 'skipping unreadable image' in r.getMessage()]
+    assert skipped and all('scan.tiff' in m and 'NaN or infinite' in m for m in skipped)
+    assert re.search(r'warning: epoch 0: .*1 unreadable', stdout), stdout[-2000:]
+    assert any('hold no images: class9' in r.getMessage() for r in caplog.records)
+
+
+def test_unicode_class_names_are_kept_exactly_in_the_exports_label_names(tmp_path, capsys):
+    import unicodedata
+    names = ['猫', 'собака', unicodedata.normalize('NFD', 'café'), 'Ελληνικά', 'קוף', 'ab cd']
+    root = tmp_path / 'data'
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 2), ('val', 1)):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f'{i}.png')
+    out = tmp_path / 'run'
+    code, _, err = run(_with(base_args(root, out), '--data-path', root), capsys)
+    assert code == 0, err[-3000:]
+    exported = json.loads((out / 'student' / 'config.json').read_text(encoding='utf-8'))['label_names']
+    assert exported == sorted(names) and exported[sorted(names).index(names[2])].encode() == names[2].encode()
+
+
+@pytest.fixture(scope='module')
+def hf_rows():
+    datasets = pytest.importorskip('datasets')
+    rng = np.random.default_rng(1)
+
+    def png(i):
+        import io
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format='PNG')
+        return buf.getvalue()
+    import io
+    tiff = io.BytesIO()
+    pixels = np.full((32, 32), 0.25, np.float32)
+    pixels[0, 0] = float('nan')
+    Image.fromarray(pixels, mode='F').save(tiff, format='TIFF')
+    images = [{'bytes': png(i), 'path': None} for i in range(8)]
+    images[2] = None                                               # an empty cell
+    images[4] = {'bytes': tiff.getvalue(), 'path': None}          # float pixels with a NaN
+    images[6] = {'bytes': png(6)[:40], 'path': None}               # a truncated PNG
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=['a', 'b'])})
+    return datasets, datasets.Dataset.from_dict({'image': images, 'label': [i % 2 for i in range(8)]},
+                                                features=features)
+
+
+def test_parquet_rows_that_fail_to_decode_are_skipped_and_counted(hf_rows, tmp_path):
+    from vitkd.data import IndexedDataset, build_datasets
+    from vitkd.errors import DataFailure
+    from vitkd.hf_data import HFOptions
+    datasets, rows = hf_rows
+    (tmp_path / 'data').mkdir()
+    for split in ('train', 'validation'):
+        rows.to_parquet(str(tmp_path / 'data' / f'{split}-00000-of-00001.parquet'))
+    train, val = build_datasets('hf', str(tmp_path / 'data'), np.asarray, np.asarray, hf=HFOptions())
+    got = [train[i][2] for i in range(len(train))]
+    assert train.num_corrupt == 3 and [int(i) for i in train.corrupt.nonzero()] == [2, 4, 6]
+    assert got == [0, 1, 3, 3, 5, 5, 7, 7]  # each bad row is replaced by the next readable one
+    assert [val[i][1] for i in range(8)] == [0, 1, -1, 1, -1, 1, -1, 1]  # left out of the metrics
+    for row in (2, 4, 6):
+        with pytest.raises(DataFailure, match=rf'unreadable image .* row {row} '):
+            IndexedDataset(train.dataset, skip_corrupt=False)[row]
+
+
+def test_a_missing_label_or_image_column_is_named_with_the_columns_present(hf_rows, tmp_path):
+    from vitkd.hf_data import HFDataError, load_hf_splits
+    datasets, rows = hf_rows
+    for drop, option in (('label', '--hf-label-column'), ('image', '--hf-image-column')):
+        kept = rows.remove_columns(drop).add_column('note', ['x'] * len(rows))
+        datasets.DatasetDict(train=kept, validation=kept).save_to_disk(str(tmp_path / drop))
+        with pytest.raises(HFDataError) as e:
+            load_hf_splits(str(tmp_path / drop))
+        assert option in str(e.value) and f'its columns are {"image" if drop == "label" else "label"}, note' in str(
+            e.value), e.value
