@@ -216,6 +216,26 @@ def test_a_failing_hub_while_downloading_the_teacher_is_one_line_saying_what_hap
     assert not out.exists()  # the teacher is built before anything is written
 
 
+@pytest.mark.parametrize('mode', ['500', 'drop'])
+def test_a_failing_hub_while_downloading_a_student_or_a_data_set_is_one_line(mode, hub, online, data, tmp_path,
+                                                                             capsys):
+    hub.faults = {f'^/(api/)?(datasets/)?org/(student|data)-{mode}': mode}
+    code, _, err = run(['--eval-student', '--student-ckpt', f'hf-hub:org/student-{mode}', '--data-path', data,
+                        '--num-workers', '0', '--output-dir', tmp_path / 'eval'], capsys)
+    line = error_line(err)
+    assert code == 4 and FAULTS[mode] in line and f'hf-hub:org/student-{mode}' in line, line
+    pytest.importorskip('datasets')
+    import datasets
+    online.setattr(datasets.config, 'HF_ENDPOINT', hub.url)
+    online.setattr(datasets.config, 'HF_HUB_OFFLINE', False)
+    online.setattr(datasets.config, 'HF_DATASETS_OFFLINE', False)
+    online.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'datasets_cache')
+    code, _, err = run(_with(base_args(data, tmp_path / 'run'), '--data-path', f'hf-hub:org/data-{mode}'), capsys)
+    line = error_line(err)
+    assert code == 4 and FAULTS[mode] in line and f'hf-hub:org/data-{mode}' in line, line
+    assert not (tmp_path / 'run').exists()
+
+
 @pytest.fixture(scope='module')
 def finished_export(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('export') / 'run'

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from .config import Config, ConfigError
 from .data import train_set_fingerprint
-from .errors import SaveError
+from .errors import HubError, SaveError, server_failure
 
 __all__ = ['CheckpointError', 'SaveError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint',
            'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict',
@@ -342,18 +342,24 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
     """
     if spec.startswith('hf-hub:'):
         repo = spec[len('hf-hub:'):]
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
         try:
             files = [hf_hub_download(repo, name) for name in ('config.json', MODEL_FILE)]
-        except LocalEntryNotFoundError:
+        except Exception as e:  # noqa: BLE001 - a Hub that failed is said as such; a refusal or cache miss below
+            failure = server_failure(e)
+            if failure is not None:
+                raise HubError(f'{spec}: downloading it failed: the Hub ({constants.ENDPOINT}) {failure}; rerun the '
+                               'same command later') from None
+            if not isinstance(e, (LocalEntryNotFoundError, HfHubHTTPError)):
+                raise
+            if isinstance(e, HfHubHTTPError):
+                raise CheckpointError(f'{spec}: {str(e).splitlines()[0]}') from None
             offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no')
             why = 'HF_HUB_OFFLINE is set (offline mode)' if offline else 'the Hub cannot be reached (no network)'
             raise CheckpointError(f'{spec}: not in the local Hub cache and {why}; fix: run `hf download {repo}` once '
                                   'on a machine online with the same HF_HOME (or unset HF_HUB_OFFLINE), or pass the '
                                   'exported folder') from None
-        except HfHubHTTPError as e:
-            raise CheckpointError(f'{spec}: {str(e).splitlines()[0]}') from None
         model, pcfg = _load_export_folder(Path(files[0]).parent, spec)
         return model.eval(), pcfg, spec
     path = Path(spec).expanduser()

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .data import CorruptImage, to_rgb
-from .errors import UsageError
+from .errors import HubError, UsageError, server_failure
 
 __all__ = ['HF_PREFIX', 'HFOptions', 'HFImageDataset', 'HFDataError', 'load_hf_splits', 'is_hf_path']
 
@@ -79,9 +79,17 @@ def _offline() -> bool:
 
 def _load_hub(repo_id: str):
     import datasets
+    from huggingface_hub import constants
     try:
         return datasets.load_dataset(repo_id)
-    except (ConnectionError, FileNotFoundError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a Hub that failed is said as such; other errors are sorted below
+        failure = None if _offline() else server_failure(e)
+        if failure is not None:
+            raise HubError(f'--data-path {HF_PREFIX}{repo_id}: downloading it failed: the Hub ({constants.ENDPOINT}) '
+                           f'{failure}; rerun the same command later (what was downloaded stays in the cache)') \
+                from None
+        if not isinstance(e, (ConnectionError, FileNotFoundError, ValueError)):
+            raise
         # offline and uncached: ConnectionError (OfflineModeIsEnabled) or the cache factory's FileNotFoundError
         if _offline():
             raise HFDataError(
