@@ -89,8 +89,8 @@ def _changed_copy(data: Path, where: Path, change: str) -> Path:
     return copy
 
 
-@pytest.mark.parametrize('change,shown', [('added', '16 → 17 images, 1 images added'),
-                                          ('removed', '16 → 15 images, 1 images removed'),
+@pytest.mark.parametrize('change,shown', [('added', '16 → 17 images, 1 image added'),
+                                          ('removed', '16 → 15 images, 1 image removed'),
                                           ('renamed', 'the same number of images, other files'),
                                           ('class added', 'trained on 4 classes and the data now has 5 (4 → 5)')])
 def test_resuming_on_a_changed_training_set_is_refused(change, shown, previous, data, tmp_path, capsys):
@@ -174,7 +174,8 @@ def online(hub, tmp_path, monkeypatch):
     import types
     from huggingface_hub import constants
     from test_export_hub import TOKEN
-    for name, value in dict(ENDPOINT=hub.url, HUGGINGFACE_CO_URL_TEMPLATE=hub.url + '/{repo_id}/resolve/{revision}/{filename}',
+    for name, value in dict(ENDPOINT=hub.url,
+                            HUGGINGFACE_CO_URL_TEMPLATE=hub.url + '/{repo_id}/resolve/{revision}/{filename}',
                             HF_HUB_OFFLINE=False, HF_HUB_CACHE=str(tmp_path / 'hub_cache'),
                             HF_TOKEN_PATH=str(tmp_path / 'no_token'), HF_HUB_DOWNLOAD_TIMEOUT=1,
                             HF_HUB_ETAG_TIMEOUT=1).items():
@@ -464,7 +465,8 @@ def test_unicode_class_names_are_kept_exactly_in_the_exports_label_names(tmp_pat
         for name in names:
             (root / split / name).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f'{i}.png')
+                pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f'{i}.png')
     out = tmp_path / 'run'
     code, _, err = run(_with(base_args(root, out), '--data-path', root), capsys)
     assert code == 0, err[-3000:]

@@ -74,7 +74,7 @@ _RUN_ONLY_OPTIONS = {'resume', 'overwrite', 'output_dir', 'time_limit', 'max_ste
 # compared by what the data holds (``trainer_state.json``'s ``data``), not by the path it is read from.
 _RUN_IDENTITY = {'distill': '--distill', 'teacher': '--teacher', 'teacher_arch': '--teacher-arch',
                  'teacher_kwargs': '--teacher-kwargs', 'student': '--student', 'student_kwargs': '--student-kwargs',
-                 'dataset': '--dataset', 'num_classes': '--num-classes'}
+                 'dataset': '--dataset'}
 
 # Budget options a resume may raise to train further: the run goes on and says so.
 _BUDGET_OPTIONS = {'epochs': '--epochs', 'max_steps': '--max-steps', 'time_limit': '--time-limit'}
@@ -490,7 +490,6 @@ def resolve_resume(cfg: Config, log=print) -> Optional[Path]:
             if problem is None:
                 if skipped:
                     log(f'--resume auto: skipped {"; ".join(skipped)}; resuming from {ckpt}')
-                check_same_run(cfg, ckpt)
                 return ckpt
             skipped.append(f'{ckpt.name} ({problem})')
         if skipped:
@@ -508,7 +507,6 @@ def resolve_resume(cfg: Config, log=print) -> Optional[Path]:
         raise CheckpointError(f'--resume {cfg.resume}: cannot resume from {ckpt}: {problem}')
     if cfg.output_dir is None:
         cfg.output_dir = str(ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent)
-    check_same_run(cfg, ckpt)
     return ckpt
 
 
@@ -529,7 +527,8 @@ def _same_value(old: Any, new: Any) -> bool:
 
 
 def check_same_run(cfg: Config, ckpt: Path) -> None:
-    """Refuse to resume ``ckpt`` with another method, teacher, student, data set kind or class count.
+    """Refuse to resume ``ckpt`` with another method, teacher, student or data set kind (see :func:`check_same_data`
+    for the data itself).
 
     Raises:
         CheckpointError: one line naming the first setting that differs (old → new) and how to start a fresh run.
@@ -565,12 +564,12 @@ def check_same_data(saved: dict, current: dict, ckpt: Path) -> None:
         current: the same record of this command's data.
     """
     if saved.get('num_classes') is not None and saved['num_classes'] != current.get('num_classes'):
-        raise CheckpointError(f'--resume: {ckpt} was trained on {saved["num_classes"]} classes and the data now has '
-                              f'{current.get("num_classes")} ({saved["num_classes"]} → {current.get("num_classes")}); '
-                              f'resume on the run\'s own data, or {_fresh_run_hint(ckpt)}')
+        old, new = saved['num_classes'], current.get('num_classes')
+        raise CheckpointError(f'--resume: {ckpt} was trained on {old} classes and the data now has {new} ({old} → '
+                              f'{new}); resume on the run\'s own data, or {_fresh_run_hint(ckpt)}')
     if saved.get('sha256') and current.get('sha256') and saved['sha256'] != current['sha256']:
         added = current.get('samples', 0) - saved.get('samples', 0)
-        what = (f'{abs(added)} images {"added" if added > 0 else "removed"}' if added else
+        what = (f'{abs(added)} image{"s" if abs(added) > 1 else ""} {"added" if added > 0 else "removed"}' if added else
                 'the same number of images, other files')
         raise CheckpointError(f'--resume: the training set changed since {ckpt} was saved ({saved.get("samples")} → '
                               f'{current.get("samples")} images, {what}); resuming would train on other data than the '
@@ -729,6 +728,8 @@ class Checkpointer:
                 raise CheckpointError(msg + '; a mid-epoch checkpoint needs the same layout (same number of processes '
                                       'and batch size)')
             _logger.warning('%s: resuming, but not bit-identically', msg)
+        # after the build: a bad value in the command is reported as such first; before anything is written
+        check_same_run(self.cfg, ckpt)
         check_same_data(trainer.get('data') or {}, self.data_record, ckpt)
         changed = {k: (v, getattr(self.cfg, k)) for k, v in trainer.get('config', {}).items()
                    if k not in _RUN_ONLY_OPTIONS and hasattr(self.cfg, k) and _jsonable(getattr(self.cfg, k)) != v}
@@ -758,9 +759,10 @@ class Checkpointer:
         self.best = trainer.get('best')
         self.resumed_from = ckpt
         s = r.state
-        raised = [f'{flag} {_shown(trainer["config"][key])} → {_shown(getattr(self.cfg, key))}'
+        saved_config = trainer.get('config', {})
+        raised = [f'{flag} {_shown(saved_config[key])} → {_shown(getattr(self.cfg, key))}'
                   for key, flag in _BUDGET_OPTIONS.items()
-                  if key in trainer.get('config', {}) and not _same_value(trainer['config'][key], getattr(self.cfg, key))]
+                  if key in saved_config and not _same_value(saved_config[key], getattr(self.cfg, key))]
         acc.print(f'resumed from {ckpt}: epoch {s.epoch}, step {s.step}, batch {s.batches_done}/{len(r.train_loader)}'
                   + (f'; training goes on with {", ".join(raised)}' if raised else ''))
         return trainer

@@ -459,7 +459,8 @@ def _scan_image_folder(directory: str, class_to_idx: dict, extensions) -> list[t
             seen.add(real)
             dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
             visible = [f for f in sorted(files) if not f.startswith('.')]
-            instances += [(os.path.join(root, f), class_to_idx[name]) for f in visible if f.lower().endswith(extensions)]
+            instances += [(os.path.join(root, f), class_to_idx[name]) for f in visible
+                          if f.lower().endswith(extensions)]
             strays += [os.path.relpath(os.path.join(root, f), directory) for f in visible
                        if not f.lower().endswith(extensions)]
     if strays:  # notes, CSVs, archives beside the images: not training data, but the user should know they were left
