@@ -24,6 +24,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import broadcast_object_list
 
 from engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
 from vitkd import run as runlib
@@ -155,7 +156,6 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
 def _check_push_token(cfg, accelerator) -> None:
     """``--push-to-hub``: the main process (the one that pushes) asks the Hub whether the token may write, before
     anything is trained; every process raises the same one-line error."""
-    from accelerate.utils import broadcast_object_list
     failure = None
     if accelerator.is_main_process:
         try:
