@@ -7,10 +7,12 @@ student rebuilt independently from the training checkpoint.
 """
 import base64
 import hashlib
+import io
 import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -37,8 +39,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class FakeHub:
     """The Hub API endpoints huggingface_hub uses to create a repo, commit files and download them.
 
-    Repos named ``*fail-once*`` refuse their first commit with 403 (to test the retry path).
+    Repos named ``*fail-once*`` refuse their first commit with 403 (to test the retry path). ``whoami`` accepts the
+    test's token only. ``faults`` maps a regular expression of request paths to what a failing Hub does with them:
+    ``500`` (an Internal Server Error answer), ``hang`` (no answer until the client gives up; at most
+    ``HANG_S`` s) or ``drop`` (the connection closed without an answer).
     """
+
+    HANG_S = 20
 
     def __init__(self):
         self.repos: dict[str, dict[str, bytes]] = {}
@@ -47,6 +54,10 @@ class FakeHub:
         self.unknown: list[str] = []
         self.failed: set[str] = set()
         self.created: dict[str, dict] = {}
+        self.faults: dict[str, str] = {}
+        self.faulted: list[str] = []
+        self.read_only = False  # whoami: the token may only read
+        self.released = threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,7 +78,24 @@ class FakeHub:
             def _body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get('Content-Length') or 0))
 
+            def _faulted(self) -> bool:
+                mode = next((m for pattern, m in hub.faults.items() if re.search(pattern, self.path)), None)
+                if mode is None:
+                    return False
+                hub.faulted.append(f'{mode} {self.command} {self.path}')
+                if mode == '500':
+                    self._reply(500, {'error': 'Internal Error'})
+                    return True
+                if mode == 'hang':
+                    hub.released.wait(hub.HANG_S)
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.wfile = io.BytesIO()  # nothing more reaches the client
+                return True
+
             def do_POST(self):
+                if self._faulted():
+                    return
                 hub.authorization.append(self.headers.get('Authorization', ''))
                 body = self._body()
                 if self.path == '/api/repos/create':
@@ -101,6 +129,8 @@ class FakeHub:
                 return self._reply(404, {'error': 'unknown endpoint'})
 
             def _resolve(self):
+                if self._faulted():
+                    return
                 m = re.fullmatch(r'/([^/]+/[^/]+)/resolve/([^/]+)/(.+)', self.path.split('?')[0])
                 repo = m and m.group(1)
                 if not m or repo not in hub.repos:
@@ -113,7 +143,17 @@ class FakeHub:
                                    headers={'X-Repo-Commit': hub.commits[repo],
                                             'ETag': f'"{hashlib.sha256(data).hexdigest()}"'})
 
-            do_GET = do_HEAD = _resolve
+            def do_GET(self):
+                if self.path.split('?')[0] == '/api/whoami-v2':  # the token check of --push-to-hub
+                    if self._faulted():
+                        return
+                    if self.headers.get('Authorization') != f'Bearer {TOKEN}':
+                        return self._reply(401, {'error': 'Invalid credentials in Authorization header'})
+                    return self._reply(200, {'type': 'user', 'name': 'alice', 'auth': {
+                        'accessToken': {'role': 'read' if hub.read_only else 'write'}}})
+                return self._resolve()
+
+            do_HEAD = _resolve
 
         self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
         self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
@@ -121,6 +161,7 @@ class FakeHub:
         self.thread.start()
 
     def close(self):
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 

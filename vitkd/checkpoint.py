@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 
 from .config import Config, ConfigError
-from .errors import SaveError
+from .data import train_set_fingerprint
+from .errors import HubError, SaveError, server_failure
 
 __all__ = ['CheckpointError', 'SaveError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint',
            'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict',
@@ -66,6 +67,17 @@ _RUN_ONLY_OPTIONS = {'resume', 'overwrite', 'output_dir', 'time_limit', 'max_ste
                      'eval_every', 'save_every_steps', 'keep_last', 'push_to_hub', 'hub_model_id', 'hub_private',
                      'num_workers', 'eval_teacher', 'eval_student', 'student_ckpt', 'compile_teacher', 'compile_student',
                      'ddp_find_unused', 'log_with'}
+
+
+# Options that say which run a checkpoint belongs to (the flag that sets each): resuming with another value would
+# continue a different run from this one's weights, so it is refused. The training set and the class count are
+# compared by what the data holds (``trainer_state.json``'s ``data``), not by the path it is read from.
+_RUN_IDENTITY = {'distill': '--distill', 'teacher': '--teacher', 'teacher_arch': '--teacher-arch',
+                 'teacher_kwargs': '--teacher-kwargs', 'student': '--student', 'student_kwargs': '--student-kwargs',
+                 'dataset': '--dataset'}
+
+# Budget options a resume may raise to train further: the run goes on and says so.
+_BUDGET_OPTIONS = {'epochs': '--epochs', 'max_steps': '--max-steps', 'time_limit': '--time-limit'}
 
 
 class CheckpointError(ConfigError):
@@ -356,18 +368,24 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
     """
     if spec.startswith('hf-hub:'):
         repo = spec[len('hf-hub:'):]
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
         try:
             files = [hf_hub_download(repo, name) for name in ('config.json', MODEL_FILE)]
-        except LocalEntryNotFoundError:
+        except Exception as e:  # noqa: BLE001 - a Hub that failed is said as such; a refusal or cache miss below
+            failure = server_failure(e)
+            if failure is not None:
+                raise HubError(f'{spec}: downloading it failed: the Hub ({constants.ENDPOINT}) {failure}; rerun the '
+                               'same command later') from None
+            if not isinstance(e, (LocalEntryNotFoundError, HfHubHTTPError)):
+                raise
+            if isinstance(e, HfHubHTTPError):
+                raise CheckpointError(f'{spec}: {str(e).splitlines()[0]}') from None
             offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no')
             why = 'HF_HUB_OFFLINE is set (offline mode)' if offline else 'the Hub cannot be reached (no network)'
             raise CheckpointError(f'{spec}: not in the local Hub cache and {why}; fix: run `hf download {repo}` once '
                                   'on a machine online with the same HF_HOME (or unset HF_HUB_OFFLINE), or pass the '
                                   'exported folder') from None
-        except HfHubHTTPError as e:
-            raise CheckpointError(f'{spec}: {str(e).splitlines()[0]}') from None
         model, pcfg = _load_export_folder(Path(files[0]).parent, spec)
         return model.eval(), pcfg, spec
     path = Path(spec).expanduser()
@@ -500,6 +518,72 @@ def resolve_resume(cfg: Config, log=print) -> Optional[Path]:
     return ckpt
 
 
+def _fresh_run_hint(ckpt: Path) -> str:
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
+    return (f'to train with the new setting, start a fresh run: another --output-dir, or --overwrite without --resume '
+            f'(it moves {run_dir}\'s outputs aside)')
+
+
+def _same_value(old: Any, new: Any) -> bool:
+    """Equal as stored in ``trainer_state.json``; two spellings of one existing path are the same teacher."""
+    old, new = _jsonable(old), _jsonable(new)
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and os.path.exists(old) and os.path.exists(new):
+        return os.path.realpath(old) == os.path.realpath(new)
+    return False
+
+
+def check_same_run(cfg: Config, ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` with another method, teacher, student or data set kind (see :func:`check_same_data`
+    for the data itself).
+
+    Raises:
+        CheckpointError: one line naming the first setting that differs (old → new) and how to start a fresh run.
+    """
+    try:
+        saved = json.loads((Path(ckpt) / STATE_FILE).read_text()).get('config') or {}
+    except (OSError, ValueError, AttributeError):
+        return  # checkpoint_problem has judged the file; a checkpoint without its options has nothing to compare
+    for key, flag in _RUN_IDENTITY.items():
+        if key in saved and hasattr(cfg, key) and not _same_value(saved[key], getattr(cfg, key)):
+            raise CheckpointError(f'--resume: {ckpt} belongs to a run with {flag} {_shown(saved[key])}, this command '
+                                  f'has {flag} {_shown(getattr(cfg, key))} ({_shown(saved[key])} → '
+                                  f'{_shown(getattr(cfg, key))}); resume with the run\'s own setting, or '
+                                  f'{_fresh_run_hint(Path(ckpt))}')
+
+
+def _shown(value: Any) -> str:
+    """An option's value as a user types it: lists space-separated, dicts as key=value, None as none."""
+    if value is None:
+        return 'none'
+    if isinstance(value, dict):
+        return ' '.join(f'{k}={v}' for k, v in value.items()) or '(none)'
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(str, value)) or '(none)'
+    return str(value)
+
+
+def check_same_data(saved: dict, current: dict, ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` on a training set or class count other than the one it was trained on.
+
+    Args:
+        saved: the checkpoint's ``data`` record (``samples``, ``sha256``, ``num_classes``); empty for older ones.
+        current: the same record of this command's data.
+    """
+    if saved.get('num_classes') is not None and saved['num_classes'] != current.get('num_classes'):
+        old, new = saved['num_classes'], current.get('num_classes')
+        raise CheckpointError(f'--resume: {ckpt} was trained on {old} classes and the data now has {new} ({old} → '
+                              f'{new}); resume on the run\'s own data, or {_fresh_run_hint(ckpt)}')
+    if saved.get('sha256') and current.get('sha256') and saved['sha256'] != current['sha256']:
+        added = current.get('samples', 0) - saved.get('samples', 0)
+        what = (f'{abs(added)} image{"s" if abs(added) > 1 else ""} {"added" if added > 0 else "removed"}' if added else
+                'the same number of images, other files')
+        raise CheckpointError(f'--resume: the training set changed since {ckpt} was saved ({saved.get("samples")} → '
+                              f'{current.get("samples")} images, {what}); resuming would train on other data than the '
+                              f'run started with: restore the data set, or {_fresh_run_hint(ckpt)}')
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
 
@@ -528,6 +612,8 @@ class Checkpointer:
         self.signal = PreemptionSignal()
         self.stopping = False
         self.preempted = False
+        # what the training set is (size, file list hash, classes): a resume on other data is refused
+        self.data_record = dict(train_set_fingerprint(run.train_loader.dataset), num_classes=run.spec.num_classes)
         # accelerate saves a DDP model with 'module.' keys; store the unwrapped distiller instead (portable across
         # world sizes, and the student is readable as 'student.*'), and load it back strictly ourselves.
         accelerator.register_save_state_pre_hook(self._save_models_hook)
@@ -551,7 +637,7 @@ class Checkpointer:
         return dict(format=FORMAT, state=r.state.state_dict(), scheduler=_jsonable(r.scheduler.state_dict()),
                     best=self.best, world_size=self.acc.num_processes, batches_per_epoch=len(r.train_loader),
                     global_batch=r.global_batch, has_ema=r.ema is not None, saved_at=time.strftime('%Y-%m-%d %H:%M:%S'),
-                    config=_jsonable(dataclasses.asdict(self.cfg)))
+                    data=self.data_record, config=_jsonable(dataclasses.asdict(self.cfg)))
 
     def save(self, metrics: Optional[dict] = None) -> Optional[Path]:
         """Save the full training state as ``checkpoints/step_<step>`` (atomically), prune, and update ``best``.
@@ -650,6 +736,9 @@ class Checkpointer:
                 raise CheckpointError(msg + '; a mid-epoch checkpoint needs the same layout (same number of processes '
                                       'and batch size)')
             _logger.warning('%s: resuming, but not bit-identically', msg)
+        # after the build: a bad value in the command is reported as such first; before anything is written
+        check_same_run(self.cfg, ckpt)
+        check_same_data(trainer.get('data') or {}, self.data_record, ckpt)
         changed = {k: (v, getattr(self.cfg, k)) for k, v in trainer.get('config', {}).items()
                    if k not in _RUN_ONLY_OPTIONS and hasattr(self.cfg, k) and _jsonable(getattr(self.cfg, k)) != v}
         if changed:
@@ -678,7 +767,12 @@ class Checkpointer:
         self.best = trainer.get('best')
         self.resumed_from = ckpt
         s = r.state
-        acc.print(f'resumed from {ckpt}: epoch {s.epoch}, step {s.step}, batch {s.batches_done}/{len(r.train_loader)}')
+        saved_config = trainer.get('config', {})
+        raised = [f'{flag} {_shown(saved_config[key])} → {_shown(getattr(self.cfg, key))}'
+                  for key, flag in _BUDGET_OPTIONS.items()
+                  if key in saved_config and not _same_value(saved_config[key], getattr(self.cfg, key))]
+        acc.print(f'resumed from {ckpt}: epoch {s.epoch}, step {s.step}, batch {s.batches_done}/{len(r.train_loader)}'
+                  + (f'; training goes on with {", ".join(raised)}' if raised else ''))
         return trainer
 
     # preemption

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import json
 import logging
@@ -20,6 +21,8 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
+from accelerate.utils import broadcast_object_list
 
 from vitkd import run as runlib
 from vitkd.build import build_losses
@@ -27,7 +30,7 @@ from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
 from vitkd.config import list_methods_and_presets, parse_args, to_yaml
 from vitkd.engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
-from vitkd.hub import push_run_to_hub
+from vitkd.hub import HubPushError, check_push_token, push_run_to_hub
 from vitkd.rundir import RunFinished, release_all
 from vitkd.progress import rounded
 from vitkd.training import NonFiniteGuard
@@ -51,6 +54,8 @@ def train(argv=None) -> int:
     # runs before anything is written: a bad command leaves an existing run dir as it was.
     resume_from = resolve_resume(cfg, log)
     out_dir = runlib.check_output_dir(cfg)
+    if cfg.push_to_hub:
+        _check_push_token(cfg, accelerator)
     r = runlib.build_run(cfg, accelerator, entries)
     methods = ', '.join(f'{name}:{e.weight:g}' for name, e in r.distiller_unwrapped.entries.items()) or 'none'
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
@@ -87,7 +92,7 @@ def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | No
     log, state = accelerator.print, r.state
     metrics, train_stats = {}, {}
     with ckpt.signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
-        while state.epoch < cfg.epochs and not state.stop_reason:
+        while state.epoch < cfg.epochs and not state.stop_reason and not state.steps_spent():
             epoch = state.epoch
             train_stats = train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
                                           cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook)
@@ -143,6 +148,20 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
     accelerator.wait_for_everyone()  # every process leaves together: none tears the group down under another
     accelerator.end_training()
     return code
+
+
+def _check_push_token(cfg, accelerator) -> None:
+    """``--push-to-hub``: the main process (the one that pushes) asks the Hub whether the token may write, before
+    anything is trained; every process raises the same one-line error."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            check_push_token(cfg.hub_model_id)
+        except HubPushError as e:
+            failure = str(e)
+    failure = broadcast_object_list([failure])[0]
+    if failure is not None:
+        raise HubPushError(failure)
 
 
 def _evaluate_student(r, accelerator) -> dict:
@@ -206,21 +225,46 @@ def _is_main_process() -> bool:
     return os.environ.get('RANK', '0') == '0'
 
 
-def _settle(timeout_s: float = 10.0) -> None:
-    """On N processes, let the main process print its line before any process exits: the launcher stops the whole job
-    as soon as one process ends, so a process that failed first would otherwise cut the main process's message off.
-    A barrier with a timeout (gloo; the main process reaches it after printing), else a short grace period."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _job_store(timeout_s: float):
+    """A client of the launcher's key-value store (torchrun's rendezvous TCPStore at ``MASTER_ADDR:MASTER_PORT``),
+    under a prefix of this job and restart; None for a single process or when there is no store to reach."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or not os.environ.get('MASTER_PORT'):
+        return None
+    try:
+        store = dist.TCPStore(os.environ.get('MASTER_ADDR', '127.0.0.1'), int(os.environ['MASTER_PORT']),
+                              is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError):  # DistStoreError is a RuntimeError
+        return None
+    job = f'vitkd/{os.environ.get("TORCHELASTIC_RUN_ID", "")}/{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}/'
+    return dist.PrefixStore(job, store)
+
+
+def _report_failure(line: str, timeout_s: float = 10.0) -> None:
+    """Print a failure's line once per job, whichever process failed.
+
+    A process that fails alone leaves the others waiting in a collective (a gradient all-reduce, a barrier), and only
+    it knows why: so on N processes the first process to fail prints its line, whatever its rank, and marks it done in
+    the launcher's store. A process that fails after it (every process, for a bad option) prints nothing and waits up
+    to ``timeout_s`` for that line to be out before it exits, since the launcher stops the whole job as soon as one
+    process ends. The processes still waiting in a collective are then stopped by the launcher (SIGTERM, then
+    SIGKILL after its grace period), not by the collective's 30-minute timeout. Without a store to reach, the main
+    process prints.
+    """
+    store = _job_store(timeout_s)
+    if store is None:
+        if _is_main_process():
+            print(line, file=sys.stderr, flush=True)
         return
     try:
-        if dist.get_backend() == 'gloo':
-            import datetime
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-        elif not _is_main_process():
-            time.sleep(2.0)
-    except RuntimeError:  # a process is already gone or never comes: exit with our own code anyway
-        pass
+        first = store.add('failed', 1) == 1
+        if first:
+            print(line, file=sys.stderr, flush=True)
+            store.set('printed', '1')
+        else:
+            store.wait(['printed'])
+    except RuntimeError:  # the store went away (the launcher is stopping the job): exit with our own code anyway
+        if _is_main_process():
+            print(line, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -232,7 +276,7 @@ def main(argv=None) -> int:
     failure; 5 unreadable data; 6 an I/O failure or an unusable run dir; 7 out of memory; 70 a bug; 128+N stopped
     by signal N). Tracebacks only with ``--debug`` or ``VITKD_DEBUG=1``. Under ``accelerate launch`` every process
     returns the same code (the checks before the build run on every process, a failed save is agreed on by all)
-    and only the main process prints the line.
+    and the line is printed once, by the first process that failed (:func:`_report_failure`).
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
@@ -247,9 +291,7 @@ def main(argv=None) -> int:
         code, message = _failure(e)
         if _debug_requested(argv):
             traceback.print_exc()
-        if _is_main_process():
-            print(f'error: {message}', file=sys.stderr, flush=True)
-        _settle()
+        _report_failure(f'error: {message}')
         return code
     finally:
         release_all()  # the run dir's lock (vitkd/rundir.py), however the command ended

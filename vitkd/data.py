@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .errors import DataFailure, UsageError
 import gzip
+import hashlib
 import logging
 import os
 import multiprocessing
@@ -38,7 +39,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset', 'EpochSampler', 'read_idx',
            'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
-           'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path']
+           'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path', 'train_set_fingerprint', 'CorruptImage',
+           'to_rgb']
 
 _logger = logging.getLogger(__name__)
 
@@ -285,6 +287,37 @@ def sample_path(dataset, index: int) -> str:
     return f'index {index}'
 
 
+def train_set_fingerprint(dataset) -> dict:
+    """What identifies a training set: ``{'samples': N, 'sha256': …}`` over its samples in order.
+
+    A sample is its file path relative to the data root with its class (an image folder, after any subset), or its
+    label (an in-memory or Hugging Face set, whose rows have no file). A checkpoint keeps it, so a resume can tell
+    that images were added, removed or renamed since the run started: a moved data folder keeps its fingerprint.
+    """
+    keep: Optional[list[int]] = None  # positions in the innermost set, through Subset wrappers
+    items: Optional[list[str]] = None
+    while dataset is not None and items is None:
+        if hasattr(dataset, 'indices') and hasattr(dataset, 'dataset'):  # torch Subset
+            outer = [int(i) for i in dataset.indices]
+            keep = outer if keep is None else [outer[i] for i in keep]
+            dataset = dataset.dataset
+            continue
+        samples = getattr(dataset, 'samples', None)
+        targets = getattr(dataset, 'targets', None)
+        if samples is not None:
+            root = getattr(dataset, 'root', '') or ''
+            items = [f'{os.path.relpath(path, root)}\t{label}' for path, label in samples]
+        elif targets is not None:
+            items = [str(int(label)) for label in targets]
+        else:
+            dataset = getattr(dataset, 'dataset', None)
+    if items is None:
+        return {}
+    if keep is not None:
+        items = [items[i] for i in keep]
+    return {'samples': len(items), 'sha256': hashlib.sha256('\n'.join(items).encode()).hexdigest()}
+
+
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                          'Ankle boot')
 
@@ -358,13 +391,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     Pillow's own ``convert('RGB')`` clips 16-bit and 32-bit integer images at 255 (most of a 16-bit scan turns white)
     and float images at 0..255, and drops alpha (transparent pixels keep whatever colour they hide). Here 16-bit
     images are scaled by 255/65535, 32-bit integer ones as 8-bit when their values fit, else as 16-bit when they fit,
-    else by their min..max; float images as 0..1 when they fit, else 0..255 when they fit, else by their min..max;
+    else by their min..max; float images as 0..1 when they fit, else 0..255 when they fit, else by their min..max
+    (a float image with NaN or infinite pixels is a :class:`CorruptImage`: skipped and counted, never guessed);
     images with alpha (RGBA, LA, PA, a palette with transparency) are composited over white; CMYK, YCbCr, palette
     and 1-bit images go through Pillow's conversion.
     """
     mode = img.mode
     if mode.startswith('I;16') or mode in ('I', 'F'):
         a = np.asarray(img)
+        if mode == 'F' and not np.isfinite(a).all():  # no value range to map them into: an unreadable image
+            bad = int(a.size - np.isfinite(a).sum())
+            raise CorruptImage(f'{bad} of its {a.size} float pixels are NaN or infinite')
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if mode.startswith('I;16'):
             gray = _to_uint8(a, 65535)
@@ -372,13 +409,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
             gray = a.astype(np.uint8)
         elif mode == 'I' and lo >= 0 and hi <= 65535:
             gray = _to_uint8(a, 65535)
-        elif mode == 'F' and np.isfinite(a).all() and lo >= 0 and hi <= 1:
+        elif mode == 'F' and lo >= 0 and hi <= 1:
             gray = _to_uint8(a, 1.0)
-        elif mode == 'F' and np.isfinite(a).all() and lo >= 0 and hi <= 255:
+        elif mode == 'F' and lo >= 0 and hi <= 255:
             gray = _to_uint8(a, 255.0)
         else:
-            a = np.nan_to_num(a.astype(np.float64), nan=lo, posinf=hi, neginf=lo)
-            gray = _to_uint8(a - lo, max(hi - lo, 1e-12))
+            gray = _to_uint8(a.astype(np.float64) - lo, max(hi - lo, 1e-12))
         return Image.fromarray(gray, 'L').convert('RGB')
     if mode == 'P' and 'transparency' in img.info:
         img, mode = img.convert('RGBA'), 'RGBA'
@@ -402,14 +438,17 @@ def load_image(path: str) -> Image.Image:
             return to_rgb(img)
     except Image.DecompressionBombError as e:
         raise CorruptImage(f'too large to decode safely: {e}') from None
+    except CorruptImage:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct.error) as e:
         raise CorruptImage(f'{type(e).__name__}: {e}') from None
 
 
 def _scan_image_folder(directory: str, class_to_idx: dict, extensions) -> list[tuple[str, int]]:
     """(path, class) of every image below each class folder: directory symlinks are followed, each real folder is
-    visited once (a symlink loop is not followed round), names starting with a dot (folders and files) are skipped."""
-    instances = []
+    visited once (a symlink loop is not followed round), names starting with a dot (folders and files) are skipped,
+    other files without an image extension are skipped with one warning that counts and names them."""
+    instances, strays = [], []
     for name in sorted(class_to_idx):
         seen = set()
         for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
@@ -419,8 +458,14 @@ def _scan_image_folder(directory: str, class_to_idx: dict, extensions) -> list[t
                 continue
             seen.add(real)
             dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-            instances += [(os.path.join(root, f), class_to_idx[name]) for f in sorted(files)
-                          if not f.startswith('.') and f.lower().endswith(extensions)]
+            visible = [f for f in sorted(files) if not f.startswith('.')]
+            instances += [(os.path.join(root, f), class_to_idx[name]) for f in visible
+                          if f.lower().endswith(extensions)]
+            strays += [os.path.relpath(os.path.join(root, f), directory) for f in visible
+                       if not f.lower().endswith(extensions)]
+    if strays:  # notes, CSVs, archives beside the images: not training data, but the user should know they were left
+        _logger.warning('ignored %d file(s) of %s that are not images by their extension (%s): %s', len(strays),
+                        directory, ', '.join(extensions), ', '.join(strays[:5]) + (' …' if len(strays) > 5 else ''))
     return instances
 
 

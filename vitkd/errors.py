@@ -19,9 +19,10 @@ code  meaning
 128+N stopped by signal N (SIGTERM/SIGINT: a checkpoint was saved first)
 ====  ==========================================================================================================
 """
+from typing import Optional
 
 __all__ = ['VitkdError', 'UsageError', 'ConfigError', 'SaveError', 'HubError', 'DataFailure', 'RunDirError',
-           'INTERNAL_ERROR', 'RESOURCE_ERROR']
+           'INTERNAL_ERROR', 'RESOURCE_ERROR', 'server_failure']
 
 INTERNAL_ERROR = 70  # BSD sysexits' EX_SOFTWARE
 RESOURCE_ERROR = 7
@@ -65,3 +66,41 @@ class RunDirError(VitkdError, OSError):
     """The run dir cannot be used: not writable, or held by another running process (the message names it)."""
 
     exit_code = 6
+
+
+# Exception class names (of httpx, requests, urllib3 and the standard library, whichever a client library raises) by
+# what happened on the wire. Matched by name along the cause chain: Hub clients wrap the transport's exception.
+_TIMED_OUT = {'TimeoutException', 'Timeout', 'TimeoutError', 'ReadTimeout', 'ConnectTimeout', 'WriteTimeout',
+              'PoolTimeout'}
+_DROPPED = {'RemoteProtocolError', 'ConnectionResetError', 'ConnectionAbortedError', 'BrokenPipeError',
+            'IncompleteRead', 'ChunkedEncodingError', 'ReadError', 'WriteError', 'ProtocolError'}
+_UNREACHABLE = {'ConnectError', 'ConnectionRefusedError', 'gaierror', 'NewConnectionError'}
+
+
+def server_failure(error: BaseException) -> Optional[str]:
+    """What a server did wrong behind ``error``, in words for a user; None when the server answered a refusal (4xx)
+    or no network call failed (an offline cache miss, a bad file).
+
+    Walks the cause chain (a Hub client re-raises a cache miss or its own error from the transport's): an answer
+    with a server status (``answered HTTP 500 Internal Server Error``: a server that answers is not unreachable), a
+    timeout, a connection closed without an answer, or a server that cannot be reached at all.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        response = getattr(error, 'response', None)
+        status = getattr(response, 'status_code', None)
+        if isinstance(status, int):
+            if status < 500 and status not in (408, 429):
+                return None
+            reason = getattr(response, 'reason_phrase', None) or getattr(response, 'reason', None) or ''
+            return f'answered HTTP {status} {reason}'.strip()
+        names = {cls.__name__ for cls in type(error).__mro__}
+        if names & _TIMED_OUT:
+            return 'did not answer in time (the request timed out)'
+        if names & _DROPPED:
+            return 'closed the connection without a complete answer'
+        if names & _UNREACHABLE:
+            return 'cannot be reached (connection refused, or no network)'
+        error = error.__cause__ or error.__context__
+    return None

@@ -26,14 +26,17 @@ import io
 import logging
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import UsageError
+from .data import CorruptImage, to_rgb
+from .errors import HubError, UsageError, server_failure
 
 __all__ = ['HF_PREFIX', 'HFOptions', 'HFImageDataset', 'HFDataError', 'load_hf_splits', 'is_hf_path']
 
@@ -76,9 +79,17 @@ def _offline() -> bool:
 
 def _load_hub(repo_id: str):
     import datasets
+    from huggingface_hub import constants
     try:
         return datasets.load_dataset(repo_id)
-    except (ConnectionError, FileNotFoundError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a Hub that failed is said as such; other errors are sorted below
+        failure = None if _offline() else server_failure(e)
+        if failure is not None:
+            raise HubError(f'--data-path {HF_PREFIX}{repo_id}: downloading it failed: the Hub ({constants.ENDPOINT}) '
+                           f'{failure}; rerun the same command later (what was downloaded stays in the cache)') \
+                from None
+        if not isinstance(e, (ConnectionError, FileNotFoundError, ValueError)):
+            raise
         # offline and uncached: ConnectionError (OfflineModeIsEnabled) or the cache factory's FileNotFoundError
         if _offline():
             raise HFDataError(
@@ -199,28 +210,36 @@ class HFImageDataset(Dataset):
         return f'{self.name} row {index}'
 
     def __getitem__(self, index: int):
-        return _to_rgb(self.data[index][self.image_column]), self.targets[index]
+        """(RGB image, label); a row whose image cannot be decoded is a :class:`vitkd.data.CorruptImage`, which the
+        training set skips and counts like an unreadable file (or refuses with ``--no-skip-corrupt``)."""
+        try:
+            return _to_rgb(self.data[index][self.image_column]), self.targets[index]
+        except CorruptImage:
+            raise
+        except (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error) as e:
+            raise CorruptImage(f'{type(e).__name__}: {e}') from None
 
 
 def _to_rgb(value: Any) -> Image.Image:
     """PIL RGB image from a stored image: ``{'bytes', 'path'}`` (datasets.Image), bytes, a path, an array or PIL.
 
-    Decoding mirrors torchvision's ImageFolder loader (``Image.open`` then ``convert('RGB')``), so the same file gives
-    the same tensor from both sources.
+    Decoding is the image folder's (:func:`vitkd.data.to_rgb` after ``Image.open``), so the same file gives the same
+    tensor from both sources.
     """
     if isinstance(value, dict):
         value = value.get('bytes') or value.get('path')
     if isinstance(value, (bytes, bytearray)):
         with Image.open(io.BytesIO(value)) as img:
-            return img.convert('RGB')
+            img.load()
+            return to_rgb(img)
     if isinstance(value, str):
         with open(value, 'rb') as f, Image.open(f) as img:
-            return img.convert('RGB')
+            img.load()
+            return to_rgb(img)
     if isinstance(value, Image.Image):
-        return value.convert('RGB')
+        return to_rgb(value)
     if value is None:
         raise ValueError('empty image cell')
-    import numpy as np
     return Image.fromarray(np.asarray(value, dtype=np.uint8)).convert('RGB')
 
 

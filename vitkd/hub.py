@@ -22,10 +22,10 @@ import yaml
 
 from . import __version__
 from .config import Config, ConfigError, distill_spec, load_yaml
-from .errors import HubError
+from .errors import HubError, server_failure
 
 __all__ = ['HubPushError', 'model_card', 'teacher_description', 'push_run', 'push_run_to_hub', 'default_repo_name',
-           'HUB_DATASETS']
+           'HUB_DATASETS', 'check_push_token']
 
 EXPORT_DIR = 'student'
 UPLOADED = ('config.json', 'model.safetensors', 'README.md')
@@ -156,6 +156,69 @@ def _retry_hint(run_dir: Path, repo_id: Optional[str], private: bool) -> str:
     return cmd + (' --hub-private' if private else '')
 
 
+def _bound_hub_requests() -> float:
+    """Give huggingface_hub's API calls (whoami, create_repo, commits) a timeout; returns it in seconds.
+
+    Its shared HTTP client waits for ever by default: a Hub that accepts the connection and never answers would hang
+    the push. huggingface_hub documents ``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) as the timeout of requests that
+    set none; it bounds the wait for each connection and each read here, not a whole upload.
+    """
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+    timeout = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+    def bounded_client():
+        client = default_client_factory()
+        client.timeout = timeout
+        return client
+    set_client_factory(bounded_client)
+    return timeout
+
+
+def _what_failed(error: BaseException, timeout: float) -> str:
+    """The Hub's part in a failed call, in words (``answered HTTP 500 …``, timed out, closed the connection)."""
+    from huggingface_hub import constants
+    failure = server_failure(error)
+    if failure is None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f'refused it ({type(error).__name__}: {first})'
+    if 'timed out' in failure:
+        failure += f' after {timeout:g} s; HF_HUB_DOWNLOAD_TIMEOUT sets the wait'
+    return f'({constants.ENDPOINT}) {failure}'
+
+
+def check_push_token(repo_id: Optional[str]) -> None:
+    """Before training, for ``--push-to-hub``: a token exists, the Hub accepts it (``whoami``) and it may write.
+
+    A run that is to push must not train for hours and then fail on a missing or revoked token.
+
+    Raises:
+        HubPushError: no token, the Hub refused it, a read-only token, or the Hub failed while checking it (the
+            message says what happened and what to do; nothing was trained or written).
+    """
+    import huggingface_hub
+    later = ('or train without --push-to-hub and push the finished run with: python scripts/push_to_hub.py <run dir>'
+             + (f' --hub-model-id {repo_id}' if repo_id else ''))
+    if huggingface_hub.get_token() is None:
+        raise HubPushError(f'--push-to-hub: no Hugging Face token: set HF_TOKEN or run `hf auth login`, {later}; '
+                           'nothing was trained or written')
+    timeout = _bound_hub_requests()
+    try:
+        info = huggingface_hub.HfApi(library_name='vitkd').whoami()
+    except Exception as e:  # noqa: BLE001 - HTTP and network errors all become one line
+        status = getattr(getattr(e, 'response', None), 'status_code', None)
+        if status == 401:
+            raise HubPushError(f'--push-to-hub: the Hub ({huggingface_hub.constants.ENDPOINT}) refused the token '
+                               '(HTTP 401: invalid or revoked); set a valid HF_TOKEN or run `hf auth login`, '
+                               f'{later}; nothing was trained or written') from None
+        raise HubPushError(f'--push-to-hub: checking the token failed: the Hub {_what_failed(e, timeout)}; retry '
+                           f'later, {later}; nothing was trained or written') from None
+    role = ((info.get('auth') or {}).get('accessToken') or {}).get('role')
+    if role == 'read':
+        raise HubPushError(f'--push-to-hub: the token of {info.get("name", "this user")} is read-only; use a token '
+                           f'with write access, {later}; nothing was trained or written')
+
+
 def push_run(run_dir: Path, repo_id: Optional[str] = None, private: bool = False) -> str:
     """Upload ``<run_dir>/student`` with a model card; returns the repo URL.
 
@@ -177,6 +240,7 @@ def push_run(run_dir: Path, repo_id: Optional[str] = None, private: bool = False
     if huggingface_hub.get_token() is None:
         raise HubPushError('no Hugging Face token: set HF_TOKEN or run `hf auth login`, then retry: ' + hint)
     name = repo_id or default_repo_name(run_dir)
+    timeout = _bound_hub_requests()
     api = huggingface_hub.HfApi(library_name='vitkd')
     try:
         url = api.create_repo(name, private=private, exist_ok=True)
@@ -187,9 +251,8 @@ def push_run(run_dir: Path, repo_id: Optional[str] = None, private: bool = False
     except HubPushError:
         raise
     except Exception as e:  # noqa: BLE001 - HTTP, network and validation errors all become one retry message
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HubPushError(f'upload of {export} to {repo_id or name} failed ({type(e).__name__}: {first}); the local '
-                           f'export is intact; retry with: {hint}') from None
+        raise HubPushError(f'upload of {export} to {repo_id or name} failed: the Hub {_what_failed(e, timeout)}; the '
+                           f'local export is intact; retry with: {hint}') from None
     (run_dir / 'hub.json').write_text(json.dumps({'repo_id': repo_id, 'url': str(url),
                                                   'commit': getattr(info, 'oid', None)}, indent=2) + '\n')
     return str(url)

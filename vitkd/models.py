@@ -18,7 +18,7 @@ the trained module, re-normalising the student's input to its own mean/std.
 """
 from __future__ import annotations
 
-from .errors import UsageError
+from .errors import HubError, UsageError, server_failure
 import difflib
 from functools import partial
 import logging
@@ -400,13 +400,17 @@ def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
     try:
         return timm.create_model(name, **kwargs)
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+        _raise_if_server_failed(what, e)
+        if not isinstance(e, LocalEntryNotFoundError):  # the Hub answered a refusal (404, 401, gated)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelSpecError(f'{what}: the Hub refused or has no such file ({first})') from None
         offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no')
         why = 'HF_HUB_OFFLINE is set (offline mode)' if offline else 'the Hub cannot be reached (no network)'
         raise ModelSpecError(f'{what}: the weights are not in the local Hub cache and {why}; fix: run '
                              f'`hf download {_hub_id(name)}` once on a machine online with the same HF_HOME (or unset '
                              'HF_HUB_OFFLINE), or pass a local save_for_hf folder or weights file') from None
-    except (EntryNotFoundError, HfHubHTTPError) as e:
+    except EntryNotFoundError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSpecError(f'{what}: the Hub refused or has no such file ({first})') from None
     except RuntimeError as e:
@@ -425,6 +429,19 @@ def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
         if 'pretrained' in text.lower():
             raise ModelSpecError(f'{what}: {first}') from None
         raise
+    except Exception as e:  # noqa: BLE001 - a transport error while downloading the weights (a timeout, a drop)
+        _raise_if_server_failed(what, e)
+        raise
+
+
+def _raise_if_server_failed(what: str, error: BaseException) -> None:
+    """A download that the Hub failed (5xx, timeout, dropped connection, unreachable) as a one-line
+    :class:`HubError` (exit 4) saying what happened; a refusal or an offline cache miss is left to the caller."""
+    from huggingface_hub import constants
+    failure = server_failure(error)
+    if failure is not None:
+        raise HubError(f'{what}: downloading it failed: the Hub ({constants.ENDPOINT}) {failure}; nothing was written: '
+                       'rerun the same command later (files already downloaded stay in the Hub cache)') from None
 
 
 def _state_dict_mismatch(text: str) -> str:

@@ -51,11 +51,17 @@ class TrainState:
     stop_reason: str = ''
     nonfinite_reports: int = 0    # diagnostic files written by this process (not checkpointed)
 
-    def exhausted(self) -> bool:
-        """Whether the step or time budget has run out (sets :attr:`stop_reason`); host state only."""
+    def steps_spent(self) -> bool:
+        """Whether ``max_steps`` is reached (sets :attr:`stop_reason`). Every process counts the same steps, so it
+        needs no agreement: also checked before an epoch starts, for a run resumed at its last step."""
         if self.max_steps is not None and self.step >= self.max_steps:
             self.stop_reason = f'max_steps {self.max_steps} reached'
-        elif self.deadline is not None and time.time() >= self.deadline:
+            return True
+        return False
+
+    def exhausted(self) -> bool:
+        """Whether the step or time budget has run out (sets :attr:`stop_reason`); host state only."""
+        if not self.steps_spent() and self.deadline is not None and time.time() >= self.deadline:
             self.stop_reason = 'time limit reached'
         return bool(self.stop_reason)
 
@@ -68,8 +74,8 @@ class TrainState:
         """
         if accelerator.num_processes == 1 or self.deadline is None:
             return self.exhausted()
-        if self.max_steps is not None and self.step >= self.max_steps:
-            return self.exhausted()
+        if self.steps_spent():
+            return True
         if not collective:
             return False
         from accelerate.utils import broadcast
