@@ -94,7 +94,9 @@ def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | No
         while state.epoch < cfg.epochs and not state.stop_reason:
             epoch = state.epoch
             train_stats = train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
-                                          cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook)
+                                          cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook,
+                                          unused_search=r.unused_search)
+            r.distiller = r.unused_search.latest(r.distiller)
             faults = runlib.format_faults(train_stats)
             if faults:
                 log(f'warning: epoch {epoch}: {faults}')

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import is_compiled_module, set_seed
 from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader
 
@@ -23,7 +24,8 @@ from .config import Config, ConfigError
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
-from .distiller import Distiller, LossEntry
+from .ddp import DDPSettings, UnusedParameterSearch, compile_kwargs, rank_local_buffers
+from .distiller import Distiller, LossEntry, idle_parameters_until
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
 from .training import EpochBatches, TrainState
@@ -54,9 +56,8 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     On N processes ``--batch-size`` is per process and Accelerate's default sharding (``split_batches=False``) gives
     process p the loader batches p, p + N, …: optimizer step s trains on batches sN … sN + N − 1, i.e. on exactly the
     samples, in the same order, that one process with batch N·B trains on at step s (the augmentation of each sample is
-    seeded by its index, whatever process loads it). DDP builds with ``find_unused_parameters`` only when some method
-    can leave a parameter without gradient (:func:`vitkd.distiller.may_leave_parameters_unused`, or
-    ``--ddp-find-unused``): the search costs a graph traversal per step, and without it such a step fails.
+    seeded by its index, whatever process loads it). DDP's settings and why: :mod:`vitkd.ddp` (its search for unused
+    parameters starts on only when some step can leave a parameter without gradient, or with ``--ddp-find-unused``).
     """
     from accelerate.utils import DataLoaderConfiguration
     cuda = torch.cuda.is_available()
@@ -68,16 +69,12 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     if requested == 'bf16' and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(f'--mixed-precision bf16: this GPU ({torch.cuda.get_device_name()}) cannot do bf16; use fp16 '
                           'or no')
-    find_unused = cfg.ddp_find_unused
-    if find_unused is None and not cfg.eval_student:
-        from .distiller import may_leave_parameters_unused
-        find_unused = may_leave_parameters_unused(entries if entries is not None else build_losses(cfg), cfg.epochs,
-                                                  cfg.task_weight)
+    until = 0.0 if cfg.eval_student else idle_parameters_until_of(cfg, entries)
     name_output_dir(cfg)
     accelerator = Accelerator(mixed_precision=requested, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda,
                               dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
+                              kwargs_handlers=[DDPSettings(find_unused_parameters=until > 0)])
     cfg.mixed_precision = accelerator.mixed_precision
     if accelerator.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = cfg.cuda_tf32
@@ -93,6 +90,14 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
         cfg.num_workers = default_num_workers(accelerator)
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
+
+
+def idle_parameters_until_of(cfg: Config, entries: Optional[list[LossEntry]] = None) -> float:
+    """The epoch from which DDP needs no search for unused parameters (:func:`vitkd.distiller.idle_parameters_until`;
+    ``--ddp-find-unused`` forces it on for the whole run, ``--no-ddp-find-unused`` off)."""
+    if cfg.ddp_find_unused is not None:
+        return math.inf if cfg.ddp_find_unused else 0.0
+    return idle_parameters_until(entries if entries is not None else build_losses(cfg), cfg.epochs, cfg.task_weight)
 
 
 def default_num_workers(accelerator: Accelerator) -> int:
@@ -202,6 +207,7 @@ class Run:
     student_params: int
     data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
     teacher_cache: Optional[TeacherCache] = None
+    unused_search: Optional[UnusedParameterSearch] = None  # DDP's search for unused parameters, while steps need it
 
 
 def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[LossEntry]] = None) -> Run:
@@ -248,14 +254,16 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                                 accelerator.num_processes, dataset_targets(train_loader.dataset), entries)
     distiller.to(device)  # parts a method's setup built on the host
     distiller.prepare_for_run(RunContext(cfg=cfg, teacher=teacher, spec=spec, accelerator=accelerator))
-    if cfg.compile_student:
-        distiller.compile_student()
     set_seed(cfg.seed + accelerator.process_index)  # per-process streams from here on (dropout, drop-path)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
     optimizer = build_optimizer(cfg, distiller, lr, fused=device.type == 'cuda')
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    if accelerator.ddp_handler is not None:  # read when prepare wraps the distiller (see vitkd.ddp)
+        accelerator.ddp_handler.forward_sync_buffers = bool(rank_local_buffers(distiller))
     distiller, optimizer, val_loader = accelerator.prepare(distiller, optimizer, val_loader)
+    if cfg.compile_student and not is_compiled_module(distiller):  # the whole prepared module: see vitkd.ddp
+        distiller = torch.compile(distiller, **compile_kwargs(accelerator))
     train_loader = accelerator.prepare_data_loader(train_loader, device_placement=False)
     ema = None
     if cfg.model_ema:
@@ -274,7 +282,8 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                val_loader=val_loader, spec=spec, state=state, ema=ema, lr=lr, global_batch=global_batch,
                steps_per_epoch=steps_per_epoch,
                student_params=sum(p.numel() for p in unwrapped.student.parameters()),
-               data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache)
+               data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache,
+               unused_search=UnusedParameterSearch(accelerator, idle_parameters_until_of(cfg, entries)))
 
 
 @torch.no_grad()
