@@ -24,7 +24,6 @@ Each setting follows from what a vitkd run's module holds and does:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -34,20 +33,22 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['DDPSettings', 'rank_local_buffers', 'UnusedParameterSearch', 'ddp_of', 'compile_kwargs']
+__all__ = ['ddp_kwargs', 'sync_buffers_if_needed', 'rank_local_buffers', 'UnusedParameterSearch', 'ddp_of',
+           'compile_kwargs']
 
 
-@dataclasses.dataclass
-class DDPSettings(DistributedDataParallelKwargs):
-    """Accelerate's DDP keyword handler, with torch's ``forward_sync_buffers`` instead of the deprecated
-    ``broadcast_buffers`` (``broadcast_buffers=False`` would also skip the copy of rank 0's buffers at wrap time)."""
-    forward_sync_buffers: bool = True
-    gradient_as_bucket_view: bool = True
+def ddp_kwargs(find_unused_parameters: bool) -> DistributedDataParallelKwargs:
+    """Accelerate's DDP settings for a run (buffers are set on the wrapper by :func:`sync_buffers_if_needed`)."""
+    return DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
 
-    def to_kwargs(self) -> dict:
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(DistributedDataParallelKwargs)
-                  if f.name not in ('comm_hook', 'comm_wrapper', 'comm_state_option', 'broadcast_buffers')}
-        return dict(kwargs, forward_sync_buffers=self.forward_sync_buffers)
+
+def sync_buffers_if_needed(model: nn.Module) -> nn.Module:
+    """Turn off DDP's per-forward copy of rank 0's buffers unless :func:`rank_local_buffers` finds some (the copy at
+    wrap time stays: ``broadcast_buffers=False`` at construction would skip it too). Returns ``model``."""
+    ddp = ddp_of(model)
+    if ddp is not None:
+        ddp.forward_sync_buffers = bool(rank_local_buffers(ddp.module))
+    return model
 
 
 def rank_local_buffers(model: nn.Module) -> list[str]:
@@ -114,6 +115,7 @@ class UnusedParameterSearch:
         ddp._remove_autograd_hooks()
         rewrapped = DistributedDataParallel(ddp.module, device_ids=ddp.device_ids, output_device=ddp.output_device,
                                             **kwargs)
+        rewrapped.forward_sync_buffers = ddp.forward_sync_buffers
         if ddp is not model:  # compiled: compile the new wrapper the same way (one more compilation)
             rewrapped = torch.compile(rewrapped, **compile_kwargs(self.accelerator))
         self.rewrapped = rewrapped

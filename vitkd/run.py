@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
-from .ddp import DDPSettings, UnusedParameterSearch, compile_kwargs, rank_local_buffers
+from .ddp import UnusedParameterSearch, compile_kwargs, ddp_kwargs, sync_buffers_if_needed
 from .distiller import Distiller, LossEntry, idle_parameters_until
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
@@ -74,7 +74,7 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     accelerator = Accelerator(mixed_precision=requested, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda,
                               dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
-                              kwargs_handlers=[DDPSettings(find_unused_parameters=until > 0)])
+                              kwargs_handlers=[ddp_kwargs(find_unused_parameters=until > 0)])
     cfg.mixed_precision = accelerator.mixed_precision
     if accelerator.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = cfg.cuda_tf32
@@ -259,9 +259,8 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
     lr = scaled_lr(cfg, global_batch)
     optimizer = build_optimizer(cfg, distiller, lr, fused=device.type == 'cuda')
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    if accelerator.ddp_handler is not None:  # read when prepare wraps the distiller (see vitkd.ddp)
-        accelerator.ddp_handler.forward_sync_buffers = bool(rank_local_buffers(distiller))
     distiller, optimizer, val_loader = accelerator.prepare(distiller, optimizer, val_loader)
+    sync_buffers_if_needed(distiller)  # DDP settings and why: vitkd.ddp
     if cfg.compile_student and not is_compiled_module(distiller):  # the whole prepared module: see vitkd.ddp
         distiller = torch.compile(distiller, **compile_kwargs(accelerator))
     train_loader = accelerator.prepare_data_loader(train_loader, device_placement=False)
