@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from accelerate.utils import is_compiled_module, set_seed
 from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader
 
-from .build import (BatchMixer, build_data, build_distiller, build_losses, build_optimizer, build_scheduler, build_student,
-                    build_teacher, eval_data_config, scaled_lr, student_data_spec)
+from .build import (BatchMixer, build_data, build_distiller, build_eval_loader, build_losses, build_optimizer,
+                    build_scheduler, build_student, build_teacher, eval_data_config, scaled_lr, student_data_spec)
 from .config import Config, ConfigError
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 
     from .teacher_cache import TeacherCache
 
-__all__ = ['make_accelerator', 'check_output_dir', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger',
-           'export_student', 'eval_student', 'format_heads', 'format_faults', 'summary_table']
+__all__ = ['make_accelerator', 'cpu_share', 'loader_workers', 'default_num_workers', 'check_output_dir',
+           'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student', 'format_heads', 'format_faults', 'summary_table']
 
 RUN_MARKER = 'config.yaml'
 
@@ -100,13 +101,41 @@ def idle_parameters_until_of(cfg: Config, entries: Optional[list[LossEntry]] = N
     return idle_parameters_until(entries if entries is not None else build_losses(cfg), cfg.epochs, cfg.task_weight)
 
 
+def cpu_share(own: set[int], local: list[set[int]]) -> float:
+    """The cores one process may count as its own: each core it may run on, divided by the processes on this machine
+    that may run on it (``local``: every local process's CPU affinity, this one's included).
+
+    Processes that share one set (``accelerate launch`` on a whole machine, or in one Slurm task) split it evenly;
+    processes bound to their own cores (``srun --cpu-bind``, per-rank NUMA binding) keep theirs whole.
+    """
+    return sum(1.0 / max(1, sum(core in cores for cores in local)) for core in own)
+
+
+def loader_workers(cores: float, slurm_cpus_per_task: Optional[int] = None, processes_per_task: int = 1) -> int:
+    """Loader workers of one process: its cores less one for the process itself, at least 1, at most 16.
+
+    ``slurm_cpus_per_task`` (``SLURM_CPUS_PER_TASK``) caps the cores where Slurm allocated fewer than the affinity
+    shows (no CPU binding), shared by the processes a task launched. A GPU step of DeiT-S consumes thousands of images
+    per second; one core decodes and augments a few hundred, so every core the process owns is put to work.
+    """
+    if slurm_cpus_per_task:
+        cores = min(cores, slurm_cpus_per_task / max(1, processes_per_task))
+    return max(1, min(16, int(cores) - 1))
+
+
 def default_num_workers(accelerator: Accelerator) -> int:
-    """Loader workers per process: the machine's cores shared by the processes on it, less one for the process itself
-    (at least 1, at most 16). A GPU step of DeiT-S consumes thousands of images per second; one core decodes and
-    augments a few hundred."""
-    local = int(os.environ.get('LOCAL_WORLD_SIZE') or accelerator.num_processes)  # processes on this machine
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, min(16, cores // local - 1))
+    """``--num-workers`` when unset: :func:`loader_workers` of this process's :func:`cpu_share` (the processes of a
+    machine exchange their CPU affinities once, at start) under the Slurm allocation, if any."""
+    from accelerate.utils import gather_object
+    own = set(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
+    local = [own]
+    if accelerator.num_processes > 1:
+        host = socket.gethostname()
+        local = [set(cores) for name, cores in gather_object([(host, sorted(own))]) if name == host]
+    slurm = os.environ.get('SLURM_CPUS_PER_TASK')
+    tasks_here = int(os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0] or 1)
+    return loader_workers(cpu_share(own, local), int(slurm) if slurm and slurm.isdigit() else None,
+                          max(1, len(local) // max(1, tasks_here)))
 
 
 def name_output_dir(cfg: Config) -> None:
@@ -469,8 +498,6 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     ``eval_student.json`` in the output dir. On N processes each validation sample is counted once.
     """
     from timm.data import create_transform
-    from torch.utils.data import DataLoader
-
     from .evaluation import evaluate
     from .checkpoint import CheckpointError, load_student
     from .data import build_eval_dataset
@@ -494,7 +521,7 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
                                              crop_pct=data_config.get('crop_pct', cfg.eval_crop_ratio),
                                              interpolation=data_config.get('interpolation', 'bicubic'),
                                              mean=tuple(data_config['mean']), std=tuple(data_config['std']))
-    loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers)
+    loader = build_eval_loader(val, cfg)
     loader = accelerator.prepare(loader)
     if accelerator.device.type == 'cpu':  # the attention path training evaluated with (build_run): the same numbers
         set_fused_attention(model, False)
