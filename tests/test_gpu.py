@@ -403,6 +403,8 @@ def cuda_sync_warnings():
 # class centres come from a teacher pass over the training set before the first step).
 SYNC_RUNS = {'vkd': (), 'crd': ('--distill', 'crd'), 'dist': ('--distill', 'dist'),
              'fp16': ('--mixed-precision', 'fp16'), 'ema': ('--model-ema',), 'nd': ('--distill', 'nd')}
+# CRD reads its normalising constants Z once, at the run's first step (they are fixed from then on: crd.py).
+FIRST_STEP_READS = {'crd'}
 
 
 @pytest.mark.parametrize('run', list(SYNC_RUNS))
@@ -442,8 +444,9 @@ def test_a_20_step_run_reads_from_the_device_only_on_logging_steps(run, data, tm
         (reads_before, caught_before), (reads_after, caught_after) = marks[step - 1], marks[step]
         reads[step] = reads_after - reads_before
         warned[step] = sum('synchronizing CUDA operation' in str(w.message) for w in caught[caught_before:caught_after])
+    allowed = logged | ({1} if run in FIRST_STEP_READS else set())
     stalls = {step: (reads[step], warned[step]) for step in reads
-              if step not in logged and (reads[step] or warned[step])}
+              if step not in allowed and (reads[step] or warned[step])}
     assert not stalls, f'device-to-host reads (dispatch count, CUDA sync warnings) in non-logging steps: {stalls}'
     assert all(reads[step] > 0 for step in logged)  # logging reads the terms: the counter sees reads
 
