@@ -25,9 +25,9 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     raises, before the update, when a step since the last check was non-finite (``--nan-policy stop``), the terms are
     logged and a multi-process run agrees on signals and deadlines. ``step_hook(last_batch, collective)`` runs after
     every optimizer step (periodic checkpoints, preemption) and returns True to stop the epoch. ``unused_search`` drops
-    DDP's search for unused parameters at the first optimizer step that no longer needs it (:mod:`vitkd.ddp`). Returns the epoch means
-    of the logged terms (over the processes), img/s, ``samples``, ``skipped_steps`` and, for a data set that counts
-    them, ``corrupt_images``.
+    DDP's search for unused parameters at the first optimizer step that no longer needs it (:mod:`vitkd.ddp`). Returns
+    the epoch means of the logged terms (over the processes), img/s, ``samples``, ``skipped_steps`` and, for a data set
+    that counts them, ``corrupt_images``.
     """
     model.train()
     meter = TermMeter(accelerator)

@@ -19,7 +19,8 @@ from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
 from .models import Teacher, create_student, create_teacher
 
 __all__ = ['build_student', 'build_teacher', 'build_data', 'build_eval_loader', 'build_losses', 'build_distiller',
-           'build_optimizer', 'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill', 'eval_data_config', 'resolve_weights']
+           'build_optimizer', 'build_scheduler', 'BatchMixer', 'scaled_lr', 'parse_distill', 'eval_data_config',
+           'resolve_weights']
 
 _logger = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from .teacher_cache import TeacherCache
 
 __all__ = ['make_accelerator', 'cpu_share', 'loader_workers', 'default_num_workers', 'check_output_dir',
-           'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student', 'format_heads', 'format_faults', 'summary_table']
+           'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student', 'format_heads',
+           'format_faults', 'summary_table']
 
 RUN_MARKER = 'config.yaml'
 
