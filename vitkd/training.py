@@ -225,7 +225,7 @@ class TermMeter:
             self.names = names
             self.sums, self.counts = torch.zeros_like(values), torch.zeros_like(values)
         if names == self.names:
-            full, present = values, 1.0
+            full, present = values, None
         else:  # another set of terms than the first step's: place them by name (host-side indices, no device read)
             new = [n for n in names if n not in self.names]
             self.names = self.names + new
@@ -236,7 +236,7 @@ class TermMeter:
             present = torch.zeros_like(self.sums).index_fill(0, index, 1.0)
         self.last, self.last_names = values, names
         self.sums += torch.where(finite, full, torch.zeros_like(full))
-        self.counts += finite.float() * present
+        self.counts += finite.float() if present is None else finite.float() * present
         self.seen += batch_size * self.accelerator.num_processes
         return finite
 
