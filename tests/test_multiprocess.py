@@ -160,7 +160,8 @@ def run_one_process(args: list[str]) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=300)
 
 
-def run_two_processes(args: list[str], tmp: Path, **env) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def run_two_processes(args: list[str], tmp: Path, dynamo_backend: str = 'no',
+                      **env) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """``accelerate launch`` with 2 CPU processes on the probe; returns the result and each rank's probe record (with
     ``rewrap``: the step at which DDP dropped its unused-parameter search, if it did)."""
     probe_out = tmp / f'probe-{len(list(tmp.glob("probe-*")))}'
@@ -170,7 +171,7 @@ def run_two_processes(args: list[str], tmp: Path, **env) -> tuple[subprocess.Com
     launcher = Path(sys.executable).with_name('accelerate')
     launch = [str(launcher), 'launch'] if launcher.exists() else [sys.executable, '-m', 'accelerate.commands.launch']
     cmd = [*launch, '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
-           '--dynamo_backend', 'no', '--main_process_port', '0', '--num_cpu_threads_per_process', '1', str(script),
+           '--dynamo_backend', dynamo_backend, '--main_process_port', '0', '--num_cpu_threads_per_process', '1', str(script),
            *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=dict(_env(probe_out), **env), cwd=REPO,
                             timeout=300)
@@ -302,3 +303,19 @@ def test_warm_up_searches_unused_parameters_only_for_its_first_step_and_trains_t
         assert torch.equal(ours[name], theirs[name]), name
     assert step_records(tmp_path / 'two') == [{**r, 'img_per_s': a['img_per_s']} for r, a in
                                              zip(step_records(tmp_path / 'torch'), step_records(tmp_path / 'two'))]
+
+
+@pytest.mark.slow
+def test_compiled_ddp_module_with_a_warm_up_trains_like_eager(image_folder, tmp_path):
+    """``--compile-student`` compiles the DDP-wrapped distiller (here with the launcher's ``aot_eager`` backend: dynamo's
+    graphs and DDP optimiser without inductor's code generation); the warm-up's rewrap compiles the new wrapper. Same
+    losses and weights as the eager 2-process run, within fp32 reordering (AOTAutograd's decompositions): the
+    tolerance of assert_same_training."""
+    warm = ['--distill', 'vkd', '--loss-opts', 'vkd.warmup_epochs=1']
+    eager, _ = run_two_processes(_args(image_folder, tmp_path / 'eager', 8, *warm), tmp_path)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    compiled, probes = run_two_processes(_args(image_folder, tmp_path / 'compiled', 8, *warm, '--compile-student'),
+                                         tmp_path, dynamo_backend='aot_eager')
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert all(p['rewrap'] == {'epoch': pytest.approx(1 / 4), 'find_unused': False} for p in probes)
+    assert_same_training(tmp_path / 'eager', tmp_path / 'compiled')
