@@ -31,7 +31,7 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     """
     model.train()
     meter = TermMeter(accelerator)
-    student = accelerator.unwrap_model(model).student if ema is not None else None
+    student = accelerator.unwrap_model(model, keep_torch_compile=False).student if ema is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     check_grads = accelerator.scaler is None  # under fp16 the gradient scaler skips overflowing steps itself
     skipped_before = guard.skipped

@@ -19,7 +19,7 @@ defaults, and what timm users set). Both vitkd and timm.task use timm's ``create
 torch's fused kernel on CUDA (``fused=True``; on CPU torch's default). Students ``deit_{tiny,small,base}_distilled_
 patch16_224`` and the teacher ``regnety_160`` have random weights (``pretrained=False``: nothing is downloaded), 1000
 classes, batch 128, 224 px. With ``--compiled`` the DeiT-S group runs again compiled: vitkd as with ``--compile``
-(the teacher's forward paths, and the whole distiller), timm.task with its own ``compile()`` (its student and its
+(the teacher's forward paths and the student's training pass), timm.task with its own ``compile()`` (its student and its
 teacher). The DeiT-S group also times VkD (``vkd``, α = γ = 1) with each projector
 map of ``--vkd-maps`` (``vitkd/losses/vkd.py``: ``orthogonal`` = torch's Householder parametrisation, the paper's;
 ``orthogonal_cayley``; ``orthogonal_matrix_exp``) and with a plain ``linear`` projector: the map's share of the step is

@@ -306,16 +306,19 @@ def test_warm_up_searches_unused_parameters_only_for_its_first_step_and_trains_t
 
 
 @pytest.mark.slow
-def test_compiled_ddp_module_with_a_warm_up_trains_like_eager(image_folder, tmp_path):
-    """``--compile-student`` compiles the DDP-wrapped distiller (here with the launcher's ``aot_eager`` backend: dynamo's
-    graphs and DDP optimiser without inductor's code generation); the warm-up's rewrap compiles the new wrapper. Same
-    losses and weights as the eager 2-process run, within fp32 reordering (AOTAutograd's decompositions): the
-    tolerance of assert_same_training."""
+@pytest.mark.xfail(strict=True, reason='a prepared module compiled as a whole (accelerate launch --dynamo_backend) '
+                   'trains differently from eager from the third step of a warm-up run: the distiller\'s forward '
+                   'reads the fractional epoch as a Python number')
+def test_launcher_compiled_ddp_module_with_a_warm_up_trains_like_eager(image_folder, tmp_path):
+    """``accelerate launch --dynamo_backend aot_eager`` compiles the DDP-wrapped distiller (dynamo's graphs and DDP
+    optimiser without inductor's code generation); it stays DDP-wrapped (vitkd unwraps it without re-pointing the
+    compiled wrapper) and keeps the unused-parameter search. Expected: the eager 2-process run's losses and weights
+    within fp32 reordering (the tolerance of assert_same_training)."""
     warm = ['--distill', 'vkd', '--loss-opts', 'vkd.warmup_epochs=1']
     eager, _ = run_two_processes(_args(image_folder, tmp_path / 'eager', 8, *warm), tmp_path)
     assert eager.returncode == 0, eager.stderr[-3000:]
-    compiled, probes = run_two_processes(_args(image_folder, tmp_path / 'compiled', 8, *warm, '--compile-student'),
-                                         tmp_path, dynamo_backend='aot_eager')
+    compiled, probes = run_two_processes(_args(image_folder, tmp_path / 'compiled', 8, *warm), tmp_path,
+                                         dynamo_backend='aot_eager')
     assert compiled.returncode == 0, compiled.stderr[-3000:]
-    assert all(p['rewrap'] == {'epoch': pytest.approx(1 / 4), 'find_unused': False} for p in probes)
+    assert all(p['rewrap'] is None and p['find_unused'] and not p['distiller_is_ddp'] for p in probes)  # compiled DDP
     assert_same_training(tmp_path / 'eager', tmp_path / 'compiled')

@@ -76,9 +76,8 @@ class Config:
     teacher_pretrained: bool = option(True, 'load the teacher\'s weights (off only for smoke tests)')
     compile_teacher: bool = option(False, 'torch.compile the teacher\'s forward (inductor; the first batches pay the '
                                    'compilation; --compile compiles teacher and student)')
-    compile_student: bool = option(False, 'torch.compile the prepared training module (student and distillation '
-                                   'parts, DDP-wrapped: gradient all-reduces overlap the backward; inductor, or '
-                                   'the launcher\'s --dynamo_backend; evaluation and export stay eager)')
+    compile_student: bool = option(False, 'torch.compile the student\'s training forward (its taps, logits and '
+                                   'backward; inductor; evaluation and export stay eager)')
     teacher_cache: Optional[str] = option(None, 'teacher-output cache folder: epochs not cached yet record the '
                                        'teacher\'s logits/pooled features (fp16) per sample with their augmentation '
                                        'seeds, cached epochs replay them without running the teacher '

@@ -16,11 +16,12 @@ Each setting follows from what a vitkd run's module holds and does:
   first batch, an epoch with the task CE off, methods whose parts idle); :class:`UnusedParameterSearch` then rewraps
   the module without it at the first optimizer step after.
 * **No static graph**: it assumes the same graph every step, which warm-ups, staged methods and skipped terms break.
-* **Compilation** (``--compile-student``): the prepared (DDP-wrapped) module is compiled, as Accelerate does with
-  ``accelerate launch --dynamo_backend``: dynamo's DDP optimiser then splits the graph at the gradient buckets, so
-  each bucket's all-reduce overlaps the rest of the backward (compiling only the student's pass would hand DDP every
-  gradient at once, at the end of its compiled backward). The backend is the launcher's when it names one, else
-  inductor; the teacher pass stays out of this graph (``--compile-teacher`` compiles it).
+* **Compilation** (``--compile-student``) compiles the student's pass only (``Distiller.compile_student``): its
+  backward runs as one compiled graph, so DDP receives the student's gradients together at its end and their
+  all-reduce does not overlap that backward. Compiling the whole prepared module (dynamo's DDP optimiser) would
+  overlap them (``accelerate launch --dynamo_backend`` does that), but the distiller's forward reads the fractional
+  epoch (warm-ups, phases) as Python numbers, and such a module trains differently from the eager one in a warm-up
+  run (``tests/test_multiprocess.py``, an expected failure).
 """
 from __future__ import annotations
 
@@ -30,11 +31,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend
+from accelerate.utils import DistributedDataParallelKwargs
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['ddp_kwargs', 'sync_buffers_if_needed', 'rank_local_buffers', 'UnusedParameterSearch', 'ddp_of',
-           'compile_kwargs']
+__all__ = ['ddp_kwargs', 'sync_buffers_if_needed', 'rank_local_buffers', 'UnusedParameterSearch', 'ddp_of']
 
 
 def ddp_kwargs(find_unused_parameters: bool) -> DistributedDataParallelKwargs:
@@ -71,13 +71,6 @@ def rank_local_buffers(model: nn.Module) -> list[str]:
     return names
 
 
-def compile_kwargs(accelerator: Accelerator) -> dict:
-    """``torch.compile`` arguments for the prepared module: the launcher's dynamo settings when it names a backend
-    (``accelerate launch --dynamo_backend``), else inductor with its defaults."""
-    plugin = accelerator.state.dynamo_plugin
-    return plugin.to_kwargs() if plugin.backend != DynamoBackend.NO else {'backend': 'inductor'}
-
-
 def ddp_of(model: nn.Module) -> Optional[DistributedDataParallel]:
     """The DDP wrapper of a prepared model (under a ``torch.compile`` wrapper or not), or None."""
     inner = getattr(model, '_orig_mod', model)
@@ -95,7 +88,8 @@ class UnusedParameterSearch:
     The engine calls :meth:`model_for_step` at the start of every optimizer step; once the step's epoch reaches
     ``until`` it returns the same module wrapped anew without the search (the old wrapper's gradient hooks are
     removed). The gradients, hence the weights, are the same either way: the search only tells DDP which parameters
-    to mark ready without a gradient.
+    to mark ready without a gradient. A module compiled as a whole (not what ``--compile-student`` does) keeps the
+    search.
     """
 
     def __init__(self, accelerator: Accelerator, until: float):
@@ -109,14 +103,13 @@ class UnusedParameterSearch:
     def model_for_step(self, model: nn.Module, epoch: float) -> nn.Module:
         """The module for an optimizer step at fractional ``epoch`` (call it before the step's first batch)."""
         ddp = ddp_of(model)
-        if ddp is None or not ddp.find_unused_parameters or epoch < self.until or math.isinf(self.until):
+        if ddp is None or ddp is not model or not ddp.find_unused_parameters or epoch < self.until \
+                or math.isinf(self.until):
             return model
         kwargs = dict(self.accelerator.ddp_handler.to_kwargs(), find_unused_parameters=False)
         ddp._remove_autograd_hooks()
         rewrapped = DistributedDataParallel(ddp.module, device_ids=ddp.device_ids, output_device=ddp.output_device,
                                             **kwargs)
         rewrapped.forward_sync_buffers = ddp.forward_sync_buffers
-        if ddp is not model:  # compiled: compile the new wrapper the same way (one more compilation)
-            rewrapped = torch.compile(rewrapped, **compile_kwargs(self.accelerator))
         self.rewrapped = rewrapped
         return rewrapped

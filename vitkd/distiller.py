@@ -136,6 +136,7 @@ class Distiller(nn.Module):
             e.loss.configure_taps(student, teacher.model if teacher is not None else None)
             self.student_spec = self.student_spec.merge(e.loss.student_taps)
             self.teacher_spec = self.teacher_spec.merge(e.loss.teacher_taps)
+        self._student_pass = extract
         self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
         self.needs_input_grad = any(e.loss.needs_input_grad for e in entries)
         self._setup_losses(info)
@@ -169,11 +170,16 @@ class Distiller(nn.Module):
         for loss in self.losses.values():
             loss.prepare_for_run(run)
 
-    def student_features(self, images: torch.Tensor) -> Features:
-        """The student's taps and logits on ``images``."""
-        return extract(self.student, images, self.student_spec, 'student')
+    def compile_student(self, **compile_kwargs) -> None:
+        """``torch.compile`` the student's training pass (:func:`extract`: taps and logits; AOTAutograd compiles its
+        backward with it). The student module itself is untouched: evaluation, EMA copies and the export stay eager.
+        The first steps pay the compilation (and once more where a phase changes the taps' graph)."""
+        self._student_pass = torch.compile(extract, **compile_kwargs)
 
-    @torch.compiler.disable
+    def student_features(self, images: torch.Tensor) -> Features:
+        """The student's taps and logits on ``images`` (compiled after :meth:`compile_student`)."""
+        return self._student_pass(self.student, images, self.student_spec, 'student')
+
     def teacher_features(self, images: torch.Tensor) -> Features:
         """One frozen teacher pass under ``torch.inference_mode`` on the student's input, taps as contiguous fp32.
 
@@ -181,8 +187,7 @@ class Distiller(nn.Module):
         intermediate blocks stops after the deepest one (``extract(only_requested=True)``). The taps leave inference
         mode as plain copies (autograd may not save inference tensors for the losses' backward); the copies are the
         fp32/NCHW conversion the losses need anyway. The engine's autocast covers the teacher (bf16 body under mixed
-        precision). When the prepared distiller is compiled (``--compile-student``) this pass stays out of its graph:
-        the teacher is compiled by ``--compile-teacher`` alone.
+        precision).
         """
         with torch.inference_mode():
             feats = extract(self.teacher.model, self.teacher.prepare_input(images), self.teacher_spec, 'teacher',

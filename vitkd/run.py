@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import is_compiled_module, set_seed
+from accelerate.utils import set_seed
 from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader
 
@@ -25,7 +25,7 @@ from .config import Config, ConfigError
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
-from .ddp import UnusedParameterSearch, compile_kwargs, ddp_kwargs, sync_buffers_if_needed
+from .ddp import UnusedParameterSearch, ddp_kwargs, sync_buffers_if_needed
 from .distiller import Distiller, LossEntry, idle_parameters_until
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
@@ -284,6 +284,8 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                                 accelerator.num_processes, dataset_targets(train_loader.dataset), entries)
     distiller.to(device)  # parts a method's setup built on the host
     distiller.prepare_for_run(RunContext(cfg=cfg, teacher=teacher, spec=spec, accelerator=accelerator))
+    if cfg.compile_student:
+        distiller.compile_student()
     set_seed(cfg.seed + accelerator.process_index)  # per-process streams from here on (dropout, drop-path)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
@@ -291,15 +293,15 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     distiller, optimizer, val_loader = accelerator.prepare(distiller, optimizer, val_loader)
     sync_buffers_if_needed(distiller)  # DDP settings and why: vitkd.ddp
-    if cfg.compile_student and not is_compiled_module(distiller):  # the whole prepared module: see vitkd.ddp
-        distiller = torch.compile(distiller, **compile_kwargs(accelerator))
     train_loader = accelerator.prepare_data_loader(train_loader, device_placement=False)
     ema = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(accelerator.unwrap_model(distiller).student, decay=cfg.model_ema_decay, device=device)
+        ema = ModelEmaV3(accelerator.unwrap_model(distiller, keep_torch_compile=False).student,
+                         decay=cfg.model_ema_decay, device=device)
     state = TrainState(max_steps=cfg.max_steps)  # scheduler, state and EMA are checkpointed by vitkd.checkpoint
-    unwrapped = accelerator.unwrap_model(distiller)
+    # keep_torch_compile=False: with True, Accelerate re-points a compiled wrapper at the unwrapped module (DDP lost)
+    unwrapped = accelerator.unwrap_model(distiller, keep_torch_compile=False)
     teacher_cache = None
     if cfg.teacher_cache:
         from .teacher_cache import TeacherCache
