@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,10 +38,27 @@ from vitkd.distiller import Distiller, LossEntry  # noqa: E402
 from vitkd.losses import RunInfo, create_loss  # noqa: E402
 from vitkd.models import Teacher, set_fused_attention  # noqa: E402
 from vitkd.teacher_cache import TeacherCache  # noqa: E402
-from vitkd.training import TrainBatch  # noqa: E402
+from vitkd.training import NonFiniteGuard, TermMeter, TrainBatch, TrainState  # noqa: E402
 
 Batch = tuple  # (images [B, C, H, W], soft targets [B, K], labels [B], indices [B]) on the device, indices on the host
 Step = Callable[[int], None]  # one full training step on batch number i (forward, backward, optimizer step)
+
+# What engine.train_one_epoch does in a step besides forward, backward and the update (the ablation times each):
+# the gradient norm (checked for non-finite values), the logged terms' device-side bookkeeping (TermMeter, train
+# top-1), the non-finite guard's device record (NonFiniteGuard, --nan-policy stop).
+STEP_EXTRAS = ('grad_norm', 'terms', 'guard')
+# CUDA settings of every variant, vitkd's and timm's alike: what vitkd sets by default (--cuda-tf32,
+# --cudnn-benchmark) and what timm's train.py users set (its docs recommend both for speed).
+CUDA_TF32, CUDNN_BENCHMARK = True, True
+
+
+def cuda_settings() -> dict:
+    """Apply :data:`CUDA_TF32` and :data:`CUDNN_BENCHMARK` (on CUDA) and return them for the report."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = CUDA_TF32
+        torch.backends.cudnn.allow_tf32 = CUDA_TF32
+        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
+    return dict(tf32=CUDA_TF32, cudnn_benchmark=CUDNN_BENCHMARK)
 
 
 def write_report(report: dict, path: str) -> None:
@@ -123,13 +141,13 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
                precision: str, *, loss_opts: Optional[dict] = None, cache_dir: Optional[Path] = None,
                cache_topk: Optional[int] = None, channels_last: Optional[bool] = None,
                fused_attention: Optional[bool] = None, compiled: bool = False, fused_adamw: bool = False,
-               host_sync: bool = True) -> Step:
+               host_sync: bool = True, extras: Sequence[str] = STEP_EXTRAS) -> Step:
     """vitkd's training step: a :class:`Distiller` with ``loss`` (``'none'``: task CE only, no teacher), the teacher
     live or, with ``cache_dir``, replayed from a :class:`TeacherCache` recorded first (read with the batch's host
     indices, as ``vitkd.training.EpochBatches`` reads it; the read and the logit rebuild are inside the step), then
-    backward, the gradient norm the engine checks for non-finite values, AdamW: the calls ``vitkd.engine.train_one_epoch``
-    makes for a step, without the accelerator (one process, bf16 through autocast as Accelerate applies it) and
-    without its logging bookkeeping (a few small device ops accumulating the terms).
+    backward, the ``extras`` and AdamW: the calls ``vitkd.engine.train_one_epoch`` makes for a step, without the accelerator
+    (one process, bf16 through autocast as Accelerate applies it). As ``vitkd.run.build_run`` does, the teacher is cast
+    to bf16 when the precision is bf16.
 
     Args:
         loss_opts: the loss's options (``--loss-opts`` as a dict, e.g. ``{'projector': 'orthogonal_cayley'}``).
@@ -138,9 +156,12 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
         fused_attention: timm's fused attention in the student (None: vitkd's choice, off on CPU as ``build_run``).
         compiled: ``--compile`` and ``--compile-student`` (the teacher's forward paths, the student's training pass).
         fused_adamw: torch's fused AdamW kernel (CUDA).
-        host_sync: read the loss on the host every step, as the engine's non-finite check does.
+        host_sync: read the loss on the host every step.
+        extras: which of :data:`STEP_EXTRAS` the step makes (default: all, as the engine).
     """
     t = Teacher(teacher_model, teacher_name, channels_last=channels_last) if teacher_model is not None else None
+    if t is not None and precision == 'bf16':
+        t.cast(torch.bfloat16)
     if fused_attention is None:
         fused_attention = device.type != 'cpu'
     set_fused_attention(student, fused_attention)
@@ -158,21 +179,34 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
         cache = record_cache(distiller, batches, classes, cache_topk or classes, cache_dir, device, precision)
     distiller.train()
     params = [p for p in distiller.parameters() if p.requires_grad]
+    engine_state = SimpleNamespace(num_processes=1, scaler=None, sync_gradients=True)
+    meter, guard, state = TermMeter(engine_state), NonFiniteGuard('stop', distiller, engine_state), TrainState()
 
     def step(batch_no: int) -> None:
         b = batch_no % len(batches)
         images, targets, labels, index, host_index = batches[b]
         with autocast(device, precision):
             feats = cache.features(images, host_index, b, b) if cache is not None else None
-            out = distiller(TrainBatch(images, targets, labels, index=index, host_index=host_index.numpy(),
-                                       teacher_features=feats))
+            batch = TrainBatch(images, targets, labels, index=index, host_index=host_index.numpy(),
+                               teacher_features=feats)
+            out = distiller(batch)
         loss_value = out['loss']
         if host_sync:
             loss_value.item()
         loss_value.backward()
-        torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]) \
+            if 'grad_norm' in extras else None
+        terms = {'loss': out['loss'], **out['terms']}
+        if 'terms' in extras:
+            terms['top1'] = (out['logits'].detach().argmax(-1) == labels).float().mean() * 100
+            finite = meter.add(terms, images.shape[0])
+        if 'guard' in extras:
+            if 'terms' not in extras:
+                finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in terms.values()])).all()
+            guard.check(state, terms, finite, grad_norm, batch, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        state.step += 1
     return step
 
 
@@ -224,6 +258,7 @@ def serve(conn, threads: int, init: Optional[Callable[[], object]] = None) -> No
     over the round); ``('release', None)`` drops the variant; ``('stop', None)`` ends the process.
     """
     torch.set_num_threads(threads)
+    cuda_settings()
     if init is not None:
         init()
     device = device_now()
@@ -347,8 +382,13 @@ def interleave(pool: WorkerPool, workers: dict[str, int], rounds: int, steps: in
     return times, memory
 
 
+MIN_ROUNDS_FOR_QUARTILES = 4
+
+
 def quartiles(values: Sequence[float]) -> list[float]:
-    """[first quartile, third quartile] (both the value itself for one value)."""
+    """[first quartile, third quartile] (both the value itself for one value). ``statistics.quantiles``' default
+    (exclusive) method puts the quartiles of n values at ranks (n + 1)/4 and 3(n + 1)/4: the minimum and maximum for
+    n ≤ 3, inside the data from :data:`MIN_ROUNDS_FOR_QUARTILES` values on."""
     return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else [values[0]] * 2
 
 

@@ -11,12 +11,16 @@ rounds, ratios as medians of per-round ratios with their quartiles), for each st
   teacher, batches and precision.
 
 The vitkd variants take the calls ``vitkd.engine.train_one_epoch`` makes for a step (``_common.vitkd_step``): Distiller
-forward under bf16 autocast, backward, AdamW. Both vitkd and timm.task use timm's ``create_optimizer_v2`` AdamW with
+forward under bf16 autocast with the teacher cast to bf16 (as ``build_run`` does), backward, the step's extras (the
+gradient norm, the terms' bookkeeping, the non-finite guard's record), AdamW; ``--ablation`` adds a DeiT-S group that
+times ``vitkd_live`` without each extra and without any (each one's share of the step: 1 − t(without) / t(with), per
+round). Every variant, timm's included, runs with TF32 and cuDNN autotuning on (``_common.cuda_settings``: vitkd's
+defaults, and what timm users set). Both vitkd and timm.task use timm's ``create_optimizer_v2`` AdamW with
 torch's fused kernel on CUDA (``fused=True``; on CPU torch's default). Students ``deit_{tiny,small,base}_distilled_
 patch16_224`` and the teacher ``regnety_160`` have random weights (``pretrained=False``: nothing is downloaded), 1000
-classes, batch 128, 224 px. With ``--compiled`` the DeiT-S group runs again compiled: vitkd with ``--compile
---compile-student`` (the teacher's forward paths and the student's training pass), timm.task with its own
-``compile()`` (its student and its teacher). The DeiT-S group also times VkD (``vkd``, α = γ = 1) with each projector
+classes, batch 128, 224 px. With ``--compiled`` the DeiT-S group runs again compiled: vitkd as with ``--compile``
+(the teacher's forward paths and the student's training pass), timm.task with its own ``compile()`` (its student and its
+teacher). The DeiT-S group also times VkD (``vkd``, α = γ = 1) with each projector
 map of ``--vkd-maps`` (``vitkd/losses/vkd.py``: ``orthogonal`` = torch's Householder parametrisation, the paper's;
 ``orthogonal_cayley``; ``orthogonal_matrix_exp``) and with a plain ``linear`` projector: the map's share of the step is
 1 − t(linear) / t(map) per round (the orthogonal parametrisation's forward and backward; the projection matmul itself
@@ -27,7 +31,7 @@ Reported: img/s (median over the rounds, slowest and fastest round), peak GPU me
 the goal lines: vitkd_live ≥ 1.3× timm_task (DeiT-S), vitkd_cached ≥ 0.95× student_only (DeiT-S), vitkd_live's peak
 memory ≤ timm_task's. ``--budget-s`` skips the groups (and rounds) that would start after it and lists them.
 
-    python benchmarks/bench_gpu_step.py --compiled --out docs/bench/gpu/bench_gpu_step.json     # H200: ≤ 4 min
+    python benchmarks/bench_gpu_step.py --compiled --ablation --out docs/bench/gpu/bench_gpu_step.json  # H200: ≤ 4 min
     python benchmarks/bench_gpu_step.py --tiny --students small --rounds 2 --steps 1 --warmup 1   # CPU smoke run
 """
 from __future__ import annotations
@@ -53,6 +57,7 @@ GOALS = {'vitkd_live / timm_task': ('≥', 1.3), 'vitkd_cached / student_only': 
 PAIRS = [('vitkd_live', 'timm_task'), ('vitkd_cached', 'student_only'), ('vitkd_cached', 'timm_task'),
          ('vitkd_live', 'student_only'), ('timm_task', 'student_only')]
 CACHE_TOPK = 10
+ABLATION = ('vitkd_live', *(f'vitkd_live-no_{e}' for e in C.STEP_EXTRAS), 'vitkd_live-no_extras')
 
 
 def build_variant(tmp: Path, variant: str, student: str, setup: dict, batches: int, precision: str, compiled: bool,
@@ -73,6 +78,11 @@ def build_variant(tmp: Path, variant: str, student: str, setup: dict, batches: i
     if variant == 'vitkd_cached':
         return C.vitkd_step(student_model, teacher_model, setup['teacher'], 'deit_hard', data, device, precision,
                             cache_dir=tmp, cache_topk=CACHE_TOPK, **common)
+    if variant.startswith('vitkd_live-'):  # the ablation: vitkd_live without one of the step's extras, or any
+        dropped = variant.removeprefix('vitkd_live-no_')
+        extras = () if dropped == 'extras' else tuple(e for e in C.STEP_EXTRAS if e != dropped)
+        return C.vitkd_step(student_model, teacher_model, setup['teacher'], 'deit_hard', data, device, precision,
+                            extras=extras, **common)
     if variant.startswith('vkd_'):
         return C.vitkd_step(student_model, teacher_model, setup['teacher'], 'vkd', data, device, precision,
                             loss_opts={'projector': variant.removeprefix('vkd_')}, **common)
@@ -87,6 +97,8 @@ def groups(args) -> list[dict]:
            ] if 'small' in args.students else []
     out += [dict(name=f'deit_{s} eager', student=s, compiled=False, variants=list(VARIANTS))
             for s in ('tiny', 'base') if s in args.students]
+    if args.ablation and 'small' in args.students:
+        out.append(dict(name='deit_small extras', student='small', compiled=False, variants=list(ABLATION)))
     if args.compiled and 'small' in args.students:
         out.append(dict(name='deit_small compiled', student='small', compiled=True, variants=list(VARIANTS)))
     return out
@@ -111,6 +123,14 @@ def summarize(times: dict, memory: dict, batch: int, vkd_maps) -> dict:
     if share:
         result['projector_share_of_step'] = share
         result['projector_share_quartiles'] = share_quartiles
+    extras = {}
+    for e in (*C.STEP_EXTRAS, 'extras'):  # 1 − t(without it) / t(the engine's step), per round
+        t_all, t_without = times.get('vitkd_live'), times.get(f'vitkd_live-no_{e}')
+        if t_all and t_without and len(t_all) == len(t_without):
+            per_round = [1 - w / a for a, w in zip(t_all, t_without)]
+            extras[e] = dict(share=statistics.median(per_round), quartiles=C.quartiles(per_round))
+    if extras:
+        result['extras_share_of_step'] = extras
     return result
 
 
@@ -138,6 +158,10 @@ def print_report(report: dict) -> None:
         for name, value in res['ratios'].items():
             low, high = res['ratio_quartiles'].get(name, (value, value))
             print(f'{"":<4}{name:<44}{value:>6.2f}×  [{low:.2f}–{high:.2f}]')
+        for e, value in res.get('extras_share_of_step', {}).items():
+            low, high = value['quartiles']
+            print(f'{"":<4}{e + " share of the step":<44}{100 * value["share"]:>6.1f}%  '
+                  f'[{100 * low:.1f}–{100 * high:.1f}]')
         for m, value in res.get('projector_share_of_step', {}).items():
             low, high = res['projector_share_quartiles'][m]
             print(f'{"":<4}{"vkd " + m + " map share of the step":<44}{100 * value:>6.1f}%  '
@@ -161,8 +185,12 @@ def main(argv=None) -> int:
                    help='VkD projector maps timed on DeiT-S (none: no VkD variants)')
     p.add_argument('--batches', type=int, default=4, help='distinct batches cycled through (the cached "epoch")')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per variant (compiled: pays compilation)')
-    p.add_argument('--rounds', type=int, default=3, help='interleaved rounds; each times --steps steps per variant')
-    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--rounds', type=int, default=7, help='interleaved rounds; each times --steps steps per variant '
+                   f'(the quartiles lie inside the data from {C.MIN_ROUNDS_FOR_QUARTILES} rounds on)')
+    p.add_argument('--steps', type=int, default=3)
+    p.add_argument('--ablation', action='store_true',
+                   help='add the DeiT-S group timing vitkd_live without each of the step\'s extras '
+                        f'({", ".join(C.STEP_EXTRAS)}) and without any')
     p.add_argument('--host-sync', action='store_true',
                    help='read the loss on the host every step (both vitkd and timm.task)')
     p.add_argument('--threads', type=int, default=None, help='intra-op threads per worker (default: cores / workers)')
@@ -199,10 +227,14 @@ def main(argv=None) -> int:
                    device='cuda' if cuda else 'cpu', tiny=args.tiny, batches=args.batches, warmup=args.warmup,
                    rounds=args.rounds, steps_per_round=args.steps, host_sync=args.host_sync, threads=threads,
                    budget_s=args.budget_s, teacher_cache_topk=CACHE_TOPK, weights='random (pretrained=False)',
+                   cuda=C.cuda_settings(), step_extras=list(C.STEP_EXTRAS),
+                   teacher_dtype_vitkd='bf16 (cast, as vitkd)' if args.precision == 'bf16' else 'fp32',
                    optimizer='timm create_optimizer_v2 adamw, ' + ('torch fused kernel' if cuda else 'torch default'),
                    machine=C.machine(), date=time.strftime('%Y-%m-%d'), wall_s=round(time.time() - start, 1)),
         results=results, failed=failed, skipped=skipped, goals=goal_lines(results))
     print_report(report)
+    if args.rounds < C.MIN_ROUNDS_FOR_QUARTILES:
+        print(f'note: with {args.rounds} rounds the quartiles are the slowest and fastest rounds')
     C.write_report(report, args.out)
     return 0
 

@@ -5,6 +5,11 @@
 #
 #   bash scripts/gpu_check.sh                       # on a CUDA machine with torch, timm, accelerate installed
 #   PARTS="tier step" bash scripts/gpu_check.sh     # a subset: versions tier step e2e
+#   TIER_K="reads_from_the_device or nd_centres" PARTS=tier bash scripts/gpu_check.sh   # some of the tier (pytest -k)
+#
+# The tier: every method's bf16 step, autocast, the compiled distiller, the teacher cache, exact resume,
+# --eval-student, host reads only on logging steps (VkD, CRD, DIST, fp16, EMA, ND; CUDA sync-debug warnings counted
+# too) and ND's class-centre pass. The step benchmark runs with --ablation (the cost of the step's extras).
 #
 # Wheels in .whl/ (e.g. a newer timm) are installed to /tmp/site first and put on PYTHONPATH.
 set -uo pipefail
@@ -30,12 +35,12 @@ if part versions; then
   stamp versions
 fi
 if part tier; then
-  timeout "${TIER_S:-240}" "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rs --durations=10 2>&1 \
-    | tee "$OUT/gpu_tier.txt"
+  timeout "${TIER_S:-360}" "$PY" -m pytest -q -m gpu tests/test_gpu.py ${TIER_K:+-k "$TIER_K"} -p no:cacheprovider -rs \
+    --durations=10 2>&1 | tee "$OUT/gpu_tier.txt"
   stamp tier
 fi
 if part step; then
-  timeout "${STEP_S:-240}" "$PY" benchmarks/bench_gpu_step.py --compiled --budget-s "${STEP_BUDGET_S:-170}" \
+  timeout "${STEP_S:-240}" "$PY" benchmarks/bench_gpu_step.py --compiled --ablation --budget-s "${STEP_BUDGET_S:-170}" \
     --out "$OUT/bench_gpu_step.json" 2>&1 | tee "$OUT/bench_gpu_step.txt"
   stamp step
 fi

@@ -31,6 +31,16 @@ def test_speed_ratios_are_medians_of_per_round_ratios():
     assert img_per_s == {'fast': 8.0} and extremes == {'fast': [4.0, 8.0]}
 
 
+def test_quartiles_leave_the_extremes_from_four_rounds_on():
+    assert _common.quartiles([3.0, 1.0, 2.0]) == [1.0, 3.0]  # three rounds: the quartiles are min and max
+    rounds = [5.0, 1.0, 4.0, 2.0, 3.0, 7.0, 6.0]
+    low, high = _common.quartiles(rounds)
+    assert (low, high) == (2.0, 6.0)  # ranks (n + 1) / 4 = 2 and 3 (n + 1) / 4 = 6 of the sorted rounds
+    assert _common.MIN_ROUNDS_FOR_QUARTILES == 4
+    low, high = _common.quartiles([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 < low and high < 4.0
+
+
 def test_steady_rate_recovers_the_rate_between_log_records(tmp_path):
     # batch 10: step 10 logged at 5 s, step 20 at 7 s, step 30 at 9 s (running rates since the epoch began)
     records = [dict(kind='step', epoch=s / 100, step=s, img_per_s=10 * s / t) for s, t in ((10, 5.0), (20, 7.0),
@@ -45,8 +55,16 @@ def test_steady_rate_recovers_the_rate_between_log_records(tmp_path):
 @pytest.mark.ci_once
 def test_gpu_step_benchmark_tiny(tmp_path):
     report = _run('bench_gpu_step', tmp_path, '--tiny', '--students', 'small', '--rounds', '2', '--steps', '1',
-                  '--warmup', '1', '--vkd-maps', 'orthogonal', '--budget-s', '600')
+                  '--warmup', '1', '--vkd-maps', 'orthogonal', '--ablation', '--budget-s', '600')
     assert not report['failed'] and not report['skipped']
+    assert report['setup']['cuda'] == {'tf32': True, 'cudnn_benchmark': True}
+    extras = report['results']['deit_small extras']
+    t = extras['seconds_per_step']
+    assert set(t) == {'vitkd_live', 'vitkd_live-no_grad_norm', 'vitkd_live-no_terms', 'vitkd_live-no_guard',
+                      'vitkd_live-no_extras'}
+    for e in ('grad_norm', 'terms', 'guard', 'extras'):
+        per_round = [1 - w / a for a, w in zip(t['vitkd_live'], t[f'vitkd_live-no_{e}'])]
+        assert extras['extras_share_of_step'][e]['share'] == pytest.approx(statistics.median(per_round))
     res = report['results']['deit_small eager']
     times, batch = res['seconds_per_step'], report['setup']['batch']
     assert set(times) == {'student_only', 'vitkd_live', 'vitkd_cached', 'timm_task', 'vkd_orthogonal', 'vkd_linear'}

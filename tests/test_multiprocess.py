@@ -93,6 +93,8 @@ PROBE = textwrap.dedent('''
                     teacher_is_ddp=isinstance(r.teacher, DDP) or isinstance(r.teacher.model, DDP),
                     teacher_params_in_ddp=any(id(p) in teacher_ids for p in r.distiller.parameters()),
                     find_unused=getattr(r.distiller, 'find_unused_parameters', None),
+                    forward_sync_buffers=getattr(r.distiller, 'forward_sync_buffers', None),
+                    bucket_view=getattr(r.distiller, 'gradient_as_bucket_view', None),
                     teacher_checksum=float(sum(p.double().abs().sum() for p in r.teacher.model.parameters())))
         Path(os.environ['PROBE_OUT'], f'rank{accelerator.process_index}.json').write_text(json.dumps(info))
         built.append((accelerator.process_index, weakref.ref(r.distiller)))
@@ -100,6 +102,24 @@ PROBE = textwrap.dedent('''
 
     built = []
     runlib.build_run = probed
+    if os.environ.get('PROBE_DDP_DEFAULTS') == 'torch':  # DDP as torch/Accelerate default it, for comparison
+        from accelerate.utils import DistributedDataParallelKwargs
+        from vitkd import ddp
+        runlib.ddp_kwargs = lambda find_unused_parameters: DistributedDataParallelKwargs(
+            find_unused_parameters=find_unused_parameters)
+        ddp.sync_buffers_if_needed = runlib.sync_buffers_if_needed = lambda model: model
+    from vitkd.ddp import UnusedParameterSearch
+    model_for_step = UnusedParameterSearch.model_for_step
+
+    def recorded(self, model, epoch):
+        new = model_for_step(self, model, epoch)
+        if new is not model:
+            rank = int(os.environ.get('RANK', 0))
+            Path(os.environ['PROBE_OUT'], f'rewrap{rank}.json').write_text(json.dumps(dict(
+                epoch=epoch, find_unused=new.find_unused_parameters)))
+        return new
+
+    UnusedParameterSearch.model_for_step = recorded
     code = main.main(sys.argv[1:])
     for rank, ref in built:
         Path(os.environ['PROBE_OUT'], f'after-rank{rank}.json').write_text(json.dumps({'ddp_alive': ref() is not None}))
@@ -155,9 +175,10 @@ def run_one_process(args: list[str], float64: bool = False) -> subprocess.Comple
                           env=_env(float64=float64), cwd=REPO, timeout=300)
 
 
-def run_two_processes(args: list[str], tmp: Path, float64: bool = False) -> tuple[subprocess.CompletedProcess,
-                                                                                  list[dict]]:
-    """``accelerate launch`` with 2 CPU processes on the probe; returns the result and each rank's probe record."""
+def run_two_processes(args: list[str], tmp: Path, dynamo_backend: str = 'no', float64: bool = False,
+                      **env) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``accelerate launch`` with 2 CPU processes on the probe; returns the result and each rank's probe record (with
+    ``rewrap``: the step at which DDP dropped its unused-parameter search, if it did)."""
     probe_out = tmp / f'probe-{len(list(tmp.glob("probe-*")))}'
     probe_out.mkdir()
     script = tmp / 'probe_main.py'
@@ -165,12 +186,16 @@ def run_two_processes(args: list[str], tmp: Path, float64: bool = False) -> tupl
     launcher = Path(sys.executable).with_name('accelerate')
     launch = [str(launcher), 'launch'] if launcher.exists() else [sys.executable, '-m', 'accelerate.commands.launch']
     cmd = [*launch, '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
-           '--dynamo_backend', 'no', '--main_process_port', '0', '--num_cpu_threads_per_process', '1', str(script),
+           '--dynamo_backend', dynamo_backend, '--main_process_port', '0', '--num_cpu_threads_per_process', '1', str(script),
            *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(probe_out, float64), cwd=REPO, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(_env(probe_out, float64), **env), cwd=REPO,
+                            timeout=300)
     probes = [json.loads(p.read_text()) for p in sorted(probe_out.glob('rank*.json'))]
     for probe, after in zip(probes, sorted(probe_out.glob('after-rank*.json'))):
         probe.update(json.loads(after.read_text()))
+    for rank, probe in enumerate(probes):
+        rewrap = probe_out / f'rewrap{rank}.json'
+        probe['rewrap'] = json.loads(rewrap.read_text()) if rewrap.exists() else None
     return result, probes
 
 
@@ -200,12 +225,13 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert abs(a[-1]['loss'] - a[0]['loss']) > 1e-2  # it trained: the curves compared are not flat
 
 
-def assert_probes(probes: list[dict], find_unused: bool) -> None:
+def assert_probes(probes: list[dict], find_unused: bool, forward_sync_buffers: bool = False) -> None:
     assert [p['rank'] for p in probes] == [0, 1] and all(p['world'] == 2 for p in probes)
     for p in probes:
         assert p['distiller_is_ddp'] and not p['teacher_is_ddp'] and not p['teacher_params_in_ddp']
         assert p['find_unused'] is find_unused
         assert p['ddp_alive'] is False  # collected before main() returned, while Python can still run its destructors
+        assert p['forward_sync_buffers'] is forward_sync_buffers and p['bucket_view'] is True
     assert probes[0]['teacher_checksum'] == probes[1]['teacher_checksum']  # same (random) teacher on both ranks
 
 
@@ -277,3 +303,49 @@ def test_two_processes_record_and_replay_the_teacher_cache(image_folder, tmp_pat
     for ra, rb in zip(a, b):  # first run: epoch 0 live, epoch 1 replayed; second run: both replayed
         for k in ('loss', 'task', 'vkd.repr', 'vkd.kl'):
             assert rb[k] == pytest.approx(ra[k], rel=2e-3, abs=1e-4), (ra['step'], k)
+
+
+@pytest.mark.slow
+def test_warm_up_searches_unused_parameters_only_for_its_first_step_and_trains_the_same(image_folder, tmp_path):
+    """A linear warm-up skips its term at epoch 0 only: DDP starts with the search, is rewrapped without it at the
+    next optimizer step, and the weights are bit-identical to DDP with torch's defaults (search for the whole run,
+    buffers broadcast at every forward, gradients copied out of the buckets): the same sums of the same gradients.
+    Against one process at the doubled batch, the usual reduction-order tolerance (assert_same_training)."""
+    warm = ['--distill', 'vkd', '--loss-opts', 'vkd.warmup_epochs=1']
+    one = run_one_process(_args(image_folder, tmp_path / 'one', 16, *warm))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, probes = run_two_processes(_args(image_folder, tmp_path / 'two', 8, *warm), tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_probes(probes, find_unused=True)
+    assert all(p['rewrap'] == {'epoch': pytest.approx(1 / 4), 'find_unused': False} for p in probes)  # 4 steps/epoch
+    assert_same_training(tmp_path / 'one', tmp_path / 'two')
+    torch_defaults, probes = run_two_processes(_args(image_folder, tmp_path / 'torch', 8, *warm, '--ddp-find-unused'),
+                                               tmp_path, PROBE_DDP_DEFAULTS='torch')
+    assert torch_defaults.returncode == 0, torch_defaults.stderr[-3000:]
+    assert all(p['find_unused'] and p['forward_sync_buffers'] and not p['bucket_view'] and p['rewrap'] is None
+               for p in probes)
+    ours, theirs = (load_file(tmp_path / run / 'student' / 'model.safetensors') for run in ('two', 'torch'))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert step_records(tmp_path / 'two') == [{**r, 'img_per_s': a['img_per_s']} for r, a in
+                                             zip(step_records(tmp_path / 'torch'), step_records(tmp_path / 'two'))]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason='a prepared module compiled as a whole (accelerate launch --dynamo_backend) '
+                   'trains differently from eager from the third step of a warm-up run: the distiller\'s forward '
+                   'reads the fractional epoch as a Python number')
+def test_launcher_compiled_ddp_module_with_a_warm_up_trains_like_eager(image_folder, tmp_path):
+    """``accelerate launch --dynamo_backend aot_eager`` compiles the DDP-wrapped distiller (dynamo's graphs and DDP
+    optimiser without inductor's code generation); it stays DDP-wrapped (vitkd unwraps it without re-pointing the
+    compiled wrapper) and keeps the unused-parameter search. Expected: the eager 2-process run's losses and weights
+    within fp32 reordering (the tolerance of assert_same_training)."""
+    warm = ['--distill', 'vkd', '--loss-opts', 'vkd.warmup_epochs=1']
+    eager, _ = run_two_processes(_args(image_folder, tmp_path / 'eager', 8, *warm), tmp_path)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    compiled, probes = run_two_processes(_args(image_folder, tmp_path / 'compiled', 8, *warm), tmp_path,
+                                         dynamo_backend='aot_eager')
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert all(p['rewrap'] is None and p['find_unused'] and not p['distiller_is_ddp'] for p in probes)  # compiled DDP
+    assert_same_training(tmp_path / 'eager', tmp_path / 'compiled')

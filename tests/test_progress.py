@@ -117,3 +117,37 @@ def test_validation_metrics_go_to_the_step_of_the_epoch_end(tmp_path):
     epoch_line = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()][-1]
     assert epoch_line['step'] == 117
     assert '12.346' in (tmp_path / 'epochs.csv').read_text()
+
+
+def test_data_wait_share_counts_the_time_the_loop_waited_for_the_loader():
+    """A loader that sleeps 3 s per batch (on a fake clock) before a step of 1 s: after the first batch (whose wait is
+    the workers' start-up, left out), the loop waited 3 of every 4 seconds."""
+    clock = Clock()
+
+    def sleepy_loader(n, wait):
+        for i in range(n):
+            clock.now += wait
+            yield i
+
+    class Sized:
+        def __init__(self, n, wait):
+            self.n, self.wait = n, wait
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            return sleepy_loader(self.n, self.wait)
+
+    out = io.StringIO()
+    bar = EpochProgress(Sized(9, 3.0), MAIN, 0, 1, log_every=4, stream=out, clock=clock)
+    for _ in bar:
+        clock.now += 1.0  # the step
+    assert bar.data_wait == pytest.approx(8 * 3.0)
+    assert bar.data_wait_share() == pytest.approx(8 * 3.0 / (8 * (3.0 + 1.0)))  # from the first batch's end on
+    lines = out.getvalue().splitlines()
+    assert 'data-wait 75%' in lines[0] and '(75% waiting for data)' in lines[-1]
+    fast = EpochProgress(Sized(9, 0.0), MAIN, 0, 1, log_every=4, stream=io.StringIO(), clock=clock)
+    for _ in fast:
+        clock.now += 1.0
+    assert fast.data_wait_share() == 0.0

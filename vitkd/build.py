@@ -20,8 +20,8 @@ from .losses import LossSpecError, RunInfo, create_loss
 from .models import Teacher, create_student, create_teacher, set_fused_attention
 
 __all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
-           'build_data', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler', 'BatchMixer',
-           'scaled_lr', 'eval_data_config', 'resolve_weights']
+           'build_data', 'build_eval_loader', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler',
+           'BatchMixer', 'scaled_lr', 'eval_data_config', 'resolve_weights']
 
 _logger = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ def eval_data_config(cfg: Config, input_size, mean, std) -> dict:
 def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
     """(train loader, val loader, DataSpec).
 
-    The training loader keeps its workers between epochs; on CUDA both pin their batches (the step copies them to the
-    device without blocking) and keep 4 batches per worker in flight.
+    The training loader keeps its workers between epochs; on CUDA it pins its batches (the step copies them to the
+    device without blocking) and keeps 4 batches per worker in flight. The validation loader: :func:`build_eval_loader`.
     """
     train_tf, eval_tf = build_transforms(cfg, input_size, mean, std)
     train, val = build_datasets(cfg.dataset, cfg.data_path, train_tf, eval_tf, cfg.train_subset, cfg.seed,
@@ -173,11 +173,21 @@ def build_data(cfg: Config, input_size, mean, std, world_size: int = 1):
                               worker_init_fn=seed_worker, **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f'--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)')
-    val_loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False,
-                            **{**loader_kwargs, 'persistent_workers': False})  # no idle workers while training
+    val_loader = build_eval_loader(val, cfg)
     spec = DataSpec(num_classes=len(classes), input_size=tuple(input_size), mean=tuple(mean), std=tuple(std),
                     classes=classes)
     return train_loader, val_loader, spec
+
+
+def build_eval_loader(dataset, cfg: Config) -> DataLoader:
+    """The validation loader (training runs and ``--eval-student``): batches of 1.5 × ``--batch-size`` in order,
+    ``--num-workers`` workers kept alive between evaluations (a run evaluates every ``--eval-every`` epochs; starting
+    the workers again each time costs seconds), pinned batches on CUDA."""
+    workers = cfg.num_workers if cfg.num_workers is not None else 0
+    cuda = torch.cuda.is_available()
+    return DataLoader(dataset, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=workers, pin_memory=cuda,
+                      multiprocessing_context=worker_context(workers), persistent_workers=workers > 0,
+                      prefetch_factor=4 if cuda and workers > 0 else None)
 
 
 class BatchMixer:

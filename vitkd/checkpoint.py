@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -42,7 +43,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
+from accelerate.checkpointing import save_accelerator_state
+from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, save
 
+from .async_save import BackgroundWriter, host_copy, host_module
 from .config import Config, ConfigError
 from .data import train_set_fingerprint
 from .errors import HubError, SaveError, server_failure
@@ -600,9 +604,10 @@ class Checkpointer:
     """
 
     def __init__(self, cfg: Config, run, out_dir: Path, accelerator, argv: Optional[list[str]] = None,
-                 before_save: Optional[Callable[[Any], None]] = None):
+                 before_save: Optional[Callable[[Any], None]] = None, background: bool = False):
         """``before_save(train_state)`` runs before every save and may raise to prevent it (the non-finite guard:
-        a step whose loss was NaN is never saved)."""
+        a step whose loss was NaN is never saved). ``background``: write the main process's files on a thread
+        (see :meth:`save`)."""
         self.cfg, self.r, self.out_dir, self.acc = cfg, run, Path(out_dir), accelerator
         self.before_save = before_save
         self.argv = list(sys.argv[1:] if argv is None else argv)
@@ -614,6 +619,8 @@ class Checkpointer:
         self.preempted = False
         # what the training set is (size, file list hash, classes): a resume on other data is refused
         self.data_record = dict(train_set_fingerprint(run.train_loader.dataset), num_classes=run.spec.num_classes)
+        self.writer = BackgroundWriter() if background else None
+        self._pending: Optional[tuple[Path, Path, Optional[dict]]] = None  # (final, tmp, best) of a background save
         # accelerate saves a DDP model with 'module.' keys; store the unwrapped distiller instead (portable across
         # world sizes, and the student is readable as 'student.*'), and load it back strictly ourselves.
         accelerator.register_save_state_pre_hook(self._save_models_hook)
@@ -647,7 +654,13 @@ class Checkpointer:
         A write that fails with an ``OSError`` (a full disk, a quota) on any process removes the partial
         ``.tmp`` folder, says which previous checkpoint is intact (``--resume auto`` would take it) and returns None:
         training continues and the next save tries again. Every process takes the same decision.
+
+        With ``background`` (:mod:`vitkd.async_save`) each process writes its RNG states here and the main process's
+        files are written by a thread from a host copy taken here; :meth:`wait` (called by the next save and at the
+        end of the run) settles that write with the same decisions and messages. Returns the checkpoint's path (where
+        it will be, in the background case).
         """
+        self.wait()
         acc, r = self.acc, self.r
         if self.before_save is not None:
             self.before_save(r.state)
@@ -669,28 +682,84 @@ class Checkpointer:
         failed = self._failed_anywhere(error)  # a collective: also the barrier before every process writes
         if not failed:
             try:
-                acc.save_state(str(tmp))  # distiller (via the hook), optimizer, RNG states of every process
+                if self.writer is None:
+                    acc.save_state(str(tmp))  # distiller (via the hook), optimizer, RNG states of every process
+                else:
+                    save_accelerator_state(tmp, [], [], [], [], acc.process_index, acc.step,
+                                           save_on_each_node=acc.project_configuration.save_on_each_node)  # RNG only
             except OSError as e:
                 error = e
             failed = self._failed_anywhere(error)  # every process has written its RNG state before the rename
+        if failed:
+            return self._conclude(final, tmp, best, error, committed=False, failed=True)
+        state = json.dumps(dict(self._trainer_state(), best=best), indent=1) + '\n'
+        if self.writer is None:
+            error, committed = self._write_main(tmp, final, best, improved, state) if acc.is_main_process else (None,
+                                                                                                                False)
+            return self._conclude(final, tmp, best, error, committed)
+        if acc.is_main_process:
+            accelerator_files = dict(model=host_copy(r.distiller_unwrapped.state_dict()),
+                                     optimizer=host_copy(r.optimizer.state_dict()),
+                                     scaler=host_copy(acc.scaler.state_dict()) if acc.scaler is not None else None)
+            ema = host_copy(r.ema.state_dict()) if r.ema is not None else None
+            self.writer.submit(functools.partial(self._write_main, tmp, final, best, improved, state, ema,
+                                                 host_module(folded_student(r.distiller_unwrapped)),
+                                                 accelerator_files))
+        self._pending = (final, tmp, best)
+        return final
+
+    def _write_main(self, tmp: Path, final: Path, best: Optional[dict], improved: bool, state: str,
+                    ema: Optional[dict] = None, student: Optional[nn.Module] = None,
+                    accelerator_files: Optional[dict] = None) -> tuple[Optional[OSError], bool]:
+        """The main process's part of a save, into ``tmp``: Accelerate's files when given (a background save; else
+        ``save_state`` wrote them), the EMA, the student, the trainer state (last: it marks the folder complete), the
+        commit, then ``best`` and the pruning. Returns (the ``OSError`` met, whether the checkpoint was committed)."""
+        r = self.r
         committed = False
-        if not failed and acc.is_main_process:
-            try:
-                if r.ema is not None:
-                    _save_safetensors(r.ema.state_dict(), tmp / EMA_FILE)
-                export_model(folded_student(r.distiller_unwrapped), tmp / STUDENT_DIR, r.data_config)
-                state = dict(self._trainer_state(), best=best)
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + '\n')  # last: marks complete
-                _commit(tmp, final)
-                committed = True
-                if improved:
-                    with _atomic_dir(self.out_dir / CHECKPOINTS / BEST) as best_tmp:
-                        best_tmp.rmdir()
-                        _copy_tree_linked(final, best_tmp)
-                        (best_tmp / 'metrics.json').write_text(json.dumps(best, indent=1) + '\n')
-                prune_checkpoints(self.out_dir, self.cfg.keep_last)
-            except OSError as e:
-                error = e
+        try:
+            if accelerator_files is not None:  # the files and formats of Accelerate's save_state
+                on_each_node = self.acc.project_configuration.save_on_each_node
+                save(accelerator_files['model'], tmp / SAFE_WEIGHTS_NAME, save_on_each_node=on_each_node,
+                     safe_serialization=True)
+                save(accelerator_files['optimizer'], tmp / f'{OPTIMIZER_NAME}.bin', save_on_each_node=on_each_node,
+                     safe_serialization=False)
+                if accelerator_files['scaler'] is not None:
+                    torch.save(accelerator_files['scaler'], tmp / SCALER_NAME)
+            if r.ema is not None:
+                _save_safetensors(ema if ema is not None else r.ema.state_dict(), tmp / EMA_FILE)
+            export_model(student if student is not None else folded_student(r.distiller_unwrapped), tmp / STUDENT_DIR,
+                         r.data_config)
+            (tmp / STATE_FILE).write_text(state)  # last: marks complete
+            _commit(tmp, final)
+            committed = True
+            if improved:
+                with _atomic_dir(self.out_dir / CHECKPOINTS / BEST) as best_tmp:
+                    best_tmp.rmdir()
+                    _copy_tree_linked(final, best_tmp)
+                    (best_tmp / 'metrics.json').write_text(json.dumps(best, indent=1) + '\n')
+            prune_checkpoints(self.out_dir, self.cfg.keep_last)
+        except OSError as e:
+            return e, committed
+        return None, committed
+
+    def wait(self) -> Optional[Path]:
+        """Settle the background save under way, if any (every process calls it at the same points: the outcome is
+        agreed on). Returns the last checkpoint saved."""
+        if self._pending is None:
+            return self.last_saved
+        final, tmp, best = self._pending
+        self._pending = None
+        result, raised = self.writer.wait()
+        if raised is not None and not isinstance(raised, OSError):
+            raise raised
+        error, committed = result if result is not None else (raised, False)
+        self._conclude(final, tmp, best, error, committed)
+        return self.last_saved
+
+    def _conclude(self, final: Path, tmp: Path, best: Optional[dict], error: Optional[OSError], committed: bool,
+                  failed: bool = False) -> Optional[Path]:
+        """Agree on a save's outcome, warn as needed, and record it (returns ``final``, or None when it failed)."""
+        acc = self.acc
         failed = self._failed_anywhere(error if not committed else None) or failed
         if error is not None and committed:  # the checkpoint is complete; only the best copy or the pruning failed
             acc.print(f'warning: checkpoint {final} saved, but updating checkpoints/best or pruning failed '
@@ -808,6 +877,7 @@ class Checkpointer:
         if self.stop_requested(collective):
             if not last_batch:
                 self.save()
+                self.wait()  # the run stops here: its checkpoint is complete before the resume command is printed
                 self.preempted = True
             return True
         every = self.cfg.save_every_steps

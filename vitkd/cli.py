@@ -64,7 +64,7 @@ def train(argv=None) -> int:
         f'{r.global_batch}, lr {r.lr:.2e}, precision {accelerator.mixed_precision} on {accelerator.device}'
         f'{" (TF32 on)" if accelerator.device.type == "cuda" and cfg.cuda_tf32 else ""}')
     guard = NonFiniteGuard(cfg.nan_policy, r.distiller_unwrapped, accelerator, out_dir)
-    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv, before_save=guard.raise_if_bad)
+    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv, before_save=guard.raise_if_bad, background=True)
     ckpt.resume(resume_from)
     out_dir = runlib.prepare_output_dir(cfg, accelerator)
     if accelerator.is_main_process:
@@ -95,7 +95,9 @@ def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | No
         while state.epoch < cfg.epochs and not state.stop_reason and not state.steps_spent():
             epoch = state.epoch
             train_stats = train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
-                                          cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook)
+                                          cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook,
+                                          unused_search=r.unused_search)
+            r.distiller = r.unused_search.latest(r.distiller)
             faults = runlib.format_faults(train_stats)
             if faults:
                 log(f'warning: epoch {epoch}: {faults}')
@@ -112,10 +114,12 @@ def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | No
                 log(f'epoch {epoch}: ' + ', '.join(f'{k} {v:.3f}' for k, v in train_stats.items()
                                                    if k not in runlib.COUNTS) + ' | ' + runlib.format_heads(metrics))
             logger.epoch(epoch, train_stats, metrics, step=state.step)
-            ckpt.save(metrics if evaluated else None)
+            ckpt.save(metrics if evaluated else None)  # written in the background while the next epoch trains
             if ckpt.stop_requested():
+                ckpt.wait()
                 log(ckpt.preemption_message())
                 return metrics, train_stats, ckpt.exit_code()
+    ckpt.wait()  # the last checkpoint is complete (or its failure reported) before the export
     return metrics, train_stats, None
 
 

@@ -66,8 +66,9 @@ class Config:
     input_size: Optional[int] = option(None, 'image side: DeiT\'s --input-size 224 or timm\'s C H W (3 224 224, square; '
                                        'the channels are the data\'s) (default: the student\'s / data set\'s)',
                                        aliases=('--img-size',), domain=OrNone(Integer(lo=1)))
-    num_workers: Optional[int] = option(None, 'data loader workers per process (default: the CPU cores of the machine '
-                                        'shared by its processes, at most 16)', aliases=('--workers', '-j'),
+    num_workers: Optional[int] = option(None, 'data loader workers per process (default: the cores the process may run '
+                                        'on, shared with the other processes of the machine that may too, capped by '
+                                        'SLURM_CPUS_PER_TASK, less one; 1 to 16)', aliases=('--workers', '-j'),
                                         domain=OrNone(Integer(lo=0)))
     threads: Optional[int] = option(None, 'CPU threads of each process (default: every core for a single CPU process, '
                                  'else the launcher\'s OMP_NUM_THREADS)', domain=OrNone(Integer(lo=1)))

@@ -13,6 +13,7 @@ Every loss runs in fp32 with autocast off, on fp32 copies of the features (the n
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -27,7 +28,7 @@ from .models import Teacher, has_dist_head
 if TYPE_CHECKING:
     from .training import TrainBatch
 
-__all__ = ['Distiller', 'LossEntry', 'may_leave_parameters_unused']
+__all__ = ['Distiller', 'LossEntry', 'idle_parameters_until', 'may_leave_parameters_unused']
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -46,24 +47,41 @@ def _from_inference(t: torch.Tensor) -> torch.Tensor:
     return t.to(_at_least_fp32(t[:0]).dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def may_leave_parameters_unused(entries: Sequence['LossEntry'], epochs: int,
-                                task_weight: Optional[float] = None) -> bool:
-    """True when some training step can leave a trainable parameter without gradient (DDP must then search for them).
+def idle_parameters_until(entries: Sequence['LossEntry'], epochs: int, task_weight: Optional[float] = None) -> float:
+    """The fractional epoch from which no training step leaves a trainable parameter without gradient.
 
-    That happens when a method says so (:attr:`DistillationLoss.may_leave_parameters_unused`: FSP/AB/FT stages whose
-    trainable parts sit idle), when a term is skipped because its weight is 0 (``name:0``, or epoch 0 of a linear
-    warm-up: its projector gets no gradient), or when the task CE is off in some epoch (a fixed ``--task-weight 0``,
-    or a method's :meth:`~DistillationLoss.task_weight` returning 0 — checked over every epoch of the run — which can
-    leave a head untouched).
+    A step at fractional epoch ``e < idle_parameters_until(...)`` may leave some parameter idle, and DDP must then
+    search for such parameters (``find_unused_parameters``); steps at later epochs never do, so the search (a graph
+    traversal per step) can stop there. 0 when no step does, ``math.inf`` when any step may.
+
+    * a method that says so (:attr:`DistillationLoss.may_leave_parameters_unused`: FSP/AB/FT stages whose trainable
+      parts sit idle), a zero weight (``name:0``: the term is skipped, its projector idles), or a fixed
+      ``--task-weight 0`` (nothing trains an unused head): every step (``inf``);
+    * a linear warm-up: its weight is 0 only at fractional epoch 0 (the run's first batch), so the bound is the
+      smallest epoch above 0;
+    * a method whose :meth:`~DistillationLoss.task_weight` is 0 in epoch k (checked at every integer epoch of the run):
+      the task CE is off there, which can leave a head idle, until epoch k + 1.
     """
     if task_weight is not None and task_weight == 0:
-        return True
+        return math.inf
+    until = 0.0
     for e in entries:
-        if e.loss.may_leave_parameters_unused or e.weight == 0 or e.warmup_epochs > 0:
-            return True
+        if e.loss.may_leave_parameters_unused or e.weight == 0:
+            return math.inf
+        if e.warmup_epochs > 0:
+            until = math.nextafter(0.0, 1.0)
     if task_weight is None:
-        return any(e.loss.task_weight(epoch) == 0 for epoch in range(max(1, epochs)) for e in entries)
-    return False
+        for epoch in range(max(1, epochs)):
+            if any(e.loss.task_weight(epoch) == 0 for e in entries):
+                until = max(until, epoch + 1.0)
+    return until
+
+
+def may_leave_parameters_unused(entries: Sequence['LossEntry'], epochs: int,
+                                task_weight: Optional[float] = None) -> bool:
+    """True when some training step can leave a trainable parameter without gradient (see
+    :func:`idle_parameters_until`): DDP must then start with its search for unused parameters."""
+    return idle_parameters_until(entries, epochs, task_weight) > 0
 
 
 @dataclass

@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
+from vitkd.ddp import UnusedParameterSearch
 from vitkd.evaluation import evaluate, evaluate_teacher
 from vitkd.training import EpochBatches, NonFiniteGuard, NonFiniteLossError, TermMeter, TrainState
 
@@ -14,7 +15,8 @@ __all__ = ['train_one_epoch', 'evaluate', 'evaluate_teacher', 'NonFiniteLossErro
 def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelerator, state: TrainState,
                     guard: NonFiniteGuard, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
                     log_fn: Optional[Callable[[dict], None]] = None,
-                    step_hook: Optional[Callable[[bool, bool], bool]] = None) -> dict:
+                    step_hook: Optional[Callable[[bool, bool], bool]] = None,
+                    unused_search: Optional[UnusedParameterSearch] = None) -> dict:
     """One pass over ``batches`` from ``state.batches_done`` on (or until the step/time budget runs out).
 
     ``model`` is the prepared :class:`vitkd.distiller.Distiller`; ``batches`` yields its
@@ -22,19 +24,22 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     values only at logging steps (every ``log_every`` optimizer steps and at the epoch's last batch): there ``guard``
     raises, before the update, when a step since the last check was non-finite (``--nan-policy stop``), the terms are
     logged and a multi-process run agrees on signals and deadlines. ``step_hook(last_batch, collective)`` runs after
-    every optimizer step (periodic checkpoints, preemption) and returns True to stop the epoch. Returns the epoch means
-    of the logged terms (over the processes), img/s, ``samples``, ``skipped_steps`` and, for a data set that counts
-    them, ``corrupt_images``.
+    every optimizer step (periodic checkpoints, preemption) and returns True to stop the epoch. ``unused_search`` drops
+    DDP's search for unused parameters at the first optimizer step that no longer needs it (:mod:`vitkd.ddp`). Returns
+    the epoch means of the logged terms (over the processes), img/s, ``samples``, ``skipped_steps`` and, for a data set
+    that counts them, ``corrupt_images``.
     """
     model.train()
     meter = TermMeter(accelerator)
-    student = accelerator.unwrap_model(model).student if ema is not None else None
+    student = accelerator.unwrap_model(model, keep_torch_compile=False).student if ema is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     check_grads = accelerator.scaler is None  # under fp16 the gradient scaler skips overflowing steps itself
     skipped_before = guard.skipped
     progress = batches.epoch(state)
     for it, batch in progress:
         guard.before_forward()
+        if unused_search is not None and accelerator.step % accelerator.gradient_accumulation_steps == 0:
+            model = unused_search.model_for_step(model, batch.epoch)  # only at an optimizer step's first batch
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 out = model(batch)

@@ -49,15 +49,21 @@ class EpochProgress:
         max_steps: the run's ``--max-steps``, if any.
         accum: batches per optimizer step (gradient accumulation).
         stream: where to write (default: ``sys.stdout``, read when the object is made).
+        clock: seconds, monotonic (default ``time.monotonic``; the tests pass a fake one).
 
     The ETA is the remaining batches of the run (this epoch's, the later epochs', or fewer when ``max_steps`` ends the
     run first) times the mean time of a batch since this epoch's first one, which leaves out the first batch's
     one-off costs (worker start-up, compilation).
+
+    The line also shows the share of that time the loop waited for the loader (``data-wait 35%``): on a GPU the host
+    runs ahead of the device and blocks where it reads a result, so time spent waiting in the loader is time the GPU
+    may have been starved of batches. A large share asks for more ``--num-workers`` (or a teacher cache).
     """
 
     def __init__(self, loader: Iterable, accelerator, epoch: int, epochs: int, log_every: int = 50,
                  total_steps_done_fn: Optional[Callable[[], int]] = None, *, first: int = 0,
-                 num_batches: Optional[int] = None, max_steps: Optional[int] = None, accum: int = 1, stream=None):
+                 num_batches: Optional[int] = None, max_steps: Optional[int] = None, accum: int = 1, stream=None,
+                 clock: Optional[Callable[[], float]] = None):
         self.loader, self.epoch, self.epochs = loader, epoch, epochs
         self.log_every, self.steps_done, self.max_steps = max(1, log_every), total_steps_done_fn, max_steps
         self.accum, self.first = max(1, accum), first
@@ -68,6 +74,8 @@ class EpochProgress:
         self.postfix: dict = {}
         self.done = first
         self.start = self.first_batch_end = None
+        self.clock = clock if clock is not None else time.monotonic
+        self.data_wait = 0.0  # seconds spent waiting for the loader since the first batch
         self.bar = None
         self.closed = False
 
@@ -84,8 +92,16 @@ class EpochProgress:
         timed = self.done - self.first - 1
         if self.first_batch_end is None or timed < 1:
             return None
-        per_batch = (time.monotonic() - self.first_batch_end) / timed
+        per_batch = (self.clock() - self.first_batch_end) / timed
         return per_batch * self.remaining_batches()
+
+    def data_wait_share(self) -> Optional[float]:
+        """The fraction of the time since the first batch that the loop spent waiting for the loader (None before
+        the first batch)."""
+        if self.first_batch_end is None:
+            return None
+        elapsed = self.clock() - self.first_batch_end
+        return min(1.0, self.data_wait / elapsed) if elapsed > 0 else 0.0
 
     # ---- display --------------------------------------------------------------------------------------------------
     def set_postfix(self, terms: dict) -> None:
@@ -99,9 +115,13 @@ class EpochProgress:
         eta = self.eta()
         return 'run ETA ' + (format_duration(eta) if eta is not None else '…')
 
+    def _data_wait(self) -> str:
+        share = self.data_wait_share()
+        return f'data-wait {100 * share:.0f}%' if share is not None else ''
+
     def _line(self) -> str:
         return (f'epoch {self.epoch + 1}/{self.epochs}  batch {self.done}/{self.total}  {self._terms()}  '
-                f'{self._run_eta()}').replace('    ', '  ')
+                f'{self._data_wait()}  {self._run_eta()}').replace('    ', '  ')
 
     def _open_bar(self) -> None:
         from tqdm.auto import tqdm
@@ -114,16 +134,25 @@ class EpochProgress:
         return self.total - self.first
 
     def __iter__(self) -> Iterator:
-        self.start = time.monotonic()
+        self.start = self.clock()
         if self.tty:
             self._open_bar()
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            asked = self.clock()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            if self.first_batch_end is not None:  # the first batch's wait is the workers' start-up
+                self.data_wait += self.clock() - asked
             yield batch
             self.done += 1
             if self.first_batch_end is None:
-                self.first_batch_end = time.monotonic()
+                self.first_batch_end = self.clock()
             if self.bar is not None:
-                self.bar.set_postfix_str(f'{self._terms()}  {self._run_eta()}'.strip(), refresh=False)
+                self.bar.set_postfix_str(f'{self._terms()}  {self._data_wait()}  {self._run_eta()}'.strip(),
+                                         refresh=False)
                 self.bar.update(1)
             elif self.show and ((self.done - self.first) % (self.log_every * self.accum) == 0
                                 or self.done == self.total):
@@ -132,7 +161,7 @@ class EpochProgress:
 
     def close(self) -> float:
         """End the display with the epoch's time (once; also after a ``break``); returns the epoch's seconds."""
-        seconds = time.monotonic() - self.start if self.start is not None else 0.0
+        seconds = self.clock() - self.start if self.start is not None else 0.0
         if self.closed:
             return seconds
         self.closed = True
@@ -141,8 +170,10 @@ class EpochProgress:
         if self.show:
             eta = self.eta()
             tail = f', run ETA {format_duration(eta)}' if eta is not None and self.remaining_batches() else ''
+            wait = self.data_wait_share()
+            waited = f' ({100 * wait:.0f}% waiting for data)' if wait is not None else ''
             print(f'epoch {self.epoch + 1}/{self.epochs}: {self.done - self.first} batches in '
-                  f'{format_duration(seconds)}{tail}', file=self.stream, flush=True)
+                  f'{format_duration(seconds)}{waited}{tail}', file=self.stream, flush=True)
         return seconds
 
     def __enter__(self) -> 'EpochProgress':

@@ -4,8 +4,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +15,19 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from timm.scheduler.scheduler import Scheduler
 from torch.utils.data import DataLoader
 
-from .build import (BatchMixer, build_data, build_distiller, build_losses, build_models, build_optimizer,
-                    build_scheduler, build_student, eval_data_config, scaled_lr, student_data_spec,
+from .build import (BatchMixer, build_data, build_distiller, build_eval_loader, build_losses, build_models,
+                    build_optimizer, build_scheduler, build_student, eval_data_config, scaled_lr, student_data_spec,
                     use_plain_attention_if_needed)
 from .config import Config, ConfigError, distill_spec
 from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
-from .distiller import Distiller, LossEntry
+from .ddp import UnusedParameterSearch, ddp_kwargs, sync_buffers_if_needed
+from .distiller import Distiller, LossEntry, idle_parameters_until
 from .finetune import load_finetune_weights, open_source, use_source_architecture
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
@@ -35,8 +38,9 @@ if TYPE_CHECKING:
 
     from .teacher_cache import TeacherCache
 
-__all__ = ['make_accelerator', 'check_output_dir', 'prepare_output_dir', 'build_run', 'Run', 'MetricLogger',
-           'export_student', 'eval_student', 'format_heads', 'format_faults', 'summary_table']
+__all__ = ['make_accelerator', 'cpu_share', 'loader_workers', 'default_num_workers', 'check_output_dir',
+           'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student', 'format_heads',
+           'format_faults', 'summary_table']
 
 RUN_MARKER = 'config.yaml'
 
@@ -56,9 +60,8 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     On N processes ``--batch-size`` is per process and Accelerate's default sharding (``split_batches=False``) gives
     process p the loader batches p, p + N, …: optimizer step s trains on batches sN … sN + N − 1, i.e. on exactly the
     samples, in the same order, that one process with batch N·B trains on at step s (the augmentation of each sample is
-    seeded by its index, whatever process loads it). DDP builds with ``find_unused_parameters`` only when some method
-    can leave a parameter without gradient (:func:`vitkd.distiller.may_leave_parameters_unused`, or
-    ``--ddp-find-unused``): the search costs a graph traversal per step, and without it such a step fails.
+    seeded by its index, whatever process loads it). DDP's settings and why: :mod:`vitkd.ddp` (its search for unused
+    parameters starts on only when some step can leave a parameter without gradient, or with ``--ddp-find-unused``).
     """
     from accelerate.utils import DataLoaderConfiguration
     cuda = torch.cuda.is_available()
@@ -70,16 +73,12 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     if requested == 'bf16' and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(f'--mixed-precision bf16: this GPU ({torch.cuda.get_device_name()}) cannot do bf16; use fp16 '
                           'or no')
-    find_unused = cfg.ddp_find_unused
-    if find_unused is None and not cfg.eval_student:
-        from .distiller import may_leave_parameters_unused
-        find_unused = may_leave_parameters_unused(entries if entries is not None else build_losses(cfg), cfg.epochs,
-                                                  cfg.task_weight)
+    until = 0.0 if cfg.eval_student else idle_parameters_until_of(cfg, entries)
     name_output_dir(cfg)
     accelerator = Accelerator(mixed_precision=requested, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda,
                               dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
+                              kwargs_handlers=[ddp_kwargs(find_unused_parameters=until > 0)])
     cfg.mixed_precision = accelerator.mixed_precision
     if accelerator.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = cfg.cuda_tf32
@@ -97,13 +96,49 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     return accelerator
 
 
+def idle_parameters_until_of(cfg: Config, entries: Optional[list[LossEntry]] = None) -> float:
+    """The epoch from which DDP needs no search for unused parameters (:func:`vitkd.distiller.idle_parameters_until`;
+    ``--ddp-find-unused`` forces it on for the whole run, ``--no-ddp-find-unused`` off)."""
+    if cfg.ddp_find_unused is not None:
+        return math.inf if cfg.ddp_find_unused else 0.0
+    return idle_parameters_until(entries if entries is not None else build_losses(cfg), cfg.epochs, cfg.task_weight)
+
+
+def cpu_share(own: set[int], local: list[set[int]]) -> float:
+    """The cores one process may count as its own: each core it may run on, divided by the processes on this machine
+    that may run on it (``local``: every local process's CPU affinity, this one's included).
+
+    Processes that share one set (``accelerate launch`` on a whole machine, or in one Slurm task) split it evenly;
+    processes bound to their own cores (``srun --cpu-bind``, per-rank NUMA binding) keep theirs whole.
+    """
+    return sum(1.0 / max(1, sum(core in cores for cores in local)) for core in own)
+
+
+def loader_workers(cores: float, slurm_cpus_per_task: Optional[int] = None, processes_per_task: int = 1) -> int:
+    """Loader workers of one process: its cores less one for the process itself, at least 1, at most 16.
+
+    ``slurm_cpus_per_task`` (``SLURM_CPUS_PER_TASK``) caps the cores where Slurm allocated fewer than the affinity
+    shows (no CPU binding), shared by the processes a task launched. A GPU step of DeiT-S consumes thousands of images
+    per second; one core decodes and augments a few hundred, so every core the process owns is put to work.
+    """
+    if slurm_cpus_per_task:
+        cores = min(cores, slurm_cpus_per_task / max(1, processes_per_task))
+    return max(1, min(16, int(cores) - 1))
+
+
 def default_num_workers(accelerator: Accelerator) -> int:
-    """Loader workers per process: the machine's cores shared by the processes on it, less one for the process itself
-    (at least 1, at most 16). A GPU step of DeiT-S consumes thousands of images per second; one core decodes and
-    augments a few hundred."""
-    local = int(os.environ.get('LOCAL_WORLD_SIZE') or accelerator.num_processes)  # processes on this machine
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, min(16, cores // local - 1))
+    """``--num-workers`` when unset: :func:`loader_workers` of this process's :func:`cpu_share` (the processes of a
+    machine exchange their CPU affinities once, at start) under the Slurm allocation, if any."""
+    from accelerate.utils import gather_object
+    own = set(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
+    local = [own]
+    if accelerator.num_processes > 1:
+        host = socket.gethostname()
+        local = [set(cores) for name, cores in gather_object([(host, sorted(own))]) if name == host]
+    slurm = os.environ.get('SLURM_CPUS_PER_TASK')
+    tasks_here = int(os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0] or 1)
+    return loader_workers(cpu_share(own, local), int(slurm) if slurm and slurm.isdigit() else None,
+                          max(1, len(local) // max(1, tasks_here)))
 
 
 def name_output_dir(cfg: Config) -> None:
@@ -204,6 +239,7 @@ class Run:
     student_params: int
     data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
     teacher_cache: Optional[TeacherCache] = None
+    unused_search: Optional[UnusedParameterSearch] = None  # DDP's search for unused parameters, while steps need it
 
 
 def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[LossEntry]] = None) -> Run:
@@ -247,13 +283,16 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
     optimizer = build_optimizer(cfg, distiller, lr, fused=device.type == 'cuda')
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     distiller, optimizer, val_loader = accelerator.prepare(distiller, optimizer, val_loader)
+    sync_buffers_if_needed(distiller)  # DDP settings and why: vitkd.ddp
     train_loader = accelerator.prepare_data_loader(train_loader, device_placement=False)
     ema = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(accelerator.unwrap_model(distiller).student, decay=cfg.model_ema_decay, device=device)
+        ema = ModelEmaV3(accelerator.unwrap_model(distiller, keep_torch_compile=False).student,
+                         decay=cfg.model_ema_decay, device=device)
     state = TrainState(max_steps=cfg.max_steps)  # scheduler, state and EMA are checkpointed by vitkd.checkpoint
-    unwrapped = accelerator.unwrap_model(distiller)
+    # keep_torch_compile=False: with True, Accelerate re-points a compiled wrapper at the unwrapped module (DDP lost)
+    unwrapped = accelerator.unwrap_model(distiller, keep_torch_compile=False)
     teacher_cache = None
     if cfg.teacher_cache:
         from .teacher_cache import TeacherCache
@@ -265,7 +304,8 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                val_loader=val_loader, spec=spec, state=state, ema=ema, lr=lr, global_batch=global_batch,
                steps_per_epoch=steps_per_epoch,
                student_params=sum(p.numel() for p in unwrapped.student.parameters()),
-               data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache)
+               data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache,
+               unused_search=UnusedParameterSearch(accelerator, idle_parameters_until_of(cfg, entries)))
 
 
 class MetricLogger:
@@ -426,8 +466,6 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     ``eval_student.json`` in the output dir. On N processes each validation sample is counted once.
     """
     from timm.data import create_transform
-    from torch.utils.data import DataLoader
-
     from .evaluation import evaluate
     from .checkpoint import CheckpointError, load_student
     from .data import build_eval_dataset
@@ -451,7 +489,7 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
                                              crop_pct=data_config.get('crop_pct', cfg.eval_crop_ratio),
                                              interpolation=data_config.get('interpolation', 'bicubic'),
                                              mean=tuple(data_config['mean']), std=tuple(data_config['std']))
-    loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=cfg.num_workers)
+    loader = build_eval_loader(val, cfg)
     loader = accelerator.prepare(loader)
     if accelerator.device.type == 'cpu':  # the attention path training evaluated with (build_run): the same numbers
         set_fused_attention(model, False)

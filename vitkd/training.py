@@ -227,28 +227,41 @@ class EpochBatches:
 class TermMeter:
     """Running sums of a step's logged terms on the device; read at logging steps and at the end of the epoch.
 
-    A micro-batch with a non-finite term is left out of the epoch means (its terms would make every mean NaN). On N
-    processes the values read are the means over the processes (one all-reduce per read).
+    A micro-batch with a non-finite term is left out of the epoch means (its terms would make every mean NaN). A term
+    may be absent from some steps (a warm-up skips its term at epoch 0): each term's mean is over the micro-batches
+    that had it. On N processes the values read are the means over the processes (one all-reduce per read).
     """
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
-        self.names: Optional[list[str]] = None
-        self.last: Optional[torch.Tensor] = None   # [T] this step's terms
-        self.sums: Optional[torch.Tensor] = None   # [T] sums over the finite micro-batches
-        self.count: Optional[torch.Tensor] = None  # number of finite micro-batches
+        self.names: Optional[list[str]] = None      # every term seen this epoch, in order of appearance
+        self.last_names: list[str] = []
+        self.last: Optional[torch.Tensor] = None    # [T'] this step's terms (last_names)
+        self.sums: Optional[torch.Tensor] = None    # [T] sums over the finite micro-batches that had the term
+        self.counts: Optional[torch.Tensor] = None  # [T] number of those micro-batches
         self.seen, self.start = 0, time.time()
 
     def add(self, terms: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
         """Accumulate one micro-batch's scalar terms; returns whether all of them are finite (a device bool)."""
         values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
         finite = torch.isfinite(values).all()
+        names = list(terms)
         if self.names is None:
-            self.names = list(terms)
-            self.sums, self.count = torch.zeros_like(values), torch.zeros((), device=values.device)
-        self.last = values
-        self.sums += torch.where(finite, values, torch.zeros_like(values))
-        self.count += finite.float()
+            self.names = names
+            self.sums, self.counts = torch.zeros_like(values), torch.zeros_like(values)
+        if names == self.names:
+            full, present = values, None
+        else:  # another set of terms than the first step's: place them by name (host-side indices, no device read)
+            new = [n for n in names if n not in self.names]
+            self.names = self.names + new
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(len(new))])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(len(new))])
+            index = torch.tensor([self.names.index(n) for n in names], device=values.device)
+            full = torch.zeros_like(self.sums).index_copy(0, index, values)
+            present = torch.zeros_like(self.sums).index_fill(0, index, 1.0)
+        self.last, self.last_names = values, names
+        self.sums += torch.where(finite, full, torch.zeros_like(full))
+        self.counts += finite.float() if present is None else finite.float() * present
         self.seen += batch_size * self.accelerator.num_processes
         return finite
 
@@ -259,7 +272,7 @@ class TermMeter:
 
     def current(self) -> dict[str, float]:
         """This step's terms (one host read)."""
-        return dict(zip(self.names, self._read(self.last))) if self.names else {}
+        return dict(zip(self.last_names, self._read(self.last))) if self.last_names else {}
 
     def rate(self) -> float:
         return self.seen / max(1e-9, time.time() - self.start)
@@ -268,8 +281,9 @@ class TermMeter:
         """The epoch means of the finite micro-batches' terms, and img/s."""
         out = {}
         if self.names:
-            *sums, count = self._read(torch.cat([self.sums, self.count.reshape(1)]))
-            out = {k: v / max(1.0, count) for k, v in zip(self.names, sums)}
+            read = self._read(torch.cat([self.sums, self.counts]))
+            sums, counts = read[:len(self.names)], read[len(self.names):]
+            out = {k: v / max(1.0, n) for k, v, n in zip(self.names, sums, counts)}
         out['img_per_s'] = self.rate()
         out['samples'] = self.seen
         return out
