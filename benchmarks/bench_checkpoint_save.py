@@ -29,7 +29,7 @@ from PIL import Image
 
 from vitkd import run as runlib
 from vitkd.checkpoint import Checkpointer
-from vitkd.config import parse_args
+from vitkd.arguments import parse_args
 
 
 def make_data(root: Path) -> Path:

@@ -97,7 +97,7 @@ def loader_only(argv: list[str], batches: int, skip: int) -> dict:
     import torch
     from accelerate import Accelerator
     from vitkd.build import BatchMixer, build_data, build_student, student_data_spec
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     from vitkd.training import EpochBatches, TrainState
     cfg, _ = parse_args(argv)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from vitkd import run as runlib  # noqa: E402
-from vitkd.config import ConfigError, parse_args  # noqa: E402
+from vitkd.config import ConfigError  # noqa: E402
+from vitkd.arguments import parse_args
 from vitkd.errors import UsageError  # noqa: E402
 from vitkd.training import TrainState  # noqa: E402
 

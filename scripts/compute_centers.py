@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitkd.build import build_data, build_student, build_teacher, student_data_spec  # noqa: E402
 from vitkd.centers import centers_for_run, load_centers, save_centers  # noqa: E402
-from vitkd.config import parse_args  # noqa: E402
+from vitkd.arguments import parse_args  # noqa: E402
 from vitkd.errors import UsageError  # noqa: E402
 from vitkd.run import make_accelerator  # noqa: E402
 

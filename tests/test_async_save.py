@@ -22,7 +22,7 @@ def trained_run(tmp_path, monkeypatch):
     """A tiny run built in-process, after one optimizer step (so the optimizer has moments) and one EMA update."""
     monkeypatch.chdir(REPO)
     from vitkd import run as runlib
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     data = make_image_folder(tmp_path / 'data')
     cfg, _ = parse_args(train_args(data, tmp_path / 'run'))
     accelerator = runlib.make_accelerator(cfg)

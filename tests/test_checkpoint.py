@@ -225,7 +225,7 @@ def small_run(data, tmp_path, monkeypatch):
     """A tiny run built in-process (no training)."""
     monkeypatch.chdir(REPO)
     from vitkd import run as runlib
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     cfg, _ = parse_args(train_args(data, tmp_path / 'run'))
     accelerator = runlib.make_accelerator(cfg)
     out = runlib.prepare_output_dir(cfg, accelerator)

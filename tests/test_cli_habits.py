@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from vitkd.config import Config, build_parser, parse_args, preset_names
+from vitkd.config import Config, preset_names
+from vitkd.arguments import build_parser, parse_args
 from vitkd.errors import UsageError
 
 DATA = ['--data-path', '/nonexistent-but-unused']  # an ImageFolder run: no embedded preset replaces the defaults
@@ -55,7 +56,7 @@ def test_every_flag_has_its_underscore_spelling():
 
 
 def test_distillation_alpha_and_tau_reach_the_deit_losses():
-    from vitkd.config import distill_spec
+    from vitkd.validate import distill_spec
     from vitkd.distill_spec import MethodSpec
     cfg, _ = parse_args(DATA + ['--distillation-type', 'soft', '--distillation-alpha', '0.3',
                                '--distillation-tau', '2'])
@@ -75,7 +76,8 @@ def test_deit_flags_out_of_their_domain_name_the_flag(argv, flag):
 
 @pytest.mark.parametrize('name', ['norm', 'reviewkd'])
 def test_a_listed_method_that_shares_a_preset_name_runs_as_the_method(name):
-    from vitkd.config import distill_spec, list_methods_and_presets
+    from vitkd.arguments import list_methods_and_presets
+    from vitkd.validate import distill_spec
     assert name in preset_names()
     cfg, _ = parse_args(DATA + ['--distill', name])
     assert distill_spec(cfg).names == (name,)

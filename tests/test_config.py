@@ -8,8 +8,9 @@ import torch
 import yaml
 
 from vitkd.build import build_transforms, scaled_lr
-from vitkd.config import Config, ConfigError, load_yaml, parse_args, resolve, to_yaml
+from vitkd.config import Config, ConfigError, load_yaml, to_yaml
 
+from vitkd.arguments import parse_args, resolve
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / 'scripts' / 'configs').glob('*.yaml'))
 
@@ -131,7 +132,8 @@ def test_threads_option_sets_torch_threads_and_rejects_nonpositive():
     """``--threads N`` is the process's intra-op thread count (the table's cells pass 1); 0 is a one-line error."""
     import torch
     from vitkd import run as runlib
-    from vitkd.config import ConfigError, parse_args
+    from vitkd.config import ConfigError
+    from vitkd.arguments import parse_args
     accepted = {f.name: f for f in dataclasses.fields(Config)}['threads'].metadata['domain'].inner.describe()
     assert accepted == 'an integer >= 1'
     with pytest.raises(ConfigError, match=f'--threads must be {accepted}, got 0'):

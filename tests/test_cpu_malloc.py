@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from vitkd import run as runlib
-from vitkd.config import ConfigError, parse_args
+from vitkd.config import ConfigError
 
+from vitkd.arguments import parse_args
 REPO = Path(__file__).resolve().parents[1]
 GLIBC = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
 

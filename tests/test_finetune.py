@@ -15,7 +15,7 @@ import vitkd
 from test_export_hub import _seed_hub_cache
 from vitkd.build import build_student
 from vitkd.checkpoint import export_model
-from vitkd.config import parse_args
+from vitkd.arguments import parse_args
 from vitkd.finetune import load_finetune_weights, open_source, use_source_architecture
 
 SOURCE_KWARGS = dict(img_size=28, patch_size=4, depth=2, embed_dim=32, num_heads=2, in_chans=1)  # a grey 10-class VkD

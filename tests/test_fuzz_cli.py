@@ -26,7 +26,8 @@ import yaml
 
 import main
 from vitkd import run as runlib
-from vitkd.config import Config, _hints, build_parser, parse_args
+from vitkd.config import Config
+from vitkd.arguments import _hints, build_parser, parse_args
 from vitkd.errors import ConfigError
 
 BAD_VALUES = ['abc', '-1', '0', 'nan', 'inf', '1e400', '99999999999999999999', '']
@@ -283,7 +284,7 @@ def test_every_method_option_accepts_its_domain_and_refuses_the_rest(name, optio
     and the method gets the value; outside it is a one-line usage error (exit 2) naming the method, the option and
     the value as typed. The first refusal runs the whole command line (``main.main``), the rest the validator on the
     parsed command's Config (the same check, without rebuilding the parser for each value)."""
-    from vitkd.config import distill_spec, validate
+    from vitkd.validate import distill_spec, validate
     argv = _method_base(tmp_path) + ['--distill', name]
     cfg, _ = parse_args(argv)
     seen, whole_command = set(), True
@@ -319,7 +320,7 @@ DEIT_FLAGS = [('soft', '--distillation-alpha', 'deit_soft', 'alpha'),
 def test_deit_flags_accept_the_domain_of_the_option_they_set(kind, flag, name, option, tmp_path, capsys):
     """DeiT's ``--distillation-alpha/-tau`` with ``--distillation-type`` (the option is live) go through the domain of
     the method option they stand for, and a refusal names the flag and its value."""
-    from vitkd.config import distill_spec
+    from vitkd.validate import distill_spec
     from vitkd.losses import get_loss_class
     from vitkd.losses.base import option_domains
     domain = option_domains(get_loss_class(name))[option]

@@ -120,7 +120,7 @@ def count_syncs_per_step(argv, steps: int = 4, epochs: int = 1) -> list[list[str
     also opens the epoch and runs the methods' one-off work)."""
     from vitkd.engine import train_one_epoch
     from vitkd import run as runlib
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     from vitkd.training import NonFiniteGuard, TrainState
     # one loader worker: the transforms' own reads of host images happen there, as they do on a GPU machine
     cfg, _ = parse_args(argv + ['--max-steps', str(steps * epochs), '--log-every', str(steps), '--num-workers', '1',
@@ -240,7 +240,7 @@ def test_models_are_on_the_training_device_before_a_method_probes_them(monkeypat
     batch through them (a CPU student fed a probe to a device teacher fails), and every part the methods built must
     be there before the optimizer is made."""
     from vitkd import run as runlib
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     cfg, _ = parse_args(TINY + ['--distill', 'vkd', 'nd', '--output-dir', str(tmp_path / 'run')])
     meta = torch.device('meta')
     fake = SimpleNamespace(device=meta, num_processes=1, process_index=0, is_main_process=True,

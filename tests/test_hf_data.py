@@ -171,7 +171,7 @@ def test_an_undecodable_row_is_skipped_and_counted_like_a_corrupt_image(tmp_path
 
 
 def test_auto_dataset_picks_hf_for_an_hf_hub_data_path():
-    from vitkd.config import resolve
+    from vitkd.arguments import resolve
     assert resolve({'data_path': 'hf-hub:org/name'}).dataset == 'hf'
     assert resolve({'data_path': '/data/imagenet'}).dataset == 'imagefolder'
 

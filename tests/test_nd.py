@@ -11,7 +11,8 @@ import torch
 from vitkd.build import build_losses
 from vitkd.centers import (CentersError, centers_for_run, compute_class_centers, compute_or_load_centers, load_centers,
                            save_centers)
-from vitkd.config import load_yaml, resolve
+from vitkd.config import load_yaml
+from vitkd.arguments import resolve
 from vitkd.losses import RunContext
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import Features

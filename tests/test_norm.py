@@ -292,7 +292,8 @@ def test_fold_student_rejects_non_linear_classifier():
 
 def _preset_losses(name):
     from vitkd.build import build_losses
-    from vitkd.config import REPO, load_yaml, resolve
+    from vitkd.config import REPO, load_yaml
+    from vitkd.arguments import resolve
     cfg = resolve({}, load_yaml(str(REPO / 'scripts' / 'configs' / f'{name}.yaml')))
     return cfg, {e.loss.name: e for e in build_losses(cfg)}
 

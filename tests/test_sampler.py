@@ -7,7 +7,8 @@ from PIL import Image
 from torch.utils.data import BatchSampler
 
 from vitkd.build import build_data
-from vitkd.config import Config, ConfigError, validate
+from vitkd.config import Config, ConfigError
+from vitkd.validate import validate
 from vitkd.data import EpochSampler, find_epoch_sampler
 
 

@@ -9,7 +9,7 @@ import torch
 
 import vitkd
 from vitkd import run as runlib
-from vitkd.config import parse_args
+from vitkd.arguments import parse_args
 from vitkd.ddp import rank_local_buffers
 from vitkd.distiller import Distiller, LossEntry, idle_parameters_until
 from vitkd.losses import RunInfo, create_loss

@@ -160,7 +160,7 @@ def _tiny_run_args(tmp_path, *extra):
 def test_compile_option_reaches_the_teacher_and_the_student(tmp_path, monkeypatch):
     """``--compile`` (timm's habit) compiles both networks: the teacher's forward paths and the student's pass."""
     from vitkd import run as runlib
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     compiled = []
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn.__name__) or fn)
     cfg, _ = parse_args(_tiny_run_args(tmp_path, '--compile'))
@@ -172,7 +172,7 @@ def test_compile_option_reaches_the_teacher_and_the_student(tmp_path, monkeypatc
 
 def test_compile_student_option_reaches_the_distiller(tmp_path, monkeypatch):
     from vitkd import run as runlib
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     from vitkd.features import extract as extract_fn
     compiled = []
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or fn)
@@ -204,7 +204,7 @@ def test_unfused_attention_computes_the_same_attention():
 @pytest.mark.parametrize('precision', ['bf16', 'no'])
 def test_cpu_runs_use_unfused_attention(tmp_path, precision):
     from vitkd import run as runlib
-    from vitkd.config import parse_args
+    from vitkd.arguments import parse_args
     cfg, _ = parse_args(_tiny_run_args(tmp_path, '--mixed-precision', precision))
     r = runlib.build_run(cfg, Accelerator(cpu=True))  # the decision reads cfg.mixed_precision and the device
     flags = [m.fused_attn for m in r.student.modules() if hasattr(m, 'fused_attn')]

@@ -16,6 +16,6 @@ from .models import create_student, create_teacher  # noqa: E402
 from .api import Parts, create_distillation, make_config  # noqa: E402
 from .training import TrainBatch  # noqa: E402
 
-__version__ = '0.1.0'
+from .version import __version__  # noqa: E402
 __all__ = ['create_loss', 'list_losses', 'register_loss', 'create_student', 'create_teacher', 'create_distillation',
            'make_config', 'Parts', 'TrainBatch']

@@ -27,7 +27,8 @@ import torch
 
 from .build import (build_distiller, build_losses, build_models, build_student, student_data_spec,
                     use_plain_attention_if_needed)
-from .config import Config, resolve
+from .config import Config
+from .arguments import resolve
 from .data import DataSpec
 from .distiller import Distiller
 from .models import Teacher
@@ -59,7 +60,7 @@ def create_distillation(config: Optional[Config] = None, *, num_classes: int, de
     """Teacher, student and criterion, built as the command builds them for a run.
 
     Args:
-        config: a :class:`~vitkd.config.Config` (e.g. ``vitkd.config.parse_args(argv)[0]``); or leave it out and
+        config: a :class:`~vitkd.config.Config` (e.g. ``vitkd.arguments.parse_args(argv)[0]``); or leave it out and
             pass the options by name (:func:`make_config`).
         num_classes: the data's number of classes (the student's heads; a teacher's head must match it).
         device: where the models go (the teacher too).

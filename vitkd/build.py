@@ -12,12 +12,14 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
-from .config import Config, ConfigError, distill_spec
+from .config import Config, ConfigError
 from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_worker, worker_context
-from .hf_data import HFOptions
 from .distiller import Distiller, LossEntry
+from .features import INPUT_SUFFIX, _is_vit, num_taps
+from .hf_data import HFOptions
 from .losses import LossSpecError, RunInfo, create_loss
 from .models import Teacher, create_student, create_teacher, set_fused_attention
+from .validate import distill_spec
 
 __all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
            'build_data', 'build_eval_loader', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler',
@@ -220,7 +222,6 @@ class BatchMixer:
 
 def default_weight(loss_class, student: Optional[torch.nn.Module]) -> float:
     """A method's weight when the command gives none: its ``vit_student_weight`` for a ViT student, else 1."""
-    from .features import _is_vit
     vit_weight = getattr(loss_class, 'vit_student_weight', None)
     return vit_weight if vit_weight is not None and student is not None and _is_vit(student) else 1.0
 
@@ -266,7 +267,6 @@ def build_distiller(cfg: Config, student, teacher, spec: DataSpec, num_samples: 
 def check_taps(distiller: Distiller) -> None:
     """Every block index and module name a loss taps exists in its network (else a one-line error, before training:
     losses without a ``setup`` would otherwise meet a bad tap only in the first training step)."""
-    from .features import INPUT_SUFFIX, num_taps
     nets = {'student': distiller.student, 'teacher': distiller.teacher.model if distiller.teacher is not None else None}
     for name, entry in distiller.entries.items():
         for role, model in nets.items():

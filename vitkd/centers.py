@@ -34,7 +34,9 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from .data import EpochSampler, build_datasets, seed_worker
 from .errors import UsageError
+from .hf_data import HFOptions
 
 __all__ = ['teacher_embeddings', 'compute_class_centers', 'compute_or_load_centers', 'centers_for_run',
            'check_provenance', 'save_centers', 'load_centers', 'weights_sha256', 'default_cache_dir',
@@ -282,8 +284,6 @@ def centers_for_run(cfg, teacher, spec, accelerator=None, cache_dir: Optional[st
     from timm.data import create_transform
     from torch.utils.data import DataLoader
 
-    from .data import EpochSampler, build_datasets, seed_worker
-    from .hf_data import HFOptions
     transform = create_transform(spec.input_size, is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip,
                                  interpolation=cfg.train_interpolation, mean=spec.mean, std=spec.std,
                                  color_jitter=None, auto_augment=None, re_prob=0.0)

@@ -50,6 +50,8 @@ from .async_save import BackgroundWriter, host_copy, host_module
 from .config import Config, ConfigError
 from .data import train_set_fingerprint
 from .errors import HubError, SaveError, server_failure
+from .files import read_model_config
+from .models import create_student
 
 __all__ = ['CheckpointError', 'SaveError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint',
            'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict',
@@ -320,7 +322,6 @@ def _build_from_timm_config(config: dict, source: str) -> nn.Module:
 
 
 def _load_export_folder(folder: Path, source: str) -> tuple[nn.Module, dict]:
-    from .validate import read_model_config
     config = read_model_config(folder / 'config.json', source)
     weights = folder / MODEL_FILE
     if not weights.is_file():
@@ -405,7 +406,6 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
     if path.suffix == '.safetensors' or path.suffix in PICKLE_FILES:
         if not path.is_file():
             raise CheckpointError(f'--student-ckpt {spec}: no such file')
-        from .models import create_student
         state = read_student_state(path)
         model = create_student(cfg.student, num_classes or 1000, **cfg.student_kwargs)
         load_state_dict_strict(model, state, f'{path} (as --student {cfg.student})')

@@ -27,7 +27,8 @@ from accelerate.utils import broadcast_object_list
 from vitkd import run as runlib
 from vitkd.build import build_losses
 from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
-from vitkd.config import list_methods_and_presets, parse_args, to_yaml
+from vitkd.config import to_yaml
+from vitkd.arguments import list_methods_and_presets, parse_args
 from vitkd.engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
 from vitkd.hub import HubPushError, check_push_token, push_run_to_hub

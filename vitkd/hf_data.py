@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .data import CorruptImage, to_rgb
+from .images import CorruptImage, to_rgb
 from .errors import HubError, UsageError, server_failure
 
 __all__ = ['HF_PREFIX', 'HFOptions', 'HFImageDataset', 'HFDataError', 'load_hf_splits', 'is_hf_path']

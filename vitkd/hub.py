@@ -20,9 +20,11 @@ from typing import Callable, Optional
 
 import yaml
 
-from . import __version__
-from .config import Config, ConfigError, distill_spec, load_yaml
+from .config import Config, ConfigError, load_yaml
 from .errors import HubError, server_failure
+from .models import default_cfgs as vitkd_cfgs
+from .validate import distill_spec
+from .version import __version__
 
 __all__ = ['HubPushError', 'model_card', 'teacher_description', 'push_run', 'push_run_to_hub', 'default_repo_name',
            'HUB_DATASETS', 'check_push_token']
@@ -94,7 +96,6 @@ def _metric_rows(summary: dict) -> list[str]:
 
 def model_card(run_dir: Path, repo_id: str) -> str:
     """The README.md (front matter + body) for the run's exported student."""
-    from .models import default_cfgs as vitkd_cfgs
     run_dir = Path(run_dir)
     cfg, summary, export = _read_run(run_dir)
     arch = export['architecture']

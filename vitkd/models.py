@@ -19,6 +19,7 @@ the trained module, re-normalising the student's input to its own mean/std.
 from __future__ import annotations
 
 from .errors import HubError, UsageError, server_failure
+from .files import check_safetensors, read_model_config
 import difflib
 from functools import partial
 import logging
@@ -306,9 +307,8 @@ class Teacher(nn.Module):
 
 
 def _read_local_config(folder: Path, what: str) -> dict:
-    """The folder's timm ``config.json``, checked (:func:`vitkd.validate.read_model_config`), and its safetensors
+    """The folder's timm ``config.json``, checked (:func:`vitkd.files.read_model_config`), and its safetensors
     weights' header when present: a bad file is a one-line error naming it, before timm reads anything."""
-    from .validate import check_safetensors, read_model_config
     if not (folder / 'config.json').is_file():
         raise ModelSpecError(f'{what}: {folder} is not a timm model folder (no config.json; expected what timm\'s '
                              'save_for_hf writes: config.json + model.safetensors)')
@@ -346,7 +346,6 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
         if not timm.is_model(arch.split('.')[0]):
             raise _unknown_model_error(arch, 'teacher')
         if spec.endswith('.safetensors'):
-            from .validate import check_safetensors
             check_safetensors(path, f'{what}: weights')
         else:
             _logger.warning('teacher %s is a pickle file: loading tensors only (weights_only=True); safetensors files '

@@ -22,21 +22,27 @@ from torch.utils.data import DataLoader
 from .build import (BatchMixer, build_data, build_distiller, build_eval_loader, build_losses, build_models,
                     build_optimizer, build_scheduler, build_student, eval_data_config, scaled_lr, student_data_spec,
                     use_plain_attention_if_needed)
-from .config import Config, ConfigError, distill_spec
-from .checkpoint import check_label_names
+from .checkpoint import CheckpointError, check_label_names, export_model, folded_student, load_student, resolve_resume
+from .config import Config, ConfigError
 from .cpu_malloc import tune_malloc
-from .data import DataSpec, dataset_targets
+from .data import DataSpec, build_eval_dataset, dataset_targets
 from .ddp import UnusedParameterSearch, ddp_kwargs, sync_buffers_if_needed
 from .distiller import Distiller, LossEntry, idle_parameters_until
+from .errors import RunDirError
+from .evaluation import evaluate
 from .finetune import load_finetune_weights, open_source, use_source_architecture
+from .hf_data import HFOptions
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
+from .plots import plot_run
+from .progress import rounded, warmup_warning
+from .rundir import RunFinished, RunLock, check_unlocked, check_writable, finished_state
+from .teacher_cache import TeacherCache
 from .training import EpochBatches, TrainState
+from .validate import distill_spec
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
-
-    from .teacher_cache import TeacherCache
 
 __all__ = ['make_accelerator', 'cpu_share', 'loader_workers', 'default_num_workers', 'check_output_dir',
            'prepare_output_dir', 'build_run', 'Run', 'MetricLogger', 'export_student', 'eval_student', 'format_heads',
@@ -146,7 +152,6 @@ def name_output_dir(cfg: Config) -> None:
     if cfg.output_dir is None and cfg.eval_student:
         cfg.output_dir = str(eval_output_dir(cfg))
     if cfg.output_dir is None and cfg.resume not in (None, 'auto'):
-        from .checkpoint import resolve_resume
         resolve_resume(cfg, log=lambda *_: None)  # fills output_dir with the checkpoint's run dir (or fails)
     if cfg.output_dir is None:
         methods = '+'.join(distill_spec(cfg).names)
@@ -164,7 +169,6 @@ def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
 
     Writes nothing: ``main`` calls it before building anything and creates the dir only once every check passed.
     """
-    from .rundir import check_unlocked, check_writable
     name_output_dir(cfg)
     out = Path(cfg.output_dir)
     check_writable(out)
@@ -186,9 +190,6 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """
     from accelerate.utils import broadcast_object_list
 
-    from .checkpoint import resolve_resume
-    from .errors import RunDirError
-    from .rundir import RunFinished, RunLock, finished_state
     out = check_output_dir(cfg, check_lock=False)
     failure = None
     if accelerator.is_main_process:
@@ -295,7 +296,6 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
     unwrapped = accelerator.unwrap_model(distiller, keep_torch_compile=False)
     teacher_cache = None
     if cfg.teacher_cache:
-        from .teacher_cache import TeacherCache
         teacher_cache = TeacherCache.for_run(cfg, unwrapped, accelerator, len(train_loader.dataset), spec.input_size)
     return Run(student=unwrapped.student, teacher=teacher, distiller=distiller, distiller_unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
@@ -321,7 +321,6 @@ class MetricLogger:
 
     def __init__(self, out_dir: Path, accelerator: Accelerator, cfg: Optional[Config] = None,
                  steps_per_epoch: Optional[int] = None):
-        from .progress import warmup_warning
         self.out_dir, self.main, self.accelerator = out_dir, accelerator.is_main_process, accelerator
         self.jsonl = open(out_dir / 'log.jsonl', 'a') if self.main else None
         self.trackers = bool(cfg and cfg.log_with)
@@ -345,7 +344,6 @@ class MetricLogger:
     def epoch(self, epoch: int, train: dict, val: dict, step: Optional[int] = None) -> None:
         """One epoch's means and validation metrics; ``step``: the global optimizer step at which the epoch ended
         (default: the last step logged by :meth:`step`)."""
-        from .progress import rounded
         step = self.last_step if step is None else step
         if self.trackers and val:
             self.accelerator.log({f'val/{k}': v for k, v in val.items()}, step=step)
@@ -373,7 +371,6 @@ def export_student(r: Run, out_dir: Path, accelerator: Accelerator, metrics: dic
     """The student alone in timm's format (config.json + model.safetensors, the data's class names as
     ``label_names``), no distillation parts; the EMA student beside it (``student_ema/``) when EMA is on. Written
     atomically (``.tmp`` then renamed). The class names are checked against the teacher's when it records them."""
-    from .checkpoint import check_label_names, export_model, folded_student
     export = out_dir / 'student'
     labels = [str(c) for c in r.spec.classes] if getattr(r.spec, 'classes', None) else None
     teacher_model = getattr(r.teacher, 'model', None)
@@ -407,7 +404,6 @@ def run_costs(r: Run, train_stats: dict) -> dict:
 def plot_curves(out_dir: Path, cfg: Config, accelerator: Accelerator) -> None:
     """``curves.png`` in the run dir: loss terms, lr, accuracy per head (main process)."""
     if accelerator.is_main_process and (out_dir / 'log.jsonl').exists():
-        from .plots import plot_run
         methods = ' + '.join(m.name if m.weight is None else f'{m.name}:{m.weight:g}' for m in distill_spec(cfg))
         plot_run(out_dir / 'log.jsonl', out_dir / 'curves.png', f'{cfg.student} ← {cfg.teacher} ({methods})')
 
@@ -466,10 +462,6 @@ def eval_student(cfg: Config, accelerator: Accelerator) -> int:
     ``eval_student.json`` in the output dir. On N processes each validation sample is counted once.
     """
     from timm.data import create_transform
-    from .evaluation import evaluate
-    from .checkpoint import CheckpointError, load_student
-    from .data import build_eval_dataset
-    from .hf_data import HFOptions
     if not cfg.student_ckpt:
         raise ConfigError('--eval-student needs --student-ckpt (an exported folder, a checkpoint folder, a run dir, '
                           'a .safetensors file with --student, or hf-hub:org/name)')

@@ -94,7 +94,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import __version__ as VITKD_VERSION
+from .version import __version__ as VITKD_VERSION
 from .config import Config, ConfigError
 from .features import Features, TapSpec
 

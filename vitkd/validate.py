@@ -1,6 +1,6 @@
 """One validator: a whole :class:`vitkd.config.Config` checked before anything is built or written.
 
-:func:`validate_config` runs from :func:`vitkd.config.validate` (so from every ``Config`` the command line, a preset
+:func:`validate_config` runs from :func:`validate` (below) (so from every ``Config`` the command line, a preset
 or a YAML file resolves). Every field is checked against the domain declared beside its default (``option(...,
 domain=...)`` in :mod:`vitkd.config`), every method and its options against the domains their constructors declare
 (:mod:`vitkd.distill_spec`); then the rules that relate several options. Each check raises a one-line
@@ -13,43 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Collection
+from typing import Collection
 
 import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from safetensors import SafetensorError, safe_open
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import _str_to_pil_interpolation, str_to_interp_mode
 from timm.optim import get_optimizer_class, list_optimizers
 from timm.scheduler import create_scheduler_v2
 
+from .config import Config, check_field, preset_names
 from .distill_spec import DistillSpec, parse_distill
-from .domains import Domain, OrNone, OutOfDomain
 from .errors import ConfigError
 
-__all__ = ['validate_config', 'check_field', 'check_safetensors', 'read_model_config', 'flag']
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a Config field (``drop_path`` -> ``--drop-path``)."""
-    return '--' + name.replace('_', '-')
-
-
-def check_field(name: str, value: Any, domain: Domain) -> None:
-    """``value`` of the Config field ``name`` inside its ``domain``, else a one-line error naming the flag, what is
-    accepted and the value."""
-    try:
-        domain.check(value)
-    except OutOfDomain as e:  # a set value of an optional field: what a value must be (null means unset)
-        accepted = domain.inner.describe() if isinstance(domain, OrNone) and value is not None else str(e)
-        raise ConfigError(f'{flag(name)} must be {accepted}, got {value!r}') from None
+__all__ = ['validate', 'validate_config', 'distill_spec']
 
 
 def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
@@ -175,39 +158,24 @@ def _check_hub_id(cfg) -> None:
                           f'digits, -_. ; {str(e).splitlines()[0]})') from None
 
 
-def check_safetensors(path, what: str) -> None:
-    """A ``.safetensors`` file whose header and size are consistent (zero-byte, truncated and corrupt files are a
-    one-line error naming the file; the tensors are not read)."""
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f'{what} {path} is not a readable safetensors file ({detail}); it is empty, truncated or '
-                          'corrupt: re-export or re-download it') from None
+def validate(cfg: Config) -> DistillSpec:
+    """Check every option of ``cfg`` against its domain, and the methods' options against theirs (a one-line error
+    naming the first bad value and what is accepted); the checked methods are kept as ``cfg``'s
+    :func:`distill_spec`."""
+    spec = validate_config(cfg, preset_names())
+    cfg.__dict__['_distill_spec'] = ((_spec_key(cfg)), spec)
+    return spec
 
 
-def read_model_config(path, what: str) -> dict:
-    """A timm ``config.json`` (``save_for_hf``'s): a JSON object naming its architecture, with an integer
-    ``num_classes`` and mappings for ``model_args``/``pretrained_cfg`` when present; else a one-line error."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f'{what}: cannot read {path} ({getattr(e, "strerror", None) or e})') from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f'{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})') from None
-    problems = []
-    if not isinstance(config, dict):
-        problems.append(f'a JSON object is expected, got {type(config).__name__}')
-    else:
-        if not isinstance(config.get('architecture'), str) or not config.get('architecture'):
-            problems.append('"architecture" must name a timm model')
-        n = config.get('num_classes')
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            problems.append(f'"num_classes" must be an integer >= 0, got {n!r}')
-        for key in ('model_args', 'pretrained_cfg'):
-            if config.get(key) is not None and not isinstance(config[key], dict):
-                problems.append(f'"{key}" must be an object, got {type(config[key]).__name__}')
-    if problems:
-        raise ConfigError(f'{what}: {path} is not a timm model config: {"; ".join(problems)}')
-    return config
+def _spec_key(cfg: Config) -> str:
+    return repr((cfg.distill, cfg.loss_opts))
+
+
+def distill_spec(cfg: Config) -> DistillSpec:
+    """The run's methods as :func:`validate` checked them (parsed here when ``cfg`` was built without
+    :func:`resolve`, or its methods changed since)."""
+    key, spec = cfg.__dict__.get('_distill_spec', (None, None))
+    if key != _spec_key(cfg):
+        spec = parse_distill(cfg.distill, cfg.loss_opts, preset_names())
+        cfg.__dict__['_distill_spec'] = (_spec_key(cfg), spec)
+    return spec

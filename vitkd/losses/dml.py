@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from ..domains import Kwargs, NonNegative, OrNone, Text
 from ..features import Features, TapSpec, extract
+from ..models import create_student
 from .base import Batch, DistillationLoss, Head, LossSpecError, RunInfo, pick_head, register_loss
 from .functional import at_least_fp32, kl_div_logits, soft_target_cross_entropy
 
@@ -83,7 +84,6 @@ class DML(DistillationLoss):
                 'head': self.head}
 
     def setup(self, student: Features, teacher: Features, info: RunInfo) -> None:
-        from ..models import create_student
         name = self.peer_name or info.student_name
         if not name:
             raise ValueError('dml needs RunInfo.student_name (or the peer option) to build the peer network')

@@ -57,6 +57,7 @@ from typing import Annotated, Optional
 import torch
 import torch.nn as nn
 
+from ..centers import centers_for_run, check_provenance, load_centers
 from ..domains import Bool, Integer, Interval, OneOf, OrNone, Text
 from ..features import Features, TapSpec
 from .base import Batch, DistillationLoss, LossSpecError, RunContext, RunInfo, register_loss
@@ -146,7 +147,6 @@ def read_centers_file(path: str) -> tuple[torch.Tensor, dict]:
         except KeyError:
             raise LossSpecError(f'nd.centers={path!r}: the JSON keys must be the class indices 0..K-1') from None
         return torch.tensor(rows, dtype=torch.float32), {'source': 'official json', 'path': str(file.resolve())}
-    from ..centers import load_centers
     return load_centers(file)
 
 
@@ -202,7 +202,6 @@ class ND(DistillationLoss):
         """The teacher's class centres: a centre file given as ``nd.centers`` is checked against the run's teacher
         (source and weights); otherwise they are computed by one teacher pass over the training set (split across
         the processes) or loaded from the centre cache."""
-        from ..centers import centers_for_run, check_provenance
         if run.teacher is None:
             return
         if self.has_centers:

@@ -1,0 +1,51 @@
+"""Checks of the model files a run reads, before they are used: a ``.safetensors`` file whose header is readable, a
+timm ``config.json`` that names an architecture. Each problem is one :class:`~vitkd.errors.ConfigError` line naming
+the file. At the bottom of the package (the models, the checkpoints and the Hub code all read such files)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .errors import ConfigError
+
+__all__ = ['check_safetensors', 'read_model_config']
+
+
+def check_safetensors(path, what: str) -> None:
+    """A ``.safetensors`` file whose header and size are consistent (zero-byte, truncated and corrupt files are a
+    one-line error naming the file; the tensors are not read)."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f'{what} {path} is not a readable safetensors file ({detail}); it is empty, truncated or '
+                          'corrupt: re-export or re-download it') from None
+
+
+def read_model_config(path, what: str) -> dict:
+    """A timm ``config.json`` (``save_for_hf``'s): a JSON object naming its architecture, with an integer
+    ``num_classes`` and mappings for ``model_args``/``pretrained_cfg`` when present; else a one-line error."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f'{what}: cannot read {path} ({getattr(e, "strerror", None) or e})') from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f'{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})') from None
+    problems = []
+    if not isinstance(config, dict):
+        problems.append(f'a JSON object is expected, got {type(config).__name__}')
+    else:
+        if not isinstance(config.get('architecture'), str) or not config.get('architecture'):
+            problems.append('"architecture" must name a timm model')
+        n = config.get('num_classes')
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            problems.append(f'"num_classes" must be an integer >= 0, got {n!r}')
+        for key in ('model_args', 'pretrained_cfg'):
+            if config.get(key) is not None and not isinstance(config[key], dict):
+                problems.append(f'"{key}" must be an object, got {type(config[key]).__name__}')
+    if problems:
+        raise ConfigError(f'{what}: {path} is not a timm model config: {"; ".join(problems)}')
+    return config
