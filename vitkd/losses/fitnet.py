@@ -80,3 +80,51 @@ class FitNet(PairedTaps, DistillationLoss):
                 s = self.regressors[k](s)
             losses.append(hint_loss(s, t))
         return {'hint': self.lambda_kd * torch.stack(losses).mean()}
+
+
+# ---- dense form (detection / segmentation) ---------------------------------------------------------------------
+
+from ._dense import DenseDistillationLoss, DenseFeatures, paired_levels, register_dense_loss  # noqa: E402
+
+
+def dense_hint_loss(regressed: Sequence[torch.Tensor], teacher_levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over the pyramid levels of mean-MSE(r_l(F_s^l), sg(F_t^l)), each level [B, C_t, H_l, W_l].
+
+    Each level counts once whatever its size (a mean over every element of every level would let the finest level,
+    16× the pixels of the level two strides coarser, decide alone)."""
+    return torch.stack([hint_loss(s, t) for s, t in zip(regressed, teacher_levels)]).mean()
+
+
+@register_dense_loss('fitnet')
+class DenseFitNet(DenseDistillationLoss):
+    """FitNet hints on every shared pyramid level: λ·mean_l mean-MSE(Conv1×1_l(F_s^l), F_t^l).
+
+    Dense form (vitkd adaptation): the hint is each pyramid level of the student against the teacher's level of the
+    same stride, through one learned 1×1 convolution per level (linear: pyramid features are not post-ReLU, so the
+    classification regressor's BN + ReLU would clip half the target away).
+    """
+    paper = FitNet.paper
+
+    def __init__(self, lambda_kd: float = 1.0, levels: Optional[Sequence[str]] = None):
+        """
+        Args:
+            lambda_kd: λ.
+            levels: pyramid levels to match (``['s8', 's16']``); None = every level both models have.
+        """
+        super().__init__()
+        if lambda_kd < 0:
+            raise ValueError(f'lambda_kd must be >= 0, got {lambda_kd}')
+        self.lambda_kd, self.levels = lambda_kd, None if levels is None else [str(k) for k in levels]
+        self.regressors = nn.ModuleDict()
+
+    def setup(self, student: DenseFeatures, teacher: DenseFeatures, info) -> None:
+        self.matched = paired_levels(student, teacher, self.levels, 'fitnet')
+        self.regressors = nn.ModuleDict({k: nn.Conv2d(student.pyramid[k].shape[1], teacher.pyramid[k].shape[1], 1)
+                                         for k in self.matched})
+
+    def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:
+        regressed = [self.regressors[k](student.pyramid[k]) for k in self.regressors]
+        return {'hint': self.lambda_kd * dense_hint_loss(regressed, [teacher.pyramid[k] for k in self.regressors])}
+
+
+__all__ += ['dense_hint_loss', 'DenseFitNet']

@@ -326,3 +326,85 @@ class VkD(DistillationLoss):
             z_s = pick_head(student, 'dist')                           # [B, K] z_dist (the only head otherwise)
             terms['kl'] = self.gamma * kl_div_logits(z_s, teacher.logits, self.temperature, 'batchmean')
         return terms
+
+
+# ---- dense form (detection / segmentation) ---------------------------------------------------------------------
+
+from typing import Sequence  # noqa: E402
+
+from ._dense import DenseDistillationLoss, DenseFeatures, paired_levels, register_dense_loss  # noqa: E402
+
+
+def vkd_dense_level_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, projector: nn.Module,
+                         normalization: str = 'layernorm') -> torch.Tensor:
+    """VkD's representation loss on one pyramid level, every pixel a sample.
+
+    The C_s-vector of each student pixel is projected by W (WᵀW = I) and compared with the task-normalised C_t-vector
+    of the teacher's pixel at the same place: :func:`vkd_representation_loss` on the B·H·W rows. With ``layernorm``
+    each teacher pixel is standardised over its channels (the per-sample standardisation of classification, per
+    pixel); ``batchnorm`` standardises each channel over the B·H·W pixels.
+
+    Args:
+        student_map: F_s [B, C_s, H, W].
+        teacher_map: F_t [B, C_t, H, W] (no gradient expected).
+        projector: [N, C_s] → [N, C_t].
+        normalization: one of :data:`NORMALIZATIONS`.
+
+    Returns:
+        mean-SmoothL1_{β=1} over the B·H·W·C_t elements.
+    """
+    student_rows = student_map.permute(0, 2, 3, 1).reshape(-1, student_map.shape[1])  # [B·H·W, C_s]
+    teacher_rows = teacher_map.permute(0, 2, 3, 1).reshape(-1, teacher_map.shape[1])  # [B·H·W, C_t]
+    return vkd_representation_loss(projector(student_rows), teacher_rows.detach(), normalization)
+
+
+@register_dense_loss('vkd')
+class DenseVkD(DenseDistillationLoss):
+    """VkD's orthogonal projection + teacher normalisation on every shared pyramid level (mean over the levels).
+
+    Dense form (vitkd adaptation): one projector per level (each level is a different feature space), pixels as the
+    samples of the classification formula, the level losses averaged so each level counts once. The logit term of
+    classification VkD has no dense counterpart here: combine with ``kd`` for segmentation.
+
+    Args:
+        alpha: weight of the representation term.
+        projector: one of :data:`PROJECTORS`.
+        normalization: one of :data:`NORMALIZATIONS` (teacher side, per pixel for ``layernorm``).
+        levels: pyramid levels to match; None = every level both models have.
+    """
+    paper = VkD.paper
+
+    def __init__(self, alpha: float = 1.0, projector: str = DEFAULT_PROJECTOR, normalization: str = 'layernorm',
+                 levels: Optional[Sequence[str]] = None):
+        super().__init__()
+        if projector not in PROJECTORS:
+            raise ValueError(f'projector must be one of {", ".join(PROJECTORS)}, got {projector!r}')
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f'normalization must be one of {", ".join(NORMALIZATIONS)}, got {normalization!r}')
+        if alpha <= 0:
+            raise ValueError(f'alpha must be > 0, got {alpha}')
+        self.alpha, self.projector_kind, self.normalization = float(alpha), projector, normalization
+        self.levels = None if levels is None else [str(k) for k in levels]
+        self.projectors = nn.ModuleDict()
+
+    def options(self) -> dict:
+        opts = super().options()
+        opts['projector'] = self.projector_kind
+        return opts
+
+    def setup(self, student: DenseFeatures, teacher: DenseFeatures, info) -> None:
+        """One projector C_s → C_t per matched level."""
+        matched = paired_levels(student, teacher, self.levels, 'vkd')
+        self.projectors = nn.ModuleDict({k: build_projector(self.projector_kind, student.pyramid[k].shape[1],
+                                                            teacher.pyramid[k].shape[1]) for k in matched})
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
+
+    def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:
+        losses = [vkd_dense_level_loss(student.pyramid[k], teacher.pyramid[k], projector, self.normalization)
+                  for k, projector in self.projectors.items()]
+        return {'repr': self.alpha * torch.stack(losses).mean()}
+
+
+__all__ += ['vkd_dense_level_loss', 'DenseVkD']
