@@ -23,11 +23,12 @@ import traceback
 
 import torch
 
-from engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
+from engine import NonFiniteLossError, train_one_epoch
 from vitkd import run as runlib
 from vitkd.build import build_losses
 from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
 from vitkd.config import parse_args, to_yaml
+from vitkd.dense.run import build_dense_run, eval_dense_student
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
 from vitkd.hub import push_run_to_hub
 from vitkd.rundir import RunFinished, release_all
@@ -48,14 +49,15 @@ def train(argv=None) -> int:
     entries = None if cfg.eval_student else build_losses(cfg)  # the methods, built once for the whole run
     accelerator = runlib.make_accelerator(cfg, entries)
     log = accelerator.print
+    dense = cfg.task != 'classify'
     if cfg.eval_student:
-        return runlib.eval_student(cfg, accelerator)
+        return (eval_dense_student if dense else runlib.eval_student)(cfg, accelerator)
 
     # Everything that can reject the command (options, output dir, data, models, losses, the checkpoint to resume)
     # runs before anything is written: a bad command leaves an existing run dir as it was.
     resume_from = resolve_resume(cfg, log)
     out_dir = runlib.check_output_dir(cfg)
-    r = runlib.build_run(cfg, accelerator, entries)
+    r = (build_dense_run if dense else runlib.build_run)(cfg, accelerator, entries)
     methods = ', '.join(f'{name}:{e.weight:g}' for name, e in r.distiller_unwrapped.entries.items()) or 'none'
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
         f'{r.teacher.source if r.teacher else "none"}, methods {methods}, '
@@ -71,8 +73,9 @@ def train(argv=None) -> int:
     teacher_metrics = {}
     if r.teacher is not None and cfg.eval_teacher:
         with _rng_untouched(accelerator):  # so a resumed run continues from exactly the checkpoint's RNG states
-            teacher_metrics = evaluate_teacher(r.teacher, r.val_loader, accelerator)
-        log(f'teacher top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%')
+            teacher_metrics = r.evaluate_teacher()
+        log('teacher ' + (runlib.format_heads(teacher_metrics, 'teacher_') if dense else
+                          f'top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%'))
 
     if cfg.time_limit:
         r.state.deadline = time.time() + cfg.time_limit
@@ -150,10 +153,9 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
 
 def _evaluate_student(r, accelerator) -> dict:
     """Validation metrics of the student (and of its EMA)."""
-    metrics = evaluate(r.student, r.val_loader, accelerator)
+    metrics = r.evaluate_student(r.student)
     if r.ema is not None:
-        metrics.update({f'ema_{k}': v for k, v in evaluate(r.ema.module, r.val_loader, accelerator).items()
-                        if k != 'samples'})
+        metrics.update({f'ema_{k}': v for k, v in r.evaluate_student(r.ema.module).items() if k != 'samples'})
     return metrics
 
 

@@ -141,8 +141,8 @@ def test_logit_losses_resize_the_teacher_to_the_student_grid():
 
 
 def test_registry_names_and_errors():
-    assert [n for n, _ in list_dense_losses()] == ['dist', 'fitnet', 'kd', 'vkd']
-    with pytest.raises(UsageError, match="'crd' has no dense form.*dist, fitnet, kd, vkd"):
+    assert [n for n, _ in list_dense_losses()] == ['dist', 'fitnet', 'kd', 'none', 'vkd']
+    with pytest.raises(UsageError, match="'crd' has no dense form.*dist, fitnet, kd, none, vkd"):
         create_dense_loss('crd')
     with pytest.raises(UsageError, match="no option head; its options: temperature"):
         create_dense_loss('kd', head='dist')

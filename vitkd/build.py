@@ -16,6 +16,7 @@ from .data import DATASET_STATS, DataSpec, EpochSampler, build_datasets, seed_wo
 from .hf_data import HFOptions
 from .distiller import Distiller, LossEntry
 from .losses import LossSpecError, RunInfo, create_loss, get_loss_class
+from .losses._dense import create_dense_loss, get_dense_loss_class
 from .models import Teacher, create_student, create_teacher
 
 __all__ = ['build_student', 'build_teacher', 'build_data', 'build_losses', 'build_distiller', 'build_optimizer',
@@ -162,7 +163,8 @@ def parse_distill(cfg: Config) -> list[tuple[str, Optional[float], dict]]:
             raise LossSpecError(f'--distill {item!r}: the weight after ":" must be a number') from None
     by_name = {m[0]: m for m in methods}
     for name, _, _ in methods:
-        get_loss_class(name)  # unknown names fail here, listing the registered ones
+        # unknown names, or methods without a dense form in a dense run, fail here, listing the registered ones
+        (get_loss_class if cfg.task == 'classify' else get_dense_loss_class)(name)
     for item in cfg.loss_opts:
         key, eq, value = str(item).partition('=')
         name, dot, option = key.partition('.')
@@ -189,7 +191,7 @@ def build_losses(cfg: Config, student: Optional[torch.nn.Module] = None) -> list
     for name, weight, options in parse_distill(cfg):
         options = dict(options)
         warmup = float(options.pop('warmup_epochs', 0.0))
-        loss = create_loss(name, **options)
+        loss = create_loss(name, **options) if cfg.task == 'classify' else create_dense_loss(name, **options)
         entries.append(LossEntry(loss, 1.0 if weight is None else weight, warmup, weight_given=weight is not None))
     if len({e.loss.name for e in entries}) != len(entries):
         raise LossSpecError(f'--distill lists a method twice: {cfg.distill}')

@@ -9,7 +9,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +24,7 @@ from .checkpoint import check_label_names
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, dataset_targets
 from .distiller import Distiller, LossEntry
+from .evaluation import evaluate, evaluate_teacher
 from .losses import RunContext
 from .models import Teacher, set_fused_attention
 from .training import EpochBatches, TrainState
@@ -202,6 +203,9 @@ class Run:
     student_params: int
     data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
     teacher_cache: Optional[TeacherCache] = None
+    evaluate_student: Optional[Callable[[torch.nn.Module], dict]] = None  # validation metrics of a student model
+    evaluate_teacher: Optional[Callable[[], dict]] = None                 # the teacher's own metrics ('teacher_*')
+    best_metric: str = 'avg_top1'       # the validation metric checkpoints/best keeps the highest of
 
 
 def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[LossEntry]] = None) -> Run:
@@ -269,6 +273,8 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
         teacher_cache = TeacherCache.for_run(cfg, unwrapped, accelerator, len(train_loader.dataset), spec.input_size)
     return Run(student=unwrapped.student, teacher=teacher, distiller=distiller, distiller_unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+               evaluate_student=lambda model: evaluate(model, val_loader, accelerator),
+               evaluate_teacher=lambda: evaluate_teacher(teacher, val_loader, accelerator),
                batches=EpochBatches(train_loader, accelerator, BatchMixer(cfg, spec.num_classes), teacher_cache,
                                    cfg.epochs, cfg.log_every),
                val_loader=val_loader, spec=spec, state=state, ema=ema, lr=lr, global_batch=global_batch,
@@ -423,7 +429,14 @@ def format_faults(train_stats: dict) -> str:
     return ', '.join(parts)
 
 
-def format_heads(metrics: dict) -> str:
+DENSE_METRICS = ('mAP', 'AP50', 'AP75', 'mIoU', 'pixel_acc')  # the headline numbers of dense runs, in percent
+
+
+def format_heads(metrics: dict, prefix: str = '') -> str:
+    """The validation line: top-1 per head (classification) or the dense metrics (``prefix``: ``teacher_``)."""
+    dense = [f'{k} {metrics[prefix + k]:.2f}' for k in DENSE_METRICS if prefix + k in metrics]
+    if dense:
+        return ', '.join(dense)
     parts = [f'{h} {metrics[f"{h}_top1"]:.2f}%' for h in ('cls', 'dist', 'avg') if f'{h}_top1' in metrics]
     if 'ema_avg_top1' in metrics:
         parts.append(f'ema avg {metrics["ema_avg_top1"]:.2f}%')
@@ -432,6 +445,15 @@ def format_heads(metrics: dict) -> str:
 
 def summary_table(cfg: Config, summary: dict) -> str:
     s, t = summary['student'], summary['teacher']
+    dense = [k for k in DENSE_METRICS if k in s]
+    if dense:
+        rows = [('teacher', *(f'{t["teacher_" + k]:.2f}' if t else '-' for k in dense)),
+                ('student', *(f'{s[k]:.2f}' for k in dense))]
+        lines = [f'{"":<10}' + ''.join(f'{k:>10}' for k in dense)] + [f'{r[0]:<10}' + ''.join(f'{v:>10}' for v in r[1:])
+                                                                      for r in rows]
+        lines.append(f'{summary["epochs_run"]} epochs, {summary["steps"]} steps, {summary["train_seconds"]:.0f} s '
+                     f'({summary["stop_reason"]})')
+        return '\n'.join(lines)
     rows = [('teacher', f'{t["teacher_top1"]:.2f}' if t else '-', f'{t["teacher_top5"]:.2f}' if t else '-')]
     for head in ('cls', 'dist', 'avg'):
         if f'{head}_top1' in s:

@@ -102,7 +102,53 @@ def validate_options(cfg) -> None:
     _check_log_with(cfg.log_with)
     _check_hub_id(cfg)
     _check_kwargs(cfg)
+    _check_task(cfg)
     _check_losses(cfg)
+
+
+# Options of one kind of run only: a value other than the default in the other kind is refused (a saved config.yaml
+# holds every option at its value, so a rerun with -c passes).
+CLASSIFY_ONLY = ('aa', 'three_augment', 'color_jitter', 'scale', 'train_interpolation', 'reprob', 'remode', 'recount',
+                 'smoothing', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'eval_crop_ratio',
+                 'aug_repeats', 'teacher_cache', 'teacher_cache_epochs', 'teacher_cache_topk', 'model_ema',
+                 'model_ema_decay', 'student_pretrained', 'compile_student', 'train_subset', 'push_to_hub',
+                 'hub_model_id', 'hub_private', 'hub_license', 'hf_image_column', 'hf_label_column')
+DENSE_ONLY = ('pyramid_strides', 'pyramid_channels', 'scale_jitter', 'ignore_index')
+DENSE_DATASETS = {'detect': ('fashion_mnist', 'coco'), 'segment': ('fashion_mnist', 'segfolder')}
+
+
+def _check_task(cfg) -> None:
+    """The data set and the options against ``--task``; the dense options' values."""
+    import dataclasses
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cfg)}
+    dense = cfg.task != 'classify'
+    accepted = DENSE_DATASETS.get(cfg.task)
+    if accepted is not None and cfg.dataset not in accepted:
+        raise _error(f'--dataset {cfg.dataset} with --task {cfg.task}: use {" or ".join(accepted)}')
+    if not dense and cfg.dataset in ('coco', 'segfolder'):
+        raise _error(f'--dataset {cfg.dataset} holds dense labels: use it with --task '
+                     f'{"detect" if cfg.dataset == "coco" else "segment"}')
+    for name in CLASSIFY_ONLY if dense else DENSE_ONLY:
+        if getattr(cfg, name) != defaults[name]:
+            kind = 'classification (--task classify)' if dense else 'dense tasks (--task detect / segment)'
+            raise _error(f'{flag(name)} {getattr(cfg, name)!r}: this option applies to {kind} only; leave it out '
+                         f'with --task {cfg.task}')
+    strides = cfg.pyramid_strides
+    if (not isinstance(strides, list) or not strides or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and v > 0 for v in strides)
+            or strides != sorted(set(strides))):
+        raise _error(f'--pyramid-strides {strides!r}: give distinct increasing positive integers (e.g. 4 8 16 32)')
+    if isinstance(cfg.pyramid_channels, bool) or not isinstance(cfg.pyramid_channels, int) or cfg.pyramid_channels < 1:
+        raise _error(f'--pyramid-channels must be an integer >= 1, got {cfg.pyramid_channels!r}')
+    if isinstance(cfg.ignore_index, bool) or not isinstance(cfg.ignore_index, int) or not 0 <= cfg.ignore_index <= 255:
+        raise _error(f'--ignore-index must be an integer in 0..255 (a grey level of the mask files), got '
+                     f'{cfg.ignore_index!r}')
+    jitter = cfg.scale_jitter
+    if (not isinstance(jitter, (list, tuple)) or len(jitter) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in jitter)
+            or not 0 < jitter[0] <= jitter[1] <= 4):
+        raise _error(f'--scale-jitter takes two numbers LOW HIGH with 0 < LOW <= HIGH <= 4, got {jitter!r}')
 
 
 def _check_scale(scale: Any) -> None:
@@ -230,6 +276,8 @@ def _check_losses(cfg) -> None:
 
     from .build import parse_distill
     from .losses import get_loss_class
+    from .losses._dense import get_dense_loss_class
+    loss_class = get_loss_class if cfg.task == 'classify' else get_dense_loss_class  # a dense run: the dense forms
     if not isinstance(cfg.distill, list) or not cfg.distill:
         raise _error(f'--distill takes one or more name[:weight] items (see --list-losses), got {cfg.distill!r}')
     if not isinstance(cfg.loss_opts, list) or not all(isinstance(o, str) for o in cfg.loss_opts):
@@ -244,7 +292,7 @@ def _check_losses(cfg) -> None:
     for name, weight, options in methods:
         if weight is not None and not (math.isfinite(weight) and weight >= 0):
             raise _error(f'--distill {name}:{weight}: a method weight must be a finite number >= 0')
-        params = inspect.signature(get_loss_class(name).__init__).parameters
+        params = inspect.signature(loss_class(name).__init__).parameters
         for option, value in options.items():
             where = f'--loss-opts {name}.{option}={value!r}'
             if option == 'warmup_epochs' and option not in params:  # vitkd's per-method weight warm-up

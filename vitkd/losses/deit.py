@@ -81,3 +81,18 @@ class DeiTHard(_DeiTTokenDistillation):
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
         return {'hard': self.alpha * deit_hard_loss(student.logits_dist, teacher.logits)}
+
+
+# ---- dense form (detection / segmentation) ---------------------------------------------------------------------
+
+from ._dense import DenseDistillationLoss, register_dense_loss  # noqa: E402
+
+
+@register_dense_loss('none')
+class DenseNoDistillation(DenseDistillationLoss):
+    """No teacher: the dense head's task loss alone (the baseline of a dense comparison)."""
+    paper = NoDistillation.paper
+    needs_teacher = False
+
+    def forward(self, student, teacher, batch) -> dict[str, torch.Tensor]:
+        return {}
