@@ -302,6 +302,9 @@ class DenseDetector(DenseModel):
                  nms_thresh: float = 0.6, detections_per_img: int = 100, **kwargs):
         super().__init__(backbone, num_classes, **kwargs)
         channels, levels = self.num_features, len(self.strides)
+        if channels % 32:
+            raise DenseModelError(f'--pyramid-channels {channels}: FCOS\'s head normalises in 32 groups; use a '
+                                  'multiple of 32 for detection')
         anchors = AnchorGenerator(sizes=tuple((s,) for s in self.strides), aspect_ratios=((1.0,),) * levels)
         head = FCOSHead(channels, 1, num_classes, num_convs=head_convs)
         # FCOS holds the pyramid as its backbone; its own resize/normalise transform is not used (the images arrive
