@@ -6,6 +6,7 @@
     python main.py ... --output-dir output/run --resume auto      # continue after a kill / preemption (SIGTERM)
     python main.py ... --push-to-hub --hub-model-id org/name      # or later: python scripts/push_to_hub.py output/run
     python main.py --list-losses
+    python main.py --task segment                    # dense embedded default: Fashion-MNIST scenes (--task detect too)
 """
 from __future__ import annotations
 
@@ -41,10 +42,12 @@ _logger = logging.getLogger('vitkd')
 def train(argv=None) -> int:
     """Parse, build, train, evaluate, export. Errors propagate (see :func:`main`)."""
     cfg, args = parse_args(argv)
-    if args.list_losses:
+    if args.list_losses:  # with --task detect/segment: the methods that have a dense form
         from vitkd.losses import list_losses
-        width = max(len(n) for n, _ in list_losses())
-        print('\n'.join(f'{n:<{width}}  {paper}' for n, paper in list_losses()))
+        from vitkd.losses._dense import list_dense_losses
+        listing = list_losses() if cfg.task == 'classify' else list_dense_losses()
+        width = max(len(n) for n, _ in listing)
+        print('\n'.join(f'{n:<{width}}  {paper}' for n, paper in listing))
         return 0
     entries = None if cfg.eval_student else build_losses(cfg)  # the methods, built once for the whole run
     accelerator = runlib.make_accelerator(cfg, entries)
