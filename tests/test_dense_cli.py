@@ -76,3 +76,18 @@ def test_bad_dense_input_is_one_line_and_exit_2(args, message, tmp_path, capsys)
     assert code == 2, err
     assert err.startswith('error: ') and '\n' not in err and message in err, err
     assert not out.exists()
+
+
+def test_shipped_segment_teacher_is_the_presets_and_scores_its_training_record(tmp_path):
+    """The embedded --task segment default names the shipped teacher; evaluated by --eval-student it gives the
+    validation numbers its training run wrote (training.json, rounded there to 2 decimals)."""
+    from vitkd.config import REPO, parse_args
+    cfg, _ = parse_args(['--task', 'segment'])
+    teacher = REPO / 'checkpoints' / 'fmnist_dense_segment_teacher'
+    assert cfg.teacher == str(teacher) and cfg.dataset == 'fashion_mnist' and cfg.input_size == 64
+    record = json.loads((teacher / 'training.json').read_text())['validation']
+    assert main.main(['--task', 'segment', '--eval-student', '--student-ckpt', str(teacher), '--output-dir',
+                      str(tmp_path), '--num-workers', '0']) == 0
+    metrics = json.loads((tmp_path / 'eval_student.json').read_text())['metrics']
+    assert round(metrics['mIoU'], 2) == record['mIoU'] and round(metrics['pixel_acc'], 2) == round(
+        record['pixel_acc'], 2)
