@@ -27,7 +27,6 @@ from ..config import Config, ConfigError
 from ..data import DATASET_STATS, DataSpec, EpochSampler, seed_worker, worker_context
 from ..distiller import LossEntry
 from ..models import Teacher, create_teacher, set_fused_attention
-from ..progress import EpochProgress
 from ..run import Run, eval_output_dir
 from ..training import EpochBatches, TrainState
 from .data import (CocoDetectionSource, DenseAugment, DenseDataset, FashionScenes, SegmentationFolderSource,
@@ -98,7 +97,7 @@ def _stats(cfg: Config, student: DenseModel) -> tuple[tuple, tuple]:
     if cfg.dataset == 'fashion_mnist':
         stats = DATASET_STATS['fashion_mnist']
         return tuple(stats['mean']), tuple(stats['std'])
-    body = getattr(student.pyramid, 'vit', None) or getattr(student.pyramid, 'cnn')
+    body = student.pyramid.vit if student.is_vit else student.pyramid.cnn
     data_cfg = resolve_data_config({}, model=body)
     return tuple(data_cfg['mean']), tuple(data_cfg['std'])
 
@@ -201,12 +200,7 @@ class DenseEpochBatches(EpochBatches):
     def __init__(self, loader, accelerator, epochs: int = 1, log_every: int = 50):
         super().__init__(loader, accelerator, mixer=None, teacher_cache=None, epochs=epochs, log_every=log_every)
 
-    def epoch(self, state: TrainState) -> EpochProgress:
-        return EpochProgress(self._dense_batches(state), self.accelerator, state.epoch, self.epochs, self.log_every,
-                             lambda: state.step, first=state.batches_done, num_batches=len(self.loader),
-                             max_steps=state.max_steps, accum=self.accelerator.gradient_accumulation_steps)
-
-    def _dense_batches(self, state: TrainState) -> Iterator[tuple[int, DenseTrainBatch]]:
+    def _batches(self, state: TrainState) -> Iterator[tuple[int, DenseTrainBatch]]:
         device, num_batches = self.accelerator.device, len(self.loader)
         if hasattr(self.loader, 'set_epoch'):
             self.loader.set_epoch(state.epoch)
