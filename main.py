@@ -77,8 +77,9 @@ def train(argv=None) -> int:
     if r.teacher is not None and cfg.eval_teacher:
         with _rng_untouched(accelerator):  # so a resumed run continues from exactly the checkpoint's RNG states
             teacher_metrics = r.evaluate_teacher()
+        top1, top5 = teacher_metrics.get('teacher_top1'), teacher_metrics.get('teacher_top5')
         log('teacher ' + (runlib.format_heads(teacher_metrics, 'teacher_') if dense else
-                          f'top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%'))
+                          f'top-1 {top1:.2f}%  top-5 {top5:.2f}%'))
 
     if cfg.time_limit:
         r.state.deadline = time.time() + cfg.time_limit

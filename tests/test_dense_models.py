@@ -56,7 +56,8 @@ def test_cnn_pyramid_takes_the_stages_at_the_strides():
     pyramid = model.forward_pyramid(torch.randn(2, 1, 64, 64))
     assert [tuple(v.shape[1:]) for v in pyramid.values()] == [(32, 16, 16), (32, 8, 8), (32, 4, 4)]
     with pytest.raises(UsageError, match='FCOS.s head normalises in 32 groups'):
-        timm.create_model('vitkd_dense_detector', backbone='test_resnet', num_classes=3, strides=[4], pyramid_channels=48)
+        timm.create_model('vitkd_dense_detector', backbone='test_resnet', num_classes=3, strides=[4],
+                          pyramid_channels=48)
     with pytest.raises(UsageError, match=r'strides \[2, 4, 8, 16, 32\], not \[64\]'):
         timm.create_model('vitkd_dense_detector', backbone='test_resnet', num_classes=3, in_chans=1, img_size=64,
                           strides=[64])

@@ -39,12 +39,12 @@ class Config:
                        'pyramid under torchvision\'s FCOS head) or segment (a class per pixel: a semantic FPN head); '
                        'detect/segment without --data-path run the embedded Fashion-MNIST scenes',
                        choices=('classify', 'detect', 'segment'))
-    dataset: str = option('auto', 'fashion_mnist (the embedded default; scenes of its items for --task detect/segment), '
-                       'cifar10, cifar100, imagefolder, hf (a Hugging Face datasets data set), coco (--task detect: '
-                       'annotations/instances_{train,val}.json + train/, val/), segfolder (--task segment: '
-                       'classes.txt + {train,val}/{images,masks}/); auto = hf when --data-path is hf-hub:org/name, '
-                       'coco / segfolder for --task detect / segment, imagefolder otherwise, fashion_mnist without '
-                       '--data-path',
+    dataset: str = option('auto', 'fashion_mnist (the embedded default; scenes of its items for --task '
+                       'detect/segment), cifar10, cifar100, imagefolder, hf (a Hugging Face datasets data set), coco '
+                       '(--task detect: annotations/instances_{train,val}.json + train/, val/), segfolder (--task '
+                       'segment: classes.txt + {train,val}/{images,masks}/); auto = hf when --data-path is '
+                       'hf-hub:org/name, coco / segfolder for --task detect / segment, imagefolder otherwise, '
+                       'fashion_mnist without --data-path',
                        choices=('auto', 'fashion_mnist', 'cifar10', 'cifar100', 'imagefolder', 'hf', 'coco',
                                 'segfolder'))
     data_path: Optional[str] = option(None, 'ImageFolder root with train/ and val/ (or a torchvision root); with '
@@ -191,7 +191,8 @@ class Config:
 
 EMBEDDED_PRESET = REPO / 'scripts' / 'configs' / 'embedded.yaml'
 # the embedded default of each dense task: Fashion-MNIST scenes, the shipped dense teacher
-EMBEDDED_DENSE_PRESETS = {task: REPO / 'scripts' / 'configs' / f'embedded_{task}.yaml' for task in ('detect', 'segment')}
+EMBEDDED_DENSE_PRESETS = {task: REPO / 'scripts' / 'configs' / f'embedded_{task}.yaml'
+                          for task in ('detect', 'segment')}
 
 
 def embedded_default(task: str = 'classify') -> dict:

@@ -163,8 +163,8 @@ class CocoDetectionSource(Dataset):
         from pycocotools.coco import COCO
         ann_file = Path(root) / 'annotations' / f'instances_{split}.json'
         if not ann_file.is_file():
-            raise DataError(f'--data-path {root}: no {ann_file} (a COCO data set needs annotations/instances_train.json '
-                            'and instances_val.json, images under train/ and val/)')
+            raise DataError(f'--data-path {root}: no {ann_file} (a COCO data set needs '
+                            'annotations/instances_train.json and instances_val.json, images under train/ and val/)')
         try:
             self.coco = _quiet_coco(COCO, ann_file)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

@@ -50,7 +50,9 @@ class DenseDistillationLoss(DistillationLoss):
     def setup(self, student: DenseFeatures, teacher: DenseFeatures, info) -> None:  # type: ignore[override]
         """Build trainable parts from one example pass of both models (shapes only)."""
 
-    def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def forward(self, student: DenseFeatures, teacher: DenseFeatures,  # type: ignore[override]
+                batch) -> dict[str, torch.Tensor]:
+        """Named loss terms (scalars, fp32) from the two models' :class:`DenseFeatures`."""
         raise NotImplementedError
 
 
