@@ -1,6 +1,7 @@
 """Dense runs through main.py: training with teacher and methods, checkpoint resume equal to an uninterrupted run,
 the export evaluated by --eval-student to the run's own numbers, and one-line usage errors."""
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -91,3 +92,26 @@ def test_shipped_segment_teacher_is_the_presets_and_scores_its_training_record(t
     metrics = json.loads((tmp_path / 'eval_student.json').read_text())['metrics']
     assert round(metrics['mIoU'], 2) == record['mIoU'] and round(metrics['pixel_acc'], 2) == round(
         record['pixel_acc'], 2)
+
+
+def test_coco_and_segmentation_folders_train_and_evaluate(tmp_path):
+    """A run on a COCO-format set and one on a segmentation folder (RGB, letterboxed to 64 px): a step, then the
+    metrics over their validation images."""
+    from tests.test_dense_data import _write_coco, _write_segfolder
+    coco, seg = tmp_path / 'coco', tmp_path / 'seg'
+    for split in ('train', 'val'):
+        _write_coco(coco, split)
+    seg.mkdir()
+    _write_segfolder(seg)
+    shutil.copytree(seg / 'val' / 'images', seg / 'train' / 'images')
+    shutil.copytree(seg / 'val' / 'masks', seg / 'train' / 'masks')
+    tiny = [*TINY, '--batch-size', '1', '--input-size', '64', '--pyramid-strides', '4', '8', '16', '--teacher', 'none',
+            '--distill', 'none', '--max-steps', '1']
+    assert main.main(['--task', 'detect', '--data-path', str(coco), '--output-dir', str(tmp_path / 'd'), *tiny]) == 0
+    assert main.main(['--task', 'segment', '--data-path', str(seg), '--output-dir', str(tmp_path / 's'), *tiny]) == 0
+    detect = json.loads((tmp_path / 'd' / 'summary.json').read_text())['student']
+    segment = json.loads((tmp_path / 's' / 'summary.json').read_text())['student']
+    assert detect['images'] == 2 and 0 <= detect['mAP'] <= 100
+    assert segment['images'] == 1 and 0 <= segment['mIoU'] <= 100
+    labels = json.loads((tmp_path / 'd' / 'student' / 'config.json').read_text())['label_names']
+    assert labels == ['person', 'dog']

@@ -94,7 +94,7 @@ def validate_options(cfg) -> None:
     _number('seed', cfg.seed, integer=True, low=0, cap=MAX_SEED - (world - 1),
             accepted=f' (numpy\'s seed range; each of the {world} process(es) adds its rank)')
     _check_scale(cfg.scale)
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
+    if cfg.task == 'classify' and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise _error(f'--batch-size {cfg.batch_size}: mixup/cutmix pair sample i with sample B-1-i and need an even '
                      'batch per process; use an even --batch-size or --mixup 0 --cutmix 0')
     _check_input_size(cfg)

@@ -95,7 +95,7 @@ class SimpleFeaturePyramid(nn.Module):
             else:
                 raise DenseModelError(f'pyramid stride {stride} with patch size {patch_size}: a ViT pyramid makes '
                                       f'strides {", ".join(str(int(patch_size / s)) for s in VIT_SCALES)} '
-                                      '(patch size ×¼, ×½, ×1, ×2)')
+                                      '(patch size ×¼, ×½, ×1, ×2; --pyramid-strides)')
             self.levels[level_name(stride)] = nn.Sequential(
                 resample, nn.Conv2d(width, out_channels, 1, bias=False), LayerNorm2d(out_channels),
                 nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels))
