@@ -79,19 +79,19 @@ def test_bad_dense_input_is_one_line_and_exit_2(args, message, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_shipped_segment_teacher_is_the_presets_and_scores_its_training_record(tmp_path):
-    """The embedded --task segment default names the shipped teacher; evaluated by --eval-student it gives the
-    validation numbers its training run wrote (training.json, rounded there to 2 decimals)."""
+@pytest.mark.parametrize('task,metrics', [('segment', ('mIoU', 'pixel_acc')), ('detect', ('mAP', 'AP50', 'AP75'))])
+def test_shipped_teacher_is_the_presets_and_scores_its_training_record(task, metrics, tmp_path):
+    """The embedded --task default names the shipped teacher; evaluated by --eval-student it gives the validation
+    numbers its training run wrote (training.json, rounded there to 2 decimals)."""
     from vitkd.config import REPO, parse_args
-    cfg, _ = parse_args(['--task', 'segment'])
-    teacher = REPO / 'checkpoints' / 'fmnist_dense_segment_teacher'
+    cfg, _ = parse_args(['--task', task])
+    teacher = REPO / 'checkpoints' / f'fmnist_dense_{task}_teacher'
     assert cfg.teacher == str(teacher) and cfg.dataset == 'fashion_mnist' and cfg.input_size == 64
     record = json.loads((teacher / 'training.json').read_text())['validation']
-    assert main.main(['--task', 'segment', '--eval-student', '--student-ckpt', str(teacher), '--output-dir',
+    assert main.main(['--task', task, '--eval-student', '--student-ckpt', str(teacher), '--output-dir',
                       str(tmp_path), '--num-workers', '0']) == 0
-    metrics = json.loads((tmp_path / 'eval_student.json').read_text())['metrics']
-    assert round(metrics['mIoU'], 2) == record['mIoU'] and round(metrics['pixel_acc'], 2) == round(
-        record['pixel_acc'], 2)
+    evaluated = json.loads((tmp_path / 'eval_student.json').read_text())['metrics']
+    assert {k: round(evaluated[k], 2) for k in metrics} == {k: round(record[k], 2) for k in metrics}
 
 
 def test_coco_and_segmentation_folders_train_and_evaluate(tmp_path):
