@@ -15,6 +15,7 @@ from .config import Config, ConfigError, config_from_values, config_path, load_y
 from .distill_spec import check_method_option, method_names
 from .domains import Domain, OneOf, OrNone
 from .losses import list_losses
+from .losses._dense import list_dense_losses
 from .validate import validate
 
 __all__ = ['parse_args', 'resolve', 'build_parser', 'list_methods_and_presets']
@@ -80,6 +81,8 @@ _SECTION_OF = {'threads': 'run', 'cpu_malloc': 'run', 'compile_student': 'studen
 
 # DeiT (facebookresearch/deit main.py) and timm (train.py) flags that have no field of their own: translated by
 # _apply_habits, or refused with the replacement named.
+_LIST_TYPES = {'scale': float, 'scale_jitter': float, 'pyramid_strides': int}  # list options read as numbers
+
 _DEIT_TYPES = {'none': 'none', 'soft': 'deit_soft', 'hard': 'deit_hard'}
 _REFUSED = {
     '--channels-last': 'convolutional teachers already run channels_last (automatic, vitkd/models.py); ViT students '
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add(p, group, names, dest=f.name, action=_Switch, default=None, help=helptext)
         elif base in (list, dict):
             _add(p, group, names, dest=f.name, nargs=f.metadata.get('nargs') or '*', default=None, help=helptext,
-                 type=float if f.name == 'scale' else str)
+                 type=_LIST_TYPES.get(f.name, str))
         elif f.name == 'input_size':
             _add(p, group, names, dest=f.name, nargs='+', type=int, default=None, metavar='SIZE', help=helptext)
         else:
@@ -200,10 +203,11 @@ def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
     return cfg
 
 
-def list_methods_and_presets() -> str:
-    """``--list-losses``: the registered methods (each works with ``--distill NAME``) with their papers, then the
-    presets (``-c NAME``; a preset that shares a method's name runs that method with its paper's recipe)."""
-    methods = list_losses()
+def list_methods_and_presets(task: str = 'classify') -> str:
+    """``--list-losses``: the registered methods of ``task`` (each works with ``--distill NAME``; a dense task lists
+    the methods with a dense form) with their papers, then the presets (``-c NAME``; a preset that shares a method's
+    name runs that method with its paper's recipe)."""
+    methods = list_losses() if task == 'classify' else list_dense_losses()
     width = max(len(n) for n, _ in methods)
     lines = ['methods (--distill NAME[:WEIGHT], options with --loss-opts NAME.OPTION=VALUE):']
     lines += [f'  {n:<{width}}  {paper}' for n, paper in methods]

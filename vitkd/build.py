@@ -18,6 +18,7 @@ from .distiller import Distiller, LossEntry
 from .features import INPUT_SUFFIX, _is_vit, num_taps
 from .hf_data import HFOptions
 from .losses import LossSpecError, RunInfo, create_loss
+from .losses._dense import create_dense_loss
 from .models import Teacher, create_student, create_teacher, set_fused_attention
 from .validate import distill_spec
 
@@ -231,8 +232,9 @@ def build_losses(cfg: Config, student: Optional[torch.nn.Module] = None) -> list
     method fails before anything is loaded). Unset weights are resolved for ``student`` when it is given
     (:func:`resolve_weights`), else by :func:`build_distiller` once the student exists."""
     entries = []
+    create = create_loss if cfg.task == 'classify' else create_dense_loss  # a dense run: the methods' dense forms
     for method in distill_spec(cfg):
-        loss = create_loss(method.name, **method.options)
+        loss = create(method.name, **method.options)
         entries.append(LossEntry(loss, 1.0 if method.weight is None else method.weight,
                                  float(method.warmup_epochs or 0.0), weight_given=method.weight is not None))
     if student is not None:

@@ -666,7 +666,8 @@ class Checkpointer:
             self.before_save(r.state)
         final = self.out_dir / CHECKPOINTS / checkpoint_name(r.state.step)
         tmp = final.with_name(final.name + '.tmp')
-        improved = bool(metrics) and (self.best is None or metrics['avg_top1'] > self.best['avg_top1'])
+        key = r.best_metric
+        improved = bool(metrics) and (self.best is None or metrics[key] > self.best[key])
         best = self.best
         if improved:
             epoch = r.state.epoch - 1 if r.state.batches_done == 0 else r.state.epoch  # the epoch just evaluated

@@ -7,6 +7,7 @@
     vitkd ... --push-to-hub --hub-model-id org/name      # or later: python scripts/push_to_hub.py output/run
     vitkd --finetune output/run --data-path /data/other  # a new run from a distilled student's weights
     vitkd --list-losses
+    vitkd --task segment                             # dense embedded default: Fashion-MNIST scenes (--task detect too)
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from accelerate.utils import broadcast_object_list
 from vitkd import run as runlib
 from vitkd.build import build_losses
 from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
+from vitkd.dense.run import build_dense_run, eval_dense_student
 from vitkd.config import to_yaml
 from vitkd.arguments import list_methods_and_presets, parse_args
-from vitkd.engine import NonFiniteLossError, evaluate, evaluate_teacher, train_one_epoch
+from vitkd.engine import NonFiniteLossError, train_one_epoch
 from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
 from vitkd.hub import HubPushError, check_push_token, push_run_to_hub
 from vitkd.rundir import RunFinished, release_all
@@ -42,14 +44,15 @@ _logger = logging.getLogger('vitkd')
 def train(argv=None) -> int:
     """Parse, build, train, evaluate, export. Errors propagate (see :func:`main`)."""
     cfg, args = parse_args(argv)
-    if args.list_losses:
-        print(list_methods_and_presets())
+    if args.list_losses:  # with --task detect/segment: the methods that have a dense form
+        print(list_methods_and_presets(cfg.task))
         return 0
     entries = None if cfg.eval_student else build_losses(cfg)  # the methods, built once for the whole run
     accelerator = runlib.make_accelerator(cfg, entries)
     log = accelerator.print
+    dense = cfg.task != 'classify'
     if cfg.eval_student:
-        return runlib.eval_student(cfg, accelerator)
+        return (eval_dense_student if dense else runlib.eval_student)(cfg, accelerator)
 
     # Everything that can reject the command (options, output dir, data, models, losses, the checkpoint to resume)
     # runs before anything is written: a bad command leaves an existing run dir as it was.
@@ -57,7 +60,7 @@ def train(argv=None) -> int:
     out_dir = runlib.check_output_dir(cfg)
     if cfg.push_to_hub:
         _check_push_token(cfg, accelerator)
-    r = runlib.build_run(cfg, accelerator, entries)
+    r = (build_dense_run if dense else runlib.build_run)(cfg, accelerator, entries)
     methods = ', '.join(f'{name}:{e.weight:g}' for name, e in r.distiller_unwrapped.entries.items()) or 'none'
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
         f'{r.teacher.source if r.teacher else "none"}, methods {methods}, '
@@ -73,8 +76,10 @@ def train(argv=None) -> int:
     teacher_metrics = {}
     if r.teacher is not None and cfg.eval_teacher:
         with _rng_untouched(accelerator):  # so a resumed run continues from exactly the checkpoint's RNG states
-            teacher_metrics = evaluate_teacher(r.teacher, r.val_loader, accelerator)
-        log(f'teacher top-1 {teacher_metrics["teacher_top1"]:.2f}%  top-5 {teacher_metrics["teacher_top5"]:.2f}%')
+            teacher_metrics = r.evaluate_teacher()
+        top1, top5 = teacher_metrics.get('teacher_top1'), teacher_metrics.get('teacher_top5')
+        log('teacher ' + (runlib.format_heads(teacher_metrics, 'teacher_') if dense else
+                          f'top-1 {top1:.2f}%  top-5 {top5:.2f}%'))
 
     if cfg.time_limit:
         r.state.deadline = time.time() + cfg.time_limit
@@ -171,10 +176,9 @@ def _check_push_token(cfg, accelerator) -> None:
 
 def _evaluate_student(r, accelerator) -> dict:
     """Validation metrics of the student (and of its EMA)."""
-    metrics = evaluate(r.student, r.val_loader, accelerator)
+    metrics = r.evaluate_student(r.student)
     if r.ema is not None:
-        metrics.update({f'ema_{k}': v for k, v in evaluate(r.ema.module, r.val_loader, accelerator).items()
-                        if k != 'samples'})
+        metrics.update({f'ema_{k}': v for k, v in r.evaluate_student(r.ema.module).items() if k != 'samples'})
     return metrics
 
 

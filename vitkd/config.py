@@ -55,10 +55,18 @@ def option(default: Any, help: str, domain: Domain, aliases: tuple[str, ...] = (
 @dataclass
 class Config:
     # ---- data ------------------------------------------------------------------------------------------------
-    dataset: str = option('auto', 'fashion_mnist (the embedded default), cifar10, cifar100, imagefolder, hf (a Hugging '
-                       'Face datasets data set); auto = hf when --data-path is hf-hub:org/name, imagefolder when it '
-                       'is anything else, fashion_mnist without --data-path',
-                       domain=OneOf('auto', 'fashion_mnist', 'cifar10', 'cifar100', 'imagefolder', 'hf'))
+    task: str = option('classify', 'what the student learns: classify (image classes), detect (boxes: a feature '
+                       'pyramid under torchvision\'s FCOS head) or segment (a class per pixel: a semantic FPN head); '
+                       'detect/segment without --data-path run the embedded Fashion-MNIST scenes',
+                       domain=OneOf('classify', 'detect', 'segment'))
+    dataset: str = option('auto', 'fashion_mnist (the embedded default; scenes of its items for --task '
+                       'detect/segment), cifar10, cifar100, imagefolder, hf (a Hugging Face datasets data set), coco '
+                       '(--task detect: annotations/instances_{train,val}.json + train/, val/), segfolder (--task '
+                       'segment: classes.txt + {train,val}/{images,masks}/); auto = hf when --data-path is '
+                       'hf-hub:org/name, coco / segfolder for --task detect / segment, imagefolder otherwise, '
+                       'fashion_mnist without --data-path',
+                       domain=OneOf('auto', 'fashion_mnist', 'cifar10', 'cifar100', 'imagefolder', 'hf', 'coco',
+                                    'segfolder'))
     data_path: Optional[str] = option(None, 'ImageFolder root with train/ and val/ (or a torchvision root); with '
                                    '--dataset hf: a Hub id (org/name, hf-hub:org/name), a save_to_disk folder, or '
                                    'parquet files (a folder, a file or a glob)', aliases=('--data-dir',),
@@ -86,7 +94,10 @@ class Config:
     cpu_malloc: str = option('tuned', 'CPU runs: tuned = glibc keeps freed activation memory instead of re-faulting it '
                           'each step (vitkd/cpu_malloc.py; the process keeps its peak heap), system = glibc defaults',
                           domain=OneOf('tuned', 'system'))
-    skip_corrupt: bool = option(True, 'skip (and count) unreadable images instead of failing', domain=Bool())
+    skip_corrupt: bool = option(True, 'skip (and count) unreadable images instead of failing (classification; a dense '
+                                'data set fails on an unreadable image, naming it)', domain=Bool())
+    ignore_index: int = option(255, '--dataset segfolder: the mask value of unlabelled pixels (0..255; the loss and '
+                               'mIoU skip them)', domain=Integer(lo=0, hi=255))
     # ---- models ----------------------------------------------------------------------------------------------
     student: str = option('deit_s_distilled', 'timm student (deit_{ti,s,b}_distilled = VkD student, '
                        'deit_*_distilled_patch16_224, any timm model)', aliases=('--model', '--student-model'),
@@ -99,6 +110,10 @@ class Config:
                                      'new heads for other classes, position embeddings resampled for another size',
                                      domain=OrNone(Text()))
     drop_path: float = option(0.0, 'stochastic depth rate of the student', domain=Interval(0, 1, hi_open=True))
+    pyramid_strides: list = option([4, 8, 16, 32], '--task detect/segment: strides of the student\'s feature pyramid '
+                                   '(a ViT makes patch×¼, ×½, ×1, ×2; a CNN teacher\'s stages must have them too)',
+                                   nargs='+', domain=ListOf(Integer(lo=1)))
+    pyramid_channels: int = option(64, '--task detect/segment: channels of every pyramid level', domain=Integer(lo=1))
     teacher: Optional[str] = option('regnety_160', 'timm name[.tag] (regnety_160 = regnety_160.deit_in1k), '
                                  'hf-hub:org/name, a save_for_hf folder, or a .safetensors file; none = no teacher',
                                     domain=OrNone(Text()))
@@ -171,6 +186,9 @@ class Config:
     color_jitter: float = option(0.3, 'colour jitter strength', domain=NonNegative())
     scale: list = option([0.08, 1.0], 'RandomResizedCrop scale range', nargs=2, domain=Span(0, 1))
     hflip: float = option(0.5, 'horizontal flip probability', domain=Interval(0, 1))
+    scale_jitter: list = option([1.0, 1.0], '--task detect/segment: resize each training image by a factor drawn from '
+                                '[LOW, HIGH] (0 < LOW <= HIGH <= 4), then cut or pad it back to its size; boxes and '
+                                'masks move with it', nargs=2, domain=Span(0, 4))
     train_interpolation: str = option('bicubic', 'interpolation of the training crops', domain=Text())
     aug_repeats: int = option(1, 'repeated augmentation (DeiT\'s RASampler): each image R times per epoch with its own '
                               'augmentations, the copies on different processes, epoch length unchanged; DeiT uses 3, '
@@ -218,14 +236,19 @@ class Config:
 
 
 EMBEDDED_PRESET = REPO / 'scripts' / 'configs' / 'embedded.yaml'
+# the embedded default of each dense task: Fashion-MNIST scenes, the shipped dense teacher
+EMBEDDED_DENSE_PRESETS = {task: REPO / 'scripts' / 'configs' / f'embedded_{task}.yaml'
+                          for task in ('detect', 'segment')}
 
 
-def embedded_default() -> dict:
-    """The embedded-default preset (``scripts/configs/embedded.yaml``), its teacher path made absolute."""
-    if not EMBEDDED_PRESET.is_file():
-        raise ConfigError(f'the embedded default\'s preset {EMBEDDED_PRESET} is missing (a vitkd install without its '
+def embedded_default(task: str = 'classify') -> dict:
+    """The embedded-default preset of ``task`` (``scripts/configs/embedded.yaml``, ``embedded_detect.yaml``,
+    ``embedded_segment.yaml``), its teacher path made absolute."""
+    preset = EMBEDDED_DENSE_PRESETS.get(task, EMBEDDED_PRESET)
+    if not preset.is_file():
+        raise ConfigError(f'the embedded default\'s preset {preset} is missing (a vitkd install without its '
                           'shipped files?): reinstall vitkd, or pass --data-path and --teacher')
-    values = load_yaml(str(EMBEDDED_PRESET))
+    values = load_yaml(str(preset))
     values['teacher'] = str(REPO / values['teacher'])
     return values
 
@@ -283,11 +306,12 @@ def config_from_values(cli: dict, yaml_values: dict) -> Config:
     if isinstance(explicit.get('data_path'), str) and not explicit['data_path'].strip():
         raise ConfigError('--data-path is empty (an unset shell variable?); give the folder with train/ and val/, or '
                           'leave --data-path out for the embedded Fashion-MNIST')
-    dataset = explicit.get('dataset', 'auto')
+    dataset, task = explicit.get('dataset', 'auto'), explicit.get('task', 'classify')
     if dataset == 'auto':
         data_path = explicit.get('data_path')
-        dataset = ('hf' if str(data_path).startswith('hf-hub:') else 'imagefolder') if data_path else 'fashion_mnist'
-    values = embedded_default() if dataset == 'fashion_mnist' and not explicit.get('data_path') else {}
+        folder = {'detect': 'coco', 'segment': 'segfolder'}.get(task, 'imagefolder')
+        dataset = ('hf' if str(data_path).startswith('hf-hub:') else folder) if data_path else 'fashion_mnist'
+    values = embedded_default(task) if dataset == 'fashion_mnist' and not explicit.get('data_path') else {}
     values.update(explicit)
     values['dataset'] = dataset
     values = _normalise(values)

@@ -20,6 +20,7 @@ import yaml
 from .domains import NonNegative, OutOfDomain
 from .errors import ConfigError
 from .losses import LOSS_REGISTRY, LossSpecError, get_loss_class
+from .losses._dense import get_dense_loss_class
 from .losses.base import COMMON_OPTIONS, option_domains
 
 __all__ = ['MethodSpec', 'DistillSpec', 'parse_distill', 'method_names', 'check_method_option', 'parse_option_value']
@@ -87,10 +88,15 @@ def parse_option_value(text: str) -> Any:
     return value
 
 
-def check_method_option(name: str, option: str, value: Any, where: str) -> Any:
+def method_class(name: str, task: str = 'classify') -> type:
+    """The registered loss class of ``name`` for ``task``: the method itself, or its dense form for detect/segment."""
+    return get_loss_class(name) if task == 'classify' else get_dense_loss_class(name)
+
+
+def check_method_option(name: str, option: str, value: Any, where: str, task: str = 'classify') -> Any:
     """``value`` of ``name``'s ``option`` inside its declared domain (normalised), else a one-line error starting with
     ``where`` (how the command gave it) and naming the method, the option and what is accepted."""
-    domains = {**option_domains(get_loss_class(name)), **COMMON_OPTIONS}
+    domains = {**option_domains(method_class(name, task)), **COMMON_OPTIONS}
     if option not in domains:
         raise ConfigError(f'{where}: loss {name!r} has no option {option}; its options: {", ".join(domains)}')
     try:
@@ -99,14 +105,14 @@ def check_method_option(name: str, option: str, value: Any, where: str) -> Any:
         raise _refuse(where, name, option, str(e)) from None
 
 
-def _known_method(name: Any, item: Any, presets: Collection[str]) -> str:
+def _known_method(name: Any, item: Any, presets: Collection[str], task: str) -> str:
     if not isinstance(name, str) or not name:
         raise ConfigError(f'--distill {item!r}: a method needs a name (see --list-losses)')
     if name not in LOSS_REGISTRY and name in presets:
         raise ConfigError(f'--distill {name}: {name} is a preset (scripts/configs/{name}.yaml), not a method; run it '
                           f'with -c {name}')
     try:
-        get_loss_class(name)
+        method_class(name, task)
     except LossSpecError as e:  # the registry's one line: "unknown loss … (did you mean …?); registered: …"
         raise ConfigError(f'--distill: {e}') from None
     return name
@@ -125,7 +131,7 @@ def _weight(name: str, text: Any, item: Any) -> Optional[float]:
         raise _refuse(f'--distill {item}', name, 'weight', str(e)) from None
 
 
-def _entries(distill: Any, presets: Collection[str]) -> list[tuple[str, Optional[float], dict, str]]:
+def _entries(distill: Any, presets: Collection[str], task: str) -> list[tuple[str, Optional[float], dict, str]]:
     """(name, weight, options given with the entry, how to name the entry) of every ``--distill`` item."""
     if isinstance(distill, str):
         distill = distill.split()
@@ -135,11 +141,11 @@ def _entries(distill: Any, presets: Collection[str]) -> list[tuple[str, Optional
     for item in distill:
         if isinstance(item, dict):  # YAML form: {name: vkd, weight: 1.0, alpha: 1.0}
             options = dict(item)
-            name = _known_method(options.pop('name', None), item, presets)
+            name = _known_method(options.pop('name', None), item, presets, task)
             entries.append((name, _weight(name, options.pop('weight', None), f'{name}'), options, f'--distill {name}'))
         elif isinstance(item, str):
             name, _, weight = item.partition(':')
-            name = _known_method(name, item, presets)
+            name = _known_method(name, item, presets, task)
             entries.append((name, _weight(name, weight, item), {}, f'--distill {item}'))
         else:
             raise ConfigError(f'--distill {item!r}: expected name[:weight] or a mapping with a name')
@@ -151,16 +157,17 @@ def _entries(distill: Any, presets: Collection[str]) -> list[tuple[str, Optional
     return entries
 
 
-def method_names(distill: Any, presets: Collection[str] = ()) -> list[str]:
+def method_names(distill: Any, presets: Collection[str] = (), task: str = 'classify') -> list[str]:
     """The method names of a ``--distill`` value (checked: known methods, weights in their domain)."""
-    return [name for name, *_ in _entries(distill, presets)]
+    return [name for name, *_ in _entries(distill, presets, task)]
 
 
-def parse_distill(distill: Any, loss_opts: Any = (), presets: Collection[str] = ()) -> DistillSpec:
+def parse_distill(distill: Any, loss_opts: Any = (), presets: Collection[str] = (),
+                  task: str = 'classify') -> DistillSpec:
     """``--distill`` items (``name[:weight]`` strings or YAML mappings) and ``--loss-opts`` items
     (``name.option=value``) → the checked :class:`DistillSpec`; ``presets``: the names ``-c`` accepts, for the hint
-    when one is given as a method."""
-    entries = _entries(distill, presets)
+    when one is given as a method; ``task``: a dense task checks the methods' dense forms."""
+    entries = _entries(distill, presets, task)
     if isinstance(loss_opts, str) or not isinstance(loss_opts, (list, tuple)):
         raise ConfigError(f'--loss-opts takes name.option=value items, got {loss_opts!r}')
     given: dict[str, dict[str, tuple[Any, str]]] = {}
@@ -182,10 +189,10 @@ def parse_distill(distill: Any, loss_opts: Any = (), presets: Collection[str] = 
         given[name][option] = (value, f'--loss-opts {item}')
     methods = []
     for name, weight, _, _ in entries:
-        options = {option: check_method_option(name, option, value, where)
+        options = {option: check_method_option(name, option, value, where, task)
                    for option, (value, where) in given[name].items()}
         warmup = options.pop('warmup_epochs', None)
-        parameters = inspect.signature(get_loss_class(name).__init__).parameters
+        parameters = inspect.signature(method_class(name, task).__init__).parameters
         head = options.get('head', parameters['head'].default) if 'head' in parameters else None
         methods.append(MethodSpec(name, weight, options, warmup, head))
     return DistillSpec(tuple(methods))

@@ -49,8 +49,9 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
                 grad_norm = accelerator.clip_grad_norm_(params, clip_grad)
             elif accelerator.sync_gradients and check_grads:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            top1 = (out['logits'].detach().argmax(-1) == batch.labels).float().mean() * 100  # vs y_a under mixup
-            terms = {'loss': out['loss'], **out['terms'], 'top1': top1}
+            terms = {'loss': out['loss'], **out['terms']}
+            if 'logits' in out:  # classification: training accuracy (vs y_a under mixup); dense runs have none
+                terms['top1'] = (out['logits'].detach().argmax(-1) == batch.labels).float().mean() * 100
             finite = meter.add(terms, batch.images.shape[0])
             skip = guard.check(state, terms, finite, grad_norm, batch, optimizer)
             last = it == len(batches) - 1

@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +29,7 @@ from .data import DataSpec, build_eval_dataset, dataset_targets
 from .ddp import UnusedParameterSearch, ddp_kwargs, sync_buffers_if_needed
 from .distiller import Distiller, LossEntry, idle_parameters_until
 from .errors import RunDirError
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_teacher
 from .finetune import load_finetune_weights, open_source, use_source_architecture
 from .hf_data import HFOptions
 from .losses import RunContext
@@ -241,6 +241,9 @@ class Run:
     data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
     teacher_cache: Optional[TeacherCache] = None
     unused_search: Optional[UnusedParameterSearch] = None  # DDP's search for unused parameters, while steps need it
+    evaluate_student: Optional[Callable[[torch.nn.Module], dict]] = None  # validation metrics of a student model
+    evaluate_teacher: Optional[Callable[[], dict]] = None                 # the teacher's own metrics ('teacher_*')
+    best_metric: str = 'avg_top1'       # the validation metric checkpoints/best keeps the highest of
 
 
 def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[LossEntry]] = None) -> Run:
@@ -299,6 +302,8 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
         teacher_cache = TeacherCache.for_run(cfg, unwrapped, accelerator, len(train_loader.dataset), spec.input_size)
     return Run(student=unwrapped.student, teacher=teacher, distiller=distiller, distiller_unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+               evaluate_student=lambda model: evaluate(model, val_loader, accelerator),
+               evaluate_teacher=lambda: evaluate_teacher(teacher, val_loader, accelerator),
                batches=EpochBatches(train_loader, accelerator, BatchMixer(cfg, spec.num_classes), teacher_cache,
                                    cfg.epochs, cfg.log_every),
                val_loader=val_loader, spec=spec, state=state, ema=ema, lr=lr, global_batch=global_batch,
@@ -424,7 +429,14 @@ def format_faults(train_stats: dict) -> str:
     return ', '.join(parts)
 
 
-def format_heads(metrics: dict) -> str:
+DENSE_METRICS = ('mAP', 'AP50', 'AP75', 'mIoU', 'pixel_acc')  # the headline numbers of dense runs, in percent
+
+
+def format_heads(metrics: dict, prefix: str = '') -> str:
+    """The validation line: top-1 per head (classification) or the dense metrics (``prefix``: ``teacher_``)."""
+    dense = [f'{k} {metrics[prefix + k]:.2f}' for k in DENSE_METRICS if prefix + k in metrics]
+    if dense:
+        return ', '.join(dense)
     parts = [f'{h} {metrics[f"{h}_top1"]:.2f}%' for h in ('cls', 'dist', 'avg') if f'{h}_top1' in metrics]
     if 'ema_avg_top1' in metrics:
         parts.append(f'ema avg {metrics["ema_avg_top1"]:.2f}%')
@@ -433,6 +445,15 @@ def format_heads(metrics: dict) -> str:
 
 def summary_table(cfg: Config, summary: dict) -> str:
     s, t = summary['student'], summary['teacher']
+    dense = [k for k in DENSE_METRICS if k in s]
+    if dense:
+        rows = [('teacher', *(f'{t["teacher_" + k]:.2f}' if t else '-' for k in dense)),
+                ('student', *(f'{s[k]:.2f}' for k in dense))]
+        lines = [f'{"":<10}' + ''.join(f'{k:>10}' for k in dense)] + [f'{r[0]:<10}' + ''.join(f'{v:>10}' for v in r[1:])
+                                                                      for r in rows]
+        lines.append(f'{summary["epochs_run"]} epochs, {summary["steps"]} steps, {summary["train_seconds"]:.0f} s '
+                     f'({summary["stop_reason"]})')
+        return '\n'.join(lines)
     rows = [('teacher', f'{t["teacher_top1"]:.2f}' if t else '-', f'{t["teacher_top5"]:.2f}' if t else '-')]
     for head in ('cls', 'dist', 'avg'):
         if f'{head}_top1' in s:

@@ -28,7 +28,7 @@ from timm.data.transforms import _str_to_pil_interpolation, str_to_interp_mode
 from timm.optim import get_optimizer_class, list_optimizers
 from timm.scheduler import create_scheduler_v2
 
-from .config import Config, check_field, preset_names
+from .config import Config, check_field, flag, preset_names
 from .distill_spec import DistillSpec, parse_distill
 from .errors import ConfigError
 
@@ -47,7 +47,7 @@ def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
     if cfg.seed > last_seed - (world - 1):
         raise ConfigError(f'--seed {cfg.seed} is out of range: numpy\'s seeds end at {last_seed} and each of the '
                           f'{world} process(es) adds its rank; use at most {last_seed - (world - 1)}')
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
+    if cfg.task == 'classify' and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise ConfigError(f'--batch-size {cfg.batch_size}: mixup/cutmix pair sample i with sample B-1-i and need an '
                           'even batch per process; use an even --batch-size or --mixup 0 --cutmix 0')
     if cfg.aug_repeats > 1 and cfg.teacher_cache:
@@ -62,7 +62,40 @@ def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
     _check_timm_strings(cfg)
     _check_log_with(cfg.log_with)
     _check_hub_id(cfg)
-    return parse_distill(cfg.distill, cfg.loss_opts, presets)
+    _check_task(cfg)
+    return parse_distill(cfg.distill, cfg.loss_opts, presets, cfg.task)
+
+
+# Options of one kind of run only: a value other than the default in the other kind is refused (a saved config.yaml
+# holds every option at its value, so a rerun with -c passes).
+CLASSIFY_ONLY = ('aa', 'three_augment', 'color_jitter', 'scale', 'train_interpolation', 'reprob', 'remode', 'recount',
+                 'smoothing', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'eval_crop_ratio',
+                 'aug_repeats', 'teacher_cache', 'teacher_cache_epochs', 'teacher_cache_topk', 'model_ema',
+                 'model_ema_decay', 'student_pretrained', 'compile_student', 'train_subset', 'push_to_hub',
+                 'hub_model_id', 'hub_private', 'hub_license', 'hf_image_column', 'hf_label_column', 'finetune')
+DENSE_ONLY = ('pyramid_strides', 'pyramid_channels', 'scale_jitter', 'ignore_index')
+DENSE_DATASETS = {'detect': ('fashion_mnist', 'coco'), 'segment': ('fashion_mnist', 'segfolder')}
+
+
+def _check_task(cfg) -> None:
+    """The data set and the options against ``--task`` (each value's own domain is checked with the fields)."""
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cfg)}
+    dense = cfg.task != 'classify'
+    accepted = DENSE_DATASETS.get(cfg.task)
+    if accepted is not None and cfg.dataset not in accepted:
+        raise ConfigError(f'--dataset {cfg.dataset} with --task {cfg.task}: use {" or ".join(accepted)}')
+    if not dense and cfg.dataset in ('coco', 'segfolder'):
+        raise ConfigError(f'--dataset {cfg.dataset} holds dense labels: use it with --task '
+                          f'{"detect" if cfg.dataset == "coco" else "segment"}')
+    for name in CLASSIFY_ONLY if dense else DENSE_ONLY:
+        if getattr(cfg, name) != defaults[name]:
+            kind = 'classification (--task classify)' if dense else 'dense tasks (--task detect / segment)'
+            raise ConfigError(f'{flag(name)} {getattr(cfg, name)!r}: this option applies to {kind} only; leave it '
+                              f'out with --task {cfg.task}')
+    if cfg.pyramid_strides != sorted(set(cfg.pyramid_strides)):
+        raise ConfigError(f'--pyramid-strides {" ".join(map(str, cfg.pyramid_strides))}: give distinct increasing '
+                          'strides (e.g. 4 8 16 32)')
 
 
 def patch_size(cfg) -> int | None:
@@ -168,7 +201,7 @@ def validate(cfg: Config) -> DistillSpec:
 
 
 def _spec_key(cfg: Config) -> str:
-    return repr((cfg.distill, cfg.loss_opts))
+    return repr((cfg.distill, cfg.loss_opts, cfg.task))
 
 
 def distill_spec(cfg: Config) -> DistillSpec:
@@ -176,6 +209,6 @@ def distill_spec(cfg: Config) -> DistillSpec:
     :func:`resolve`, or its methods changed since)."""
     key, spec = cfg.__dict__.get('_distill_spec', (None, None))
     if key != _spec_key(cfg):
-        spec = parse_distill(cfg.distill, cfg.loss_opts, preset_names())
+        spec = parse_distill(cfg.distill, cfg.loss_opts, preset_names(), cfg.task)
         cfg.__dict__['_distill_spec'] = (_spec_key(cfg), spec)
     return spec

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..domains import Interval, OneOf, Positive
 from ..features import Features, TapSpec
+from ._dense import DenseDistillationLoss, register_dense_loss
 from .base import Batch, DistillationLoss, register_loss
 from .functional import KL_REDUCTIONS, kl_div_logits
 
@@ -81,3 +82,16 @@ class DeiTHard(_DeiTTokenDistillation):
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> dict[str, torch.Tensor]:
         return {'hard': self.alpha * deit_hard_loss(student.logits_dist, teacher.logits)}
+
+
+# ---- dense form (detection / segmentation) ---------------------------------------------------------------------
+
+
+@register_dense_loss('none')
+class DenseNoDistillation(DenseDistillationLoss):
+    """No teacher: the dense head's task loss alone (the baseline of a dense comparison)."""
+    paper = NoDistillation.paper
+    needs_teacher = False
+
+    def forward(self, student, teacher, batch) -> dict[str, torch.Tensor]:
+        return {}

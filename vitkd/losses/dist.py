@@ -45,6 +45,7 @@ import torch
 from ..distributed import all_gather_with_grad
 from ..domains import Integer, NonNegative, OneOf, Positive
 from ..features import Features, TapSpec
+from ._dense import DenseDistillationLoss, DenseFeatures, align_logits, register_dense_loss
 from .base import Batch, DistillationLoss, Head, pick_head, register_loss
 from .functional import at_least_fp32
 
@@ -144,3 +145,58 @@ class DIST(DistillationLoss):
         inter, intra = dist_loss(pick_head(student, self.head), teacher.logits, self.beta, self.gamma,
                                  self.temperature, gather)
         return {'inter': factor * inter, 'intra': factor * intra}
+
+
+# ---- dense form (semantic segmentation) ------------------------------------------------------------------------
+
+
+def dist_dense_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0,
+                    gamma: float = 1.0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST on segmentation logits, the official segmentation form: (B, K, H, W) flattened to (B·H·W, K) rows.
+
+    L_inter correlates the class distributions of each pixel; L_intra correlates, for each class, its probability
+    across all B·H·W pixels of the (per-process) batch.
+
+    Args:
+        student_logits: z_s [B, K, H, W].
+        teacher_logits: z_t [B, K, H, W].
+        beta, gamma, temperature: β, γ, τ of :func:`dist_loss`.
+
+    Returns:
+        (τ²·β·L_inter, τ²·γ·L_intra).
+    """
+    k = student_logits.shape[1]
+    student_rows = student_logits.permute(0, 2, 3, 1).reshape(-1, k)  # [B·H·W, K]
+    teacher_rows = teacher_logits.permute(0, 2, 3, 1).reshape(-1, k)  # [B·H·W, K]
+    return dist_loss(student_rows, teacher_rows.detach(), beta, gamma, temperature)
+
+
+@register_dense_loss('dist')
+class DenseDIST(DenseDistillationLoss):
+    """DIST's dense form: inter- and intra-class Pearson relations over the B·H·W pixels of the batch.
+
+    As in the official segmentation code the intra-class term is computed over each process's pixels (a global
+    gather of B·H·W rows per step would cost far more than in classification); with one process that is the whole
+    batch. The teacher's logits are resized (bilinear) to the student's grid when their finest strides differ.
+
+    Args:
+        beta, gamma: weights of the inter- and intra-class terms (the official module's 1, 1; the run's weight is
+            the ``--distill dist:W`` factor).
+        temperature: τ (the official segmentation form has none: 1).
+    """
+    paper = DIST.paper
+    needs_logits = True
+
+    def __init__(self, beta: Annotated[float, NonNegative()] = 1.0, gamma: Annotated[float, NonNegative()] = 1.0,
+                 temperature: Annotated[float, Positive()] = 1.0):
+        super().__init__()
+        self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
+
+    def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:
+        z_s = at_least_fp32(student.logits)
+        inter, intra = dist_dense_loss(z_s, align_logits(z_s, teacher.logits), self.beta, self.gamma,
+                                       self.temperature)
+        return {'inter': inter, 'intra': intra}
+
+
+__all__ += ['dist_dense_loss', 'DenseDIST']

@@ -26,15 +26,16 @@ Where vitkd differs from the official code:
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..domains import Bool, NonNegative
+from ..domains import Bool, ListOf, NonNegative, OrNone, Text
 from ..features import Features
-from ._adapt import MIDDLE_TAP, Blocks, PairedTaps, align_spatial, as_taps, conv1x1_connector
+from ._adapt import Blocks, MIDDLE_TAP, PairedTaps, align_spatial, as_taps, conv1x1_connector
+from ._dense import DenseDistillationLoss, DenseFeatures, paired_levels, register_dense_loss
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, register_loss
 
 __all__ = ['hint_loss', 'FitNet']
@@ -81,3 +82,48 @@ class FitNet(PairedTaps, DistillationLoss):
                 s = self.regressors[k](s)
             losses.append(hint_loss(s, t))
         return {'hint': self.lambda_kd * torch.stack(losses).mean()}
+
+
+# ---- dense form (detection / segmentation) ---------------------------------------------------------------------
+
+
+def dense_hint_loss(regressed: Sequence[torch.Tensor], teacher_levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over the pyramid levels of mean-MSE(r_l(F_s^l), sg(F_t^l)), each level [B, C_t, H_l, W_l].
+
+    Each level counts once whatever its size (a mean over every element of every level would let the finest level,
+    16× the pixels of the level two strides coarser, decide alone)."""
+    return torch.stack([hint_loss(s, t) for s, t in zip(regressed, teacher_levels)]).mean()
+
+
+@register_dense_loss('fitnet')
+class DenseFitNet(DenseDistillationLoss):
+    """FitNet hints on every shared pyramid level: λ·mean_l mean-MSE(Conv1×1_l(F_s^l), F_t^l).
+
+    Dense form (vitkd adaptation): the hint is each pyramid level of the student against the teacher's level of the
+    same stride, through one learned 1×1 convolution per level (linear: pyramid features are not post-ReLU, so the
+    classification regressor's BN + ReLU would clip half the target away).
+    """
+    paper = FitNet.paper
+
+    def __init__(self, lambda_kd: Annotated[float, NonNegative()] = 1.0,
+                 levels: Annotated[Optional[Sequence[str]], OrNone(ListOf(Text()))] = None):
+        """
+        Args:
+            lambda_kd: λ.
+            levels: pyramid levels to match (``['s8', 's16']``); None = every level both models have.
+        """
+        super().__init__()
+        self.lambda_kd, self.levels = lambda_kd, None if levels is None else [str(k) for k in levels]
+        self.regressors = nn.ModuleDict()
+
+    def setup(self, student: DenseFeatures, teacher: DenseFeatures, info) -> None:
+        self.matched = paired_levels(student, teacher, self.levels, 'fitnet')
+        self.regressors = nn.ModuleDict({k: nn.Conv2d(student.pyramid[k].shape[1], teacher.pyramid[k].shape[1], 1)
+                                         for k in self.matched})
+
+    def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:
+        regressed = [self.regressors[k](student.pyramid[k]) for k in self.regressors]
+        return {'hint': self.lambda_kd * dense_hint_loss(regressed, [teacher.pyramid[k] for k in self.regressors])}
+
+
+__all__ += ['dense_hint_loss', 'DenseFitNet']

@@ -95,7 +95,7 @@ Where vitkd differs from the official code:
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -103,8 +103,9 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
-from ..domains import Integer, NonNegative, OneOf, OrNone, Positive
+from ..domains import Integer, ListOf, NonNegative, OneOf, OrNone, Positive, Text
 from ..features import Features, TapError, TapSpec
+from ._dense import DenseDistillationLoss, DenseFeatures, paired_levels, register_dense_loss
 from .base import Batch, DistillationLoss, LossSpecError, RunInfo, pick_head, register_loss
 from .functional import kl_div_logits
 
@@ -400,3 +401,77 @@ class VkD(DistillationLoss):
             z_s = pick_head(student, 'dist')                           # [B, K] z_dist (the only head otherwise)
             terms['kl'] = self.gamma * kl_div_logits(z_s, teacher.logits, self.temperature, 'batchmean')
         return terms
+
+
+# ---- dense form (detection / segmentation) ---------------------------------------------------------------------
+
+
+def vkd_dense_level_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, projector: nn.Module,
+                         normalization: str = 'layernorm') -> torch.Tensor:
+    """VkD's representation loss on one pyramid level, every pixel a sample.
+
+    The C_s-vector of each student pixel is projected by W (WᵀW = I) and compared with the task-normalised C_t-vector
+    of the teacher's pixel at the same place: :func:`vkd_representation_loss` on the B·H·W rows. With ``layernorm``
+    each teacher pixel is standardised over its channels (the per-sample standardisation of classification, per
+    pixel); ``batchnorm`` standardises each channel over the B·H·W pixels.
+
+    Args:
+        student_map: F_s [B, C_s, H, W].
+        teacher_map: F_t [B, C_t, H, W] (no gradient expected).
+        projector: [N, C_s] → [N, C_t].
+        normalization: one of :data:`NORMALIZATIONS`.
+
+    Returns:
+        mean-SmoothL1_{β=1} over the B·H·W·C_t elements.
+    """
+    student_rows = student_map.permute(0, 2, 3, 1).reshape(-1, student_map.shape[1])  # [B·H·W, C_s]
+    teacher_rows = teacher_map.permute(0, 2, 3, 1).reshape(-1, teacher_map.shape[1])  # [B·H·W, C_t]
+    return vkd_representation_loss(projector(student_rows), teacher_rows.detach(), normalization)
+
+
+@register_dense_loss('vkd')
+class DenseVkD(DenseDistillationLoss):
+    """VkD's orthogonal projection + teacher normalisation on every shared pyramid level (mean over the levels).
+
+    Dense form (vitkd adaptation): one projector per level (each level is a different feature space), pixels as the
+    samples of the classification formula, the level losses averaged so each level counts once. The logit term of
+    classification VkD has no dense counterpart here: combine with ``kd`` for segmentation.
+
+    Args:
+        alpha: weight of the representation term.
+        projector: one of :data:`PROJECTORS`.
+        normalization: one of :data:`NORMALIZATIONS` (teacher side, per pixel for ``layernorm``).
+        levels: pyramid levels to match; None = every level both models have.
+    """
+    paper = VkD.paper
+
+    def __init__(self, alpha: Annotated[float, Positive()] = 1.0,
+                 projector: Annotated[str, OneOf(*PROJECTORS)] = DEFAULT_PROJECTOR,
+                 normalization: Annotated[str, OneOf(*NORMALIZATIONS)] = 'layernorm',
+                 levels: Annotated[Optional[Sequence[str]], OrNone(ListOf(Text()))] = None):
+        super().__init__()
+        self.alpha, self.projector_kind, self.normalization = float(alpha), projector, normalization
+        self.levels = None if levels is None else [str(k) for k in levels]
+        self.projectors = nn.ModuleDict()
+
+    def options(self) -> dict:
+        opts = super().options()
+        opts['projector'] = self.projector_kind
+        return opts
+
+    def setup(self, student: DenseFeatures, teacher: DenseFeatures, info) -> None:
+        """One projector C_s → C_t per matched level."""
+        matched = paired_levels(student, teacher, self.levels, 'vkd')
+        self.projectors = nn.ModuleDict({k: build_projector(self.projector_kind, student.pyramid[k].shape[1],
+                                                            teacher.pyramid[k].shape[1]) for k in matched})
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
+
+    def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:
+        losses = [vkd_dense_level_loss(student.pyramid[k], teacher.pyramid[k], projector, self.normalization)
+                  for k, projector in self.projectors.items()]
+        return {'repr': self.alpha * torch.stack(losses).mean()}
+
+
+__all__ += ['vkd_dense_level_loss', 'DenseVkD']

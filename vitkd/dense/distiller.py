@@ -1,0 +1,165 @@
+"""The trained module of a dense run: the dense student plus the methods' dense forms; the frozen teacher beside it.
+
+The dense member of :mod:`vitkd.distiller`, with the same contract: one module holds everything that trains (the
+student's backbone, pyramid and head, every projector and regressor), so ``accelerator.prepare``, the optimizer and
+the checkpoints see all of it; the teacher is a plain attribute (never wrapped, saved or optimised); ``forward``
+returns ``{'loss', 'terms'}`` and the engine sums nothing itself.
+
+Total loss = w_task·Σ (the head's task terms) + Σ_i w_i(e)·Σ_terms L_i, the task terms being FCOS's classification,
+box regression and centerness losses (detection) or the pixel cross-entropy (segmentation), w_task = ``--task-weight``
+(default 1). Every distillation loss runs in fp32 with autocast off, on fp32 copies of the pyramids and logits.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..distiller import LossEntry
+from ..losses import LossSpecError
+from ..losses._dense import DenseDistillationLoss, DenseFeatures
+from ..losses.functional import at_least_fp32
+from ..models import Teacher
+from .models import DenseModel, DenseSegmenter
+
+__all__ = ['DenseDistiller', 'DenseTrainBatch']
+
+
+@dataclass
+class DenseTrainBatch:
+    """One training step's input.
+
+    Attributes:
+        images: [B, C, S, S] normalised, on the device.
+        targets: masks [B, S, S] int64 (segmentation) or per image ``{'boxes', 'labels'}`` (detection), on the device.
+        index: [B] data-set indices on the device.
+        host_index: the same on the host (diagnostics).
+        epoch: fractional epoch (warm-ups).
+        step: optimizer steps taken before this batch.
+        lam: 1 (no mixup in dense runs; the non-finite-step report reads it).
+    """
+    images: torch.Tensor
+    targets: Union[torch.Tensor, list]
+    index: Optional[torch.Tensor] = None
+    host_index: Optional[np.ndarray] = None
+    epoch: float = 0.0
+    step: int = 0
+    lam: float = 1.0
+
+
+def _loss_input(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous, at least fp32, normal (not inference-mode) copy: what autograd may save for the losses."""
+    return t.to(at_least_fp32(t[:0]).dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+class DenseDistiller(nn.Module):
+    """Dense student + the methods' dense forms. ``forward(batch)`` → ``{'loss', 'terms'}``.
+
+    Args:
+        student: a :class:`~vitkd.dense.models.DenseDetector` or :class:`~vitkd.dense.models.DenseSegmenter`.
+        teacher: the frozen :class:`~vitkd.models.Teacher` around a dense model of the same task (None: no teacher).
+        entries: the methods (dense forms) with weights and warm-ups.
+        input_size: (C, S, S), for the losses' setup pass.
+        task_weight: factor on the task terms (None = 1).
+    """
+
+    def __init__(self, student: DenseModel, teacher: Optional[Teacher], entries: Sequence[LossEntry],
+                 input_size: tuple[int, int, int], task_weight: Optional[float] = None):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, 'teacher', teacher)  # deliberately not a submodule
+        self.losses = nn.ModuleDict({e.loss.name: e.loss for e in entries})
+        self.entries = {e.loss.name: e for e in entries}
+        self.fixed_task_weight = task_weight
+        self.segmentation = isinstance(student, DenseSegmenter)
+        for e in entries:
+            if not isinstance(e.loss, DenseDistillationLoss):
+                raise LossSpecError(f'loss {e.loss.name!r} is not a dense form (build it with --task detect/segment)')
+            if e.loss.needs_logits and not self.segmentation:
+                raise LossSpecError(f'loss {e.loss.name!r} compares per-pixel class distributions: --task segment '
+                                    'only (for detection use fitnet or vkd on the pyramid)')
+            if e.loss.needs_teacher and teacher is None:
+                raise LossSpecError(f'loss {e.loss.name!r} needs a teacher (--teacher)')
+        if teacher is not None and type(teacher.model) is not type(student):
+            raise LossSpecError(f'the teacher {teacher.source} is a {type(teacher.model).__name__}, the student a '
+                                f'{type(student).__name__}: a dense run needs a teacher of the same task (a '
+                                'vitkd_dense_detector / vitkd_dense_segmenter folder, e.g. from '
+                                'scripts/train_dense_teacher.py)')
+        self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
+        self.teacher_logits = any(e.loss.needs_logits for e in entries)
+        self._setup_losses(input_size)
+
+    def _setup_losses(self, input_size: tuple[int, int, int]) -> None:
+        """Each loss builds its parts (projectors, regressors) from one example pass of both models (batch of 2)."""
+        if not self.entries:
+            return
+        x = torch.zeros(2, *input_size, device=next(self.student.parameters()).device)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            student, _ = self.student_features(x)
+            teacher = self.teacher_features(x) if self.needs_teacher else DenseFeatures(OrderedDict())
+        self.student.train(was_training)
+        for e in self.entries.values():
+            e.loss.setup(student, teacher, None)
+
+    def student_features(self, images: torch.Tensor) -> tuple[DenseFeatures, object]:
+        """(the student's pyramid and segmentation logits, its head outputs)."""
+        pyramid = self.student.forward_pyramid(images)
+        head = self.student.forward_head(pyramid)
+        return DenseFeatures(pyramid, head if self.segmentation else None), head
+
+    def teacher_features(self, images: torch.Tensor) -> DenseFeatures:
+        """One frozen teacher pass under ``torch.inference_mode`` on the student's input (re-normalised for the
+        teacher), the pyramid and (only when a method compares them) the logits as contiguous fp32 copies."""
+        model = self.teacher.model
+        with torch.inference_mode():
+            pyramid = model.forward_pyramid(self.teacher.prepare_input(images))
+            logits = model.forward_head(pyramid) if self.teacher_logits else None
+        return DenseFeatures(pyramid, logits).apply(_loss_input)
+
+    def task_weight_at(self, epoch: float) -> float:
+        return 1.0 if self.fixed_task_weight is None else self.fixed_task_weight
+
+    def forward(self, batch: DenseTrainBatch) -> dict:
+        """One training step's losses: ``loss`` (scalar) and ``terms`` (name → detached unweighted value: the task
+        terms as ``task.<name>``, the methods' as ``<method>.<term>``)."""
+        images, epoch = batch.images, batch.epoch
+        student, head = self.student_features(images)
+        teacher = self.teacher_features(images) if self.needs_teacher else DenseFeatures(OrderedDict())
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            if self.segmentation:
+                task_terms = self.student.task_loss(at_least_fp32(head), batch.targets)
+            else:
+                head32 = {k: at_least_fp32(v) for k, v in head.items()}
+                task_terms = self.student.task_loss(head32, student.pyramid, images, batch.targets)
+            task = sum(task_terms.values())
+            task_w = self.task_weight_at(epoch)
+            total = task_w * task if task_w else task.new_zeros(())
+            terms = {f'task.{k}': v.detach() for k, v in task_terms.items()}
+            student32 = student.apply(at_least_fp32)
+            for name, entry in self.entries.items():
+                weight = entry.weight_at(epoch)
+                if weight == 0:
+                    continue
+                for term, value in entry.loss(student32, teacher, batch).items():
+                    total = total + weight * value
+                    terms[f'{name}.{term}'] = value.detach()
+        return {'loss': total, 'terms': terms}
+
+    def export_student(self) -> nn.Module:
+        """The whole dense model (backbone, pyramid, head); the methods' parts stay behind."""
+        return self.student
+
+    def no_weight_decay(self) -> set[str]:
+        """The student's tokens and position embedding, every parametrisation (orthogonal projectors)."""
+        names = {f'student.{n}' for n in self.student.no_weight_decay()}
+        names |= {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
+        for name, loss in self.losses.items():
+            names |= {f'losses.{name}.{n}' for n in loss.no_weight_decay()}
+        return names
+
