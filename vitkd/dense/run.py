@@ -25,9 +25,10 @@ from ..build import build_losses, build_optimizer, build_scheduler, scaled_lr
 from ..checkpoint import CheckpointError, load_student
 from ..config import Config, ConfigError
 from ..data import DATASET_STATS, DataSpec, EpochSampler, seed_worker, worker_context
+from ..ddp import UnusedParameterSearch, sync_buffers_if_needed
 from ..distiller import LossEntry
 from ..models import Teacher, create_teacher, set_fused_attention
-from ..run import Run, eval_output_dir
+from ..run import Run, eval_output_dir, idle_parameters_until_of
 from ..training import EpochBatches, TrainState
 from .data import (CocoDetectionSource, DenseAugment, DenseDataset, FashionScenes, SegmentationFolderSource,
                    collate_dense, segmentation_classes)
@@ -171,8 +172,9 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
     optimizer = build_optimizer(cfg, distiller, lr, fused=device.type == 'cuda')
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    sync_buffers_if_needed(distiller)  # DDP settings and why: vitkd.ddp
     train_loader = accelerator.prepare_data_loader(train_loader, device_placement=False)
-    unwrapped = accelerator.unwrap_model(distiller)
+    unwrapped = accelerator.unwrap_model(distiller, keep_torch_compile=False)
     data_config = dict(input_size=input_size, mean=mean, std=std, crop_pct=1.0, interpolation='bilinear')
 
     def evaluate_student(model: torch.nn.Module) -> dict:
@@ -189,7 +191,8 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
                global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                student_params=sum(p.numel() for p in unwrapped.student.parameters()), data_config=data_config,
                evaluate_student=evaluate_student, evaluate_teacher=evaluate_teacher,
-               best_metric=BEST_METRIC[cfg.task])
+               best_metric=BEST_METRIC[cfg.task],
+               unused_search=UnusedParameterSearch(accelerator, idle_parameters_until_of(cfg, entries)))
 
 
 class DenseEpochBatches(EpochBatches):
