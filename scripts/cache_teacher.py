@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from vitkd import run as runlib  # noqa: E402
 from vitkd.config import ConfigError  # noqa: E402
-from vitkd.arguments import parse_args
+from vitkd.arguments import parse_args  # noqa: E402
 from vitkd.errors import UsageError  # noqa: E402
 from vitkd.training import TrainState  # noqa: E402
 

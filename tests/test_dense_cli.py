@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 import main
+from vitkd.losses._dense import DENSE_LOSS_REGISTRY
 
 # a 1-block ViT student and a random dense CNN teacher from the registry (the shipped teachers are tested apart)
 TINY = ['--student-kwargs', 'patch_size=8', 'depth=1', 'embed_dim=48', 'num_heads=3', '--batch-size', '8',
@@ -56,7 +57,9 @@ def test_detect_run_with_feature_methods_and_its_export(tmp_path, capsys):
 
 def test_list_losses_of_a_dense_task(capsys):
     assert main.main(['--task', 'segment', '--list-losses']) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ['dist', 'fitnet', 'kd', 'none', 'vkd']
+    lines = capsys.readouterr().out.splitlines()
+    methods = lines[1:next(i for i, line in enumerate(lines) if line.startswith('presets'))]  # under 'methods (...)'
+    assert lines[0].startswith('methods') and [line.split()[0] for line in methods] == sorted(DENSE_LOSS_REGISTRY)
 
 
 @pytest.mark.parametrize('args,message', [
@@ -65,7 +68,7 @@ def test_list_losses_of_a_dense_task(capsys):
     (['--task', 'segment', '--mixup', '0.5'], '--mixup 0.5: this option applies to classification'),
     (['--pyramid-channels', '32'], '--pyramid-channels 32: this option applies to dense tasks'),
     (['--task', 'detect', '--dataset', 'segfolder', '--data-path', '.'], '--dataset segfolder with --task detect'),
-    (['--task', 'segment', '--scale-jitter', '1.5', '1.2'], '--scale-jitter takes two numbers LOW HIGH'),
+    (['--task', 'segment', '--scale-jitter', '1.5', '1.2'], '--scale-jitter must be two numbers LOW HIGH with 0 < LOW <= HIGH <= 4, got [1.5, 1.2]'),
     (['--task', 'segment', '--pyramid-strides', '8', '64'], 'a ViT pyramid makes strides 2, 4, 8, 16'),
     (['--task', 'segment', '--data-path', '/nonexistent/seg'], 'no classes.txt'),
     (['--task', 'track'], "argument --task: invalid choice: 'track'"),
@@ -83,7 +86,8 @@ def test_bad_dense_input_is_one_line_and_exit_2(args, message, tmp_path, capsys)
 def test_shipped_teacher_is_the_presets_and_scores_its_training_record(task, metrics, tmp_path):
     """The embedded --task default names the shipped teacher; evaluated by --eval-student it gives the validation
     numbers its training run wrote (training.json, rounded there to 2 decimals)."""
-    from vitkd.config import REPO, parse_args
+    from vitkd.arguments import parse_args
+    from vitkd.config import REPO
     cfg, _ = parse_args(['--task', task])
     teacher = REPO / 'checkpoints' / f'fmnist_dense_{task}_teacher'
     assert cfg.teacher == str(teacher) and cfg.dataset == 'fashion_mnist' and cfg.input_size == 64

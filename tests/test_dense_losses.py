@@ -1,6 +1,8 @@
 """The dense forms of fitnet, vkd, kd and dist: the vectorised losses against per-pixel loops written independently
 (NumPy, float64), the level pairing, and the registry's errors."""
+import inspect
 import math
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -9,7 +11,8 @@ import torch
 
 import vitkd  # noqa: F401  (registers the losses)
 from vitkd.errors import UsageError
-from vitkd.losses._dense import DenseFeatures, create_dense_loss, list_dense_losses
+from vitkd.losses._dense import DENSE_LOSS_REGISTRY, DenseFeatures, create_dense_loss, list_dense_losses
+from vitkd.losses.base import option_domains
 from vitkd.losses.dist import dist_dense_loss
 from vitkd.losses.fitnet import dense_hint_loss
 from vitkd.losses.kd import pixel_kl_div
@@ -146,7 +149,16 @@ def test_registry_names_and_errors():
         create_dense_loss('crd')
     with pytest.raises(UsageError, match="no option head; its options: temperature"):
         create_dense_loss('kd', head='dist')
-    with pytest.raises(UsageError, match='temperature must be > 0'):
-        create_dense_loss('kd', temperature=0)
-    with pytest.raises(UsageError, match='projector must be one of'):
-        create_dense_loss('vkd', projector='spline')
+    for name, option, value in (('kd', 'temperature', 0), ('vkd', 'projector', 'spline'), ('dist', 'beta', -1),
+                                 ('fitnet', 'levels', [])):  # each refused by the domain its constructor declares
+        domain = option_domains(DENSE_LOSS_REGISTRY[name])[option]
+        with pytest.raises(UsageError, match=re.escape(f"{name}'s {option} must be {domain.describe()}, got")):
+            create_dense_loss(name, **{option: value})
+
+
+def test_every_dense_option_declares_a_domain_its_default_satisfies():
+    for name, cls in DENSE_LOSS_REGISTRY.items():
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != 'self'}
+        for option, domain in option_domains(cls).items():
+            assert domain is not None, f'dense {name}: option {option} declares no domain'
+            assert domain.check(defaults[option]) == defaults[option], (name, option)

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import main
+from vitkd import cli
 from test_reliability import base_args, error_line, make_image_folder, run, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_sigterm_while_evaluating_the_last_step_resumes_without_an_extra_step(da
     and the resumed run evaluates and exports it without training a third step."""
     out = tmp_path / 'run'
     args = base_args(data, out) + ['--max-steps', '2']
-    real = main._evaluate_student
+    real = cli._evaluate_student
     calls = []
 
     def terminated_while_evaluating(r, accelerator):
@@ -138,7 +139,7 @@ def test_sigterm_while_evaluating_the_last_step_resumes_without_an_extra_step(da
         calls.append(r.state.step)
         return real(r, accelerator)
 
-    monkeypatch.setattr(main, '_evaluate_student', terminated_while_evaluating)
+    monkeypatch.setattr(cli, '_evaluate_student', terminated_while_evaluating)
     code, _, err = run(args, capsys)
     assert code == 128 + signal.SIGTERM, err[-3000:]
     assert [p.name for p in (out / 'checkpoints').glob('step_*')] == ['step_00000002']
@@ -338,6 +339,7 @@ import os, sys
 sys.path.insert(0, os.environ['VITKD_REPO'])
 import torch
 import main
+from vitkd import cli
 import vitkd.distiller as distiller
 RANK, KIND = sys.argv.pop(1), sys.argv.pop(1)
 real = distiller.Distiller.forward

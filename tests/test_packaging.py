@@ -23,7 +23,8 @@ from test_export_hub import TOKEN, FakeHub, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 # What a wheel is built from (pyproject.toml names the rest of the checkout nowhere).
-SOURCES = ('pyproject.toml', 'README.md', 'vitkd', 'scripts/configs', 'checkpoints/fmnist_regnety_002')
+SOURCES = ('pyproject.toml', 'README.md', 'vitkd', 'scripts/configs', 'checkpoints/fmnist_regnety_002',
+           'checkpoints/fmnist_dense_detect_teacher', 'checkpoints/fmnist_dense_segment_teacher')
 STUDENTS = {  # repo -> (student, kwargs, method): a VkD student and one of timm's DeiT students
     'org/vkd-tiny': ('deit_ti_distilled', dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2), 'vkd'),
     'org/deit-tiny': ('deit_tiny_distilled_patch16_224', dict(img_size=32, patch_size=8, depth=2, embed_dim=48,
@@ -113,7 +114,8 @@ def _run(cmd, installed, extra_env=None, timeout=300):
 def test_the_wheel_gives_the_package_the_command_and_its_shipped_files(installed):
     probe = _run([installed['python'], '-c', 'import json, timm, vitkd, vitkd.config as c; print(json.dumps(dict('
                   'file=vitkd.__file__, registered="deit_ti_distilled" in timm.list_models(), '
-                  'presets=c.preset_names(), embedded=c.embedded_default()["teacher"])))'], installed)
+                  'presets=c.preset_names(), embedded=c.embedded_default()["teacher"], '
+                  'dense=[c.embedded_default(t)["teacher"] for t in ("detect", "segment")])))'], installed)
     assert probe.returncode == 0, probe.stderr[-3000:]
     seen = json.loads(probe.stdout.splitlines()[-1])
     assert Path(seen['file']).is_relative_to(installed['site']) and seen['registered']
@@ -121,10 +123,16 @@ def test_the_wheel_gives_the_package_the_command_and_its_shipped_files(installed
     teacher = Path(seen['embedded'])
     assert teacher.is_relative_to(installed['site']) and (teacher / 'model.safetensors').read_bytes() == \
         (REPO / 'checkpoints' / 'fmnist_regnety_002' / 'model.safetensors').read_bytes()
-    listed = _run([installed['python'].parent / 'vitkd', '--list-losses'], installed)
-    assert listed.returncode == 0 and listed.stdout.split()[0] == 'ab'
-    refused = _run([installed['python'].parent / 'vitkd', '--lr', '-1'], installed)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == ['error: --lr must be > 0, got -1.0']
+    for folder, task in zip(seen['dense'], ('detect', 'segment')):
+        assert Path(folder).is_relative_to(installed['site']) and (Path(folder) / 'model.safetensors').read_bytes() == \
+            (REPO / 'checkpoints' / f'fmnist_dense_{task}_teacher' / 'model.safetensors').read_bytes()
+    for argv in (['--list-losses'], ['--lr', '-1']):  # the installed command answers as the checkout's main.py does
+        installed_run = _run([installed['python'].parent / 'vitkd', *argv], installed)
+        checkout_run = subprocess.run([sys.executable, str(REPO / 'main.py'), *argv], capture_output=True, text=True,
+                                      cwd=REPO, timeout=300)
+        assert installed_run.returncode == checkout_run.returncode and installed_run.stdout == checkout_run.stdout
+        assert installed_run.stderr.strip().splitlines()[-1:] == checkout_run.stderr.strip().splitlines()[-1:]
+    assert checkout_run.returncode == 2 and checkout_run.stderr.startswith('error: --lr')
 
 
 def _card_blocks(card: str) -> tuple[str, str]:

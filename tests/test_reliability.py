@@ -629,6 +629,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_trainin
 
 def test_full_disk_while_exporting_is_one_line_and_the_resume_exports(data, tmp_path, monkeypatch, capsys):
     import vitkd.checkpoint as ck
+    import vitkd.run as runlib
     out = tmp_path / 'run'
     real_export = ck.export_model
 
@@ -636,13 +637,15 @@ def test_full_disk_while_exporting_is_one_line_and_the_resume_exports(data, tmp_
         if Path(folder) == out / 'student':
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
         return real_export(model, folder, *args, **kwargs)
-    monkeypatch.setattr(ck, 'export_model', full_disk_export)
+    for module in (ck, runlib):  # every module that writes an export
+        monkeypatch.setattr(module, 'export_model', full_disk_export)
     code, stdout, err = run(base_args(data, out), capsys)
     assert code == 1
     line = error_line(err)
     assert 'No space left on device' in line and 'step_00000004 is intact' in line and '--resume auto' in line, line
     assert not (out / 'student').exists()
-    monkeypatch.setattr(ck, 'export_model', real_export)
+    for module in (ck, runlib):
+        monkeypatch.setattr(module, 'export_model', real_export)
     code, stdout, err = run(base_args(data, out) + ['--resume', 'auto'], capsys)
     assert code == 0, err[-2000:]
     exported = load_file(str(out / 'student' / 'model.safetensors'))

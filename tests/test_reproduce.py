@@ -64,5 +64,5 @@ def test_cell_arguments_carry_the_table_student_budget_and_threads(tmp_path, mon
     assert float(argv[argv.index('--train-subset') + 1]) * 6000 * 10 == pytest.approx(150 * 128, abs=10)
     assert argv[argv.index('--threads') + 1] == '1' and argv[argv.index('--seed') + 1] == '1'
     assert argv[argv.index('--max-steps') + 1] == '150' and argv[argv.index('--distill') + 1] == 'kd'
-    cfg, _ = __import__('vitkd.config', fromlist=['parse_args']).parse_args(argv)
+    cfg, _ = __import__('vitkd.arguments', fromlist=['parse_args']).parse_args(argv)
     assert cfg.student_kwargs['stem_width'] == 48 and cfg.threads == 1

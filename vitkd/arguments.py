@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from .config import Config, ConfigError, config_from_values, config_path, load_yaml, preset_names
+from .config import Config, ConfigError, config_from_values, config_path, load_yaml, preset_names, typed_text
 from .distill_spec import check_method_option, method_names
 from .domains import Domain, OneOf, OrNone
 from .losses import list_losses
@@ -110,13 +110,7 @@ def _default_text(f: dataclasses.Field) -> str:
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if isinstance(value, bool):
         return 'on' if value else 'off'
-    if value is None:
-        return 'none'
-    if isinstance(value, dict):
-        return ' '.join(f'{k}={v}' for k, v in value.items()) or '{}'
-    if isinstance(value, (list, tuple)):
-        return ' '.join(map(str, value)) or '[]'
-    return str(value)
+    return typed_text(value, '{}' if isinstance(value, dict) else '[]')
 
 
 def _spellings(names: list[str]) -> list[str]:

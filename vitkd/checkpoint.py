@@ -47,7 +47,7 @@ from accelerate.checkpointing import save_accelerator_state
 from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, save
 
 from .async_save import BackgroundWriter, host_copy, host_module
-from .config import Config, ConfigError
+from .config import Config, ConfigError, typed_text
 from .data import train_set_fingerprint
 from .errors import HubError, SaveError, server_failure
 from .files import read_model_config
@@ -551,21 +551,10 @@ def check_same_run(cfg: Config, ckpt: Path) -> None:
         return  # checkpoint_problem has judged the file; a checkpoint without its options has nothing to compare
     for key, flag in _RUN_IDENTITY.items():
         if key in saved and hasattr(cfg, key) and not _same_value(saved[key], getattr(cfg, key)):
-            raise CheckpointError(f'--resume: {ckpt} belongs to a run with {flag} {_shown(saved[key])}, this command '
-                                  f'has {flag} {_shown(getattr(cfg, key))} ({_shown(saved[key])} → '
-                                  f'{_shown(getattr(cfg, key))}); resume with the run\'s own setting, or '
+            raise CheckpointError(f'--resume: {ckpt} belongs to a run with {flag} {typed_text(saved[key])}, this command '
+                                  f'has {flag} {typed_text(getattr(cfg, key))} ({typed_text(saved[key])} → '
+                                  f'{typed_text(getattr(cfg, key))}); resume with the run\'s own setting, or '
                                   f'{_fresh_run_hint(Path(ckpt))}')
-
-
-def _shown(value: Any) -> str:
-    """An option's value as a user types it: lists space-separated, dicts as key=value, None as none."""
-    if value is None:
-        return 'none'
-    if isinstance(value, dict):
-        return ' '.join(f'{k}={v}' for k, v in value.items()) or '(none)'
-    if isinstance(value, (list, tuple)):
-        return ' '.join(map(str, value)) or '(none)'
-    return str(value)
 
 
 def check_same_data(saved: dict, current: dict, ckpt: Path) -> None:
@@ -838,7 +827,7 @@ class Checkpointer:
         self.resumed_from = ckpt
         s = r.state
         saved_config = trainer.get('config', {})
-        raised = [f'{flag} {_shown(saved_config[key])} → {_shown(getattr(self.cfg, key))}'
+        raised = [f'{flag} {typed_text(saved_config[key])} → {typed_text(getattr(self.cfg, key))}'
                   for key, flag in _BUDGET_OPTIONS.items()
                   if key in saved_config and not _same_value(saved_config[key], getattr(self.cfg, key))]
         acc.print(f'resumed from {ckpt}: epoch {s.epoch}, step {s.step}, batch {s.batches_done}/{len(r.train_loader)}'

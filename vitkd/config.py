@@ -18,7 +18,7 @@ from .domains import (Bool, Domain, Either, Integer, Interval, Kwargs, ListOf, N
                       Positive, Span, Text)
 from .errors import ConfigError
 
-__all__ = ['Config', 'ConfigError', 'option', 'flag', 'check_field', 'embedded_default', 'load_yaml',
+__all__ = ['Config', 'ConfigError', 'option', 'flag', 'check_field', 'typed_text', 'embedded_default', 'load_yaml',
            'config_from_values', 'preset_names', 'config_path', 'to_yaml', 'REPO', 'PRESETS']
 
 # Where the files the command reads at run time lie (the presets of ``-c NAME`` in scripts/configs/, the embedded
@@ -42,6 +42,18 @@ def check_field(name: str, value: Any, domain: Domain) -> None:
     except OutOfDomain as e:  # a set value of an optional field: what a value must be (null means unset)
         accepted = domain.inner.describe() if isinstance(domain, OrNone) and value is not None else str(e)
         raise ConfigError(f'{flag(name)} must be {accepted}, got {value!r}') from None
+
+
+def typed_text(value: Any, empty: str = '(none)') -> str:
+    """An option's value as a user types it: lists space-separated, dicts as key=value, None as none (``empty`` for
+    an empty list or dict)."""
+    if value is None:
+        return 'none'
+    if isinstance(value, dict):
+        return ' '.join(f'{k}={v}' for k, v in value.items()) or empty
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(str, value)) or empty
+    return str(value)
 
 
 def option(default: Any, help: str, domain: Domain, aliases: tuple[str, ...] = (), nargs=None):

@@ -16,8 +16,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..domains import OutOfDomain
-from .base import DistillationLoss, LossSpecError, option_domains
+from .base import DistillationLoss, LossSpecError, construct_checked, registrar
 
 __all__ = ['DenseFeatures', 'DenseDistillationLoss', 'DENSE_LOSS_REGISTRY', 'register_dense_loss',
            'get_dense_loss_class', 'create_dense_loss', 'list_dense_losses', 'paired_levels', 'align_logits']
@@ -56,15 +55,8 @@ class DenseDistillationLoss(DistillationLoss):
         raise NotImplementedError
 
 
-def register_dense_loss(name: str):
-    """Class decorator: register the dense form of the method ``name``."""
-    def wrap(cls):
-        if name in DENSE_LOSS_REGISTRY:
-            raise ValueError(f'dense loss {name!r} registered twice')
-        cls.name = name
-        DENSE_LOSS_REGISTRY[name] = cls
-        return cls
-    return wrap
+#: class decorator: register the dense form of a method under the method's name
+register_dense_loss = registrar(DENSE_LOSS_REGISTRY, 'dense loss')
 
 
 def get_dense_loss_class(name: str) -> type[DenseDistillationLoss]:
@@ -75,20 +67,8 @@ def get_dense_loss_class(name: str) -> type[DenseDistillationLoss]:
 
 
 def create_dense_loss(name: str, **options: Any) -> DenseDistillationLoss:
-    """Build the dense form of ``name`` with ``options``, each checked against its declared domain (an unknown option
-    or a value outside its domain is an error naming the accepted ones)."""
-    cls = get_dense_loss_class(name)
-    domains = option_domains(cls)
-    unknown = sorted(set(options) - set(domains))
-    if unknown:
-        raise LossSpecError(f'dense loss {name!r} has no option {", ".join(unknown)}; its options: '
-                            f'{", ".join(domains) or "(none)"}')
-    for option, value in options.items():
-        try:
-            options[option] = domains[option].check(value)
-        except OutOfDomain as e:
-            raise LossSpecError(f'{name}\'s {option} must be {e}, got {value!r}') from None
-    return cls(**options)
+    """Build the dense form of ``name`` with ``options`` (see :func:`vitkd.losses.base.construct_checked`)."""
+    return construct_checked(get_dense_loss_class(name), name, options, 'dense loss')
 
 
 def list_dense_losses() -> list[tuple[str, str]]:

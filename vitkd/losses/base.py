@@ -210,15 +210,22 @@ class DistillationLoss(nn.Module):
         return {k: getattr(self, k) for k in sig.parameters if k != 'self' and hasattr(self, k)}
 
 
-def register_loss(name: str):
-    """Class decorator: register a :class:`DistillationLoss` under ``name``."""
-    def wrap(cls):
-        if name in LOSS_REGISTRY:
-            raise ValueError(f'loss {name!r} registered twice')
-        cls.name = name
-        LOSS_REGISTRY[name] = cls
-        return cls
-    return wrap
+def registrar(registry: dict, kind: str = 'loss'):
+    """A class decorator factory that registers a method class into ``registry`` under a name (``kind`` names the
+    registry in the error for a name registered twice)."""
+    def register(name: str):
+        def wrap(cls):
+            if name in registry:
+                raise ValueError(f'{kind} {name!r} registered twice')
+            cls.name = name
+            registry[name] = cls
+            return cls
+        return wrap
+    return register
+
+
+#: class decorator: register a :class:`DistillationLoss` under a name (``@register_loss('kd')``)
+register_loss = registrar(LOSS_REGISTRY)
 
 
 def get_loss_class(name: str) -> type[DistillationLoss]:
@@ -244,21 +251,26 @@ def option_domains(loss_class: type[DistillationLoss]) -> dict[str, Optional[Dom
     return domains
 
 
-def create_loss(name: str, **options: Any) -> DistillationLoss:
-    """Build the registered loss ``name`` with ``options``, each checked against its declared domain (an unknown
-    option or a value outside its domain is an error naming the accepted ones)."""
-    cls = get_loss_class(name)
-    domains = option_domains(cls)
+def construct_checked(loss_class: type[DistillationLoss], name: str, options: dict, kind: str = 'loss'):
+    """``loss_class(**options)``, each option checked against its declared domain first (an unknown option or a value
+    outside its domain is a :class:`LossSpecError` naming the accepted ones)."""
+    domains = option_domains(loss_class)
     unknown = sorted(set(options) - set(domains))
     if unknown:
-        raise LossSpecError(f'loss {name!r} has no option {", ".join(unknown)}; its options: '
+        raise LossSpecError(f'{kind} {name!r} has no option {", ".join(unknown)}; its options: '
                             f'{", ".join(domains) or "(none)"}')
+    checked = {}
     for option, value in options.items():
         try:
-            options[option] = domains[option].check(value) if domains[option] is not None else value
+            checked[option] = domains[option].check(value) if domains[option] is not None else value
         except OutOfDomain as e:
             raise LossSpecError(f'{name}\'s {option} must be {e}, got {value!r}') from None
-    return cls(**options)
+    return loss_class(**checked)
+
+
+def create_loss(name: str, **options: Any) -> DistillationLoss:
+    """Build the registered loss ``name`` with ``options`` (see :func:`construct_checked`)."""
+    return construct_checked(get_loss_class(name), name, options)
 
 
 def list_losses() -> list[tuple[str, str]]:
