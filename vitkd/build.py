@@ -1,7 +1,6 @@
 """Builders that turn a :class:`vitkd.config.Config` into the objects of a run (data, models, losses, optimizer)."""
 from __future__ import annotations
 
-import logging
 import re
 from typing import Optional
 
@@ -26,7 +25,6 @@ __all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use
            'build_data', 'build_eval_loader', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler',
            'BatchMixer', 'scaled_lr', 'eval_data_config', 'resolve_weights']
 
-_logger = logging.getLogger(__name__)
 
 
 def _reject_head_width(kwargs: dict, role: str) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import gc
 import json
-import logging
 import os
 import sys
 import time
@@ -38,7 +37,6 @@ from vitkd.rundir import RunFinished, release_all
 from vitkd.progress import rounded
 from vitkd.training import NonFiniteGuard
 
-_logger = logging.getLogger('vitkd')
 
 
 def train(argv=None) -> int:

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from .images import CorruptImage, to_rgb
 from .errors import HubError, UsageError, server_failure
 
-__all__ = ['HF_PREFIX', 'HFOptions', 'HFImageDataset', 'HFDataError', 'load_hf_splits', 'is_hf_path']
+__all__ = ['HF_PREFIX', 'HFOptions', 'HFImageDataset', 'HFDataError', 'load_hf_splits']
 
 _logger = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ class HFOptions:
     def from_config(cls, cfg) -> 'HFOptions':
         """The options of a :class:`vitkd.config.Config`."""
         return cls(cfg.hf_image_column, cfg.hf_label_column, cfg.train_split, cfg.val_split)
-
-
-def is_hf_path(data_path: Optional[str]) -> bool:
-    """Whether ``--data-path`` names a Hub data set explicitly (``hf-hub:org/name``)."""
-    return bool(data_path) and data_path.startswith(HF_PREFIX)
 
 
 def _offline() -> bool:

@@ -100,7 +100,6 @@ class RunInfo:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     student_name: str = ''
     student_kwargs: dict = field(default_factory=dict)
-    student_has_dist_head: bool = False
     world_size: int = 1
     train_labels: Optional[torch.Tensor] = None  # [N] class of every training sample (CRD's negatives)
 
