@@ -20,7 +20,7 @@ from PIL import Image
 
 import main
 from vitkd import cli
-from test_reliability import base_args, error_line, make_image_folder, run, snapshot
+from test_reliability import base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -372,7 +372,7 @@ def test_one_process_failing_ends_the_job_with_its_line_once_and_its_code(rank, 
     assert len(lines) == 1 and shown in lines[0], result.stderr[-4000:]
     root = result.stderr.split('Root Cause', 1)[1]
     assert f'rank      : {rank} ' in root and f'exitcode  : {code} ' in root, result.stderr[-3000:]
-    assert 'main.py", line' not in result.stderr and 'vitkd/' not in result.stderr
+    assert no_vitkd_frame(result.stderr)
 
 
 # ---- a teacher whose weights do not fit its architecture -----------------------------------------------------------

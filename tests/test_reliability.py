@@ -34,6 +34,14 @@ STUDENT = ['--student', 'deit_ti_distilled', '--student-kwargs', 'img_size=32', 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
 
+
+def no_vitkd_frame(stderr: str) -> bool:
+    """No traceback frame of vitkd's own code (``main.py``, the ``vitkd`` package) in ``stderr``: the launcher's own
+    summary may name the checkout's paths (a checkout folder may itself be called ``vitkd``), never a frame inside."""
+    ours = (f'File "{REPO / "main.py"}"', f'File "{REPO / "vitkd"}{os.sep}')
+    return not any(frame in stderr for frame in ours)
+
+
 def make_image_folder(root: Path, classes: int = 4, train_per_class: int = 4, val_per_class: int = 2) -> Path:
     rng = np.random.default_rng(3)
     for split, n in (('train', train_per_class), ('val', val_per_class)):
