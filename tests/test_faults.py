@@ -226,7 +226,6 @@ def test_a_failing_hub_while_downloading_a_student_or_a_data_set_is_one_line(mod
                         '--num-workers', '0', '--output-dir', tmp_path / 'eval'], capsys)
     line = error_line(err)
     assert code == 4 and FAULTS[mode] in line and f'hf-hub:org/student-{mode}' in line, line
-    pytest.importorskip('datasets')
     import datasets
     online.setattr(datasets.config, 'HF_ENDPOINT', hub.url)
     online.setattr(datasets.config, 'HF_HUB_OFFLINE', False)
@@ -478,7 +477,7 @@ def test_unicode_class_names_are_kept_exactly_in_the_exports_label_names(tmp_pat
 
 @pytest.fixture(scope='module')
 def hf_rows():
-    datasets = pytest.importorskip('datasets')
+    import datasets
     rng = np.random.default_rng(1)
 
     def png(i):
