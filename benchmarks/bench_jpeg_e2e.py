@@ -96,7 +96,8 @@ def loader_only(argv: list[str], batches: int, skip: int) -> dict:
     the device without blocking, mixed there)."""
     import torch
     from accelerate import Accelerator
-    from vitkd.build import BatchMixer, build_data, build_student, student_data_spec
+    from vitkd.build import build_data, build_student, student_data_spec
+    from vitkd.data import BatchMixer
     from vitkd.arguments import parse_args
     from vitkd.training import EpochBatches, TrainState
     cfg, _ = parse_args(argv)

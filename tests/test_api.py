@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitkd
-from vitkd.build import BatchMixer
+from vitkd.data import BatchMixer
 from vitkd.distiller import Distiller
 from vitkd.engine import TrainState, train_one_epoch
 from vitkd.training import EpochBatches, NonFiniteGuard

@@ -7,8 +7,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vitkd
 from vitkd.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
-from vitkd.build import BatchMixer, build_optimizer, build_scheduler
+from vitkd.build import build_optimizer, build_scheduler
 from vitkd.config import Config
+from vitkd.data import BatchMixer
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.evaluation import _topk_correct
 from vitkd.losses import RunInfo, create_loss

@@ -22,9 +22,8 @@ from torch.utils.data import DataLoader
 import vitkd
 from vitkd.engine import TrainState, train_one_epoch
 from vitkd.training import EpochBatches, NonFiniteGuard
-from vitkd.build import BatchMixer
 from vitkd.config import Config
-from vitkd.data import ArrayImageDataset, EpochSampler, IndexedDataset, TransformedDataset, mix_batch
+from vitkd.data import ArrayImageDataset, BatchMixer, EpochSampler, IndexedDataset, TransformedDataset, mix_batch
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import Features
 from vitkd.losses import RunInfo, create_loss

@@ -13,11 +13,10 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 from . import losses, models  # noqa: E402,F401  (registration side effects)
 from .dense import models as dense_models  # noqa: E402,F401  (registration side effects)
-from .losses import create_loss, list_losses, register_loss  # noqa: E402
+from .losses import Batch, create_loss, list_losses, register_loss  # noqa: E402
 from .models import create_student, create_teacher  # noqa: E402
 from .api import Parts, create_distillation, make_config  # noqa: E402
-from .training import TrainBatch  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = ['create_loss', 'list_losses', 'register_loss', 'create_student', 'create_teacher', 'create_distillation',
-           'make_config', 'Parts', 'TrainBatch', '__version__']
+           'make_config', 'Parts', 'Batch', '__version__']

@@ -7,7 +7,7 @@ The options are the command line's (``--distill vkd`` is ``distill='vkd'``, ``--
     teacher, student, criterion = vitkd.create_distillation(num_classes=10)   # the embedded default's parts
     optimizer = timm.optim.create_optimizer_v2(criterion, 'adamw', lr=1e-3, weight_decay=0.05)
     for images, labels in loader:
-        out = criterion(vitkd.TrainBatch.from_labels(images, labels, num_classes=10))
+        out = criterion(vitkd.Batch.from_labels(images, labels, num_classes=10))
         out['loss'].backward()              # out['terms']: the task CE and every method's terms, unweighted
         optimizer.step()
         optimizer.zero_grad()

@@ -5,8 +5,7 @@ import re
 from typing import Optional
 
 import torch
-from timm.data import Mixup, create_transform, resolve_data_config
-from timm.data.mixup import mixup_target
+from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
@@ -23,7 +22,7 @@ from .validate import distill_spec
 
 __all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
            'build_data', 'build_eval_loader', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler',
-           'BatchMixer', 'scaled_lr', 'eval_data_config', 'resolve_weights']
+           'scaled_lr', 'eval_data_config', 'resolve_weights']
 
 
 
@@ -189,34 +188,6 @@ def build_eval_loader(dataset, cfg: Config) -> DataLoader:
     return DataLoader(dataset, max(1, int(1.5 * cfg.batch_size)), shuffle=False, num_workers=workers, pin_memory=cuda,
                       multiprocessing_context=worker_context(workers), persistent_workers=workers > 0,
                       prefetch_factor=4 if cuda and workers > 0 else None)
-
-
-class BatchMixer:
-    """timm ``Mixup``/CutMix plus label smoothing, returning the mixup metadata the losses need.
-
-    Returns (images, soft targets [B, K], {'labels_b', 'lam'}). In timm's ``batch`` mode sample i is mixed with
-    sample B−1−i with one λ per batch, so ``labels_b = labels.flip(0)``.
-    """
-
-    def __init__(self, cfg: Config, num_classes: int):
-        self.num_classes, self.smoothing = num_classes, cfg.smoothing
-        active = cfg.mixup > 0 or cfg.cutmix > 0
-        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                           switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-                           num_classes=num_classes) if active else None
-        if self.mixup is not None and cfg.mixup_mode != 'batch':
-            raise ConfigError(f'--mixup-mode {cfg.mixup_mode!r}: vitkd supports batch mode (losses need one λ and '
-                              'the flip pairing); use --mixup-mode batch')
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
-        if self.mixup is None:
-            targets = mixup_target(labels, self.num_classes, 1.0, self.smoothing)
-            return images, targets, {'labels_b': labels, 'lam': 1.0}
-        if images.shape[0] % 2:
-            raise ConfigError(f'mixup needs an even batch, got {images.shape[0]}')
-        lam = self.mixup._mix_batch(images)  # mixes images in place, returns λ (area-corrected for cutmix)
-        targets = mixup_target(labels, self.num_classes, lam, self.smoothing)
-        return images, targets, {'labels_b': labels.flip(0), 'lam': float(lam)}
 
 
 def default_weight(loss_class, student: Optional[torch.nn.Module]) -> float:

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic saves, keep-last-k and best, exact resume, preemption, and loading students back.
+"""Training checkpoints: atomic saves, keep-last-k and best, exact resume, and the save when a signal stops a run.
 
 A run dir holds::
 
@@ -12,7 +12,8 @@ A run dir holds::
     checkpoints/best/               a copy (hard links) of the checkpoint with the best validation avg top-1
     student/, student_ema/          the final student in timm's format (config.json + model.safetensors)
 
-A checkpoint is written under ``<name>.tmp`` and renamed when complete, so a kill while saving leaves at most a
+The student exports (``student/``) are written and read back by :mod:`vitkd.export`; when to stop is decided by
+:mod:`vitkd.stopping`. A checkpoint is written under ``<name>.tmp`` and renamed when complete, so a kill while saving leaves at most a
 ``.tmp`` folder that :func:`find_checkpoints` ignores (and the next save removes). Nothing is unpickled with
 ``weights_only=False``: scheduler, counters and EMA are stored as JSON / safetensors by vitkd itself (accelerate's
 custom-object checkpoints would unpickle them without that guard).
@@ -24,7 +25,6 @@ bit-identical to an uninterrupted one (``tests/test_checkpoint.py``).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -34,12 +34,10 @@ import pickle
 import re
 import shlex
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -49,21 +47,18 @@ from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, sav
 from .async_save import BackgroundWriter, host_copy, host_module
 from .config import Config, ConfigError, typed_text
 from .data import train_set_fingerprint
-from .errors import HubError, SaveError, server_failure
-from .files import read_model_config
-from .models import create_student
+from .export import (CheckpointError, export_model, folded_student, load_state_dict_strict, read_pickle_weights,
+                     read_safetensors)
+from .files import atomic_dir, replace_dir
+from .layout import CHECKPOINTS, MODEL_FILE, STATE_FILE, STUDENT_DIR
+from .stopping import StopControl
 
-__all__ = ['CheckpointError', 'SaveError', 'Checkpointer', 'find_checkpoints', 'latest_checkpoint',
-           'prune_checkpoints', 'resolve_resume', 'export_model', 'load_student', 'load_state_dict_strict',
-           'PreemptionSignal', 'CHECKPOINTS', 'STATE_FILE']
+__all__ = ['Checkpointer', 'find_checkpoints', 'latest_checkpoint', 'prune_checkpoints', 'checkpoint_problem',
+           'resolve_resume', 'check_same_run', 'check_same_data']
 
 _logger = logging.getLogger(__name__)
 
-CHECKPOINTS = 'checkpoints'
-STATE_FILE = 'trainer_state.json'
 EMA_FILE = 'ema.safetensors'
-MODEL_FILE = 'model.safetensors'
-STUDENT_DIR = 'student'
 BEST = 'best'
 _NAME = re.compile(r'^step_(\d{8,})$')
 FORMAT = 1
@@ -84,33 +79,6 @@ _RUN_IDENTITY = {'distill': '--distill', 'teacher': '--teacher', 'teacher_arch':
 
 # Budget options a resume may raise to train further: the run goes on and says so.
 _BUDGET_OPTIONS = {'epochs': '--epochs', 'max_steps': '--max-steps', 'time_limit': '--time-limit'}
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used (one-line message)."""
-
-
-PICKLE_FILES = ('.pth', '.pt', '.bin')
-
-
-def _read_pickle_weights(path: Path, what: str):
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
-
-    A file that needs anything else (a class, a function: what a malicious pickle uses to run code) is refused with a
-    one-line :class:`CheckpointError`; nothing in it is executed.
-    """
-    from accelerate.utils import load  # torch.load(weights_only=True) + accelerate's numpy RNG-state allow-list
-    try:
-        return load(str(path), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line or 'global' in line), '')
-        raise CheckpointError(f'{what} {path}: refused to unpickle it: it holds more than tensors '
-                              f'{("(" + detail + ") ") if detail else ""}and vitkd only loads pickles with '
-                              'weights_only=True (code in a checkpoint never runs); convert a trusted file to '
-                              'safetensors') from None
-    except (OSError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{what} {path}: unreadable ({first})') from None
 
 
 # ---- folders ------------------------------------------------------------------------------------------------------
@@ -168,7 +136,7 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
 
 
 def _recover_best(root: Path) -> None:
-    """``checkpoints/best`` missing (killed between the renames of :func:`_commit`): take the finished new copy
+    """``checkpoints/best`` missing (killed between the renames of :func:`vitkd.files.replace_dir`): take the finished new copy
     (``best.tmp`` with its metrics.json, written last) or else the previous one (``best.old``)."""
     best = root / BEST
     if best.exists():
@@ -177,33 +145,6 @@ def _recover_best(root: Path) -> None:
         if (candidate / 'metrics.json').is_file() and (candidate / STATE_FILE).is_file():
             os.replace(candidate, best)
             return
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Rename a finished ``tmp`` folder to ``final``, replacing an existing one (each rename is atomic)."""
-    old = final.with_name(final.name + '.old')
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Write a folder under ``<final>.tmp``; on success it replaces ``final``, on error it is removed."""
-    tmp = final.with_name(final.name + '.tmp')
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _commit(tmp, final)
 
 
 def _copy_tree_linked(src: Path, dst: Path) -> None:
@@ -216,235 +157,9 @@ def _copy_tree_linked(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
-# ---- state dicts --------------------------------------------------------------------------------------------------
-
-def _key_list(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f' … and {len(keys) - limit} more' if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
-
-
-def load_state_dict_strict(model: nn.Module, state: dict, what: str) -> None:
-    """``model.load_state_dict(state)`` with every key and shape checked first; a mismatch is a one-line error."""
-    expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in sorted(set(state) & set(expected))
-              if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f'missing keys: {_key_list(missing)}' if missing else '',
-                 f'unexpected keys: {_key_list(unexpected)}' if unexpected else '',
-                 f'shape mismatch (checkpoint vs model): {_key_list(shapes, 6)}' if shapes else '']
-        raise CheckpointError(f'{what} does not match {type(model).__name__}: ' + '; '.join(p for p in parts if p))
-    model.load_state_dict(state, strict=True)
-
-
-def _read_safetensors(path: Path) -> dict:
-    """The tensors of a ``.safetensors`` file; a missing, zero-byte, truncated or corrupt one is a one-line error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path))
-    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'cannot read {path}: {detail} (an empty, truncated or corrupt safetensors file?)') \
-            from None
-
-
 def _save_safetensors(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={'format': 'pt'})
-
-
-# ---- the student in timm's format ---------------------------------------------------------------------------------
-
-# pretrained_cfg keys that describe the weights an architecture was first released with (their license, Hub repo,
-# paper tag): an exported student's weights are the run's own, so these are not copied into its config.json.
-SOURCE_KEYS = ('license', 'tag', 'hf_hub_id', 'hf_hub_filename', 'url', 'file', 'origin_url', 'source',
-               'description', 'notes')
-
-
-def check_label_names(label_names: Optional[list], teacher_labels) -> None:
-    """The data's class names against the teacher's (timm's ``label_names``, a list or an {index: name} dict), when
-    the teacher has them: a teacher whose class k is another class than the data's k would distil the wrong labels."""
-    if not label_names or not teacher_labels:
-        return
-    theirs = [teacher_labels[i] for i in sorted(teacher_labels)] if isinstance(teacher_labels, dict) \
-        else list(teacher_labels)
-    if list(map(str, theirs)) != list(map(str, label_names)):
-        diff = next((i for i, (a, b) in enumerate(zip(theirs, label_names)) if str(a) != str(b)), len(label_names))
-        shown = (f'class {diff}: teacher {theirs[diff]!r}, data {label_names[diff]!r}'
-                 if diff < min(len(theirs), len(label_names))
-                 else f'{len(theirs)} teacher vs {len(label_names)} data classes')
-        raise ConfigError(f'the teacher\'s class names differ from the data\'s ({shown}); use the data set the '
-                          'teacher was trained on, or a teacher trained on this one')
-
-
-def export_model(model: nn.Module, folder: Path, data_config: dict, label_names: Optional[list] = None) -> Path:
-    """Write ``model`` with timm's ``save_for_hf`` (config.json + model.safetensors), atomically.
-
-    ``data_config`` (input_size, mean, std, crop_pct, interpolation) is the preprocessing the model was trained and
-    evaluated with; it is recorded in ``pretrained_cfg`` so ``timm.data.resolve_data_config`` reproduces it.
-    ``label_names`` (the data's class names by index) go to config.json's ``label_names``, where timm and the Hub
-    read them. The architecture's release metadata (:data:`SOURCE_KEYS`) is left out.
-    """
-    from timm.models import save_for_hf
-    with _atomic_dir(Path(folder)) as tmp:
-        save_for_hf(model, tmp, safe_serialization=True, data_config=dict(data_config),
-                    model_config={'label_names': list(label_names)} if label_names else None)
-        config = json.loads((tmp / 'config.json').read_text())
-        for key in SOURCE_KEYS:
-            config.get('pretrained_cfg', {}).pop(key, None)
-        (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
-    return Path(folder)
-
-
-def folded_student(distiller: nn.Module, model: Optional[nn.Module] = None) -> nn.Module:
-    """The student as exported: every loss folds away what it inserted into it (identity for most methods)."""
-    if model is None:
-        return distiller.export_student()
-    for loss in distiller.losses.values():
-        model = loss.export_student(model)
-    return model
-
-
-def _build_from_timm_config(config: dict, source: str) -> nn.Module:
-    import timm
-    arch = config.get('architecture')
-    if not arch:
-        raise CheckpointError(f'{source}: config.json has no "architecture"')
-    if not timm.is_model(arch):
-        raise CheckpointError(f'{source}: unknown architecture {arch!r} (a timm model, or vitkd\'s students)')
-    kwargs = dict(config.get('model_args') or {})
-    kwargs.setdefault('num_classes', config.get('num_classes'))
-    pcfg = dict(config.get('pretrained_cfg') or {})
-    return timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=pcfg, **kwargs)
-
-
-def _load_export_folder(folder: Path, source: str) -> tuple[nn.Module, dict]:
-    config = read_model_config(folder / 'config.json', source)
-    weights = folder / MODEL_FILE
-    if not weights.is_file():
-        raise CheckpointError(f'{source}: {weights} is missing')
-    model = _build_from_timm_config(config, source)
-    load_state_dict_strict(model, _read_safetensors(weights), f'student weights {weights}')
-    return model, dict(config.get('pretrained_cfg') or {})
-
-
-def read_student_state(path: Path, what: str = '--student-ckpt') -> dict:
-    """The student's tensors in a ``.safetensors`` file or a pickled ``.pth``/``.bin`` (read with
-    ``weights_only=True``; DeiT's ``{'model': …}`` and ``{'state_dict': …}`` wrappers are opened, a DDP ``module.``
-    prefix is dropped); a vitkd training checkpoint's ``student.`` part alone (the rest is training-only)."""
-    if path.suffix == '.safetensors':
-        state = _read_safetensors(path)
-    else:  # a pickle: tensors only (weights_only=True); {'model': …} / {'state_dict': …} wrappers are opened
-        state = _read_pickle_weights(path, what)
-        while isinstance(state, dict) and len(state) and not any(torch.is_tensor(v) for v in state.values()):
-            inner = next((state[k] for k in ('state_dict', 'model', 'module') if isinstance(state.get(k), dict)),
-                         None)
-            if inner is None:
-                break
-            state = inner
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise CheckpointError(f'{what} {path}: not a state dict of tensors')
-        if state and all(k.startswith('module.') for k in state):  # saved from a DDP-wrapped model
-            state = {k[len('module.'):]: v for k, v in state.items()}
-    if any(k.startswith('student.') for k in state):
-        skipped = sorted(k for k in state if not k.startswith('student.'))
-        if skipped:
-            _logger.info('skipping %d training-only tensors of %s: %s', len(skipped), path, _key_list(skipped, 5))
-        state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
-    return state
-
-
-def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> tuple[nn.Module, dict, str]:
-    """Load a student for evaluation, strictly.
-
-    Args:
-        spec: an exported folder (config.json + model.safetensors), a training checkpoint folder (its ``student/``
-            export), a run dir (its final ``student/``), ``hf-hub:org/name``, or a ``.safetensors`` file (then
-            ``cfg.student`` / ``cfg.student_kwargs`` name the architecture; keys may carry the checkpoint's
-            ``student.`` prefix, the other checkpoint parts are training-only and skipped).
-        cfg: the run options (architecture for bare files).
-        num_classes: classifier width for a bare ``.safetensors`` file.
-
-    Returns:
-        (model in eval mode, its pretrained_cfg — the data config when known — and a description of the source).
-    """
-    if spec.startswith('hf-hub:'):
-        repo = spec[len('hf-hub:'):]
-        from huggingface_hub import constants, hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-        try:
-            files = [hf_hub_download(repo, name) for name in ('config.json', MODEL_FILE)]
-        except Exception as e:  # noqa: BLE001 - a Hub that failed is said as such; a refusal or cache miss below
-            failure = server_failure(e)
-            if failure is not None:
-                raise HubError(f'{spec}: downloading it failed: the Hub ({constants.ENDPOINT}) {failure}; rerun the '
-                               'same command later') from None
-            if not isinstance(e, (LocalEntryNotFoundError, HfHubHTTPError)):
-                raise
-            if isinstance(e, HfHubHTTPError):
-                raise CheckpointError(f'{spec}: {str(e).splitlines()[0]}') from None
-            offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', '', 'false', 'no')
-            why = 'HF_HUB_OFFLINE is set (offline mode)' if offline else 'the Hub cannot be reached (no network)'
-            raise CheckpointError(f'{spec}: not in the local Hub cache and {why}; fix: run `hf download {repo}` once '
-                                  'on a machine online with the same HF_HOME (or unset HF_HUB_OFFLINE), or pass the '
-                                  'exported folder') from None
-        model, pcfg = _load_export_folder(Path(files[0]).parent, spec)
-        return model.eval(), pcfg, spec
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        folder = path
-        if (path / STATE_FILE).is_file() or (path / 'config.yaml').is_file():
-            folder = path / STUDENT_DIR  # a training checkpoint or a run dir: their exported student
-        if not (folder / 'config.json').is_file():
-            raise CheckpointError(f'--student-ckpt {spec}: no exported student (config.json + model.safetensors) '
-                                  f'in {folder}')
-        model, pcfg = _load_export_folder(folder, spec)
-        return model.eval(), pcfg, str(folder)
-    if path.suffix == '.safetensors' or path.suffix in PICKLE_FILES:
-        if not path.is_file():
-            raise CheckpointError(f'--student-ckpt {spec}: no such file')
-        state = read_student_state(path)
-        model = create_student(cfg.student, num_classes or 1000, **cfg.student_kwargs)
-        load_state_dict_strict(model, state, f'{path} (as --student {cfg.student})')
-        return model.eval(), {}, f'{path} as {cfg.student}'
-    raise CheckpointError(f'--student-ckpt {spec!r}: expected an exported folder, a checkpoint folder, a run dir, a '
-                          '.safetensors (or .pth/.bin, read with weights_only=True) file, or hf-hub:org/name')
-
-
-# ---- preemption ---------------------------------------------------------------------------------------------------
-
-class PreemptionSignal:
-    """SIGTERM/SIGINT set a flag (the run saves at the next step boundary); a second Ctrl-C aborts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                self.uninstall()
-                raise KeyboardInterrupt
-            return  # a repeated SIGTERM (e.g. forwarded by the launcher and sent by the scheduler)
-        self.signum = signum
-        print(f'\n{signal.Signals(signum).name} received: saving a checkpoint at the next step boundary, then '
-              'exiting (Ctrl-C again aborts without saving)', file=sys.stderr, flush=True)
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # ---- resume -------------------------------------------------------------------------------------------------------
@@ -593,19 +308,20 @@ class Checkpointer:
     """
 
     def __init__(self, cfg: Config, run, out_dir: Path, accelerator, argv: Optional[list[str]] = None,
-                 before_save: Optional[Callable[[Any], None]] = None, background: bool = False):
+                 before_save: Optional[Callable[[Any], None]] = None, background: bool = False,
+                 stop: Optional[StopControl] = None):
         """``before_save(train_state)`` runs before every save and may raise to prevent it (the non-finite guard:
         a step whose loss was NaN is never saved). ``background``: write the main process's files on a thread
-        (see :meth:`save`)."""
+        (see :meth:`save`). ``stop``: the run's :class:`vitkd.stopping.StopControl`, whose agreed signal stop
+        :meth:`step_hook` saves for (default: one over ``run.state``)."""
         self.cfg, self.r, self.out_dir, self.acc = cfg, run, Path(out_dir), accelerator
         self.before_save = before_save
         self.argv = list(sys.argv[1:] if argv is None else argv)
         self.best: Optional[dict] = None
         self.last_saved: Optional[Path] = None
         self.resumed_from: Optional[Path] = None
-        self.signal = PreemptionSignal()
-        self.stopping = False
-        self.preempted = False
+        self.stop = stop if stop is not None else StopControl(accelerator, run.state)
+        self.preempted = False  # a signal stopped the run mid-epoch and its checkpoint was saved by step_hook
         # what the training set is (size, file list hash, classes): a resume on other data is refused
         self.data_record = dict(train_set_fingerprint(run.train_loader.dataset), num_classes=run.spec.num_classes)
         self.writer = BackgroundWriter() if background else None
@@ -623,7 +339,7 @@ class Checkpointer:
     def _load_models_hook(self, models, input_dir) -> None:
         if len(models) != 1:
             raise CheckpointError(f'expected one prepared model (the distiller), found {len(models)}')
-        state = _read_safetensors(Path(input_dir) / MODEL_FILE)
+        state = read_safetensors(Path(input_dir) / MODEL_FILE)
         load_state_dict_strict(self.acc.unwrap_model(models[0]), state, f'checkpoint {input_dir}')
         models.clear()  # loaded: accelerate must not load it again
 
@@ -720,10 +436,10 @@ class Checkpointer:
             export_model(student if student is not None else folded_student(r.distiller_unwrapped), tmp / STUDENT_DIR,
                          r.data_config)
             (tmp / STATE_FILE).write_text(state)  # last: marks complete
-            _commit(tmp, final)
+            replace_dir(tmp, final)
             committed = True
             if improved:
-                with _atomic_dir(self.out_dir / CHECKPOINTS / BEST) as best_tmp:
+                with atomic_dir(self.out_dir / CHECKPOINTS / BEST) as best_tmp:
                     best_tmp.rmdir()
                     _copy_tree_linked(final, best_tmp)
                     (best_tmp / 'metrics.json').write_text(json.dumps(best, indent=1) + '\n')
@@ -808,11 +524,11 @@ class Checkpointer:
                                   'resume with the same setting')
         rng_file = ckpt / f'random_states_{acc.process_index}.pkl'
         if rng_file.is_file():  # accelerate would swallow a refused RNG pickle and resume with other random states
-            _read_pickle_weights(rng_file, 'checkpoint RNG state')
+            read_pickle_weights(rng_file, 'checkpoint RNG state')
         try:
             acc.load_state(str(ckpt))  # distiller (strict, via the hook), optimizer (weights_only=True), RNG states
         except pickle.UnpicklingError:
-            _read_pickle_weights(ckpt / 'optimizer.bin', 'checkpoint optimizer state')  # raises the one-line error
+            read_pickle_weights(ckpt / 'optimizer.bin', 'checkpoint optimizer state')  # raises the one-line error
             raise
         except (EOFError, RuntimeError, ValueError) as e:
             if isinstance(e, CheckpointError):
@@ -822,7 +538,7 @@ class Checkpointer:
         r.state.load_state_dict(trainer['state'])
         r.scheduler.load_state_dict(trainer['scheduler'])
         if r.ema is not None:
-            load_state_dict_strict(r.ema, _read_safetensors(ckpt / EMA_FILE), f'EMA weights {ckpt / EMA_FILE}')
+            load_state_dict_strict(r.ema, read_safetensors(ckpt / EMA_FILE), f'EMA weights {ckpt / EMA_FILE}')
         self.best = trainer.get('best')
         self.resumed_from = ckpt
         s = r.state
@@ -835,36 +551,14 @@ class Checkpointer:
         return trainer
 
     # preemption
-    @contextlib.contextmanager
-    def signals(self) -> Iterator['Checkpointer']:
-        """SIGTERM/SIGINT handlers for the duration of training."""
-        self.signal.install()
-        try:
-            yield self
-        finally:
-            self.signal.uninstall()
-
-    def stop_requested(self, collective: bool = True) -> bool:
-        """Whether a process received SIGTERM/SIGINT. On N processes the flags are summed only when ``collective``
-        (every process calls it at the same point: logging steps, epoch ends); between those points a process's own
-        signal waits, so that no process stops alone."""
-        flag = self.signal.signum is not None
-        if self.acc.num_processes > 1:
-            if not collective:
-                return self.stopping
-            t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
-            flag = bool(self.acc.reduce(t, reduction='sum').item() > 0)
-        self.stopping = self.stopping or flag
-        return self.stopping
-
     def step_hook(self, last_batch: bool, collective: bool = True) -> bool:
         """After every optimizer step: periodic checkpoints, and the preemption stop. True = stop the epoch.
 
         ``collective``: whether every process is at a point where it may agree on signals (see
-        :meth:`stop_requested`). On the last batch of an epoch nothing is saved here: the end-of-epoch checkpoint
+        :meth:`vitkd.stopping.StopControl.signal_received`). On the last batch of an epoch nothing is saved here: the end-of-epoch checkpoint
         follows.
         """
-        if self.stop_requested(collective):
+        if self.stop.signal_received(collective):
             if not last_batch:
                 self.save()
                 self.wait()  # the run stops here: its checkpoint is complete before the resume command is printed
@@ -892,9 +586,5 @@ class Checkpointer:
         launcher = 'python' if self.acc.num_processes == 1 else 'accelerate launch <the same launch options>'
         program = ['main.py'] if Path(sys.argv[0]).name == 'main.py' else ['-m', 'vitkd']  # a checkout, or installed
         cmd = launcher + ' ' + shlex.join([*program, *cleaned, '--output-dir', str(self.out_dir), '--resume', 'auto'])
-        name = signal.Signals(self.signal.signum).name if self.signal.signum else 'a signal on another process'
         where = f'epoch {s.epoch}, step {s.step} (batch {s.batches_done}/{len(self.r.train_loader)})'
-        return f'stopped by {name} at {where}; checkpoint {self.last_saved}\nresume with: {cmd}'
-
-    def exit_code(self) -> int:
-        return 128 + (self.signal.signum or signal.SIGTERM)
+        return f'stopped by {self.stop.signal_name()} at {where}; checkpoint {self.last_saved}\nresume with: {cmd}'

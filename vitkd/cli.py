@@ -24,19 +24,24 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import broadcast_object_list
 
-from vitkd import run as runlib
-from vitkd.build import build_losses
-from vitkd.checkpoint import Checkpointer, SaveError, resolve_resume
-from vitkd.dense.run import build_dense_run, eval_dense_student
-from vitkd.config import to_yaml
 from vitkd.arguments import list_methods_and_presets, parse_args
+from vitkd.build import build_losses
+from vitkd.checkpoint import Checkpointer, resolve_resume
+from vitkd.config import to_yaml
+from vitkd.dense.run import build_dense_run, eval_dense_student
+from vitkd.devices import make_accelerator
 from vitkd.engine import NonFiniteLossError, train_one_epoch
-from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, VitkdError
+from vitkd.errors import INTERNAL_ERROR, RESOURCE_ERROR, RunDirError, SaveError, VitkdError
+from vitkd.eval_student import eval_student
+from vitkd.export import export_student
 from vitkd.hub import HubPushError, check_push_token, push_run_to_hub
-from vitkd.rundir import RunFinished, release_all
+from vitkd.layout import RUN_MARKER
 from vitkd.progress import rounded
+from vitkd.reports import COUNTS, MetricLogger, format_faults, format_heads, plot_curves, run_costs, summary_table
+from vitkd.run import build_run
+from vitkd.rundir import RunFinished, check_output_dir, prepare_output_dir, release_all
+from vitkd.stopping import StopControl
 from vitkd.training import NonFiniteGuard
-
 
 
 def train(argv=None) -> int:
@@ -46,19 +51,19 @@ def train(argv=None) -> int:
         print(list_methods_and_presets(cfg.task))
         return 0
     entries = None if cfg.eval_student else build_losses(cfg)  # the methods, built once for the whole run
-    accelerator = runlib.make_accelerator(cfg, entries)
+    accelerator = make_accelerator(cfg, entries)
     log = accelerator.print
     dense = cfg.task != 'classify'
     if cfg.eval_student:
-        return (eval_dense_student if dense else runlib.eval_student)(cfg, accelerator)
+        return (eval_dense_student if dense else eval_student)(cfg, accelerator)
 
     # Everything that can reject the command (options, output dir, data, models, losses, the checkpoint to resume)
     # runs before anything is written: a bad command leaves an existing run dir as it was.
     resume_from = resolve_resume(cfg, log)
-    out_dir = runlib.check_output_dir(cfg)
+    out_dir = check_output_dir(cfg)
     if cfg.push_to_hub:
         _check_push_token(cfg, accelerator)
-    r = (build_dense_run if dense else runlib.build_run)(cfg, accelerator, entries)
+    r = (build_dense_run if dense else build_run)(cfg, accelerator, entries)
     methods = ', '.join(f'{name}:{e.weight:g}' for name, e in r.distiller_unwrapped.entries.items()) or 'none'
     log(f'student {cfg.student} ({r.student_params / 1e6:.2f} M params), teacher '
         f'{r.teacher.source if r.teacher else "none"}, methods {methods}, '
@@ -66,63 +71,64 @@ def train(argv=None) -> int:
         f'{r.global_batch}, lr {r.lr:.2e}, precision {accelerator.mixed_precision} on {accelerator.device}'
         f'{" (TF32 on)" if accelerator.device.type == "cuda" and cfg.cuda_tf32 else ""}')
     guard = NonFiniteGuard(cfg.nan_policy, r.distiller_unwrapped, accelerator, out_dir)
-    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv, before_save=guard.raise_if_bad, background=True)
+    stop = StopControl(accelerator, r.state)
+    ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv, before_save=guard.raise_if_bad, background=True, stop=stop)
     ckpt.resume(resume_from)
-    out_dir = runlib.prepare_output_dir(cfg, accelerator)
+    out_dir = prepare_output_dir(cfg, accelerator)
     if accelerator.is_main_process:
-        (out_dir / 'config.yaml').write_text(to_yaml(cfg))
+        (out_dir / RUN_MARKER).write_text(to_yaml(cfg))
     teacher_metrics = {}
     if r.teacher is not None and cfg.eval_teacher:
         with _rng_untouched(accelerator):  # so a resumed run continues from exactly the checkpoint's RNG states
             teacher_metrics = r.evaluate_teacher()
         top1, top5 = teacher_metrics.get('teacher_top1'), teacher_metrics.get('teacher_top5')
-        log('teacher ' + (runlib.format_heads(teacher_metrics, 'teacher_') if dense else
+        log('teacher ' + (format_heads(teacher_metrics, 'teacher_') if dense else
                           f'top-1 {top1:.2f}%  top-5 {top5:.2f}%'))
 
     if cfg.time_limit:
         r.state.deadline = time.time() + cfg.time_limit
     start = time.time()
-    logger = runlib.MetricLogger(out_dir, accelerator, cfg, steps_per_epoch=r.steps_per_epoch)
-    metrics, train_stats, stopped = _fit(cfg, r, accelerator, ckpt, logger, guard)
+    logger = MetricLogger(out_dir, accelerator, cfg, steps_per_epoch=r.steps_per_epoch)
+    metrics, train_stats, stopped = _fit(cfg, r, accelerator, ckpt, stop, logger, guard)
     if stopped is not None:
         return stopped
     return _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics, train_stats,
                    time.time() - start)
 
 
-def _fit(cfg, r, accelerator, ckpt, logger, guard) -> tuple[dict, dict, int | None]:
+def _fit(cfg, r, accelerator, ckpt, stop, logger, guard) -> tuple[dict, dict, int | None]:
     """The epochs: train, evaluate when due, log, checkpoint. Returns (last metrics, last epoch's train stats, the exit
     code when a signal stopped the run, else None)."""
     log, state = accelerator.print, r.state
     metrics, train_stats = {}, {}
-    with ckpt.signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
-        while state.epoch < cfg.epochs and not state.stop_reason and not state.steps_spent():
+    with stop.handling_signals():  # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit
+        while state.epoch < cfg.epochs and not state.stop_reason and not stop.steps_spent():
             epoch = state.epoch
             train_stats = train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
                                           cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook,
-                                          unused_search=r.unused_search)
+                                          unused_search=r.unused_search, stop=stop)
             r.distiller = r.unused_search.latest(r.distiller)
-            faults = runlib.format_faults(train_stats)
+            faults = format_faults(train_stats)
             if faults:
                 log(f'warning: epoch {epoch}: {faults}')
             if ckpt.preempted:  # saved mid-epoch by the step hook
                 log(ckpt.preemption_message())
-                return metrics, train_stats, ckpt.exit_code()
+                return metrics, train_stats, stop.exit_code()
             if state.batches_done >= len(r.train_loader):  # the epoch is complete (else a step/time budget ran out)
                 state.epoch, state.batches_done = state.epoch + 1, 0
             last = state.epoch >= cfg.epochs or bool(state.stop_reason)
-            evaluated = not ckpt.stop_requested() and (last or (state.batches_done == 0 and
-                                                                state.epoch % cfg.eval_every == 0))
+            evaluated = not stop.signal_received() and (last or (state.batches_done == 0 and
+                                                                 state.epoch % cfg.eval_every == 0))
             if evaluated:
                 metrics = _evaluate_student(r, accelerator)
                 log(f'epoch {epoch}: ' + ', '.join(f'{k} {v:.3f}' for k, v in train_stats.items()
-                                                   if k not in runlib.COUNTS) + ' | ' + runlib.format_heads(metrics))
+                                                   if k not in COUNTS) + ' | ' + format_heads(metrics))
             logger.epoch(epoch, train_stats, metrics, step=state.step)
             ckpt.save(metrics if evaluated else None)  # written in the background while the next epoch trains
-            if ckpt.stop_requested():
+            if stop.signal_received():
                 ckpt.wait()
                 log(ckpt.preemption_message())
-                return metrics, train_stats, ckpt.exit_code()
+                return metrics, train_stats, stop.exit_code()
     ckpt.wait()  # the last checkpoint is complete (or its failure reported) before the export
     return metrics, train_stats, None
 
@@ -133,7 +139,7 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
     if not metrics and r.state.step:  # resumed from the final checkpoint (e.g. killed while exporting): nothing trained
         metrics = _evaluate_student(r, accelerator)
     try:
-        export_dir = runlib.export_student(r, out_dir, accelerator, metrics)
+        export_dir = export_student(r, out_dir, accelerator, metrics)
     except OSError as e:
         raise SaveError(f'could not write the exported student to {out_dir / "student"} ({e.strerror or e}); the '
                         f'last checkpoint {ckpt.last_saved or ckpt.resumed_from} is intact: free space and rerun the '
@@ -143,12 +149,12 @@ def _finish(cfg, r, accelerator, ckpt, logger, out_dir, teacher_metrics, metrics
                    stop_reason=r.state.stop_reason or 'epochs done',
                    weights={name: e.weight for name, e in r.distiller_unwrapped.entries.items()},
                    student_export=str(export_dir), resumed_from=str(ckpt.resumed_from) if ckpt.resumed_from else None,
-                   **runlib.run_costs(r, train_stats if r.state.step else {}))
+                   **run_costs(r, train_stats if r.state.step else {}))
     if accelerator.is_main_process:
         (out_dir / 'summary.json').write_text(json.dumps(rounded(summary), indent=2) + '\n')
     logger.finish()
-    runlib.plot_curves(out_dir, cfg, accelerator)
-    log(runlib.summary_table(cfg, summary))
+    plot_curves(out_dir, cfg, accelerator)
+    log(summary_table(cfg, summary))
     log(f'outputs in {out_dir}')
     code = 0
     if cfg.push_to_hub and accelerator.is_main_process:

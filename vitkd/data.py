@@ -32,15 +32,18 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .errors import DataFailure, UsageError
+from .config import Config
+from .errors import ConfigError, DataFailure, UsageError
 from .hf_data import load_hf_splits
 from .images import CorruptImage, load_image, to_rgb
 
-__all__ = ['DataSpec', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset', 'EpochSampler', 'read_idx',
+__all__ = ['DataSpec', 'BatchMixer', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset', 'EpochSampler', 'read_idx',
            'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
            'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path', 'train_set_fingerprint', 'CorruptImage',
            'to_rgb']
@@ -164,6 +167,34 @@ class EpochSampler(Sampler):
         seeds = self.sample_seeds(self.epoch).reshape(self.num_samples, self.repeats)
         for i, copy in self.order(self.epoch):
             yield i, int(seeds[i, copy])
+
+
+class BatchMixer:
+    """timm ``Mixup``/CutMix plus label smoothing, returning the mixup metadata the losses need.
+
+    Returns (images, soft targets [B, K], {'labels_b', 'lam'}). In timm's ``batch`` mode sample i is mixed with
+    sample B−1−i with one λ per batch, so ``labels_b = labels.flip(0)``.
+    """
+
+    def __init__(self, cfg: Config, num_classes: int):
+        self.num_classes, self.smoothing = num_classes, cfg.smoothing
+        active = cfg.mixup > 0 or cfg.cutmix > 0
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                           num_classes=num_classes) if active else None
+        if self.mixup is not None and cfg.mixup_mode != 'batch':
+            raise ConfigError(f'--mixup-mode {cfg.mixup_mode!r}: vitkd supports batch mode (losses need one λ and '
+                              'the flip pairing); use --mixup-mode batch')
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        if self.mixup is None:
+            targets = mixup_target(labels, self.num_classes, 1.0, self.smoothing)
+            return images, targets, {'labels_b': labels, 'lam': 1.0}
+        if images.shape[0] % 2:
+            raise ConfigError(f'mixup needs an even batch, got {images.shape[0]}')
+        lam = self.mixup._mix_batch(images)  # mixes images in place, returns λ (area-corrected for cutmix)
+        targets = mixup_target(labels, self.num_classes, lam, self.smoothing)
+        return images, targets, {'labels_b': labels.flip(0), 'lam': float(lam)}
 
 
 def mix_batch(mixup_fn: Callable, sampler: Optional[EpochSampler], data_epoch: int, images: torch.Tensor,

@@ -13,9 +13,10 @@ Every loss runs in fp32 with autocast off, on fp32 copies of the features (the n
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,9 +25,6 @@ from .features import Features, TapSpec, extract
 from .losses import Batch, DistillationLoss, LossSpecError, RunContext, RunInfo
 from .losses.functional import soft_target_cross_entropy
 from .models import Teacher, has_dist_head
-
-if TYPE_CHECKING:
-    from .training import TrainBatch
 
 __all__ = ['Distiller', 'LossEntry', 'idle_parameters_until', 'may_leave_parameters_unused']
 
@@ -208,19 +206,20 @@ class Distiller(nn.Module):
             weight *= e.loss.task_weight(epoch)
         return weight
 
-    def forward(self, batch: 'TrainBatch') -> dict:
+    def forward(self, batch: Batch) -> dict:
         """One training step's losses.
 
         Args:
-            batch: a :class:`vitkd.training.TrainBatch`: the (mixed) images [B, C, H, W], soft targets [B, K], the
-                mixup metadata, data-set indices, the fractional epoch (warm-ups and phases), the optimizer step and,
-                from the teacher-output cache, precomputed teacher taps (else the teacher runs live).
+            batch: a :class:`vitkd.losses.Batch`: the (mixed) images [B, C, H, W], soft targets [B, K], the mixup
+                metadata, data-set indices, the fractional epoch (warm-ups and phases), the optimizer step and, from
+                the teacher-output cache, precomputed teacher taps (else the teacher runs live). The methods get the
+                same batch with the input that requires grad (when a method needs it) and the extra forwards.
 
         Returns:
             ``loss`` (scalar), ``logits`` (the student's averaged logits [B, K], for train accuracy), ``terms``
             (name → detached unweighted value, including ``task``).
         """
-        images, targets, epoch = batch.images, batch.targets, batch.epoch
+        images, targets, epoch = batch.images, batch.targets, batch.progress
         if self.needs_input_grad:
             images = images.detach().requires_grad_(True)
         student = self.student_features(images)
@@ -229,10 +228,9 @@ class Distiller(nn.Module):
             teacher_features = self.teacher_features(images)
         teacher = teacher_features if teacher_features is not None else Features()
         task_logits = student.logits if self.task_on_cls_head else student.head_logits
-        loss_batch = Batch(images=images, targets=targets, labels=batch.labels, labels_b=batch.labels_b, lam=batch.lam,
-                           index=batch.index, epoch=int(epoch), progress=float(epoch), step=batch.step,
-                           student_forward=self.student_features,
-                           teacher_forward=self._teacher_forward_with_grad if self.teacher is not None else None)
+        loss_batch = dataclasses.replace(batch, images=images, student_forward=self.student_features,
+                                         teacher_forward=self._teacher_forward_with_grad if self.teacher is not None
+                                         else None)
         student32 = student.apply(_at_least_fp32)
         with torch.autocast(device_type=images.device.type, enabled=False):
             task = soft_target_cross_entropy(_at_least_fp32(task_logits), _at_least_fp32(targets))

@@ -7,6 +7,7 @@ import torch
 
 from vitkd.ddp import UnusedParameterSearch
 from vitkd.evaluation import evaluate, evaluate_teacher
+from vitkd.stopping import StopControl
 from vitkd.training import EpochBatches, NonFiniteGuard, NonFiniteLossError, TermMeter, TrainState
 
 __all__ = ['train_one_epoch', 'evaluate', 'evaluate_teacher', 'NonFiniteLossError', 'TrainState']
@@ -16,19 +17,22 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
                     guard: NonFiniteGuard, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
                     log_fn: Optional[Callable[[dict], None]] = None,
                     step_hook: Optional[Callable[[bool, bool], bool]] = None,
-                    unused_search: Optional[UnusedParameterSearch] = None) -> dict:
+                    unused_search: Optional[UnusedParameterSearch] = None, stop: Optional[StopControl] = None) -> dict:
     """One pass over ``batches`` from ``state.batches_done`` on (or until the step/time budget runs out).
 
     ``model`` is the prepared :class:`vitkd.distiller.Distiller`; ``batches`` yields its
-    :class:`~vitkd.training.TrainBatch` inputs (mixed, teacher outputs attached when cached). The host reads device
+    :class:`~vitkd.losses.Batch` inputs (mixed, teacher outputs attached when cached). The host reads device
     values only at logging steps (every ``log_every`` optimizer steps and at the epoch's last batch): there ``guard``
     raises, before the update, when a step since the last check was non-finite (``--nan-policy stop``), the terms are
     logged and a multi-process run agrees on signals and deadlines. ``step_hook(last_batch, collective)`` runs after
-    every optimizer step (periodic checkpoints, preemption) and returns True to stop the epoch. ``unused_search`` drops
+    every optimizer step (periodic checkpoints, preemption) and returns True to stop the epoch; then ``stop`` (the
+    run's :class:`~vitkd.stopping.StopControl`, default one over ``state``) ends the epoch when the step or time budget
+    is spent. ``unused_search`` drops
     DDP's search for unused parameters at the first optimizer step that no longer needs it (:mod:`vitkd.ddp`). Returns
     the epoch means of the logged terms (over the processes), img/s, ``samples``, ``skipped_steps`` and, for a data set
     that counts them, ``corrupt_images``.
     """
+    stop = stop if stop is not None else StopControl(accelerator, state)
     model.train()
     meter = TermMeter(accelerator)
     student = accelerator.unwrap_model(model, keep_torch_compile=False).student if ema is not None else None
@@ -39,7 +43,7 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     for it, batch in progress:
         guard.before_forward()
         if unused_search is not None and accelerator.step % accelerator.gradient_accumulation_steps == 0:
-            model = unused_search.model_for_step(model, batch.epoch)  # only at an optimizer step's first batch
+            model = unused_search.model_for_step(model, batch.progress)  # only at an optimizer step's first batch
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 out = model(batch)
@@ -68,14 +72,14 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
                 ema.update(student, step=state.step)
         state.batches_done = it + 1
         if logging_step:
-            record = {'epoch': batch.epoch, 'step': state.step, 'lr': optimizer.param_groups[0]['lr'],
+            record = {'epoch': batch.progress, 'step': state.step, 'lr': optimizer.param_groups[0]['lr'],
                       'img_per_s': meter.rate(), **meter.current()}
             progress.set_postfix({k: v for k, v in record.items() if k not in ('epoch', 'step')})
             if log_fn is not None:
                 log_fn(record)
         if accelerator.sync_gradients and step_hook is not None and step_hook(last, logging_step):
             break
-        if state.agree_to_stop(accelerator, collective=logging_step):
+        if stop.budget_spent(collective=logging_step):
             break
     progress.close()
     guard.raise_if_bad(state)

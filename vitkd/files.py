@@ -1,16 +1,22 @@
-"""Checks of the model files a run reads, before they are used: a ``.safetensors`` file whose header is readable, a
-timm ``config.json`` that names an architecture. Each problem is one :class:`~vitkd.errors.ConfigError` line naming
-the file. At the bottom of the package (the models, the checkpoints and the Hub code all read such files)."""
+"""The model files and folders of a run: checks of what it reads, before it is used (a ``.safetensors`` file whose
+header is readable, a timm ``config.json`` that names an architecture; each problem is one
+:class:`~vitkd.errors.ConfigError` line naming the file), and folders written so that a kill leaves no half-written
+one in place (:func:`atomic_dir`, :func:`replace_dir`). At the bottom of the package (the models, the checkpoints,
+the student exports and the Hub code all read or write such files)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 from safetensors import SafetensorError, safe_open
 
 from .errors import ConfigError
 
-__all__ = ['check_safetensors', 'read_model_config']
+__all__ = ['check_safetensors', 'read_model_config', 'atomic_dir', 'replace_dir']
 
 
 def check_safetensors(path, what: str) -> None:
@@ -49,3 +55,30 @@ def read_model_config(path, what: str) -> dict:
     if problems:
         raise ConfigError(f'{what}: {path} is not a timm model config: {"; ".join(problems)}')
     return config
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished ``tmp`` folder to ``final``, replacing an existing one (each rename is atomic)."""
+    old = final.with_name(final.name + '.old')
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Write a folder under ``<final>.tmp``; on success it replaces ``final``, on error it is removed."""
+    tmp = final.with_name(final.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)

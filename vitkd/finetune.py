@@ -31,10 +31,10 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 
-from .checkpoint import (PICKLE_FILES, STATE_FILE, STUDENT_DIR, CheckpointError, load_state_dict_strict, load_student,
-                         read_student_state)
 from .config import Config, ConfigError
 from .data import DATASET_STATS
+from .export import PICKLE_FILES, CheckpointError, load_state_dict_strict, load_student, read_student_state
+from .layout import RUN_MARKER, STATE_FILE, STUDENT_DIR
 
 __all__ = ['FinetuneSource', 'open_source', 'use_source_architecture', 'load_finetune_weights', 'head_names']
 
@@ -56,7 +56,7 @@ def _config_json(spec: str) -> Path:
         from huggingface_hub import hf_hub_download
         return Path(hf_hub_download(spec[len('hf-hub:'):], 'config.json'))  # cached by load_student's download
     path = Path(spec).expanduser()
-    if (path / STATE_FILE).is_file() or (path / 'config.yaml').is_file():
+    if (path / STATE_FILE).is_file() or (path / RUN_MARKER).is_file():
         path = path / STUDENT_DIR
     return path / 'config.json'
 

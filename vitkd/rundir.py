@@ -1,4 +1,10 @@
-"""The run dir's guards: writable before the build, one run at a time (a lock), a finished run left alone.
+"""The run dir: its name, its guards (writable before the build, one run at a time, a finished run left alone) and
+its creation.
+
+* :func:`name_output_dir` names it when ``--output-dir`` is not given (after the checkpoint of ``--resume``, else
+  after the student, the methods and the time; :func:`eval_output_dir` for ``--eval-student``);
+  :func:`check_output_dir` refuses an unusable one before anything is built, :func:`prepare_output_dir` creates and
+  locks it (``--overwrite`` moves a previous run's outputs, :data:`RUN_OUTPUTS`, aside).
 
 * :func:`check_writable` probes the dir (or its nearest existing parent) with a temporary file that it removes at
   once, so a read-only file system, a missing permission or a path under a file is refused before anything is built;
@@ -15,14 +21,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import RunDirError, VitkdError
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
-__all__ = ['LOCK_FILE', 'RunFinished', 'RunLock', 'check_writable', 'check_unlocked', 'finished_state', 'release_all']
+from .checkpoint import resolve_resume
+from .config import Config, ConfigError
+from .errors import RunDirError, VitkdError
+from .layout import RUN_MARKER
+from .validate import distill_spec
+
+__all__ = ['LOCK_FILE', 'RUN_OUTPUTS', 'RunFinished', 'RunLock', 'check_writable', 'check_unlocked', 'finished_state',
+           'release_all', 'name_output_dir', 'eval_output_dir', 'check_output_dir', 'prepare_output_dir']
 
 LOCK_FILE = '.vitkd.lock'
 _held: list['RunLock'] = []
@@ -120,7 +136,6 @@ class RunLock:
 
     def acquire(self) -> 'RunLock':
         """Create the lock file (exclusively); a stale one is replaced. Raises RunDirError when a live run holds it."""
-        import time
         record = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), start=_start_time(os.getpid()),
                                  since=time.strftime('%Y-%m-%d %H:%M:%S'))) + '\n'
         for _ in range(2):
@@ -172,3 +187,84 @@ def finished_state(out: Path, checkpoint: Optional[Path], epochs: int, max_steps
         return None
     done = state.get('epoch', 0) >= epochs and state.get('batches_done', 0) == 0
     return summary if done or (max_steps is not None and state.get('step', 0) >= max_steps) else None
+
+
+def name_output_dir(cfg: Config) -> None:
+    """Default run dir: the run of ``--resume <checkpoint or run dir>``, else output/<student>-<methods>-<time>."""
+    if cfg.output_dir is None and cfg.eval_student:
+        cfg.output_dir = str(eval_output_dir(cfg))
+    if cfg.output_dir is None and cfg.resume not in (None, 'auto'):
+        resolve_resume(cfg, log=lambda *_: None)  # fills output_dir with the checkpoint's run dir (or fails)
+    if cfg.output_dir is None:
+        methods = '+'.join(distill_spec(cfg).names)
+        cfg.output_dir = str(Path('output') / f'{cfg.student.replace("/", "_")}-{methods}-{time.strftime("%Y%m%d-%H%M%S")}')
+
+
+# What a run writes into its dir; ``--overwrite`` moves a previous run's copies aside (see prepare_output_dir).
+RUN_OUTPUTS = (RUN_MARKER, 'checkpoints', 'student', 'student_ema', 'log.jsonl', 'epochs.csv', 'summary.json',
+               'curves.png', 'hub.json', 'nonfinite_step*.json')
+
+
+def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
+    """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite, one that
+    cannot be written (:func:`vitkd.rundir.check_writable`) and, with ``check_lock``, one another live run holds.
+
+    Writes nothing: ``main`` calls it before building anything and creates the dir only once every check passed.
+    """
+    name_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    check_writable(out)
+    if (out / RUN_MARKER).exists() and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f'--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite '
+                          'to train into it anyway, or another --output-dir')
+    if check_lock:
+        check_unlocked(out)
+    return out
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """Create and lock the run dir (after :func:`check_output_dir`'s refusal rules). Nothing is deleted.
+
+    With ``--overwrite`` (and no ``--resume``) a previous run's outputs are moved into ``replaced-<time>/`` inside the
+    dir first: its checkpoints must never be mistaken for this run's by ``--resume auto`` or pruned by its saves.
+    A resumed run that already finished raises :class:`vitkd.rundir.RunFinished` (nothing is written). The main
+    process decides and every process raises the same error, so a multi-process run ends with one exit code.
+    """
+    out = check_output_dir(cfg, check_lock=False)
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            summary = finished_state(out, resolve_resume(cfg, log=lambda *_: None), cfg.epochs, cfg.max_steps) \
+                if cfg.resume else None
+            if summary is not None:
+                raise RunFinished(f'{out} is a finished run ({summary.get("epochs_run")} epochs, {summary.get("steps")} '
+                                  f'steps; {summary.get("stop_reason", "done")}): nothing to resume and nothing was '
+                                  'changed; raise --epochs to train it further, or use another --output-dir')
+            out.mkdir(parents=True, exist_ok=True)
+            RunLock(out).acquire()
+            if cfg.overwrite and not cfg.resume and (out / RUN_MARKER).exists():
+                old = [p for pattern in RUN_OUTPUTS for p in sorted(out.glob(pattern))]
+                aside = out / f'replaced-{time.strftime("%Y%m%d-%H%M%S")}'
+                aside.mkdir()
+                for path in old:
+                    os.replace(path, aside / path.name)
+                accelerator.print(f'--overwrite: the previous run\'s outputs in {out} were moved to {aside}')
+        except (RunFinished, RunDirError) as e:
+            failure = (type(e).__name__, str(e))
+        except OSError as e:
+            failure = ('RunDirError', f'--output-dir {out}: {e.strerror or e}')
+    failure = broadcast_object_list([failure])[0]
+    if failure is not None:
+        raise {'RunFinished': RunFinished, 'RunDirError': RunDirError}[failure[0]](failure[1])
+    return out
+
+
+def eval_output_dir(cfg: Config) -> Path:
+    """Default dir of ``--eval-student``, named after what it evaluates and on what: ``output/eval-<run>_student-
+    <dataset>-<time>``, ``eval-<run>_step_00000468-…`` for a checkpoint, ``eval-org_name-…`` for ``hf-hub:org/name``
+    (not after the training options, which an evaluation does not use)."""
+    spec = str(cfg.student_ckpt or 'student')
+    parts = spec[len('hf-hub:'):].split('/') if spec.startswith('hf-hub:') else Path(spec).resolve().parts
+    named = [part for part in parts if part not in ('checkpoints', '/')][-2:]
+    evaluated = '_'.join(re.sub(r'[^A-Za-z0-9.+-]+', '-', part) for part in named) or 'student'
+    return Path('output') / f'eval-{evaluated}-{cfg.dataset}-{time.strftime("%Y%m%d-%H%M%S")}'

@@ -18,15 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
-from timm.data.mixup import mixup_target
 
 from .data import find_epoch_sampler, mix_batch
-from .features import Features
+from .losses import Batch
 from .progress import EpochProgress
 
-__all__ = ['TrainState', 'TrainBatch', 'EpochBatches', 'NonFiniteGuard', 'NonFiniteLossError', 'TermMeter',
+__all__ = ['TrainState', 'EpochBatches', 'NonFiniteGuard', 'NonFiniteLossError', 'TermMeter',
            'MAX_NONFINITE_REPORTS', 'MAX_RESTORED_BUFFER']
 
 MAX_NONFINITE_REPORTS = 100  # diagnostic files written per process run (a run skipping every step would flood the dir)
@@ -42,7 +40,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Counters that survive across epochs (and checkpoints)."""
+    """Counters that survive across epochs (and checkpoints), and the run's step/time budget (the decisions on it are
+    :class:`vitkd.stopping.StopControl`'s)."""
     epoch: int = 0
     step: int = 0                 # optimizer steps taken
     batches_done: int = 0         # loader batches of the current epoch already trained (a mid-epoch resume skips them)
@@ -51,95 +50,12 @@ class TrainState:
     stop_reason: str = ''
     nonfinite_reports: int = 0    # diagnostic files written by this process (not checkpointed)
 
-    def steps_spent(self) -> bool:
-        """Whether ``max_steps`` is reached (sets :attr:`stop_reason`). Every process counts the same steps, so it
-        needs no agreement: also checked before an epoch starts, for a run resumed at its last step."""
-        if self.max_steps is not None and self.step >= self.max_steps:
-            self.stop_reason = f'max_steps {self.max_steps} reached'
-            return True
-        return False
-
-    def exhausted(self) -> bool:
-        """Whether the step or time budget has run out (sets :attr:`stop_reason`); host state only."""
-        if not self.steps_spent() and self.deadline is not None and time.time() >= self.deadline:
-            self.stop_reason = 'time limit reached'
-        return bool(self.stop_reason)
-
-    def agree_to_stop(self, accelerator, collective: bool) -> bool:
-        """The step/time budget as the main process decides it, so every rank stops at the same step.
-
-        A wall-clock deadline can fall between two ranks' checks; ranks that disagreed would leave the others waiting
-        in DDP's all-reduce for ever. On N processes the deadline is therefore only read at ``collective`` points
-        (logging steps, the last batch), where rank 0's decision is broadcast; the step budget needs no agreement.
-        """
-        if accelerator.num_processes == 1 or self.deadline is None:
-            return self.exhausted()
-        if self.steps_spent():
-            return True
-        if not collective:
-            return False
-        from accelerate.utils import broadcast
-        stop = torch.tensor([float(time.time() >= self.deadline)], device=accelerator.device)
-        if broadcast(stop, from_process=0).item():
-            self.stop_reason = 'time limit reached'
-        return bool(self.stop_reason)
-
     def state_dict(self) -> dict:
         return {'epoch': self.epoch, 'step': self.step, 'batches_done': self.batches_done}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = int(state['epoch']), int(state['step'])
         self.batches_done = int(state.get('batches_done', 0))
-
-
-@dataclass
-class TrainBatch:
-    """One training step's input, as :meth:`vitkd.distiller.Distiller.forward` takes it.
-
-    Attributes:
-        images: [B, C, H, W] the (mixed) student input, on the device.
-        targets: [B, K] soft targets (label smoothing and mixup folded in).
-        labels: [B] the class of each image (y_a under mixup).
-        labels_b: [B] the class of each image's mixing partner (``labels`` without mixup).
-        lam: the mixup weight of ``labels``.
-        index: [B] data-set indices on the device (memory banks), or None.
-        host_index: the same indices on the host (diagnostics), or None.
-        epoch: fractional epoch (warm-ups, phases).
-        step: optimizer steps taken before this batch.
-        teacher_features: the teacher's taps replayed from the teacher cache; None = run the teacher live.
-    """
-    images: torch.Tensor
-    targets: torch.Tensor
-    labels: torch.Tensor
-    labels_b: Optional[torch.Tensor] = None
-    lam: float = 1.0
-    index: Optional[torch.Tensor] = None
-    host_index: Optional[np.ndarray] = None
-    epoch: float = 0.0
-    step: int = 0
-    teacher_features: Optional[Features] = None
-
-    def __post_init__(self):
-        if self.labels_b is None:
-            self.labels_b = self.labels
-
-    @classmethod
-    def from_labels(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, smoothing: float = 0.0,
-                    epoch: float = 0.0, step: int = 0, index: Optional[torch.Tensor] = None) -> 'TrainBatch':
-        """A batch without mixup for a loop of your own: the targets are the labels' one-hot vectors with label
-        smoothing (timm's ``mixup_target`` at λ = 1, as :class:`vitkd.build.BatchMixer` makes them without mixup).
-
-        Args:
-            images: [B, C, H, W] the student's input, on the criterion's device.
-            labels: [B] class indices, on the same device.
-            num_classes: K, the width of the targets.
-            smoothing: label smoothing ε (the run's ``--smoothing``).
-            epoch: the fractional epoch (method warm-ups and phases read it).
-            step: optimizer steps taken before this batch.
-            index: [B] data-set indices, for the methods with memory banks (CRD).
-        """
-        targets = mixup_target(labels, num_classes, 1.0, smoothing)  # [B, K]
-        return cls(images=images, targets=targets, labels=labels, index=index, epoch=epoch, step=step)
 
 
 class EpochBatches:
@@ -159,7 +75,7 @@ class EpochBatches:
         loader: the prepared training loader, yielding (images, labels, indices).
         accelerator: the run's accelerator (device, autocast for a recording teacher pass, process count).
         mixer: ``mixer(images, labels)`` → (images, soft targets, {'labels_b', 'lam'})
-            (:class:`vitkd.build.BatchMixer`).
+            (:class:`vitkd.data.BatchMixer`).
         teacher_cache: the run's teacher cache, or None.
         epochs, log_every: the run's length and logging interval, for the progress display.
     """
@@ -182,7 +98,7 @@ class EpochBatches:
                              lambda: state.step, first=state.batches_done, num_batches=len(self.loader),
                              max_steps=state.max_steps, accum=self.accelerator.gradient_accumulation_steps)
 
-    def _batches(self, state: TrainState) -> Iterator[tuple[int, TrainBatch]]:
+    def _batches(self, state: TrainState) -> Iterator[tuple[int, Batch]]:
         """The teacher cache's epoch is closed when the generator ends or is closed (a loop that breaks early releases
         it at once), marked complete when every batch of the epoch was trained."""
         cache, device, num_batches = self.teacher_cache, self.accelerator.device, len(self.loader)
@@ -206,10 +122,10 @@ class EpochBatches:
                 if cache is not None:
                     with self.accelerator.autocast():
                         cached = cache.features(images, host_index, mix_seed, it)
-                yield it, TrainBatch(images=images, targets=targets, labels=labels, labels_b=mix['labels_b'],
-                                     lam=mix['lam'], index=index.to(device, non_blocking=True), host_index=host_index,
-                                     epoch=state.epoch + it / max(1, num_batches), step=state.step,
-                                     teacher_features=cached)
+                yield it, Batch(images=images, targets=targets, labels=labels, labels_b=mix['labels_b'],
+                                lam=mix['lam'], index=index.to(device, non_blocking=True), host_index=host_index,
+                                progress=state.epoch + it / max(1, num_batches), step=state.step,
+                                teacher_features=cached)
         finally:
             if cache is not None:  # a fully recorded data epoch is marked complete: later epochs replay it
                 cache.end_epoch(complete=state.batches_done >= num_batches)
@@ -320,7 +236,7 @@ class NonFiniteGuard:
         self.saved = [b.detach().clone() for b in self.restorable]
 
     def check(self, state: TrainState, terms: dict[str, torch.Tensor], finite: torch.Tensor,
-              grad_norm: Optional[torch.Tensor], batch: TrainBatch, optimizer) -> bool:
+              grad_norm: Optional[torch.Tensor], batch: Batch, optimizer) -> bool:
         """Record or decide on this micro-batch; True when the optimizer step must be skipped (``skip``, at the
         window's last micro-batch)."""
         checked_grads = grad_norm is not None and self.accelerator.scaler is None
@@ -347,7 +263,7 @@ class NonFiniteGuard:
             self.window_bad = False
         return skip
 
-    def _record(self, state, terms, finite, grad_norm, batch: TrainBatch, optimizer) -> None:
+    def _record(self, state, terms, finite, grad_norm, batch: Batch, optimizer) -> None:
         """Keep the first non-finite step's facts on the device (``torch.where``: no host read)."""
         device = finite.device
         if self.first_bad is None:

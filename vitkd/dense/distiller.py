@@ -12,43 +12,19 @@ box regression and centerness losses (detection) or the pixel cross-entropy (seg
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ..distiller import LossEntry
-from ..losses import LossSpecError
+from ..losses import Batch, LossSpecError
 from ..losses._dense import DenseDistillationLoss, DenseFeatures
 from ..losses.functional import at_least_fp32
 from ..models import Teacher
 from .models import DenseModel, DenseSegmenter
 
-__all__ = ['DenseDistiller', 'DenseTrainBatch']
-
-
-@dataclass
-class DenseTrainBatch:
-    """One training step's input.
-
-    Attributes:
-        images: [B, C, S, S] normalised, on the device.
-        targets: masks [B, S, S] int64 (segmentation) or per image ``{'boxes', 'labels'}`` (detection), on the device.
-        index: [B] data-set indices on the device.
-        host_index: the same on the host (diagnostics).
-        epoch: fractional epoch (warm-ups).
-        step: optimizer steps taken before this batch.
-        lam: 1 (no mixup in dense runs; the non-finite-step report reads it).
-    """
-    images: torch.Tensor
-    targets: Union[torch.Tensor, list]
-    index: Optional[torch.Tensor] = None
-    host_index: Optional[np.ndarray] = None
-    epoch: float = 0.0
-    step: int = 0
-    lam: float = 1.0
+__all__ = ['DenseDistiller']
 
 
 def _loss_input(t: torch.Tensor) -> torch.Tensor:
@@ -125,10 +101,11 @@ class DenseDistiller(nn.Module):
     def task_weight_at(self, epoch: float) -> float:
         return 1.0 if self.fixed_task_weight is None else self.fixed_task_weight
 
-    def forward(self, batch: DenseTrainBatch) -> dict:
+    def forward(self, batch: Batch) -> dict:
         """One training step's losses: ``loss`` (scalar) and ``terms`` (name → detached unweighted value: the task
-        terms as ``task.<name>``, the methods' as ``<method>.<term>``)."""
-        images, epoch = batch.images, batch.epoch
+        terms as ``task.<name>``, the methods' as ``<method>.<term>``). ``batch.targets``: masks [B, S, S] int64
+        (segmentation) or per image ``{'boxes', 'labels'}`` (detection), on the device."""
+        images, epoch = batch.images, batch.progress
         student, head = self.student_features(images)
         teacher = self.teacher_features(images) if self.needs_teacher else DenseFeatures(OrderedDict())
         with torch.autocast(device_type=images.device.type, enabled=False):

@@ -22,17 +22,21 @@ from timm.data import resolve_data_config
 from torch.utils.data import DataLoader
 
 from ..build import build_losses, build_optimizer, build_scheduler, scaled_lr
-from ..checkpoint import CheckpointError, load_student
 from ..config import Config, ConfigError
 from ..data import DATASET_STATS, DataSpec, EpochSampler, seed_worker, worker_context
 from ..ddp import UnusedParameterSearch, sync_buffers_if_needed
+from ..devices import idle_parameters_until_of
 from ..distiller import LossEntry
+from ..export import CheckpointError, load_student
+from ..losses import Batch
 from ..models import Teacher, create_teacher, set_fused_attention
-from ..run import Run, eval_output_dir, idle_parameters_until_of
+from ..reports import DENSE_METRICS
+from ..run import Run
+from ..rundir import eval_output_dir
 from ..training import EpochBatches, TrainState
 from .data import (CocoDetectionSource, DenseAugment, DenseDataset, FashionScenes, SegmentationFolderSource,
                    collate_dense, segmentation_classes)
-from .distiller import DenseDistiller, DenseTrainBatch
+from .distiller import DenseDistiller
 from .metrics import coco_box_ap, confusion_matrix, iou_from_confusion
 from .models import DENSE_ARCHITECTURES, IGNORE_INDEX, DenseDetector, DenseModel, DenseSegmenter
 
@@ -196,14 +200,14 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
 
 
 class DenseEpochBatches(EpochBatches):
-    """The dense training loader as the step consumes it: :class:`DenseTrainBatch` on the device (no mixup, no
-    teacher cache); the epoch order, the per-sample augmentation seeds and a resumed epoch's skipped batches are
+    """The dense training loader as the step consumes it: :class:`vitkd.losses.Batch` on the device (the task's
+    targets, no labels, no mixup, no teacher cache); the epoch order, the per-sample augmentation seeds and a resumed epoch's skipped batches are
     those of :class:`vitkd.training.EpochBatches`."""
 
     def __init__(self, loader, accelerator, epochs: int = 1, log_every: int = 50):
         super().__init__(loader, accelerator, mixer=None, teacher_cache=None, epochs=epochs, log_every=log_every)
 
-    def _batches(self, state: TrainState) -> Iterator[tuple[int, DenseTrainBatch]]:
+    def _batches(self, state: TrainState) -> Iterator[tuple[int, Batch]]:
         device, num_batches = self.accelerator.device, len(self.loader)
         if hasattr(self.loader, 'set_epoch'):
             self.loader.set_epoch(state.epoch)
@@ -214,9 +218,9 @@ class DenseEpochBatches(EpochBatches):
                 targets = targets.to(device, non_blocking=True)
             else:
                 targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            yield it, DenseTrainBatch(images=images.to(device, non_blocking=True), targets=targets,
-                                      index=index.to(device, non_blocking=True), host_index=index.numpy(),
-                                      epoch=state.epoch + it / max(1, num_batches), step=state.step)
+            yield it, Batch(images=images.to(device, non_blocking=True), targets=targets,
+                            index=index.to(device, non_blocking=True), host_index=index.numpy(),
+                            progress=state.epoch + it / max(1, num_batches), step=state.step)
 
     def corrupt_images(self) -> Optional[int]:
         return None  # dense data sets fail on an unreadable image instead of skipping it
@@ -291,7 +295,7 @@ def eval_dense_student(cfg: Config, accelerator: Accelerator) -> int:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / 'eval_student.json').write_text(json.dumps(report, indent=2) + '\n')
-    shown = ', '.join(f'{k} {metrics[k]:.2f}' for k in ('mAP', 'AP50', 'AP75', 'mIoU', 'pixel_acc') if k in metrics)
+    shown = ', '.join(f'{k} {metrics[k]:.2f}' for k in DENSE_METRICS if k in metrics)
     accelerator.print(f'student {source} on {metrics["images"]} {cfg.dataset} validation images: {shown}')
     accelerator.print(f'wrote {out_dir / "eval_student.json"}')
     accelerator.end_training()

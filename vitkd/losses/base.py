@@ -32,8 +32,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, ClassVar, Optional, get_type_hints
 
+import numpy as np
 import torch
 import torch.nn as nn
+from timm.data.mixup import mixup_target
 
 from ..domains import Domain, NonNegative, OneOf, OutOfDomain
 from ..errors import UsageError
@@ -70,22 +72,69 @@ class LossSpecError(UsageError):
 
 @dataclass
 class Batch:
-    """What a loss may know about the current batch besides the features.
+    """One training step's batch: what the loader side yields (:class:`vitkd.training.EpochBatches`), what the
+    distiller takes and what every method reads.
 
     ``labels_b``/``lam`` describe timm's batch-mode mixup: sample i was mixed with sample B−1−i with weight λ
-    (``labels_b = labels.flip(0)``); without mixup ``labels_b = labels`` and ``lam = 1``.
+    (``labels_b = labels.flip(0)``); without mixup ``labels_b = labels`` and ``lam = 1``. The time in the run is
+    ``progress``, the fractional epoch (phase boundaries may fall inside an epoch); :attr:`epoch` is its whole part
+    (the official per-epoch warm-ups). A dense run's batch has ``targets`` of its task and no labels.
+
+    Attributes:
+        images: [B, C, H, W] the (mixed) student input, student-normalised, on the device.
+        targets: [B, K] soft targets of the task loss (smoothing and mixup folded in); dense: masks [B, S, S] or per
+            image ``{'boxes', 'labels'}``.
+        labels: [B] the class of each image (y_a under mixup); None in dense runs.
+        labels_b: [B] the class of each image's mixing partner (y_b; ``labels`` without mixup).
+        lam: the mixup weight of ``labels``.
+        index: [B] data-set indices on the device (memory banks), or None.
+        host_index: the same indices on the host (the mixup seed, the teacher cache, diagnostics), or None.
+        progress: the fractional epoch.
+        step: optimizer steps taken before this batch.
+        teacher_features: the teacher's taps replayed from the teacher cache; None = the teacher runs live.
+        student_forward: an extra student forward with the same taps (adversarial samples, input gradients); the
+            distiller sets it.
+        teacher_forward: the same for the teacher (its graph kept to the input); the distiller sets it.
     """
-    images: torch.Tensor                 # [B, C, H, W] the (mixed) input the student saw, student-normalised
-    targets: torch.Tensor                # [B, K] soft targets of the task loss (smoothing and mixup folded in)
-    labels: torch.Tensor                 # [B] y_a
-    labels_b: torch.Tensor               # [B] y_b
+    images: torch.Tensor
+    targets: Any
+    labels: Optional[torch.Tensor] = None
+    labels_b: Optional[torch.Tensor] = None
     lam: float = 1.0
-    index: Optional[torch.Tensor] = None  # [B] data set indices
-    epoch: int = 0                        # whole epochs (the official per-epoch warm-ups)
-    progress: float = 0.0                 # fractional epoch (phase boundaries, which may fall inside an epoch)
+    index: Optional[torch.Tensor] = None
+    host_index: Optional[np.ndarray] = None
+    progress: float = 0.0
     step: int = 0
-    student_forward: Optional[Callable[[torch.Tensor], Features]] = None   # extra student forward (same taps)
-    teacher_forward: Optional[Callable[[torch.Tensor], Features]] = None   # extra teacher forward (same taps)
+    teacher_features: Optional[Features] = None
+    student_forward: Optional[Callable[[torch.Tensor], Features]] = None
+    teacher_forward: Optional[Callable[[torch.Tensor], Features]] = None
+
+    def __post_init__(self):
+        if self.labels_b is None:
+            self.labels_b = self.labels
+
+    @property
+    def epoch(self) -> int:
+        """Whole epochs done (the whole part of :attr:`progress`)."""
+        return int(self.progress)
+
+    @classmethod
+    def from_labels(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, smoothing: float = 0.0,
+                    progress: float = 0.0, step: int = 0, index: Optional[torch.Tensor] = None) -> 'Batch':
+        """A batch without mixup for a loop of your own: the targets are the labels' one-hot vectors with label
+        smoothing (timm's ``mixup_target`` at λ = 1, as :class:`vitkd.data.BatchMixer` makes them without mixup).
+
+        Args:
+            images: [B, C, H, W] the student's input, on the criterion's device.
+            labels: [B] class indices, on the same device.
+            num_classes: K, the width of the targets.
+            smoothing: label smoothing ε (the run's ``--smoothing``).
+            progress: the fractional epoch (method warm-ups and phases read it).
+            step: optimizer steps taken before this batch.
+            index: [B] data-set indices, for the methods with memory banks (CRD).
+        """
+        targets = mixup_target(labels, num_classes, 1.0, smoothing)  # [B, K]
+        return cls(images=images, targets=targets, labels=labels, index=index, progress=progress, step=step)
 
 
 @dataclass
