@@ -35,12 +35,12 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 import vitkd  # noqa: E402,F401
 from vitkd.distiller import Distiller, LossEntry  # noqa: E402
-from vitkd.losses import RunInfo, create_loss  # noqa: E402
+from vitkd.losses import Batch, RunInfo, create_loss  # noqa: E402
 from vitkd.models import Teacher, set_fused_attention  # noqa: E402
 from vitkd.teacher_cache import TeacherCache  # noqa: E402
-from vitkd.training import NonFiniteGuard, TermMeter, TrainBatch, TrainState  # noqa: E402
+from vitkd.training import NonFiniteGuard, TermMeter, TrainState  # noqa: E402
 
-Batch = tuple  # (images [B, C, H, W], soft targets [B, K], labels [B], indices [B]) on the device, indices on the host
+Tensors = tuple  # (images [B, C, H, W], soft targets [B, K], labels [B], indices [B]) on the device, indices on the host
 Step = Callable[[int], None]  # one full training step on batch number i (forward, backward, optimizer step)
 
 # What engine.train_one_epoch does in a step besides forward, backward and the update (the ablation times each):
@@ -89,7 +89,7 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
 
 
-def make_batches(count: int, batch: int, in_chans: int, img: int, classes: int, device) -> list[Batch]:
+def make_batches(count: int, batch: int, in_chans: int, img: int, classes: int, device) -> list[Tensors]:
     """``count`` fixed random batches (seeded): Gaussian images, smoothed one-hot targets, labels, data-set indices on
     the device and on the host (batch b holds samples b·B … (b+1)·B − 1, the layout a teacher cache records)."""
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def adamw(module: torch.nn.Module, fused: bool):
     return create_optimizer_v2(module, 'adamw', lr=1e-3, weight_decay=0.05, **({'fused': True} if fused else {}))
 
 
-def record_cache(distiller: Distiller, batches: Sequence[Batch], classes: int, topk: int, folder: Path, device,
+def record_cache(distiller: Distiller, batches: Sequence[Tensors], classes: int, topk: int, folder: Path, device,
                  precision: str) -> TeacherCache:
     """A :class:`TeacherCache` holding the teacher's logits on ``batches`` (one complete data epoch, batch number =
     mixup seed), opened for replay."""
@@ -137,7 +137,7 @@ def record_cache(distiller: Distiller, batches: Sequence[Batch], classes: int, t
     return cache
 
 
-def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Sequence[Batch], device,
+def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Sequence[Tensors], device,
                precision: str, *, loss_opts: Optional[dict] = None, cache_dir: Optional[Path] = None,
                cache_topk: Optional[int] = None, channels_last: Optional[bool] = None,
                fused_attention: Optional[bool] = None, compiled: bool = False, fused_adamw: bool = False,
@@ -187,8 +187,8 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
         images, targets, labels, index, host_index = batches[b]
         with autocast(device, precision):
             feats = cache.features(images, host_index, b, b) if cache is not None else None
-            batch = TrainBatch(images, targets, labels, index=index, host_index=host_index.numpy(),
-                               teacher_features=feats)
+            batch = Batch(images, targets, labels, index=index, host_index=host_index.numpy(),
+                          teacher_features=feats)
             out = distiller(batch)
         loss_value = out['loss']
         if host_sync:
@@ -210,7 +210,7 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
     return step
 
 
-def timm_task_step(student, teacher_model, batches: Sequence[Batch], device, precision: str, *,
+def timm_task_step(student, teacher_model, batches: Sequence[Tensors], device, precision: str, *,
                    compiled: bool = False, fused_adamw: bool = False, host_sync: bool = True) -> Step:
     """timm's own distillation step: ``timm.task.TokenDistillationTask(distill_type='hard', task_loss_weight=0.5)``
     with ``SoftTargetCrossEntropy`` on the same soft targets (the loss of vitkd's ``deit_hard``), the teacher wrapped

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitkd import run as runlib
-from vitkd.checkpoint import Checkpointer
 from vitkd.arguments import parse_args
+from vitkd.checkpoint import Checkpointer
+from vitkd.devices import make_accelerator
+from vitkd.run import build_run
 
 
 def make_data(root: Path) -> Path:
@@ -58,8 +59,8 @@ def main(argv=None) -> int:
                              'deit_small_distilled_patch16_224', '--student-kwargs', 'img_size=32', '--teacher',
                              'regnety_002', '--no-teacher-pretrained', '--distill', 'vkd', '--batch-size', '4',
                              '--num-workers', '0', '--model-ema', '--keep-last', '1', '--output-dir', str(tmp / 'run')])
-        accelerator = runlib.make_accelerator(cfg)
-        r = runlib.build_run(cfg, accelerator)
+        accelerator = make_accelerator(cfg)
+        r = build_run(cfg, accelerator)
         for param in r.distiller_unwrapped.parameters():
             param.grad = torch.randn_like(param) * 1e-3
         r.optimizer.step()

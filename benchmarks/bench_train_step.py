@@ -116,7 +116,7 @@ def build_variant(name: str, args, device, precision, tmp: Path):
 
 def worker(conn, name: str, args, tmp: str) -> None:
     """One variant in its own process, as a user would run it: vitkd's variants with vitkd's CPU process settings
-    (:func:`vitkd.cpu_malloc.tune_malloc`, as ``vitkd.run.make_accelerator`` applies them), timm.task with the C
+    (:func:`vitkd.cpu_malloc.tune_malloc`, as ``vitkd.devices.make_accelerator`` applies them), timm.task with the C
     library's defaults (``timm_task_tuned_malloc``: with vitkd's). Answers the parent's commands over ``conn``."""
     torch.set_num_threads(args.threads)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')

@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vitkd import run as runlib  # noqa: E402
-from vitkd.config import ConfigError  # noqa: E402
 from vitkd.arguments import parse_args  # noqa: E402
+from vitkd.config import ConfigError  # noqa: E402
+from vitkd.devices import make_accelerator  # noqa: E402
 from vitkd.errors import UsageError  # noqa: E402
+from vitkd.run import build_run  # noqa: E402
 from vitkd.training import TrainState  # noqa: E402
 
 
@@ -34,8 +35,8 @@ def record(argv=None) -> int:
     cfg, _ = parse_args(argv)
     if not cfg.teacher_cache:
         raise ConfigError('scripts/cache_teacher.py needs --teacher-cache DIR')
-    accelerator = runlib.make_accelerator(cfg)
-    r = runlib.build_run(cfg, accelerator)
+    accelerator = make_accelerator(cfg)
+    r = build_run(cfg, accelerator)
     cache = r.teacher_cache
     todo = [e for e in range(cache.epochs) if not cache.is_complete(e)]
     accelerator.print(f'teacher {r.teacher.source}: recording data epochs {todo or "(none: all complete)"} of '

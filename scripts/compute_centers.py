@@ -27,7 +27,7 @@ from vitkd.build import build_data, build_student, build_teacher, student_data_s
 from vitkd.centers import centers_for_run, load_centers, save_centers  # noqa: E402
 from vitkd.arguments import parse_args  # noqa: E402
 from vitkd.errors import UsageError  # noqa: E402
-from vitkd.run import make_accelerator  # noqa: E402
+from vitkd.devices import make_accelerator  # noqa: E402
 
 
 def main(argv=None) -> int:

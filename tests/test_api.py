@@ -71,7 +71,7 @@ def test_the_engine_gives_the_readme_criterion_s_terms_on_the_same_batch(loops):
     engine_model = copy.deepcopy(criterion)
     object.__setattr__(engine_model, 'teacher', criterion.teacher)
     with torch.no_grad():
-        expected = criterion(vitkd.TrainBatch.from_labels(images, labels, 10, cfg.smoothing, epoch=0.0))
+        expected = criterion(vitkd.Batch.from_labels(images, labels, 10, cfg.smoothing, progress=0.0))
 
     indexed = TensorDataset(images, labels, torch.arange(len(labels)))
     accelerator = Accelerator(cpu=True)

@@ -21,12 +21,13 @@ torch.set_num_threads(1)
 def trained_run(tmp_path, monkeypatch):
     """A tiny run built in-process, after one optimizer step (so the optimizer has moments) and one EMA update."""
     monkeypatch.chdir(REPO)
-    from vitkd import run as runlib
+    from vitkd.devices import make_accelerator
+    from vitkd.run import build_run
     from vitkd.arguments import parse_args
     data = make_image_folder(tmp_path / 'data')
     cfg, _ = parse_args(train_args(data, tmp_path / 'run'))
-    accelerator = runlib.make_accelerator(cfg)
-    r = runlib.build_run(cfg, accelerator)
+    accelerator = make_accelerator(cfg)
+    r = build_run(cfg, accelerator)
     torch.manual_seed(0)
     for p in r.distiller_unwrapped.parameters():
         p.grad = torch.randn_like(p) * 1e-2

@@ -224,16 +224,19 @@ def test_epoch_sampler_resume_order_and_augmentation_are_exact():
 def small_run(data, tmp_path, monkeypatch):
     """A tiny run built in-process (no training)."""
     monkeypatch.chdir(REPO)
-    from vitkd import run as runlib
+    from vitkd.devices import make_accelerator
+    from vitkd.run import build_run
+    from vitkd.rundir import prepare_output_dir
     from vitkd.arguments import parse_args
     cfg, _ = parse_args(train_args(data, tmp_path / 'run'))
-    accelerator = runlib.make_accelerator(cfg)
-    out = runlib.prepare_output_dir(cfg, accelerator)
-    return cfg, runlib.build_run(cfg, accelerator), out, accelerator
+    accelerator = make_accelerator(cfg)
+    out = prepare_output_dir(cfg, accelerator)
+    return cfg, build_run(cfg, accelerator), out, accelerator
 
 
 def test_killed_save_leaves_no_checkpoint_and_strict_load(small_run):
-    from vitkd.checkpoint import CheckpointError, Checkpointer, find_checkpoints
+    from vitkd.checkpoint import Checkpointer, find_checkpoints
+    from vitkd.export import CheckpointError
     cfg, r, out, accelerator = small_run
     ckpt = Checkpointer(cfg, r, out, accelerator)
     r.state.step, r.state.batches_done = 5, 5

@@ -160,7 +160,7 @@ def test_short_model_name_points_first_to_timms_full_name():
 
 def test_export_carries_label_names_and_no_source_license(tmp_path):
     import timm
-    from vitkd.checkpoint import SOURCE_KEYS, check_label_names, export_model
+    from vitkd.export import SOURCE_KEYS, check_label_names, export_model
     model = timm.create_model('deit_tiny_distilled_patch16_224', num_classes=3, img_size=32, patch_size=8, depth=1,
                               embed_dim=48, num_heads=2)
     assert model.pretrained_cfg.get('license')  # what would otherwise be copied
@@ -186,7 +186,7 @@ def test_card_names_the_teacher_by_architecture_and_source(tmp_path):
 
 
 def test_eval_dir_is_named_after_what_it_evaluates(tmp_path):
-    from vitkd.run import eval_output_dir
+    from vitkd.rundir import eval_output_dir
     run = tmp_path / 'myrun'
     name = eval_output_dir(Config(student_ckpt=str(run / 'student'), dataset='cifar10', eval_student=True)).name
     assert name.startswith('eval-myrun_student-cifar10-')

@@ -131,7 +131,7 @@ def test_a_vit_student_gets_a_methods_vit_weight_unless_the_command_gives_one():
 def test_threads_option_sets_torch_threads_and_rejects_nonpositive():
     """``--threads N`` is the process's intra-op thread count (the table's cells pass 1); 0 is a one-line error."""
     import torch
-    from vitkd import run as runlib
+    from vitkd.devices import make_accelerator
     from vitkd.config import ConfigError
     from vitkd.arguments import parse_args
     accepted = {f.name: f for f in dataclasses.fields(Config)}['threads'].metadata['domain'].inner.describe()
@@ -141,10 +141,10 @@ def test_threads_option_sets_torch_threads_and_rejects_nonpositive():
     before = torch.get_num_threads()
     try:
         cfg, _ = parse_args(['--threads', '1', '--distill', 'none', '--teacher', 'none'])
-        runlib.make_accelerator(cfg)
+        make_accelerator(cfg)
         assert torch.get_num_threads() == 1
         cfg, _ = parse_args(['--distill', 'none', '--teacher', 'none'])
-        runlib.make_accelerator(cfg)  # no --threads: a single CPU process takes every core
+        make_accelerator(cfg)  # no --threads: a single CPU process takes every core
         assert torch.get_num_threads() == (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vitkd import run as runlib
+from vitkd import devices
 from vitkd.config import ConfigError
 
 from vitkd.arguments import parse_args
@@ -70,11 +70,11 @@ def test_tuned_heap_removes_the_page_faults_of_a_training_step():
 
 def test_cpu_malloc_option_chooses_whether_the_run_tunes_the_heap(monkeypatch):
     calls = []
-    monkeypatch.setattr(runlib, 'tune_malloc', lambda: calls.append(1) or True)
+    monkeypatch.setattr(devices, 'tune_malloc', lambda: calls.append(1) or True)
     for mode, expected in (('tuned', 1), ('system', 0)):
         calls.clear()
         cfg, _ = parse_args(['--cpu-malloc', mode, '--threads', '1', '--distill', 'none', '--teacher', 'none'])
-        runlib.make_accelerator(cfg)
+        devices.make_accelerator(cfg)
         assert len(calls) == expected, mode
     cfg, _ = parse_args(['--distill', 'none', '--teacher', 'none'])
     assert cfg.cpu_malloc == 'tuned'

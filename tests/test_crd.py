@@ -24,7 +24,6 @@ from vitkd.losses import Batch, RunInfo, create_loss  # noqa: E402
 from vitkd.losses.crd import (contrast_scores, crd_loss, group_by_class, last_occurrence,  # noqa: E402
                               momentum_update, nce_loss, sample_negatives)
 from vitkd.models import create_student, create_teacher  # noqa: E402
-from vitkd.training import TrainBatch
 
 D_S, D_T, FEAT, N_SAMPLES, N_CLASSES = 12, 20, 8, 40, 4
 
@@ -336,7 +335,7 @@ def test_distiller_keeps_banks_out_of_ddp_broadcast():
                        'losses.crd.sample_labels'}
     assert ignored <= {n for n, _ in d.named_buffers()}
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y, index=torch.tensor([0, 1, 2, 3])))
+    out = d(Batch(x, F.one_hot(y, 10).float(), y, index=torch.tensor([0, 1, 2, 3])))
     out['loss'].backward()
     assert d.losses.crd.embed_s.weight.grad is not None and d.losses.crd.embed_t.weight.grad is not None
     assert torch.isfinite(out['terms']['crd.crd'])

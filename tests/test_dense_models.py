@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from vitkd.checkpoint import export_model, load_student
+from vitkd.export import export_model, load_student
 from vitkd.config import Config
 from vitkd.dense.distiller import DenseDistiller
 from vitkd.dense.models import DenseDetector, DenseSegmenter
@@ -129,8 +129,8 @@ def test_distiller_step_trains_student_and_projectors_not_the_teacher():
                LossEntry(create_dense_loss('dist'))]
     distiller = DenseDistiller(student, teacher, entries, (1, 64, 64))
     assert list(distiller.losses['vkd'].projectors) == ['s8', 's16']  # the teacher has no stride-4 level
-    from vitkd.dense.distiller import DenseTrainBatch
-    batch = DenseTrainBatch(images=torch.randn(2, 1, 64, 64), targets=torch.randint(0, 5, (2, 64, 64)))
+    from vitkd.losses import Batch
+    batch = Batch(images=torch.randn(2, 1, 64, 64), targets=torch.randint(0, 5, (2, 64, 64)))
     out = distiller(batch)
     assert set(out['terms']) == {'task.ce', 'vkd.repr', 'kd.kl', 'dist.inter', 'dist.intra'}
     expected = (out['terms']['task.ce'] + out['terms']['vkd.repr'] + 0.5 * out['terms']['kd.kl']

@@ -219,7 +219,8 @@ def test_per_epoch_warmup():
     loss = create_loss('dist', warmup=20, head='cls')
     def at(epoch):
         batch = Batch(images=torch.zeros(4, 3, 2, 2), targets=torch.zeros(4, 6),
-                      labels=torch.zeros(4, dtype=torch.long), labels_b=torch.zeros(4, dtype=torch.long), epoch=epoch)
+                      labels=torch.zeros(4, dtype=torch.long), labels_b=torch.zeros(4, dtype=torch.long),
+                      progress=epoch)
         out = loss(Features(logits=z_s), Features(logits=z_t), batch)
         return (out['inter'] + out['intra']).item()
     ref = sum(reference_dist(z_s.numpy(), z_t.numpy(), 2.0, 2.0, 1.0))

@@ -113,7 +113,7 @@ def test_shift_invariance_k2_and_extreme_logits():
 def _run(loss, z_s, z_t, labels, labels_b, lam, targets=None, epoch=0):
     k = z_s.shape[1]
     batch = Batch(images=torch.zeros(len(labels), 3, 4, 4), targets=targets if targets is not None else
-                  torch.zeros(len(labels), k), labels=labels, labels_b=labels_b, lam=lam, epoch=epoch)
+                  torch.zeros(len(labels), k), labels=labels, labels_b=labels_b, lam=lam, progress=epoch)
     out = loss(Features(logits=z_s), Features(logits=z_t), batch)
     return out['tckd'] + out['nckd']
 

@@ -280,7 +280,7 @@ save_file(out, sys.argv[2])
 
 def test_timm_loads_the_exports_with_identical_logits(trained, hub, tmp_path):
     """A plain timm student loads with timm alone; the VkD student after ``import vitkd``; logits are identical."""
-    from vitkd.checkpoint import export_model
+    from vitkd.export import export_model
     torch.manual_seed(0)
     timm_student = vitkd.create_student('deit_tiny_distilled_patch16_224', 8, img_size=32, patch_size=8, depth=2,
                                         embed_dim=48, num_heads=2).eval()

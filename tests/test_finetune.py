@@ -14,7 +14,7 @@ import main
 import vitkd
 from test_export_hub import _seed_hub_cache
 from vitkd.build import build_student
-from vitkd.checkpoint import export_model
+from vitkd.export import export_model
 from vitkd.arguments import parse_args
 from vitkd.finetune import load_finetune_weights, open_source, use_source_architecture
 

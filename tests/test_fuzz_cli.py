@@ -5,7 +5,7 @@ wrong type, a negative number, zero, nan, inf, a huge number and an empty string
 YAML file, plus values of the wrong YAML type. ``main.main`` runs in-process and must answer exit code 2, one line
 ``error: …`` that names the option (or key), no traceback, and leave an existing run dir byte-identical. Values a run
 legitimately accepts (0 loader workers, seed 0, a teacher of ``none``…) are listed in :data:`ACCEPTED` with the
-reason, and checked to pass validation instead. Validation builds nothing: :func:`vitkd.run.make_accelerator`, the
+reason, and checked to pass validation instead. Validation builds nothing: :func:`vitkd.devices.make_accelerator`, the
 first step after it, is replaced by a tripwire, so a value that slips through fails the test at once and cheaply.
 
 Every option of every registered method (read from the registry, so a new method is fuzzed too) gets the same junk
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import main
-from vitkd import run as runlib
+import vitkd.cli
 from vitkd.config import Config
 from vitkd.arguments import _hints, build_parser, parse_args
 from vitkd.errors import ConfigError
@@ -116,7 +116,7 @@ def tripwire(monkeypatch):
     """The first step after validation: reaching it means a bad value was accepted."""
     def reached(*args):
         raise AssertionError('validation accepted the value: make_accelerator was reached')
-    monkeypatch.setattr(runlib, 'make_accelerator', reached)
+    monkeypatch.setattr(vitkd.cli, 'make_accelerator', reached)
 
 
 def _base(out: Path) -> list:

@@ -29,9 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vitkd
 import vitkd.cli
 from vitkd.distiller import Distiller, LossEntry
-from vitkd.losses import RunInfo, create_loss, list_losses
+from vitkd.losses import Batch, RunInfo, create_loss, list_losses
 from vitkd.models import set_fused_attention
-from vitkd.training import TrainBatch
 
 ON_CPU = os.environ.get('VITKD_GPU_TIER_DEVICE', '').lower() == 'cpu'
 DEVICE = 'cpu' if ON_CPU else 'cuda'
@@ -218,8 +217,8 @@ def test_every_method_takes_a_bf16_step_that_trains_the_student_and_never_the_te
     images = torch.randn(BATCH, 3, IMG, IMG, device=DEVICE)
     labels = torch.randint(0, NUM_CLASSES, (BATCH,), device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = distiller(TrainBatch(images, F.one_hot(labels, NUM_CLASSES).float(), labels,
-                                   index=torch.arange(BATCH, device=DEVICE), epoch=METHOD_EPOCH.get(name, 1.5)))
+        out = distiller(Batch(images, F.one_hot(labels, NUM_CLASSES).float(), labels,
+                                   index=torch.arange(BATCH, device=DEVICE), progress=METHOD_EPOCH.get(name, 1.5)))
     assert torch.isfinite(out['loss']), f'{name}: loss {out["loss"]}'
     assert all(torch.isfinite(v).all() for v in out['terms'].values()), out['terms']
     out['loss'].backward()

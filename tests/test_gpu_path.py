@@ -119,14 +119,15 @@ def count_syncs_per_step(argv, steps: int = 4, epochs: int = 1) -> list[list[str
     the end of each; returns the host syncs of each step (the last one of an epoch is a logging step; the first
     also opens the epoch and runs the methods' one-off work)."""
     from vitkd.engine import train_one_epoch
-    from vitkd import run as runlib
+    from vitkd.devices import make_accelerator
+    from vitkd.run import build_run
     from vitkd.arguments import parse_args
     from vitkd.training import NonFiniteGuard, TrainState
     # one loader worker: the transforms' own reads of host images happen there, as they do on a GPU machine
     cfg, _ = parse_args(argv + ['--max-steps', str(steps * epochs), '--log-every', str(steps), '--num-workers', '1',
                                 '--epochs', str(epochs)])
-    accelerator = runlib.make_accelerator(cfg)
-    r = runlib.build_run(cfg, accelerator)
+    accelerator = make_accelerator(cfg)
+    r = build_run(cfg, accelerator)
     guard = NonFiniteGuard(cfg.nan_policy, r.distiller_unwrapped, accelerator)
     optimizer_steps = lambda: [s['step'] for s in r.optimizer.optimizer.state.values() if 'step' in s]  # noqa: E731
     per_step, mode = [], HostSyncs(optimizer_steps)

@@ -13,7 +13,6 @@ from vitkd.features import Features
 from vitkd.losses import LOSS_REGISTRY, LossSpecError, RunInfo, create_loss, get_loss_class, list_losses
 from vitkd.losses.base import Batch
 from vitkd.losses.functional import kl_div_logits
-from vitkd.training import TrainBatch
 
 NUM_CLASSES = 10
 # an epoch where each method's own phase trains the student (FT pre-trains its paraphraser alone for 30 epochs)
@@ -62,7 +61,8 @@ def test_every_loss_trains_the_student_and_never_the_teacher(name, student_kind)
         x = torch.randn(8, 3, 32, 32)
         labels = torch.randint(0, NUM_CLASSES, (8,))
         targets = F.one_hot(labels, NUM_CLASSES).float()
-        out = distiller(TrainBatch(x, targets, labels, index=torch.arange(8) + 8 * step, epoch=EPOCH.get(name, 1.5), step=step))
+        out = distiller(Batch(x, targets, labels, index=torch.arange(8) + 8 * step, progress=EPOCH.get(name, 1.5),
+                              step=step))
         assert torch.isfinite(out['loss'])
         assert all(torch.isfinite(v).all() for v in out['terms'].values())
         optimizer.zero_grad()
@@ -170,7 +170,7 @@ def test_deit_alpha_routes_gradients_to_the_heads(tiny_vkd_student, tiny_teacher
         d = Distiller(student, tiny_teacher, [LossEntry(create_loss('deit_hard', alpha=alpha))],
                       RunInfo(num_classes=10, input_size=(3, 32, 32)))
         x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-        d(TrainBatch(x, F.one_hot(y, 10).float(), y))['loss'].backward()
+        d(Batch(x, F.one_hot(y, 10).float(), y))['loss'].backward()
         grad = lambda p: 0.0 if p.grad is None else p.grad.abs().sum().item()  # noqa: E731
         return grad(student.head.weight), grad(student.head_dist.weight)
     cls0, dist0 = head_grads(0.0)
@@ -182,7 +182,7 @@ def test_deit_alpha_routes_gradients_to_the_heads(tiny_vkd_student, tiny_teacher
 def test_none_on_a_distilled_student_trains_both_heads(tiny_vkd_student):
     d = Distiller(tiny_vkd_student, None, [LossEntry(create_loss('none'))], RunInfo(num_classes=10, input_size=(3, 32, 32)))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y))
+    out = d(Batch(x, F.one_hot(y, 10).float(), y))
     out['loss'].backward()
     assert tiny_vkd_student.head.weight.grad.abs().sum() > 0 and tiny_vkd_student.head_dist.weight.grad.abs().sum() > 0
     z = tiny_vkd_student.forward_features(x)
@@ -199,7 +199,7 @@ def test_kd_matches_hinton_formula_and_weight_warmup(tiny_vkd_student, tiny_teac
     assert entry.weight_at(1.0) == pytest.approx(0.5) and entry.weight_at(10) == 2.0
     d = Distiller(student, teacher, [entry], RunInfo(num_classes=10, input_size=(3, 32, 32)))
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
-    out = d(TrainBatch(x, F.one_hot(y, 10).double(), y, epoch=2.0))
+    out = d(Batch(x, F.one_hot(y, 10).double(), y, progress=2.0))
     with torch.no_grad():
         feats = student.forward_features(x)
         z_dist = student.head_dist(feats[:, 1])

@@ -81,9 +81,9 @@ PROBE = textwrap.dedent('''
     from pathlib import Path
     sys.path.insert(0, os.environ['VITKD_REPO'])
     import main
-    from vitkd import run as runlib
+    import vitkd.cli
     from torch.nn.parallel import DistributedDataParallel as DDP
-    build_run = runlib.build_run
+    build_run = vitkd.cli.build_run
 
     def probed(cfg, accelerator, entries=None):
         r = build_run(cfg, accelerator, entries)
@@ -101,13 +101,13 @@ PROBE = textwrap.dedent('''
         return r
 
     built = []
-    runlib.build_run = probed
+    vitkd.cli.build_run = probed
     if os.environ.get('PROBE_DDP_DEFAULTS') == 'torch':  # DDP as torch/Accelerate default it, for comparison
         from accelerate.utils import DistributedDataParallelKwargs
-        from vitkd import ddp
-        runlib.ddp_kwargs = lambda find_unused_parameters: DistributedDataParallelKwargs(
+        from vitkd import ddp, devices, run
+        devices.ddp_kwargs = lambda find_unused_parameters: DistributedDataParallelKwargs(
             find_unused_parameters=find_unused_parameters)
-        ddp.sync_buffers_if_needed = runlib.sync_buffers_if_needed = lambda model: model
+        ddp.sync_buffers_if_needed = run.sync_buffers_if_needed = lambda model: model
     from vitkd.ddp import UnusedParameterSearch
     model_for_step = UnusedParameterSearch.model_for_step
 

@@ -20,7 +20,6 @@ from vitkd.losses import Batch, DistillationLoss, LossSpecError, RunInfo, create
 from vitkd.losses.functional import kl_div_logits, soft_target_cross_entropy
 from vitkd.losses.nd import make_adapter, mix_centers, nd_loss, nd_per_sample, smooth_batch_centers
 from vitkd.models import create_student, create_teacher
-from vitkd.training import TrainBatch
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10
@@ -146,7 +145,7 @@ def test_adapter_leaves_student_untouched_and_inits(teacher):
 
 def _batch(images, labels, labels_b=None, lam=1.0, epoch=0):
     return Batch(images=images, targets=torch.zeros(len(labels), K), labels=labels,
-                 labels_b=labels if labels_b is None else labels_b, lam=lam, epoch=epoch)
+                 labels_b=labels if labels_b is None else labels_b, lam=lam, progress=epoch)
 
 
 def test_set_centers_forward_and_errors(teacher):
@@ -156,7 +155,7 @@ def test_set_centers_forward_and_errors(teacher):
     assert not nd.has_centers and type(nd).prepare_for_run is not DistillationLoss.prepare_for_run
     images, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 7])
     with pytest.raises(LossSpecError, match='class centres'):
-        distiller(TrainBatch(images, torch.zeros(4, K), y))
+        distiller(Batch(images, torch.zeros(4, K), y))
     d_t = teacher.model.num_features
     with pytest.raises(LossSpecError, match='shape'):
         nd.set_centers(torch.randn(K, d_t + 1))
@@ -168,7 +167,7 @@ def test_set_centers_forward_and_errors(teacher):
     nd.set_centers(centers, {'teacher': 'x'})
     assert torch.equal(nd.state_dict()['centers'], centers)  # saved with the checkpoints
     distiller.eval()  # adapter dropout/BN deterministic for the comparison below
-    out = distiller(TrainBatch(images, torch.zeros(4, K), y))
+    out = distiller(Batch(images, torch.zeros(4, K), y))
     s_feats = distiller.student.forward_head(distiller.student.forward_features(images), pre_logits=True)
     t_feats = teacher.model.forward_head(teacher.model.forward_features(teacher.prepare_input(images)),
                                          pre_logits=True)
@@ -176,7 +175,7 @@ def test_set_centers_forward_and_errors(teacher):
     assert out['terms']['nd.nd'].item() == pytest.approx(ref.item(), rel=1e-5)
     # mixup: centres mixed with the batch's λ and pairing
     lam = 0.3
-    out = distiller(TrainBatch(images, torch.zeros(4, K), y, labels_b=y.flip(0), lam=lam))
+    out = distiller(Batch(images, torch.zeros(4, K), y, labels_b=y.flip(0), lam=lam))
     ref = nd_loss(nd.adapter(s_feats), t_feats, lam * centers[y] + (1 - lam) * centers[y.flip(0)])
     assert out['terms']['nd.nd'].item() == pytest.approx(ref.item(), rel=1e-5)
 
@@ -380,14 +379,14 @@ def test_preset_warmup_masks_and_composition(name, teacher):
     g = torch.Generator().manual_seed(6)
     images, y = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([1, 5, 5, 9])
     targets = torch.nn.functional.one_hot(y, K).float()
-    out0 = distiller(TrainBatch(images, targets, y, epoch=0.0))
+    out0 = distiller(Batch(images, targets, y, progress=0.0))
     weighted = {n: e.weight_at(0.0) * sum(v for t, v in out0['terms'].items() if t.startswith(f'{n}.'))
                 for n, e in distiller.entries.items()}
     active = {n for n, v in weighted.items() if float(v) != 0.0}
     assert active == PRESETS[name]
     # from the end of the warm-ups on, every term carries its full weight; "++" = base loss + λ_nd·ND, nothing else
     late = 25.0
-    out = distiller(TrainBatch(images, targets, y, epoch=late))
+    out = distiller(Batch(images, targets, y, progress=late))
     s = distiller.student
     final = s.forward_features(images)
     z_cls, z_dist = s.head(final[:, 0]), s.head_dist(final[:, 1])

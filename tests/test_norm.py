@@ -15,12 +15,11 @@ import torch.nn.functional as F  # noqa: E402
 
 import vitkd  # noqa: E402,F401
 from vitkd.distiller import Distiller, LossEntry  # noqa: E402
-from vitkd.losses import RunInfo, create_loss  # noqa: E402
+from vitkd.losses import Batch, RunInfo, create_loss  # noqa: E402
 from vitkd.losses.functional import kl_div_logits  # noqa: E402
 from vitkd.losses.norm import (ResidualFT, StandardizedLogits, align_maps, beta_at, fold_student,  # noqa: E402
                                norm_loss, standardize_logits)
 from vitkd.models import create_student, create_teacher  # noqa: E402
-from vitkd.training import TrainBatch
 
 TINY_VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=2)
 
@@ -197,8 +196,8 @@ def test_vit_norm_term_equals_independent_computation():
     x = torch.randn(4, 3, 32, 32)
     y = torch.randint(0, 10, (4,))
     targets = F.one_hot(y, 10).float()
-    term5 = d(TrainBatch(x, targets, y, epoch=5))['terms']['norm.norm'].item()
-    term0 = d(TrainBatch(x, targets, y, epoch=0))['terms']['norm.norm'].item()
+    term5 = d(Batch(x, targets, y, progress=5))['terms']['norm.norm'].item()
+    term0 = d(Batch(x, targets, y, progress=0))['terms']['norm.norm'].item()
     h = captured['h'].double().numpy()  # [B, T, D] after the final LayerNorm
     w1 = student.norm.expand[0].weight.detach().double().numpy()  # [N·C_t, D]
     z = h @ w1.T  # [B, T, N·C_t]
@@ -219,7 +218,7 @@ def test_ft_trains_and_heads_read_the_transformed_tokens():
     d, student, _, _ = _vit_with_norm(num_copies=2)
     d.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=20))
+    out = d(Batch(x, F.one_hot(y, 10).float(), y, progress=20))
     out['loss'].backward()
     for name, p in student.norm.named_parameters():
         if not name.startswith('inner.'):
@@ -242,7 +241,7 @@ def test_num_copies_one_bypasses_the_ft():
     d = Distiller(student, tch, [LossEntry(loss, 1.0)], RunInfo(num_classes=10, input_size=(3, 32, 32)))
     assert [n for n, _ in student.named_modules()] == names_before
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    term = d(TrainBatch(x, F.one_hot(y, 10).float(), y))['terms']['norm.norm'].item()
+    term = d(Batch(x, F.one_hot(y, 10).float(), y))['terms']['norm.norm'].item()
     with torch.no_grad():
         expected = ((student.forward_features(x) - tch.model.forward_features(x)) ** 2).mean().item()
     assert term == pytest.approx(expected, rel=1e-4)
@@ -257,7 +256,7 @@ def test_logit_norm_option_standardises_student_and_teacher_and_export_drops_it(
     assert isinstance(student.head, StandardizedLogits) and isinstance(student.head_dist, StandardizedLogits)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     d.train()
-    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y))
+    out = d(Batch(x, F.one_hot(y, 10).float(), y))
     with torch.no_grad():
         z_t = tch.model(x)
         raw_t = tch.model.head.fc.inner(tch.model.forward_head(tch.model.forward_features(x), pre_logits=True))

@@ -50,7 +50,7 @@ def _loss_terms(distiller: Distiller, loss, x: torch.Tensor, seed: int, epoch: f
     with torch.no_grad():
         teacher_feats = teacher_forward(x) if loss.needs_teacher else Features()
     batch = Batch(images=x, targets=targets, labels=labels, labels_b=labels.flip(0), lam=0.7,
-                  index=torch.arange(x.shape[0]), epoch=int(epoch), progress=epoch, step=0,
+                  index=torch.arange(x.shape[0]), progress=epoch, step=0,
                   student_forward=distiller.student_features, teacher_forward=teacher_forward)
     return loss(student, teacher_feats, batch)
 

@@ -102,7 +102,7 @@ def test_warmup_longer_than_the_run_is_warned(epochs, warmup, max_steps, per_epo
 
 
 def test_validation_metrics_go_to_the_step_of_the_epoch_end(tmp_path):
-    from vitkd.run import MetricLogger
+    from vitkd.reports import MetricLogger
     logged = []
     accelerator = SimpleNamespace(is_main_process=True, print=lambda *a: None, init_trackers=lambda *a, **k: None,
                                   log=lambda values, step: logged.append((step, values)))

@@ -326,13 +326,13 @@ def test_the_malicious_files_really_carry_a_payload(assets):
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
-    from vitkd import run as runlib
+    from vitkd.devices import make_accelerator
     from vitkd.config import Config, ConfigError
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a, **k: 'Tesla V100')
     with pytest.raises(ConfigError, match=r'this GPU \(Tesla V100\) cannot do bf16'):
-        runlib.make_accelerator(Config(mixed_precision='bf16', distill=['kd']))
+        make_accelerator(Config(mixed_precision='bf16', distill=['kd']))
 
 
 @pytest.mark.parametrize('target', ['optimizer.bin', 'random_states_0.pkl'])
@@ -637,7 +637,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_trainin
 
 def test_full_disk_while_exporting_is_one_line_and_the_resume_exports(data, tmp_path, monkeypatch, capsys):
     import vitkd.checkpoint as ck
-    import vitkd.run as runlib
+    import vitkd.export as export
     out = tmp_path / 'run'
     real_export = ck.export_model
 
@@ -645,14 +645,14 @@ def test_full_disk_while_exporting_is_one_line_and_the_resume_exports(data, tmp_
         if Path(folder) == out / 'student':
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
         return real_export(model, folder, *args, **kwargs)
-    for module in (ck, runlib):  # every module that writes an export
+    for module in (ck, export):  # every module that writes an export
         monkeypatch.setattr(module, 'export_model', full_disk_export)
     code, stdout, err = run(base_args(data, out), capsys)
     assert code == 1
     line = error_line(err)
     assert 'No space left on device' in line and 'step_00000004 is intact' in line and '--resume auto' in line, line
     assert not (out / 'student').exists()
-    for module in (ck, runlib):
+    for module in (ck, export):
         monkeypatch.setattr(module, 'export_model', real_export)
     code, stdout, err = run(base_args(data, out) + ['--resume', 'auto'], capsys)
     assert code == 0, err[-2000:]

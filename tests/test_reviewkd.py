@@ -17,10 +17,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import vitkd  # noqa: E402,F401
 from vitkd.distiller import Distiller, LossEntry  # noqa: E402
-from vitkd.losses import RunInfo, create_loss  # noqa: E402
+from vitkd.losses import Batch, RunInfo, create_loss  # noqa: E402
 from vitkd.losses.reviewkd import ABF, ReviewChain, even_blocks, hcl_level, hcl_loss, preact_module  # noqa: E402
 from vitkd.models import create_student, create_teacher  # noqa: E402
-from vitkd.training import TrainBatch
 
 
 def np_adaptive_avg_pool(x, size):
@@ -192,7 +191,7 @@ def test_vit_adaptation_term_equals_independent_computation():
     d, student, teacher, loss = _vit_run()
     d.train()
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
-    term = d(TrainBatch(x, F.one_hot(y, 10).float(), y))['terms']['reviewkd.hcl'].item()
+    term = d(Batch(x, F.one_hot(y, 10).float(), y))['terms']['reviewkd.hcl'].item()
     # independent taps
     stored = {}
     names = ['s1.b1.act3', 's2.b1.act3', 's3.b4.act3', 's4.b7.act3']
@@ -240,7 +239,7 @@ def test_teacher_eval_and_every_abf_parameter_gets_a_gradient():
     opt = torch.optim.SGD(d.parameters(), lr=0.1)
     d.train()
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    d(TrainBatch(x, F.one_hot(y, 10).float(), y))['loss'].backward()
+    d(Batch(x, F.one_hot(y, 10).float(), y))['loss'].backward()
     for name, p in loss.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     opt.step()
@@ -268,7 +267,7 @@ def test_cnn_student_preact_taps():
                   RunInfo(num_classes=10, input_size=(3, 32, 32)))
     assert post.student_taps.blocks == (1, 2, 3, 4) and post.teacher_taps.blocks == (1, 2, 3, 4)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    assert torch.isfinite(d(TrainBatch(x, F.one_hot(y, 10).float(), y))['loss'])
+    assert torch.isfinite(d(Batch(x, F.one_hot(y, 10).float(), y))['loss'])
 
 
 def test_vit_teacher_rejected():

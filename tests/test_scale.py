@@ -8,13 +8,13 @@ import timm
 import torch
 
 import vitkd
-from vitkd import run as runlib
+from vitkd import devices
 from vitkd.arguments import parse_args
 from vitkd.ddp import rank_local_buffers
+from vitkd.devices import cpu_share, loader_workers
 from vitkd.distiller import Distiller, LossEntry, idle_parameters_until
 from vitkd.losses import RunInfo, create_loss
 from vitkd.models import Teacher
-from vitkd.run import cpu_share, loader_workers
 from vitkd.training import TermMeter
 
 torch.set_num_threads(1)
@@ -116,11 +116,11 @@ def test_loader_workers(cores, slurm, per_task, expected):
 
 def test_default_workers_read_the_affinity_and_slurm(monkeypatch):
     accelerator = SimpleNamespace(num_processes=1)
-    monkeypatch.setattr(runlib.os, 'sched_getaffinity', lambda pid: set(range(12)), raising=False)
+    monkeypatch.setattr(devices.os, 'sched_getaffinity', lambda pid: set(range(12)), raising=False)
     monkeypatch.delenv('SLURM_CPUS_PER_TASK', raising=False)
-    assert runlib.default_num_workers(accelerator) == 11
+    assert devices.default_num_workers(accelerator) == 11
     monkeypatch.setenv('SLURM_CPUS_PER_TASK', '6')
-    assert runlib.default_num_workers(accelerator) == 5
+    assert devices.default_num_workers(accelerator) == 5
 
 
 def test_validation_loader_keeps_its_workers_and_is_built_once(tmp_path):

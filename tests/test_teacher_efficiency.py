@@ -10,9 +10,8 @@ from PIL import Image
 import vitkd
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.features import TapSpec, extract
-from vitkd.losses import RunInfo, create_loss
+from vitkd.losses import Batch, RunInfo, create_loss
 from vitkd.models import Teacher, set_fused_attention
-from vitkd.training import TrainBatch
 
 torch.set_num_threads(1)
 
@@ -118,7 +117,7 @@ def test_compiled_teacher_gives_the_same_features():
 
 def _step_grads(distiller, x, targets, labels):
     distiller.zero_grad(set_to_none=True)
-    out = distiller(TrainBatch(x, targets, labels))
+    out = distiller(Batch(x, targets, labels))
     out['loss'].backward()
     return out, {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
 
@@ -159,26 +158,26 @@ def _tiny_run_args(tmp_path, *extra):
 
 def test_compile_option_reaches_the_teacher_and_the_student(tmp_path, monkeypatch):
     """``--compile`` (timm's habit) compiles both networks: the teacher's forward paths and the student's pass."""
-    from vitkd import run as runlib
+    from vitkd.run import build_run
     from vitkd.arguments import parse_args
     compiled = []
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn.__name__) or fn)
     cfg, _ = parse_args(_tiny_run_args(tmp_path, '--compile'))
     assert cfg.compile_teacher and cfg.compile_student
-    r = runlib.build_run(cfg, Accelerator(cpu=True))
+    r = build_run(cfg, Accelerator(cpu=True))
     assert r.teacher.compiled
     assert set(compiled) == {'forward_intermediates', 'forward_features', 'forward_head', 'forward', 'extract'}
 
 
 def test_compile_student_option_reaches_the_distiller(tmp_path, monkeypatch):
-    from vitkd import run as runlib
+    from vitkd.run import build_run
     from vitkd.arguments import parse_args
     from vitkd.features import extract as extract_fn
     compiled = []
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or fn)
     cfg, _ = parse_args(_tiny_run_args(tmp_path, '--compile-student'))
     assert cfg.compile_student and not cfg.compile_teacher
-    r = runlib.build_run(cfg, Accelerator(cpu=True))
+    r = build_run(cfg, Accelerator(cpu=True))
     assert compiled == [extract_fn] and not r.teacher.compiled
 
 
@@ -203,10 +202,10 @@ def test_unfused_attention_computes_the_same_attention():
 
 @pytest.mark.parametrize('precision', ['bf16', 'no'])
 def test_cpu_runs_use_unfused_attention(tmp_path, precision):
-    from vitkd import run as runlib
+    from vitkd.run import build_run
     from vitkd.arguments import parse_args
     cfg, _ = parse_args(_tiny_run_args(tmp_path, '--mixed-precision', precision))
-    r = runlib.build_run(cfg, Accelerator(cpu=True))  # the decision reads cfg.mixed_precision and the device
+    r = build_run(cfg, Accelerator(cpu=True))  # the decision reads cfg.mixed_precision and the device
     flags = [m.fused_attn for m in r.student.modules() if hasattr(m, 'fused_attn')]
     assert flags and not any(flags)
 
@@ -224,6 +223,6 @@ def test_teacher_runs_in_inference_mode_and_its_taps_train_the_student():
                if isinstance(t, torch.Tensor)]
     assert tensors and not any(t.is_inference() for t in tensors)
     labels = torch.randint(0, 10, (4,))
-    out = distiller(TrainBatch(x, torch.nn.functional.one_hot(labels, 10).float(), labels, index=torch.arange(4)))
+    out = distiller(Batch(x, torch.nn.functional.one_hot(labels, 10).float(), labels, index=torch.arange(4)))
     out['loss'].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())

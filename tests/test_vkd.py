@@ -19,12 +19,11 @@ from vitkd.config import Config
 from vitkd.distiller import Distiller, LossEntry
 from vitkd.errors import UsageError
 from vitkd.features import Features, TapSpec, extract
-from vitkd.losses import RunInfo, create_loss
+from vitkd.losses import Batch, RunInfo, create_loss
 from vitkd.losses.vkd import (DEFAULT_PROJECTOR, ORTHOGONAL_MAPS, PROJECTORS, CayleyOrthogonal, batch_standardize,
                               build_projector, cayley_frame, layer_standardize, normalize_teacher, pool_student,
                               vkd_representation_loss, whiten)
 from vitkd.models import create_student, create_teacher
-from vitkd.training import TrainBatch
 
 torch.set_num_threads(2)
 
@@ -242,7 +241,7 @@ def test_student_block_tap_is_pooled_block_output():
     assert torch.allclose(pool_student(feats, 'all', block=0), manual.mean(1), atol=1e-5)
     d.student.train()
     images, targets, labels = batch(2)
-    out = d(TrainBatch(images, targets, labels))
+    out = d(Batch(images, targets, labels))
     assert {'vkd.repr', 'vkd.kl'} <= set(out['terms'])
 
 
@@ -400,7 +399,7 @@ def test_default_cayley_projector_stays_exactly_orthogonal_and_trains_under_the_
     w0 = proj_weight(d).clone()
     for step in range(20):
         images, targets, labels = batch(step, b=4)
-        d(TrainBatch(images, targets, labels, step=step))['loss'].backward()
+        d(Batch(images, targets, labels, step=step))['loss'].backward()
         optimizer.step()
         optimizer.zero_grad()
     w = proj_weight(d)
@@ -424,7 +423,7 @@ def test_projector_stays_orthogonal_through_real_training_steps(opt, projector, 
     assert w0.shape == (368, d_s)
     for step in range(steps):
         images, targets, labels = batch(step, b=4)
-        out = d(TrainBatch(images, targets, labels, step=step))
+        out = d(Batch(images, targets, labels, step=step))
         out['loss'].backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -450,11 +449,11 @@ def test_decayed_householder_parameter_collapses_projector_to_zero():
                                    {'params': others, 'weight_decay': 0.0}], lr=5e-4)
     assert torch.linalg.matrix_norm(proj_weight(d)).item() == pytest.approx(math.sqrt(48), rel=1e-5)
     images, targets, labels = batch(0)
-    d(TrainBatch(images, targets, labels))['loss'].backward()
+    d(Batch(images, targets, labels))['loss'].backward()
     optimizer.step()
     assert torch.count_nonzero(proj_weight(d)) == 0
     optimizer.zero_grad()
-    out = d(TrainBatch(images, targets, labels))
+    out = d(Batch(images, targets, labels))
     out['loss'].backward()
     assert original.grad is None or torch.count_nonzero(original.grad) == 0   # no gradient any more
 
@@ -467,7 +466,7 @@ def test_alpha_zero_computes_kl_only_and_has_no_projector():
     assert loss.projector is None and list(loss.parameters()) == []
     assert not loss.teacher_taps.pooled and loss.teacher_taps.logits and not loss.student_taps.tokens
     images, targets, labels = batch(0)
-    out = d(TrainBatch(images, targets, labels))
+    out = d(Batch(images, targets, labels))
     assert set(out['terms']) == {'task', 'vkd.kl'} and out['terms']['vkd.kl'] > 0
     out['loss'].backward()
     assert d.student.head_dist.weight.grad.abs().sum() > 0                 # the KL trains the dist head
@@ -491,7 +490,7 @@ def test_gamma_zero_runs_repr_only_and_task_uses_both_heads():
     d = make_distiller(gamma=0.0)
     assert not d.losses['vkd'].uses_dist_head and not d.task_on_cls_head
     images, targets, labels = batch(0)
-    out = d(TrainBatch(images, targets, labels))
+    out = d(Batch(images, targets, labels))
     assert set(out['terms']) == {'task', 'vkd.repr'}
     out['loss'].backward()
     assert d.losses['vkd'].projector.parametrizations.weight.original.grad.abs().sum() > 0
@@ -527,7 +526,7 @@ def test_timm_deit_distilled_student():
     optimizer = build_optimizer(Config(**{'opt': 'adamw', 'weight_decay': 0.05}), d, lr=5e-3)
     for step in range(3):
         images, targets, labels = batch(step, b=4)
-        out = d(TrainBatch(images, targets, labels))
+        out = d(Batch(images, targets, labels))
         assert torch.isfinite(out['loss'])
         out['loss'].backward()
         optimizer.step()

@@ -25,7 +25,6 @@ from vitkd.losses.nst import nst_loss
 from vitkd.losses.pkt import pkt_loss
 from vitkd.losses.rkd import angle_cosines, normalized_distance, rkd_angle_loss, rkd_distance_loss, rkd_loss
 from vitkd.losses.sp import sp_loss
-from vitkd.training import TrainBatch
 
 ZOO_A = ('logits', 'st', 'at', 'fitnet', 'nst', 'pkt', 'fsp', 'ft', 'rkd', 'ab', 'sp')
 INFO = RunInfo(num_classes=10, input_size=(3, 32, 32), epochs=10, steps_per_epoch=10)
@@ -34,7 +33,7 @@ INFO = RunInfo(num_classes=10, input_size=(3, 32, 32), epochs=10, steps_per_epoc
 def _batch(epoch: int = 0, b: int = 4) -> Batch:
     labels = torch.arange(b) % 10
     return Batch(images=torch.zeros(b, 3, 32, 32), targets=F.one_hot(labels, 10).float(), labels=labels,
-                 labels_b=labels, epoch=epoch)
+                 labels_b=labels, progress=epoch)
 
 
 def _orthogonal(d: int, seed: int = 0) -> torch.Tensor:
@@ -300,28 +299,28 @@ def test_init_stage_then_ce_only(name, teacher):
     distiller = Distiller(student, teacher, [LossEntry(create_loss(name, init_epochs=2))], INFO)
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     targets = F.one_hot(y, 10).float()
-    out = distiller(TrainBatch(x, targets, y, epoch=1))  # init stage: method only, CE off
+    out = distiller(Batch(x, targets, y, progress=1))  # init stage: method only, CE off
     out['loss'].backward()
     assert f'{name}.{name}' in out['terms']
     assert student.head.weight.grad is None or student.head.weight.grad.abs().max() == 0
     own = [p for p in distiller.losses[name].parameters()]
     assert own and all(p.grad is not None and p.grad.abs().sum() > 0 for p in own if p.ndim > 1)
     distiller.zero_grad(set_to_none=True)
-    out = distiller(TrainBatch(x, targets, y, epoch=2))  # stage 2: the method's λ is 0, the loss is the task CE
+    out = distiller(Batch(x, targets, y, progress=2))  # stage 2: the method's λ is 0, the loss is the task CE
     assert set(out['terms']) == {'task'}
     assert torch.equal(out['loss'].detach(), out['terms']['task'])
     out['loss'].backward()
     assert all(p.grad is None for p in own)
     # init_epochs=0: no phases, the method runs next to CE at any epoch
     plain = Distiller(_tiny_vit(), teacher, [LossEntry(create_loss(name, init_epochs=0))], INFO)
-    out = plain(TrainBatch(x, targets, y, epoch=100))
+    out = plain(Batch(x, targets, y, progress=100))
     assert f'{name}.{name}' in out['terms'] and plain.task_weight_at(0) == 1.0
     assert math.isclose(out['loss'].item(), out['terms']['task'].item() + out['terms'][f'{name}.{name}'].item(),
                         rel_tol=1e-5)
     # a stage may end inside an epoch: 0.25 of a 1-epoch run
     short = Distiller(_tiny_vit(), teacher, [LossEntry(create_loss(name, init_epochs=0.25))], INFO)
-    assert f'{name}.{name}' in short(TrainBatch(x, targets, y, epoch=0.2))['terms'] and short.task_weight_at(0.2) == 0.0
-    assert set(short(TrainBatch(x, targets, y, epoch=0.3))['terms']) == {'task'} and short.task_weight_at(0.3) == 1.0
+    assert f'{name}.{name}' in short(Batch(x, targets, y, progress=0.2))['terms'] and short.task_weight_at(0.2) == 0.0
+    assert set(short(Batch(x, targets, y, progress=0.3))['terms']) == {'task'} and short.task_weight_at(0.3) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------------------ ft
@@ -346,7 +345,7 @@ def test_ft_phases_freeze_the_paraphraser(teacher):
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     targets = F.one_hot(y, 10).float()
     distiller.train()
-    out = distiller(TrainBatch(x, targets, y, epoch=0))  # paraphraser pre-training: reconstruction only, CE off
+    out = distiller(Batch(x, targets, y, progress=0))  # paraphraser pre-training: reconstruction only, CE off
     assert set(out['terms']) == {'task', 'ft.reconstruction'} and distiller.task_weight_at(0) == 0
     out['loss'].backward()
     assert all(p.grad is not None for p in loss.paraphraser.parameters())
@@ -357,13 +356,13 @@ def test_ft_phases_freeze_the_paraphraser(teacher):
     bn = [m for m in loss.paraphraser.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     stats = [m.running_mean.clone() for m in bn]
     distiller.train()
-    out = distiller(TrainBatch(x, targets, y, epoch=1))  # stage 2: paraphraser frozen, student + translator on CE + λ·FT
+    out = distiller(Batch(x, targets, y, progress=1))  # stage 2: paraphraser frozen, student + translator on CE + λ·FT
     out['loss'].backward()
     optimizer.step()
     distiller.train()  # a generic .train() must not wake the paraphraser up
     assert not loss.paraphraser.training and all(not p.requires_grad for p in loss.paraphraser.parameters())
     assert loss.translator.training
-    distiller(TrainBatch(x, targets, y, epoch=2))
+    distiller(Batch(x, targets, y, progress=2))
     assert all(torch.equal(a, m.running_mean) for a, m in zip(stats, bn))  # BN statistics stay fixed
     assert all(p.grad is not None for p in loss.translator.parameters())
     translator_ids = {id(p) for p in loss.translator.parameters()}
@@ -506,7 +505,7 @@ def test_two_adamw_steps(name, student_kind, teacher):
     for epoch, own in PHASES.get(name, ((0, ''), (0, ''))):
         distiller.train()
         optimizer.zero_grad(set_to_none=True)
-        out = distiller(TrainBatch(x, targets, y, epoch=epoch))
+        out = distiller(Batch(x, targets, y, progress=epoch))
         assert torch.isfinite(out['loss']) and any(k.startswith(f'{name}.') for k in out['terms'])
         out['loss'].backward()
         student_grads = [p.grad for p in student.parameters() if p.grad is not None]

@@ -27,7 +27,6 @@ from vitkd.losses.lwm import grad_cam, lwm_loss, target_gradient
 from vitkd.losses.ofd import ofd_margin, ofd_partial_l2, pre_activation_tap
 from vitkd.losses.sobolev import sobolev_loss, target_logit_input_gradient
 from vitkd.losses.vid import VIDRegressor, vid_nll
-from vitkd.training import TrainBatch
 
 TINY_VIT = dict(img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=2)
 METHODS = ['sobolev', 'bss', 'cc', 'lwm', 'irg', 'vid', 'ofd', 'afd', 'dml', 'kdsvd']
@@ -70,13 +69,13 @@ def test_sobolev_zero_for_student_copy_of_teacher_and_logit_scale_invariant():
     info = RunInfo(num_classes=10, input_size=(3, 32, 32), student_name='resnet18')
     d = Distiller(student, teacher, [LossEntry(create_loss('sobolev'))], info).eval()  # BN as in the teacher
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    assert d(TrainBatch(x, F.one_hot(y, 10).float(), y))['terms']['sobolev.jacobian'].item() < 1e-10
+    assert d(Batch(x, F.one_hot(y, 10).float(), y))['terms']['sobolev.jacobian'].item() < 1e-10
     with torch.no_grad():  # scaling the teacher's logits by 3 scales its input gradient: no change after normalising
         teacher.model.fc.weight.mul_(3)
         teacher.model.fc.bias.mul_(3)
-    assert d(TrainBatch(x, F.one_hot(y, 10).float(), y))['terms']['sobolev.jacobian'].item() < 1e-10
+    assert d(Batch(x, F.one_hot(y, 10).float(), y))['terms']['sobolev.jacobian'].item() < 1e-10
     student.fc.weight.data.add_(0.3 * torch.randn_like(student.fc.weight))
-    assert d(TrainBatch(x, F.one_hot(y, 10).float(), y))['terms']['sobolev.jacobian'].item() > 1e-6
+    assert d(Batch(x, F.one_hot(y, 10).float(), y))['terms']['sobolev.jacobian'].item() > 1e-6
 
 
 def test_sobolev_double_backward_matches_finite_differences():
@@ -195,7 +194,7 @@ def test_bss_attack_leaves_networks_alone_and_trains_student():
     t_before = [p.clone() for p in teacher.model.parameters()]
     s_before = [p.clone() for p in student.parameters()]
     x, y = torch.randn(6, 3, 32, 32), torch.full((6,), 3)
-    out = d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=1.0))
+    out = d(Batch(x, F.one_hot(y, 10).float(), y, progress=1.0))
     assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(s_before, student.parameters()))
     kl = out['terms']['bss.kl']
@@ -205,16 +204,16 @@ def test_bss_attack_leaves_networks_alone_and_trains_student():
     assert g.abs().sum() > 0
     # no BSS term before the schedule starts
     d.losses['bss'].start_epoch = 5
-    assert d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=1.0))['terms']['bss.kl'].item() == 0
+    assert d(Batch(x, F.one_hot(y, 10).float(), y, progress=1.0))['terms']['bss.kl'].item() == 0
     # per_step: the schedule at the fractional epoch; a one-epoch run with the Zoo's 10/200 start and 1.25 decay
     d.losses['bss'].start_epoch, d.losses['bss'].per_step, d.losses['bss'].epochs = 0.05, True, 1
-    assert d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=0.04))['terms']['bss.kl'].item() == 0
-    assert d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=0.81))['terms']['bss.kl'].item() == 0  # 1 - 1.25 * 0.81 < 0
+    assert d(Batch(x, F.one_hot(y, 10).float(), y, progress=0.04))['terms']['bss.kl'].item() == 0
+    assert d(Batch(x, F.one_hot(y, 10).float(), y, progress=0.81))['terms']['bss.kl'].item() == 0  # 1 - 1.25 * 0.81 < 0
     torch.manual_seed(5)  # the attack classes are sampled: the same draws for both passes
-    on = d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=0.4))['terms']['bss.kl'].item()
+    on = d(Batch(x, F.one_hot(y, 10).float(), y, progress=0.4))['terms']['bss.kl'].item()
     d.losses['bss'].start_epoch, d.losses['bss'].per_step = 0, False  # whole epoch 0 of 1: factor 1
     torch.manual_seed(5)
-    full = d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=0.4))['terms']['bss.kl'].item()
+    full = d(Batch(x, F.one_hot(y, 10).float(), y, progress=0.4))['terms']['bss.kl'].item()
     assert full > 0 and on == pytest.approx((1 - 1.25 * 0.4) * full, rel=1e-5)
 
 
@@ -704,7 +703,7 @@ def test_two_training_steps(name, kind):
     for step in range(2):
         x = torch.randn(2, 3, 32, 32)
         y = torch.full((2,), 3) if name == 'bss' else torch.randint(0, 10, (2,))
-        out = d(TrainBatch(x, F.one_hot(y, 10).float(), y, epoch=0.0, step=step))
+        out = d(Batch(x, F.one_hot(y, 10).float(), y, progress=0.0, step=step))
         opt.zero_grad()
         out['loss'].backward()
         assert torch.isfinite(out['loss'])

@@ -14,10 +14,11 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from .config import Config, ConfigError
@@ -25,6 +26,9 @@ from .errors import HubError, server_failure
 from .files import atomic_dir, read_model_config
 from .layout import MODEL_FILE, RUN_MARKER, STATE_FILE, STUDENT_DIR
 from .models import create_student
+
+if TYPE_CHECKING:
+    from .run import Run
 
 __all__ = ['CheckpointError', 'PICKLE_FILES', 'SOURCE_KEYS', 'read_pickle_weights', 'read_safetensors',
            'load_state_dict_strict', 'check_label_names', 'export_model', 'folded_student', 'export_student',
@@ -253,7 +257,7 @@ def load_student(spec: str, cfg: Config, num_classes: Optional[int] = None) -> t
                           '.safetensors (or .pth/.bin, read with weights_only=True) file, or hf-hub:org/name')
 
 
-def export_student(r: Run, out_dir: Path, accelerator: Accelerator, metrics: dict) -> Path:
+def export_student(r: 'Run', out_dir: Path, accelerator: Accelerator, metrics: dict) -> Path:
     """The student alone in timm's format (config.json + model.safetensors, the data's class names as
     ``label_names``), no distillation parts; the EMA student beside it (``student_ema/``) when EMA is on. Written
     atomically (``.tmp`` then renamed). The class names are checked against the teacher's when it records them."""

@@ -8,7 +8,7 @@ __all__ = ['read_log', 'plot_run']
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records) from a ``log.jsonl`` written by :class:`vitkd.run.MetricLogger`."""
+    """(step records, epoch records) from a ``log.jsonl`` written by :class:`vitkd.reports.MetricLogger`."""
     steps, epochs = [], []
     for line in Path(path).read_text().splitlines():
         if line.strip():
