@@ -42,8 +42,8 @@ from ..errors import UsageError
 from ..features import Features, TapSpec
 
 __all__ = ['DistillationLoss', 'Batch', 'RunContext', 'RunInfo', 'register_loss', 'create_loss', 'list_losses',
-           'get_loss_class', 'LossSpecError', 'LOSS_REGISTRY', 'HEADS', 'Head', 'pick_head', 'option_domains',
-           'COMMON_OPTIONS']
+           'get_loss_class', 'LossSpecError', 'LOSS_REGISTRY', 'HEADS', 'Head', 'pick_head', 'reads_dist_head',
+           'option_domains', 'COMMON_OPTIONS']
 
 LOSS_REGISTRY: dict[str, type['DistillationLoss']] = {}
 
@@ -57,9 +57,15 @@ Head = Annotated[str, OneOf(*HEADS)]
 COMMON_OPTIONS: dict[str, Domain] = {'warmup_epochs': NonNegative()}
 
 
+def reads_dist_head(head: str) -> bool:
+    """Whether :func:`pick_head` reads the distillation head for ``head`` on a student that has one: the method then
+    trains that head (its :attr:`DistillationLoss.uses_dist_head`) and the task loss goes to the class head alone."""
+    return head in ('auto', 'dist')
+
+
 def pick_head(student: Features, head: str) -> torch.Tensor:
     """Student logits [B, K] of ``head`` (one of :data:`HEADS`)."""
-    if head in ('auto', 'dist') and student.logits_dist is not None:
+    if reads_dist_head(head) and student.logits_dist is not None:
         return student.logits_dist
     if head == 'avg':
         return student.head_logits

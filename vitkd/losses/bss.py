@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from ..domains import Bool, Integer, NonNegative, Positive
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, Head, RunInfo, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, RunInfo, pick_head, reads_dist_head, register_loss
 from .functional import at_least_fp32, kl_div_logits
 
 __all__ = ['BSS', 'bss_factor', 'select_base_samples', 'sample_attack_classes', 'boundary_attack', 'bss_loss',
@@ -183,7 +183,7 @@ class BSS(DistillationLoss):
         self.num_steps, self.attack_eps, self.start_epoch, self.decay = num_steps, attack_eps, start_epoch, decay
         self.per_step = per_step
         self.head = 'avg' if head == 'auto' else head
-        self.uses_dist_head = head == 'dist'
+        self.uses_dist_head = reads_dist_head(self.head)
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
         self.epochs = 1

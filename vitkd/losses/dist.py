@@ -46,7 +46,7 @@ from ..distributed import all_gather_with_grad
 from ..domains import Integer, NonNegative, OneOf, Positive
 from ..features import Features, TapSpec
 from ._dense import DenseDistillationLoss, DenseFeatures, align_logits, register_dense_loss
-from .base import Batch, DistillationLoss, Head, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, reads_dist_head, register_loss
 from .functional import at_least_fp32
 
 __all__ = ['pearson_correlation', 'inter_class_relation', 'intra_class_relation', 'dist_loss', 'DIST', 'INTRA_SCOPES']
@@ -131,7 +131,7 @@ class DIST(DistillationLoss):
         super().__init__()
         self.beta, self.gamma, self.temperature, self.warmup = beta, gamma, temperature, warmup
         self.intra_scope, self.head = intra_scope, head
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.uses_dist_head = reads_dist_head(self.head)
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..domains import Integer, NonNegative, OneOf, Positive
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, Head, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, reads_dist_head, register_loss
 from .functional import at_least_fp32
 
 __all__ = ['dkd_terms', 'dkd_loss', 'dkd_warmup_factor', 'DKD', 'LABEL_POLICIES', 'WARMUP_INDEXING']
@@ -144,7 +144,7 @@ class DKD(DistillationLoss):
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.warmup, self.warmup_indexing = warmup, warmup_indexing
         self.label_policy, self.head = label_policy, head
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.uses_dist_head = reads_dist_head(self.head)
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
 

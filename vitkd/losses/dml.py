@@ -44,7 +44,7 @@ import torch.nn as nn
 from ..domains import Kwargs, NonNegative, OrNone, Text
 from ..features import Features, TapSpec, extract
 from ..models import create_student
-from .base import Batch, DistillationLoss, Head, LossSpecError, RunInfo, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, LossSpecError, RunInfo, pick_head, reads_dist_head, register_loss
 from .functional import at_least_fp32, kl_div_logits, soft_target_cross_entropy
 
 __all__ = ['DML', 'mutual_kl']
@@ -75,7 +75,7 @@ class DML(DistillationLoss):
         if peer_kwargs is not None and peer is None:
             raise LossSpecError('peer_kwargs needs peer (the default peer copies the student\'s kwargs)')
         self.kl_weight, self.peer_name, self.peer_kwargs, self.head = kl_weight, peer, peer_kwargs, head
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.uses_dist_head = reads_dist_head(self.head)
         self.student_taps = TapSpec(logits=True)
         self.peer: Optional[nn.Module] = None
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from ..domains import NonNegative
 from ..features import Features, TapSpec
 from ._adapt import LAST_TWO_TAPS, PairedTaps, Scope, align_spatial, as_taps, gather_batch, tap_indices
-from .base import Batch, DistillationLoss, Head, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, reads_dist_head, register_loss
 
 __all__ = ['IRG', 'edge_matrix', 'channel_pool', 'align_pair', 'transformation_distance', 'irg_terms']
 
@@ -136,7 +136,7 @@ class IRG(PairedTaps, DistillationLoss):
         self.w_vertex, self.w_edge, self.w_transformation = w_vertex, w_edge, w_transformation
         self.student_blocks, self.teacher_blocks = as_taps(student_blocks), as_taps(teacher_blocks)
         self.scope, self.head = scope, head
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.uses_dist_head = reads_dist_head(self.head)
 
     def configure_taps(self, student, teacher) -> None:
         super().configure_taps(student, teacher)

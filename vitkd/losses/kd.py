@@ -16,7 +16,7 @@ import torch
 from ..domains import OneOf, Positive
 from ..features import Features, TapSpec
 from ._dense import DenseDistillationLoss, DenseFeatures, align_logits, register_dense_loss
-from .base import Batch, DistillationLoss, Head, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, reads_dist_head, register_loss
 from .functional import KL_REDUCTIONS, at_least_fp32, kl_div_logits
 
 __all__ = ['KD']
@@ -31,7 +31,7 @@ class KD(DistillationLoss):
                  reduction: Annotated[str, OneOf(*KL_REDUCTIONS)] = 'batchmean'):
         super().__init__()
         self.temperature, self.head, self.reduction = temperature, head, reduction
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.uses_dist_head = reads_dist_head(self.head)
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
 

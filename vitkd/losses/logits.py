@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..domains import NonNegative
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, Head, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, reads_dist_head, register_loss
 
 __all__ = ['logits_mse', 'Logits']
 
@@ -57,7 +57,7 @@ class Logits(DistillationLoss):
         """
         super().__init__()
         self.lambda_kd, self.head = lambda_kd, head
-        self.uses_dist_head = head in ('auto', 'dist')
+        self.uses_dist_head = reads_dist_head(self.head)
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
 

@@ -59,7 +59,7 @@ from torch.autograd.graph import GradientEdge
 from ..domains import Integer, OneOf, OrNone
 from ..features import Features, TapSpec, _is_vit
 from ._adapt import MIDDLE_TAP, align_spatial, as_taps, pair_taps
-from .base import Batch, DistillationLoss, Head, LossSpecError, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, LossSpecError, pick_head, reads_dist_head, register_loss
 
 __all__ = ['LwM', 'grad_cam', 'lwm_loss', 'target_gradient', 'CAM_MODES']
 
@@ -160,7 +160,7 @@ class LwM(DistillationLoss):
         self.cam, self.head = cam, 'avg' if head == 'auto' else head
         self.student_block = None if student_block is None else int(student_block)
         self.teacher_block = None if teacher_block is None else int(teacher_block)
-        self.uses_dist_head = head == 'dist'
+        self.uses_dist_head = reads_dist_head(self.head)
         self._student_map: Optional[_MapTap] = None
         self._teacher_map: Optional[_MapTap] = None
 

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..features import Features, TapSpec
-from .base import Batch, DistillationLoss, Head, pick_head, register_loss
+from .base import Batch, DistillationLoss, Head, pick_head, reads_dist_head, register_loss
 
 __all__ = ['Sobolev', 'target_logit_input_gradient', 'sobolev_loss']
 
@@ -97,7 +97,7 @@ class Sobolev(DistillationLoss):
         """
         super().__init__()
         self.head = 'avg' if head == 'auto' else head
-        self.uses_dist_head = head == 'dist'
+        self.uses_dist_head = reads_dist_head(self.head)
         self.student_taps = TapSpec(logits=True)
         self.teacher_taps = TapSpec(logits=True)
 
