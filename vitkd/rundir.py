@@ -34,7 +34,7 @@ from accelerate.utils import broadcast_object_list
 from .checkpoint import resolve_resume
 from .config import Config, ConfigError
 from .errors import RunDirError, VitkdError
-from .layout import RUN_MARKER
+from .layout import CHECKPOINTS, RUN_MARKER, STATE_FILE, STUDENT_DIR
 from .validate import distill_spec
 
 __all__ = ['LOCK_FILE', 'RUN_OUTPUTS', 'RunFinished', 'RunLock', 'check_writable', 'check_unlocked', 'finished_state',
@@ -180,7 +180,7 @@ def finished_state(out: Path, checkpoint: Optional[Path], epochs: int, max_steps
         return None
     try:
         summary = json.loads((Path(out) / 'summary.json').read_text())
-        state = json.loads((Path(checkpoint) / 'trainer_state.json').read_text())['state']
+        state = json.loads((Path(checkpoint) / STATE_FILE).read_text())['state']
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(summary, dict) or summary.get('steps') != state.get('step'):
@@ -201,7 +201,7 @@ def name_output_dir(cfg: Config) -> None:
 
 
 # What a run writes into its dir; ``--overwrite`` moves a previous run's copies aside (see prepare_output_dir).
-RUN_OUTPUTS = (RUN_MARKER, 'checkpoints', 'student', 'student_ema', 'log.jsonl', 'epochs.csv', 'summary.json',
+RUN_OUTPUTS = (RUN_MARKER, CHECKPOINTS, STUDENT_DIR, 'student_ema', 'log.jsonl', 'epochs.csv', 'summary.json',
                'curves.png', 'hub.json', 'nonfinite_step*.json')
 
 
