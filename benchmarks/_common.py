@@ -40,7 +40,7 @@ from vitkd.models import Teacher, set_fused_attention  # noqa: E402
 from vitkd.teacher_cache import TeacherCache  # noqa: E402
 from vitkd.training import NonFiniteGuard, TermMeter, TrainState  # noqa: E402
 
-Tensors = tuple  # (images [B, C, H, W], soft targets [B, K], labels [B], indices [B]) on the device, indices on the host
+Tensors = tuple  # (images [B, C, H, W], soft targets [B, K], labels [B], indices [B]) on the device, indices on host
 Step = Callable[[int], None]  # one full training step on batch number i (forward, backward, optimizer step)
 
 # What engine.train_one_epoch does in a step besides forward, backward and the update (the ablation times each):

@@ -13,7 +13,9 @@ A run dir holds::
     student/, student_ema/          the final student in timm's format (config.json + model.safetensors)
 
 The student exports (``student/``) are written and read back by :mod:`vitkd.export`; when to stop is decided by
-:mod:`vitkd.stopping`. A checkpoint is written under ``<name>.tmp`` and renamed when complete, so a kill while saving leaves at most a
+:mod:`vitkd.stopping`.
+
+A checkpoint is written under ``<name>.tmp`` and renamed when complete, so a kill while saving leaves at most a
 ``.tmp`` folder that :func:`find_checkpoints` ignores (and the next save removes). Nothing is unpickled with
 ``weights_only=False``: scheduler, counters and EMA are stored as JSON / safetensors by vitkd itself (accelerate's
 custom-object checkpoints would unpickle them without that guard).
@@ -136,8 +138,8 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
 
 
 def _recover_best(root: Path) -> None:
-    """``checkpoints/best`` missing (killed between the renames of :func:`vitkd.files.replace_dir`): take the finished new copy
-    (``best.tmp`` with its metrics.json, written last) or else the previous one (``best.old``)."""
+    """``checkpoints/best`` missing (killed between the renames of :func:`vitkd.files.replace_dir`): take the
+    finished new copy (``best.tmp`` with its metrics.json, written last) or else the previous one (``best.old``)."""
     best = root / BEST
     if best.exists():
         return
@@ -555,8 +557,8 @@ class Checkpointer:
         """After every optimizer step: periodic checkpoints, and the preemption stop. True = stop the epoch.
 
         ``collective``: whether every process is at a point where it may agree on signals (see
-        :meth:`vitkd.stopping.StopControl.signal_received`). On the last batch of an epoch nothing is saved here: the end-of-epoch checkpoint
-        follows.
+        :meth:`vitkd.stopping.StopControl.signal_received`). On the last batch of an epoch nothing is saved here: the
+        end-of-epoch checkpoint follows.
         """
         if self.stop.signal_received(collective):
             if not last_batch:

@@ -43,10 +43,10 @@ from .errors import ConfigError, DataFailure, UsageError
 from .hf_data import load_hf_splits
 from .images import CorruptImage, load_image, to_rgb
 
-__all__ = ['DataSpec', 'BatchMixer', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset', 'EpochSampler', 'read_idx',
-           'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker', 'dataset_targets',
-           'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path', 'train_set_fingerprint', 'CorruptImage',
-           'to_rgb']
+__all__ = ['DataSpec', 'BatchMixer', 'build_datasets', 'build_eval_dataset', 'IndexedDataset', 'EvalDataset',
+           'EpochSampler', 'read_idx', 'find_fashion_mnist', 'DataError', 'DATASET_STATS', 'seed_worker',
+           'dataset_targets', 'seeded_rngs', 'find_epoch_sampler', 'mix_batch', 'sample_path', 'train_set_fingerprint',
+           'CorruptImage', 'to_rgb']
 
 _logger = logging.getLogger(__name__)
 

@@ -201,8 +201,8 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
 
 class DenseEpochBatches(EpochBatches):
     """The dense training loader as the step consumes it: :class:`vitkd.losses.Batch` on the device (the task's
-    targets, no labels, no mixup, no teacher cache); the epoch order, the per-sample augmentation seeds and a resumed epoch's skipped batches are
-    those of :class:`vitkd.training.EpochBatches`."""
+    targets, no labels, no mixup, no teacher cache); the epoch order, the per-sample augmentation seeds and a
+    resumed epoch's skipped batches are those of :class:`vitkd.training.EpochBatches`."""
 
     def __init__(self, loader, accelerator, epochs: int = 1, log_every: int = 50):
         super().__init__(loader, accelerator, mixer=None, teacher_cache=None, epochs=epochs, log_every=log_every)
