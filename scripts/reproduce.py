@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from vitkd.devices import own_cores  # noqa: E402
 
 # the table's student: the embedded default's student (scripts/configs/embedded.yaml) at width 64, with a conv stem of
 # --stem-width channels (default 32: the embedded student's 64-channel stem is ~35 % of this student's compute)
@@ -100,7 +101,7 @@ SLOW_FIRST = {'norm': 2.9, 'sobolev': 2.6, 'kdsvd': 2.3, 'crd': 2.0, 'bss': 2.0,
 
 def cell_threads(jobs: int) -> int:
     """Threads of each of ``jobs`` cells running side by side: the cores shared out."""
-    return max(1, (os.cpu_count() or 1) // jobs)
+    return max(1, len(own_cores()) // jobs)
 
 
 def cell_args(extra: list[str], seed: int, args, cell_dir: Path) -> list[str]:

@@ -9,8 +9,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import vitkd  # noqa: E402,F401  (registers students and losses)
+from vitkd import devices  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+
+@pytest.fixture(scope='module')
+def one_core():
+    """In-process runs of a module see one core, so they train with one CPU thread and one loader worker: this
+    process imported torch before main.py could set OMP_WAIT_POLICY=PASSIVE, and spinning OpenMP threads make steps
+    ~10x slower on shared cores (module scope: in place before the module's run fixtures train)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(devices, 'own_cores', lambda: {0})
+        yield
+    torch.set_num_threads(2)
+
 
 TINY_VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=2)
 

@@ -1,13 +1,14 @@
 """Config resolution (defaults < embedded preset < YAML < CLI), presets, recipe wiring and the run picture."""
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from vitkd import devices
 from vitkd.build import build_transforms, scaled_lr
+from vitkd.devices import make_accelerator
 from vitkd.config import Config, ConfigError, load_yaml, to_yaml
 
 from vitkd.arguments import parse_args, resolve
@@ -57,7 +58,6 @@ def test_every_preset_builds_exactly_the_methods_weights_and_options_its_file_li
     """The YAML read here with plain ``yaml.safe_load``: every ``distill`` item becomes one loss of that name and
     weight (1 when unwritten), in order, and every ``loss_opts`` item ``m.k=v`` lands on method m (``warmup_epochs``
     on its entry, the rest among its options) with the value the file writes."""
-    import yaml
     from vitkd.build import build_losses
     raw = yaml.safe_load(preset.read_text())
     expected = [(item.split(':')[0], float(item.split(':')[1]) if ':' in item else 1.0) for item in raw['distill']]
@@ -130,10 +130,6 @@ def test_a_vit_student_gets_a_methods_vit_weight_unless_the_command_gives_one():
 
 def test_threads_option_sets_torch_threads_and_rejects_nonpositive():
     """``--threads N`` is the process's intra-op thread count (the table's cells pass 1); 0 is a one-line error."""
-    import torch
-    from vitkd.devices import make_accelerator
-    from vitkd.config import ConfigError
-    from vitkd.arguments import parse_args
     accepted = {f.name: f for f in dataclasses.fields(Config)}['threads'].metadata['domain'].inner.describe()
     assert accepted == 'an integer >= 1'
     with pytest.raises(ConfigError, match=f'--threads must be {accepted}, got 0'):
@@ -144,7 +140,9 @@ def test_threads_option_sets_torch_threads_and_rejects_nonpositive():
         make_accelerator(cfg)
         assert torch.get_num_threads() == 1
         cfg, _ = parse_args(['--distill', 'none', '--teacher', 'none'])
-        make_accelerator(cfg)  # no --threads: a single CPU process takes every core
-        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        with pytest.MonkeyPatch.context() as mp:  # no --threads: a single CPU process takes every core it may use
+            mp.setattr(devices, 'own_cores', lambda: {0, 2, 5})  # as under `taskset -c 0,2,5` on a bigger host
+            make_accelerator(cfg)
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

@@ -27,13 +27,7 @@ from vitkd.config import Config
 from vitkd.errors import INTERNAL_ERROR, DataFailure, RunDirError, SaveError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, 'cpu_count', lambda: 1)
-        yield
+pytestmark = pytest.mark.usefixtures('one_core')
 
 
 @pytest.fixture(scope='module')

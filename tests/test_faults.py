@@ -23,13 +23,7 @@ from vitkd import cli
 from test_reliability import base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, 'cpu_count', lambda: 1)
-        yield
+pytestmark = pytest.mark.usefixtures('one_core')
 
 
 @pytest.fixture(scope='module')

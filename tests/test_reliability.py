@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import main
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures('one_core')
 STUDENT = ['--student', 'deit_ti_distilled', '--student-kwargs', 'img_size=32', 'patch_size=4', 'depth=2',
            'embed_dim=32', 'num_heads=2']
 
@@ -123,17 +124,6 @@ def seed_hub_cache(cache: Path, repo: str, files: dict) -> None:
 
 
 # ---- fixtures -------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """In-process runs use one CPU thread: this process imported torch before main.py could set
-    OMP_WAIT_POLICY=PASSIVE, and spinning OpenMP threads make steps ~10x slower on shared cores (module scope: it must
-    be in place before the module's run fixtures train)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, 'cpu_count', lambda: 1)
-        yield
-    torch.set_num_threads(2)
-
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> Path:

@@ -56,7 +56,7 @@ def test_slow_cells_start_first_and_finished_cells_are_read_back(tmp_path):
 
 def test_cell_arguments_carry_the_table_student_budget_and_threads(tmp_path, monkeypatch):
     """A table cell: the table student with --stem-width, a subset of steps·128 images, the cell's threads."""
-    monkeypatch.setattr(reproduce.os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(reproduce, 'own_cores', lambda: {0, 1})
     args = type('Args', (), {'embedded': False, 'steps': 150, 'jobs': 2, 'stem_width': 48})()
     argv = reproduce.cell_args(['--distill', 'kd'], 1, args, tmp_path / 'cell')
     kwargs = argv[argv.index('--student-kwargs') + 1:argv.index('--train-subset')]

@@ -69,7 +69,7 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif accelerator.device.type == 'cpu' and accelerator.num_processes == 1:
-        torch.set_num_threads(os.cpu_count() or 1)  # `accelerate launch` sets OMP_NUM_THREADS=1 by default
+        torch.set_num_threads(len(own_cores()))  # `accelerate launch` sets OMP_NUM_THREADS=1 by default
     if cfg.num_workers is None:
         cfg.num_workers = default_num_workers(accelerator)
     set_seed(cfg.seed + accelerator.process_index)
@@ -82,6 +82,13 @@ def idle_parameters_until_of(cfg: Config, entries: Optional[list[LossEntry]] = N
     if cfg.ddp_find_unused is not None:
         return math.inf if cfg.ddp_find_unused else 0.0
     return idle_parameters_until(entries if entries is not None else build_losses(cfg), cfg.epochs, cfg.task_weight)
+
+
+def own_cores() -> set[int]:
+    """The cores this process may run on: its CPU affinity where the platform has one (a container's cpuset, ``taskset``,
+    Slurm's binding), else every core. ``os.cpu_count()`` counts the host's cores, so a run given 2 of a 64-core host
+    would start 64 threads."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
 
 
 def cpu_share(own: set[int], local: list[set[int]]) -> float:
@@ -109,7 +116,7 @@ def loader_workers(cores: float, slurm_cpus_per_task: Optional[int] = None, proc
 def default_num_workers(accelerator: Accelerator) -> int:
     """``--num-workers`` when unset: :func:`loader_workers` of this process's :func:`cpu_share` (the processes of a
     machine exchange their CPU affinities once, at start) under the Slurm allocation, if any."""
-    own = set(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
+    own = own_cores()
     local = [own]
     if accelerator.num_processes > 1:
         host = socket.gethostname()
