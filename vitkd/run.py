@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, check_label_names, export_model, folded
 from .config import Config, ConfigError
 from .cpu_malloc import tune_malloc
 from .data import DataSpec, build_eval_dataset, dataset_targets
-from .ddp import UnusedParameterSearch, ddp_kwargs, sync_buffers_if_needed
+from .ddp import StepModule, ddp_kwargs, launcher_compile_kwargs, sync_buffers_if_needed
 from .distiller import Distiller, LossEntry, idle_parameters_until
 from .errors import RunDirError
 from .evaluation import evaluate, evaluate_teacher
@@ -68,6 +68,10 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     samples, in the same order, that one process with batch N·B trains on at step s (the augmentation of each sample is
     seeded by its index, whatever process loads it). DDP's settings and why: :mod:`vitkd.ddp` (its search for unused
     parameters starts on only when some step can leave a parameter without gradient, or with ``--ddp-find-unused``).
+
+    Compilation: the launcher's ``--dynamo_backend`` turns ``--compile-student`` on (written back into ``cfg``) and
+    gives its settings; Accelerate itself compiles nothing (:class:`vitkd.ddp.StepModule` compiles the prepared module
+    from the first step that leaves no parameter idle).
     """
     from accelerate.utils import DataLoaderConfiguration
     cuda = torch.cuda.is_available()
@@ -80,9 +84,14 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
         raise ConfigError(f'--mixed-precision bf16: this GPU ({torch.cuda.get_device_name()}) cannot do bf16; use fp16 '
                           'or no')
     until = 0.0 if cfg.eval_student else idle_parameters_until_of(cfg, entries)
+    if launcher_compile_kwargs() is not None:
+        if cfg.task != 'classify':
+            raise ConfigError(f'the launcher\'s dynamo backend compiles classification runs only: launch --task '
+                              f'{cfg.task} with --dynamo_backend no')
+        cfg.compile_student = True
     name_output_dir(cfg)
     accelerator = Accelerator(mixed_precision=requested, gradient_accumulation_steps=cfg.grad_accum_steps,
-                              log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda,
+                              log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda, dynamo_backend='no',
                               dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
                               kwargs_handlers=[ddp_kwargs(find_unused_parameters=until > 0)])
     cfg.mixed_precision = accelerator.mixed_precision
@@ -240,7 +249,7 @@ class Run:
     student_params: int
     data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
     teacher_cache: Optional[TeacherCache] = None
-    unused_search: Optional[UnusedParameterSearch] = None  # DDP's search for unused parameters, while steps need it
+    step_module: Optional[StepModule] = None  # DDP's search for unused parameters while steps need it; compilation
     evaluate_student: Optional[Callable[[torch.nn.Module], dict]] = None  # validation metrics of a student model
     evaluate_teacher: Optional[Callable[[], dict]] = None                 # the teacher's own metrics ('teacher_*')
     best_metric: str = 'avg_top1'       # the validation metric checkpoints/best keeps the highest of
@@ -279,8 +288,6 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                                 accelerator.num_processes, dataset_targets(train_loader.dataset), entries)
     distiller.to(device)  # parts a method's setup built on the host
     distiller.prepare_for_run(RunContext(cfg=cfg, teacher=teacher, spec=spec, accelerator=accelerator))
-    if cfg.compile_student:
-        distiller.compile_student()
     set_seed(cfg.seed + accelerator.process_index)  # per-process streams from here on (dropout, drop-path)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
@@ -310,7 +317,21 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                steps_per_epoch=steps_per_epoch,
                student_params=sum(p.numel() for p in unwrapped.student.parameters()),
                data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache,
-               unused_search=UnusedParameterSearch(accelerator, idle_parameters_until_of(cfg, entries)))
+               step_module=step_module(cfg, accelerator, entries))
+
+
+def step_module(cfg: Config, accelerator: Accelerator, entries: list[LossEntry]) -> StepModule:
+    """DDP's unused-parameter search while steps need it, and with ``--compile-student`` compilation from the first step
+    that can leave no parameter idle and whose weights no longer ramp up (:mod:`vitkd.ddp` says why; a run whose every
+    step can leave one idle is trained eagerly, and says so)."""
+    compile_from = None
+    if cfg.compile_student:
+        compile_from = max(idle_parameters_until(entries, cfg.epochs, cfg.task_weight),
+                           max((e.warmup_epochs for e in entries), default=0.0))
+    if compile_from == math.inf:
+        accelerator.print('--compile-student: every step of this run can leave a parameter without gradient, which a '
+                          'compiled step would give a zero gradient instead: the module is trained eagerly')
+    return StepModule(accelerator, idle_parameters_until_of(cfg, entries), compile_from, launcher_compile_kwargs())
 
 
 class MetricLogger:

@@ -25,7 +25,7 @@ from ..build import build_losses, build_optimizer, build_scheduler, scaled_lr
 from ..checkpoint import CheckpointError, load_student
 from ..config import Config, ConfigError
 from ..data import DATASET_STATS, DataSpec, EpochSampler, seed_worker, worker_context
-from ..ddp import UnusedParameterSearch, sync_buffers_if_needed
+from ..ddp import StepModule, sync_buffers_if_needed
 from ..distiller import LossEntry
 from ..models import Teacher, create_teacher, set_fused_attention
 from ..run import Run, eval_output_dir, idle_parameters_until_of
@@ -192,7 +192,7 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
                student_params=sum(p.numel() for p in unwrapped.student.parameters()), data_config=data_config,
                evaluate_student=evaluate_student, evaluate_teacher=evaluate_teacher,
                best_metric=BEST_METRIC[cfg.task],
-               unused_search=UnusedParameterSearch(accelerator, idle_parameters_until_of(cfg, entries)))
+               step_module=StepModule(accelerator, idle_parameters_until_of(cfg, entries)))
 
 
 class DenseEpochBatches(EpochBatches):
