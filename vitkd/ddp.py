@@ -23,10 +23,14 @@ Each setting follows from what a vitkd run's module holds and does:
   A compiled backward gives a zero gradient, where eager autograd gives none, to a parameter whose output the step
   computes but its loss ignores (a distillation head while its term warms up from weight 0): AOTAutograd treats an
   output that receives no gradient as one that receives zeros. AdamW then decays that parameter and advances its
-  moments, which eager training leaves alone. So the module is compiled from the first step at which no parameter can
-  be idle (:func:`vitkd.distiller.idle_parameters_until`, the bound the unused-parameter search ends at) and runs
-  eagerly before it; a run whose every step can leave a parameter idle is not compiled. The weights are then those of
-  eager training (``tests/test_multiprocess.py``: 2 processes, compiled against eager).
+  moments, which eager training leaves alone. And a Python number that changes every step (a method weight ramping
+  up in a warm-up) cannot reach DDP's split graphs as a tensor: dynamo recompiles for each value and, after its
+  ``recompile_limit`` (8), runs the module eagerly. So the module is compiled from the first step at which no
+  parameter can be idle (:func:`vitkd.distiller.idle_parameters_until`, the bound the unused-parameter search ends at)
+  and no method weight ramps any more, and runs eagerly before it; a run whose every step can leave a parameter idle
+  is not compiled. The weights are then those of eager training (``tests/test_multiprocess.py``: 2 processes,
+  compiled against eager, bit-identical in float64). Methods whose own arithmetic takes such a number (mixup's λ in
+  DKD and ND, their internal ramps) meet the same recompilations; that is torch's limit, not worked around here.
 """
 from __future__ import annotations
 
