@@ -154,7 +154,7 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
         cache_topk: teacher logits the cache keeps per sample (default: all).
         channels_last: the teacher's memory format (None: vitkd's choice, channels_last for CNNs).
         fused_attention: timm's fused attention in the student (None: vitkd's choice, off on CPU as ``build_run``).
-        compiled: ``--compile`` and ``--compile-student`` (the teacher's forward paths, the student's training pass).
+        compiled: ``--compile`` (the teacher's forward paths, and the distiller as a whole, as a run compiles it).
         fused_adamw: torch's fused AdamW kernel (CUDA).
         host_sync: read the loss on the host every step.
         extras: which of :data:`STEP_EXTRAS` the step makes (default: all, as the engine).
@@ -169,10 +169,11 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
     classes = batches[0][1].shape[1]
     info = RunInfo(num_classes=classes, input_size=tuple(x.shape[1:]))
     distiller = Distiller(student, t, [LossEntry(create_loss(loss, **(loss_opts or {})))], info).to(device)
+    module = distiller
     if compiled:
         if t is not None:
             t.compile()
-        distiller.compile_student()
+        module = torch.compile(distiller)
     opt = adamw(distiller, fused_adamw)
     cache = None
     if cache_dir is not None:
@@ -189,7 +190,7 @@ def vitkd_step(student, teacher_model, teacher_name: str, loss: str, batches: Se
             feats = cache.features(images, host_index, b, b) if cache is not None else None
             batch = Batch(images, targets, labels, index=index, host_index=host_index.numpy(),
                           teacher_features=feats)
-            out = distiller(batch)
+            out = module(batch)
         loss_value = out['loss']
         if host_sync:
             loss_value.item()

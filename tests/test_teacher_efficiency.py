@@ -115,29 +115,34 @@ def test_compiled_teacher_gives_the_same_features():
     torch.testing.assert_close(after.pooled, before.pooled)
 
 
-def _step_grads(distiller, x, targets, labels):
+def _step_grads(module, distiller, x, targets, labels, epoch=0.0):
     distiller.zero_grad(set_to_none=True)
-    out = distiller(Batch(x, targets, labels))
+    out = module(Batch(x, targets, labels, progress=epoch))
     out['loss'].backward()
     return out, {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize('method', ['vkd', 'fitnet'])  # final tokens / a middle block's grid + an adapter
-def test_compiled_student_pass_gives_the_same_loss_and_gradients(method):
-    """The AOTAutograd path (``aot_eager``: dynamo's graph and its traced backward, without inductor's codegen) gives
-    the eager step's loss, terms and every gradient; the student module itself is left uncompiled."""
-    distiller = Distiller(_student(), _regnet(), [LossEntry(create_loss(method))],
+def test_compiled_module_gives_the_eager_gradients_except_to_idle_parameters():
+    """The distiller compiled as a whole (``aot_eager``: dynamo's graph and AOTAutograd's traced backward, without
+    inductor's code generation) gives the eager step's loss, terms and every gradient once every parameter takes part.
+    At a warm-up's first step (VkD's weight 0) the distillation head computes logits the loss ignores: eager autograd
+    leaves its gradient None, the compiled backward gives zeros (which AdamW would act on). Hence vitkd compiles from
+    the first step that leaves no parameter idle (vitkd.ddp)."""
+    distiller = Distiller(_student(), _regnet(), [LossEntry(create_loss('vkd'), warmup_epochs=1.0)],
                           RunInfo(num_classes=10, input_size=(3, 32, 32)))
+    compiled = torch.compile(distiller, backend='aot_eager')
     x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
     targets = torch.nn.functional.one_hot(labels, 10).float()
-    eager_out, eager_grads = _step_grads(distiller, x, targets, labels)
-    distiller.compile_student(backend='aot_eager')
-    compiled_out, compiled_grads = _step_grads(distiller, x, targets, labels)
-    assert hasattr(distiller._student_pass, '_torchdynamo_orig_callable')
-    assert not hasattr(distiller.student.forward_features, '_torchdynamo_orig_callable')
+    _, eager_idle = _step_grads(distiller, distiller, x, targets, labels)
+    _, compiled_idle = _step_grads(compiled, distiller, x, targets, labels)
+    head = {'student.head_dist.weight', 'student.head_dist.bias'}
+    assert not head & eager_idle.keys() and compiled_idle.keys() == eager_idle.keys() | head
+    assert all(not compiled_idle[name].any() for name in head)
+    eager_out, eager_grads = _step_grads(distiller, distiller, x, targets, labels, epoch=1.0)
+    compiled_out, compiled_grads = _step_grads(compiled, distiller, x, targets, labels, epoch=1.0)
     torch.testing.assert_close(compiled_out['loss'], eager_out['loss'])
     assert compiled_out['terms'].keys() == eager_out['terms'].keys()
-    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    assert compiled_grads.keys() == eager_grads.keys() == {n for n, p in distiller.named_parameters()}
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -156,29 +161,32 @@ def _tiny_run_args(tmp_path, *extra):
             *extra]
 
 
-def test_compile_option_reaches_the_teacher_and_the_student(tmp_path, monkeypatch):
-    """``--compile`` (timm's habit) compiles both networks: the teacher's forward paths and the student's pass."""
-    from vitkd.run import build_run
+def _compiled_steps(tmp_path, monkeypatch, *args):
+    """The run ``args`` builds, and what ``torch.compile`` was handed (nothing is compiled)."""
+    from vitkd import run as runlib
     from vitkd.arguments import parse_args
-    compiled = []
-    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn.__name__) or fn)
-    cfg, _ = parse_args(_tiny_run_args(tmp_path, '--compile'))
-    assert cfg.compile_teacher and cfg.compile_student
-    r = build_run(cfg, Accelerator(cpu=True))
-    assert r.teacher.compiled
-    assert set(compiled) == {'forward_intermediates', 'forward_features', 'forward_head', 'forward', 'extract'}
-
-
-def test_compile_student_option_reaches_the_distiller(tmp_path, monkeypatch):
-    from vitkd.run import build_run
-    from vitkd.arguments import parse_args
-    from vitkd.features import extract as extract_fn
     compiled = []
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or fn)
-    cfg, _ = parse_args(_tiny_run_args(tmp_path, '--compile-student'))
-    assert cfg.compile_student and not cfg.compile_teacher
-    r = build_run(cfg, Accelerator(cpu=True))
-    assert compiled == [extract_fn] and not r.teacher.compiled
+    cfg, _ = parse_args(_tiny_run_args(tmp_path, *args))
+    return cfg, runlib.build_run(cfg, Accelerator(cpu=True)), compiled
+
+
+def test_compile_option_reaches_the_teacher_and_the_trained_module(tmp_path, monkeypatch):
+    """``--compile`` (timm's habit) compiles the teacher's forward paths at build and the trained module from the first
+    step (KD leaves no parameter idle)."""
+    cfg, r, compiled = _compiled_steps(tmp_path, monkeypatch, '--compile')
+    assert cfg.compile_teacher and cfg.compile_student and r.teacher.compiled
+    assert {fn.__name__ for fn in compiled} == {'forward_intermediates', 'forward_features', 'forward_head', 'forward'}
+    assert r.step_module.model_for_step(r.distiller, 0.0) is r.distiller and compiled[-1] is r.distiller
+
+
+def test_compile_student_compiles_the_module_from_the_first_step_without_idle_parameters(tmp_path, monkeypatch):
+    """A warm-up leaves the distillation head idle at its first step (weight 0) and ramps its weight until epoch 2: the
+    module trains eagerly until then (vitkd.ddp says why)."""
+    cfg, r, compiled = _compiled_steps(tmp_path, monkeypatch, '--compile-student', '--loss-opts', 'kd.warmup_epochs=2')
+    assert cfg.compile_student and not cfg.compile_teacher and not r.teacher.compiled and compiled == []
+    assert r.step_module.model_for_step(r.distiller, 1.5) is r.distiller and compiled == []
+    assert r.step_module.model_for_step(r.distiller, 2.0) is r.distiller and compiled == [r.distiller]
 
 
 def test_unfused_attention_computes_the_same_attention():

@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, groups['run'], ['--amp'], dest='habit_amp', action='store_true', default=None,
          help='mixed precision: = --mixed-precision bf16 (fp16 with --mixed-precision fp16)')
     _add(p, groups['run'], ['--compile'], dest='habit_compile', action=_Switch, default=None,
-         help='torch.compile teacher and student (= --compile-teacher --compile-student; either can be turned off '
-              'with --no-compile-teacher / --no-compile-student)')
+         help='torch.compile the teacher and the trained module (= --compile-teacher --compile-student; either can be '
+              'turned off with --no-compile-teacher / --no-compile-student)')
     _add(p, groups['data'], ['--pin-mem'], dest='habit_pin_mem', action='store_true', default=None,
          help='accepted for DeiT\'s scripts: loader memory is pinned whenever a GPU is used')
     for flag, reason in _REFUSED.items():

@@ -106,8 +106,8 @@ def _fit(cfg, r, accelerator, ckpt, stop, logger, guard) -> tuple[dict, dict, in
             epoch = state.epoch
             train_stats = train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
                                           cfg.clip_grad, r.ema, cfg.log_every, logger.step, step_hook=ckpt.step_hook,
-                                          unused_search=r.unused_search, stop=stop)
-            r.distiller = r.unused_search.latest(r.distiller)
+                                          step_module=r.step_module, stop=stop)
+            r.distiller = r.step_module.latest(r.distiller)
             faults = format_faults(train_stats)
             if faults:
                 log(f'warning: epoch {epoch}: {faults}')

@@ -135,8 +135,10 @@ class Config:
     teacher_pretrained: bool = option(True, 'load the teacher\'s weights (off only for smoke tests)', domain=Bool())
     compile_teacher: bool = option(False, 'torch.compile the teacher\'s forward (inductor; the first batches pay the '
                                    'compilation; --compile compiles teacher and student)', domain=Bool())
-    compile_student: bool = option(False, 'torch.compile the student\'s training forward (its taps, logits and '
-                                   'backward; inductor; evaluation and export stay eager)', domain=Bool())
+    compile_student: bool = option(False, 'torch.compile the trained module (student and methods\' parts; DDP-wrapped '
+                                   'on several processes, so all-reduce overlaps the backward) from the first step '
+                                   'that leaves no parameter idle; inductor unless the launcher\'s --dynamo_backend '
+                                   'says otherwise; evaluation and export stay eager', domain=Bool())
     teacher_cache: Optional[str] = option(None, 'teacher-output cache folder: epochs not cached yet record the '
                                        'teacher\'s logits (fp16) and pooled features (bf16) per sample with their '
                                        'augmentation seeds and checksums, cached epochs replay them without running '

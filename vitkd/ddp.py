@@ -13,27 +13,37 @@ Each setting follows from what a vitkd run's module holds and does:
   which saves a copy per step and one gradient-sized block of memory; the values are the same.
 * **Unused parameters** (``find_unused_parameters``): the search walks the autograd graph every step. It is on only
   while a step can leave a parameter without gradient (:func:`vitkd.distiller.idle_parameters_until`: a warm-up's
-  first batch, an epoch with the task CE off, methods whose parts idle); :class:`UnusedParameterSearch` then rewraps
+  first batch, an epoch with the task CE off, methods whose parts idle); :class:`StepModule` then rewraps
   the module without it at the first optimizer step after.
 * **No static graph**: it assumes the same graph every step, which warm-ups, staged methods and skipped terms break.
-* **Compilation** (``--compile-student``) compiles the student's pass only (``Distiller.compile_student``): its
-  backward runs as one compiled graph, so DDP receives the student's gradients together at its end and their
-  all-reduce does not overlap that backward. Compiling the whole prepared module (dynamo's DDP optimiser) would
-  overlap them (``accelerate launch --dynamo_backend`` does that), but the distiller's forward reads the fractional
-  epoch (warm-ups, phases) as Python numbers, and such a module trains differently from the eager one in a warm-up
-  run (``tests/test_multiprocess.py``, an expected failure).
+* **Compilation** (``--compile-student``, or the launcher's ``--dynamo_backend``): :class:`StepModule` compiles the
+  prepared module as a whole, DDP wrapper included. Dynamo then splits the module's graph where DDP's gradient buckets
+  end (its DDP optimiser: a first bucket of 1 MB, then ``bucket_cap_mb``), each piece has its own compiled backward,
+  and each bucket's all-reduce starts while the backward of the pieces before it in the forward still runs.
+  A compiled backward gives a zero gradient, where eager autograd gives none, to a parameter whose output the step
+  computes but its loss ignores (a distillation head while its term warms up from weight 0): AOTAutograd treats an
+  output that receives no gradient as one that receives zeros. AdamW then decays that parameter and advances its
+  moments, which eager training leaves alone. And a Python number that changes every step (a method weight ramping
+  up in a warm-up) cannot reach DDP's split graphs as a tensor: dynamo recompiles for each value and, after its
+  ``recompile_limit`` (8), runs the module eagerly. So the module is compiled from the first step at which no
+  parameter can be idle (:func:`vitkd.distiller.idle_parameters_until`, the bound the unused-parameter search ends at)
+  and no method weight ramps any more, and runs eagerly before it; a run whose every step can leave a parameter idle
+  is not compiled. The weights are then those of eager training (``tests/test_multiprocess.py``: 2 processes,
+  compiled against eager, bit-identical in float64). Methods whose own arithmetic takes such a number (mixup's λ in
+  DKD and ND, their internal ramps) meet the same recompilations; that is torch's limit, not worked around here.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['ddp_kwargs', 'sync_buffers_if_needed', 'rank_local_buffers', 'UnusedParameterSearch', 'ddp_of']
+__all__ = ['ddp_kwargs', 'sync_buffers_if_needed', 'rank_local_buffers', 'launcher_compile_kwargs', 'StepModule',
+           'ddp_of']
 
 
 def ddp_kwargs(find_unused_parameters: bool) -> DistributedDataParallelKwargs:
@@ -70,45 +80,67 @@ def rank_local_buffers(model: nn.Module) -> list[str]:
     return names
 
 
+def launcher_compile_kwargs() -> Optional[dict]:
+    """``torch.compile``'s arguments as the launcher asks for them (``accelerate launch --dynamo_backend …`` or its
+    config file, which Accelerate passes on as ``ACCELERATE_DYNAMO_*``), or None when it asks for no compilation.
+    vitkd compiles the module itself (:class:`StepModule`) rather than letting ``accelerator.prepare`` do it."""
+    plugin = TorchDynamoPlugin()
+    return None if plugin.backend == DynamoBackend.NO else plugin.to_kwargs()
+
+
 def ddp_of(model: nn.Module) -> Optional[DistributedDataParallel]:
     """The DDP wrapper of a prepared model (under a ``torch.compile`` wrapper or not), or None."""
     inner = getattr(model, '_orig_mod', model)
     return inner if isinstance(inner, DistributedDataParallel) else None
 
 
-class UnusedParameterSearch:
-    """DDP's search for parameters without gradient, only for the steps that need it.
+class StepModule:
+    """The module each optimizer step trains: DDP's search for unused parameters only while a step needs it, and the
+    compiled module once no step leaves a parameter idle.
 
     Args:
-        accelerator: the run's accelerator (its DDP settings and its compilation settings).
-        until: the fractional epoch from which no step leaves a parameter idle
-            (:func:`vitkd.distiller.idle_parameters_until`; ``inf``: the search stays on).
+        accelerator: the run's accelerator (its DDP settings).
+        search_until: the fractional epoch from which DDP drops its search
+            (:func:`vitkd.distiller.idle_parameters_until` or the ``--ddp-find-unused`` choice; ``inf``: never).
+        compile_from: the fractional epoch from which the module is compiled
+            (:func:`vitkd.distiller.idle_parameters_until`; ``inf``: never), or None when the run does not compile.
+        compile_kwargs: ``torch.compile``'s arguments (the launcher's dynamo settings; none: inductor's defaults).
 
-    The engine calls :meth:`model_for_step` at the start of every optimizer step; once the step's epoch reaches
-    ``until`` it returns the same module wrapped anew without the search (the old wrapper's gradient hooks are
-    removed). The gradients, hence the weights, are the same either way: the search only tells DDP which parameters
-    to mark ready without a gradient. A module compiled as a whole (not what ``--compile-student`` does) keeps the
-    search.
+    The engine calls :meth:`model_for_step` at the start of every optimizer step. Once the step's epoch reaches
+    ``search_until`` it wraps the same module anew without the search (the old wrapper's gradient hooks are removed);
+    the gradients, hence the weights, are the same either way: the search only tells DDP which parameters to mark ready
+    without a gradient. Once the epoch reaches ``compile_from`` it returns the module (its DDP wrapper on several
+    processes) under ``torch.compile``; why not before: :mod:`vitkd.ddp`.
     """
 
-    def __init__(self, accelerator: Accelerator, until: float):
-        self.accelerator, self.until = accelerator, until
-        self.rewrapped: Optional[nn.Module] = None
+    def __init__(self, accelerator: Accelerator, search_until: float, compile_from: Optional[float] = None,
+                 compile_kwargs: Optional[dict] = None):
+        self.accelerator, self.search_until = accelerator, search_until
+        self.compile_from, self.compile_kwargs = compile_from, compile_kwargs or {}
+        self.current: Optional[nn.Module] = None
 
     def latest(self, model: nn.Module) -> nn.Module:
-        """The module to train from now on: ``model``, or its rewrapped version once :meth:`model_for_step` made it."""
-        return self.rewrapped if self.rewrapped is not None else model
+        """The module to train from now on: ``model``, or the one :meth:`model_for_step` last made from it."""
+        return self.current if self.current is not None else model
 
     def model_for_step(self, model: nn.Module, epoch: float) -> nn.Module:
         """The module for an optimizer step at fractional ``epoch`` (call it before the step's first batch)."""
+        inner = getattr(model, '_orig_mod', model)
+        rewrapped = self._without_search(inner, epoch)
+        compile_now = self.compile_from is not None and epoch >= self.compile_from
+        if rewrapped is inner and (inner is not model or not compile_now):
+            return model
+        self.current = torch.compile(rewrapped, **self.compile_kwargs) if compile_now else rewrapped
+        return self.current
+
+    def _without_search(self, model: nn.Module, epoch: float) -> nn.Module:
+        """``model``, or its module wrapped anew without DDP's search once ``epoch`` reaches ``search_until``."""
         ddp = ddp_of(model)
-        if ddp is None or ddp is not model or not ddp.find_unused_parameters or epoch < self.until \
-                or math.isinf(self.until):
+        if ddp is None or not ddp.find_unused_parameters or epoch < self.search_until:
             return model
         kwargs = dict(self.accelerator.ddp_handler.to_kwargs(), find_unused_parameters=False)
         ddp._remove_autograd_hooks()
         rewrapped = DistributedDataParallel(ddp.module, device_ids=ddp.device_ids, output_device=ddp.output_device,
                                             **kwargs)
         rewrapped.forward_sync_buffers = ddp.forward_sync_buffers
-        self.rewrapped = rewrapped
         return rewrapped

@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from .build import build_losses
 from .config import Config, ConfigError
 from .cpu_malloc import tune_malloc
-from .ddp import ddp_kwargs
+from .ddp import ddp_kwargs, launcher_compile_kwargs
 from .distiller import LossEntry, idle_parameters_until
 from .rundir import name_output_dir
 
@@ -43,6 +43,10 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
     samples, in the same order, that one process with batch N·B trains on at step s (the augmentation of each sample is
     seeded by its index, whatever process loads it). DDP's settings and why: :mod:`vitkd.ddp` (its search for unused
     parameters starts on only when some step can leave a parameter without gradient, or with ``--ddp-find-unused``).
+
+    Compilation: the launcher's ``--dynamo_backend`` turns ``--compile-student`` on (written back into ``cfg``) and
+    gives its settings; Accelerate itself compiles nothing (:class:`vitkd.ddp.StepModule` compiles the prepared module
+    from the first step that leaves no parameter idle).
     """
     cuda = torch.cuda.is_available()
     requested = cfg.mixed_precision or os.environ.get('ACCELERATE_MIXED_PRECISION') or 'no'
@@ -54,9 +58,14 @@ def make_accelerator(cfg: Config, entries: Optional[list[LossEntry]] = None) -> 
         raise ConfigError(f'--mixed-precision bf16: this GPU ({torch.cuda.get_device_name()}) cannot do bf16; use fp16 '
                           'or no')
     until = 0.0 if cfg.eval_student else idle_parameters_until_of(cfg, entries)
+    if launcher_compile_kwargs() is not None:
+        if cfg.task != 'classify':
+            raise ConfigError(f'the launcher\'s dynamo backend compiles classification runs only: launch --task '
+                              f'{cfg.task} with --dynamo_backend no')
+        cfg.compile_student = True
     name_output_dir(cfg)
     accelerator = Accelerator(mixed_precision=requested, gradient_accumulation_steps=cfg.grad_accum_steps,
-                              log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda,
+                              log_with=cfg.log_with, project_dir=cfg.output_dir, cpu=not cuda, dynamo_backend='no',
                               dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
                               kwargs_handlers=[ddp_kwargs(find_unused_parameters=until > 0)])
     cfg.mixed_precision = accelerator.mixed_precision

@@ -94,8 +94,10 @@ class LossEntry:
     weight_given: bool = True
 
     def weight_at(self, epoch: float) -> float:
-        if self.warmup_epochs > 0:
-            return self.weight * min(1.0, epoch / self.warmup_epochs)
+        """The weight at fractional ``epoch``: ``weight`` itself once the warm-up is over (a constant, not a
+        function of the epoch, for a compiled step)."""
+        if epoch < self.warmup_epochs:
+            return self.weight * (epoch / self.warmup_epochs)
         return self.weight
 
 
@@ -134,7 +136,6 @@ class Distiller(nn.Module):
             e.loss.configure_taps(student, teacher.model if teacher is not None else None)
             self.student_spec = self.student_spec.merge(e.loss.student_taps)
             self.teacher_spec = self.teacher_spec.merge(e.loss.teacher_taps)
-        self._student_pass = extract
         self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
         self.needs_input_grad = any(e.loss.needs_input_grad for e in entries)
         self._setup_losses(info)
@@ -168,15 +169,9 @@ class Distiller(nn.Module):
         for loss in self.losses.values():
             loss.prepare_for_run(run)
 
-    def compile_student(self, **compile_kwargs) -> None:
-        """``torch.compile`` the student's training pass (:func:`extract`: taps and logits; AOTAutograd compiles its
-        backward with it). The student module itself is untouched: evaluation, EMA copies and the export stay eager.
-        The first steps pay the compilation (and once more where a phase changes the taps' graph)."""
-        self._student_pass = torch.compile(extract, **compile_kwargs)
-
     def student_features(self, images: torch.Tensor) -> Features:
-        """The student's taps and logits on ``images`` (compiled after :meth:`compile_student`)."""
-        return self._student_pass(self.student, images, self.student_spec, 'student')
+        """The student's taps and logits on ``images``."""
+        return extract(self.student, images, self.student_spec, 'student')
 
     def teacher_features(self, images: torch.Tensor) -> Features:
         """One frozen teacher pass under ``torch.inference_mode`` on the student's input, taps as contiguous fp32.

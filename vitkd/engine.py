@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vitkd.ddp import UnusedParameterSearch
+from vitkd.ddp import StepModule
 from vitkd.evaluation import evaluate, evaluate_teacher
 from vitkd.stopping import StopControl
 from vitkd.training import EpochBatches, NonFiniteGuard, NonFiniteLossError, TermMeter, TrainState
@@ -17,7 +17,7 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
                     guard: NonFiniteGuard, clip_grad: Optional[float] = None, ema=None, log_every: int = 50,
                     log_fn: Optional[Callable[[dict], None]] = None,
                     step_hook: Optional[Callable[[bool, bool], bool]] = None,
-                    unused_search: Optional[UnusedParameterSearch] = None, stop: Optional[StopControl] = None) -> dict:
+                    step_module: Optional[StepModule] = None, stop: Optional[StopControl] = None) -> dict:
     """One pass over ``batches`` from ``state.batches_done`` on (or until the step/time budget runs out).
 
     ``model`` is the prepared :class:`vitkd.distiller.Distiller`; ``batches`` yields its
@@ -27,10 +27,9 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     logged and a multi-process run agrees on signals and deadlines. ``step_hook(last_batch, collective)`` runs after
     every optimizer step (periodic checkpoints, preemption) and returns True to stop the epoch; then ``stop`` (the
     run's :class:`~vitkd.stopping.StopControl`, default one over ``state``) ends the epoch when the step or time budget
-    is spent. ``unused_search`` drops
-    DDP's search for unused parameters at the first optimizer step that no longer needs it (:mod:`vitkd.ddp`). Returns
-    the epoch means of the logged terms (over the processes), img/s, ``samples``, ``skipped_steps`` and, for a data set
-    that counts them, ``corrupt_images``.
+    is spent. ``step_module`` drops DDP's search for unused parameters and starts compilation at the first optimizer
+    steps that allow it (:mod:`vitkd.ddp`). Returns the epoch means of the logged terms (over the processes), img/s,
+    ``samples``, ``skipped_steps`` and, for a data set that counts them, ``corrupt_images``.
     """
     stop = stop if stop is not None else StopControl(accelerator, state)
     model.train()
@@ -42,8 +41,8 @@ def train_one_epoch(model, batches: EpochBatches, optimizer, scheduler, accelera
     progress = batches.epoch(state)
     for it, batch in progress:
         guard.before_forward()
-        if unused_search is not None and accelerator.step % accelerator.gradient_accumulation_steps == 0:
-            model = unused_search.model_for_step(model, batch.progress)  # only at an optimizer step's first batch
+        if step_module is not None and accelerator.step % accelerator.gradient_accumulation_steps == 0:
+            model = step_module.model_for_step(model, batch.progress)  # only at an optimizer step's first batch
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 out = model(batch)

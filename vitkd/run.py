@@ -6,6 +6,7 @@ the logs and the export are shared. Around it: the accelerator (:mod:`vitkd.devi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -20,9 +21,9 @@ from .build import (build_data, build_distiller, build_losses, build_models, bui
                     build_student, eval_data_config, scaled_lr, student_data_spec, use_plain_attention_if_needed)
 from .config import Config, ConfigError
 from .data import BatchMixer, DataSpec, dataset_targets
-from .ddp import UnusedParameterSearch, sync_buffers_if_needed
+from .ddp import StepModule, launcher_compile_kwargs, sync_buffers_if_needed
 from .devices import idle_parameters_until_of
-from .distiller import Distiller, LossEntry
+from .distiller import Distiller, LossEntry, idle_parameters_until
 from .evaluation import evaluate, evaluate_teacher
 from .export import check_label_names
 from .finetune import load_finetune_weights, open_source, use_source_architecture
@@ -55,7 +56,7 @@ class Run:
     student_params: int
     data_config: dict                   # the evaluation preprocessing (recorded with the exported student)
     teacher_cache: Optional[TeacherCache] = None
-    unused_search: Optional[UnusedParameterSearch] = None  # DDP's search for unused parameters, while steps need it
+    step_module: Optional[StepModule] = None  # DDP's search for unused parameters while steps need it; compilation
     evaluate_student: Optional[Callable[[torch.nn.Module], dict]] = None  # validation metrics of a student model
     evaluate_teacher: Optional[Callable[[], dict]] = None                 # the teacher's own metrics ('teacher_*')
     best_metric: str = 'avg_top1'       # the validation metric checkpoints/best keeps the highest of
@@ -94,8 +95,6 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                                 accelerator.num_processes, dataset_targets(train_loader.dataset), entries)
     distiller.to(device)  # parts a method's setup built on the host
     distiller.prepare_for_run(RunContext(cfg=cfg, teacher=teacher, spec=spec, accelerator=accelerator))
-    if cfg.compile_student:
-        distiller.compile_student()
     set_seed(cfg.seed + accelerator.process_index)  # per-process streams from here on (dropout, drop-path)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
     lr = scaled_lr(cfg, global_batch)
@@ -124,4 +123,18 @@ def build_run(cfg: Config, accelerator: Accelerator, entries: Optional[list[Loss
                steps_per_epoch=steps_per_epoch,
                student_params=sum(p.numel() for p in unwrapped.student.parameters()),
                data_config=eval_data_config(cfg, spec.input_size, spec.mean, spec.std), teacher_cache=teacher_cache,
-               unused_search=UnusedParameterSearch(accelerator, idle_parameters_until_of(cfg, entries)))
+               step_module=step_module(cfg, accelerator, entries))
+
+
+def step_module(cfg: Config, accelerator: Accelerator, entries: list[LossEntry]) -> StepModule:
+    """DDP's unused-parameter search while steps need it, and with ``--compile-student`` compilation from the first step
+    that can leave no parameter idle and whose weights no longer ramp up (:mod:`vitkd.ddp` says why; a run whose every
+    step can leave one idle is trained eagerly, and says so)."""
+    compile_from = None
+    if cfg.compile_student:
+        compile_from = max(idle_parameters_until(entries, cfg.epochs, cfg.task_weight),
+                           max((e.warmup_epochs for e in entries), default=0.0))
+    if compile_from == math.inf:
+        accelerator.print('--compile-student: every step of this run can leave a parameter without gradient, which a '
+                          'compiled step would give a zero gradient instead: the module is trained eagerly')
+    return StepModule(accelerator, idle_parameters_until_of(cfg, entries), compile_from, launcher_compile_kwargs())

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ..build import build_losses, build_optimizer, build_scheduler, scaled_lr
 from ..config import Config, ConfigError
 from ..data import DATASET_STATS, DataSpec, EpochSampler, seed_worker, worker_context
-from ..ddp import UnusedParameterSearch, sync_buffers_if_needed
+from ..ddp import StepModule, sync_buffers_if_needed
 from ..devices import idle_parameters_until_of
 from ..distiller import LossEntry
 from ..export import CheckpointError, load_student
@@ -196,7 +196,7 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
                student_params=sum(p.numel() for p in unwrapped.student.parameters()), data_config=data_config,
                evaluate_student=evaluate_student, evaluate_teacher=evaluate_teacher,
                best_metric=BEST_METRIC[cfg.task],
-               unused_search=UnusedParameterSearch(accelerator, idle_parameters_until_of(cfg, entries)))
+               step_module=StepModule(accelerator, idle_parameters_until_of(cfg, entries)))
 
 
 class DenseEpochBatches(EpochBatches):
