@@ -6,7 +6,9 @@ a two-sided paired t-test at 95 % cannot tell it from zero.
     python scripts/dense_results.py --task segment --methods none vkd kd --seeds 0 1 2 --max-steps 120
 
 Writes ``<out>/<task>_results.json`` and ``<out>/<task>_results.md`` (the command, the machine, the date, every run's
-numbers); the runs themselves go to ``--runs`` (not kept in the repository).
+numbers); the runs themselves go to ``--runs`` (not kept in the repository). ``--reuse <earlier results.json>``
+takes the runs of the methods that file holds (same task, seeds and step budget; the runs are deterministic on one
+machine) instead of running them again, and records where each method's numbers came from and when.
 """
 from __future__ import annotations
 
@@ -53,13 +55,28 @@ def main(argv=None) -> int:
     p.add_argument('--max-steps', type=int, default=120)
     p.add_argument('--runs', default='output/dense_results')
     p.add_argument('--out', default=str(REPO / 'docs' / 'dense'))
+    p.add_argument('--reuse', metavar='RESULTS_JSON', help='an earlier results file whose methods are not rerun')
     args = p.parse_args(argv)
     if 'none' not in args.methods:
         p.error('--methods must include none (the paired baseline)')
     metric = METRIC[args.task]
     results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
+    today = time.strftime('%Y-%m-%d')
+    provenance = {m: dict(date=today, command=None) for m in args.methods}
+    if args.reuse:
+        earlier = json.loads(Path(args.reuse).read_text())
+        if (earlier['task'], earlier['seeds'], earlier['max_steps']) != (args.task, args.seeds, args.max_steps):
+            p.error(f'--reuse {args.reuse}: task {earlier["task"]}, seeds {earlier["seeds"]}, '
+                    f'{earlier["max_steps"]} steps differ from this comparison')
+        for method in set(args.methods) & set(earlier['runs']):
+            results[method] = {s: earlier['runs'][method][str(s)] for s in args.seeds}
+            kept = earlier.get('provenance', {}).get(method, {})  # runs made by that file's own command: none kept
+            provenance[method] = kept if kept.get('command') else dict(date=earlier['date'],
+                                                                         command=earlier['command'])
     for seed in args.seeds:
         for method in args.methods:
+            if seed in results[method]:
+                continue
             results[method][seed] = run_one(args.task, method, seed, args.max_steps,
                                             Path(args.runs) / args.task / f'{method}_s{seed}')
             print(f'{method} seed {seed}: {metric} {results[method][seed][metric]:.2f}', flush=True)
@@ -72,16 +89,20 @@ def main(argv=None) -> int:
         rows.append(row)
     command = 'python scripts/dense_results.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     record = dict(command=command, task=args.task, metric=metric, seeds=args.seeds, max_steps=args.max_steps,
-                  machine='2-core CPU (shared with other jobs)', date=time.strftime('%Y-%m-%d'), rows=rows,
+                  machine='2-core CPU (shared with other jobs)', date=today, rows=rows, provenance=provenance,
                   runs={m: {str(s): v for s, v in r.items()} for m, r in results.items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'{args.task}_results.json').write_text(json.dumps(record, indent=2) + '\n')
     lines = [f'# Dense {args.task}: {metric} on the embedded Fashion-MNIST scenes (validation, 500 scenes)', '',
              f'`{command}` — {record["machine"]}, {record["date"]}; {args.max_steps} steps of the embedded preset per '
-             f'run, seeds {", ".join(map(str, args.seeds))}.', '',
-             f'| method | {metric} mean ± sd | per seed | paired gain over none (mean ± sd, 95 % CI half-width) |',
-             '|---|---|---|---|']
+             f'run, seeds {", ".join(map(str, args.seeds))}.', '']
+    reused = [m for m in args.methods if provenance[m]['command']]
+    if reused:
+        lines += [f'The {m} runs are those of `{provenance[m]["command"]}` ({provenance[m]["date"]}, same machine).'
+                  for m in reused] + ['']
+    lines += [f'| method | {metric} mean ± sd | per seed | paired gain over none (mean ± sd, 95 % CI half-width) |',
+              '|---|---|---|---|']
     for row in rows:
         gain = row.get('gain')
         shown = '—' if gain is None else (f'{gain["mean"]:+.2f} ± {gain["sd"]:.2f} (±{gain["ci95_half_width"]:.2f})'
