@@ -98,7 +98,7 @@ class FashionScenes(Dataset):
             mask[y0:y0 + side, x0:x0 + side][pixels >= ITEM_THRESHOLD] = 1 + int(self.item_labels[item])
             boxes.append([float(v) for v in box])
             labels.append(int(self.item_labels[item]))
-        image = torch.from_numpy(canvas).float().div(255).unsqueeze(0)  # [1, S, S]
+        image = _unit_scale(canvas).unsqueeze(0)  # [1, S, S]
         box_tensor, label_tensor = _boxes_of(labels, boxes)
         return dict(image=image, boxes=box_tensor, labels=label_tensor, mask=torch.from_numpy(mask))
 
@@ -146,8 +146,14 @@ def _read_image(path: Path, channels: int) -> torch.Tensor:
             array = np.asarray(img, dtype=np.uint8)
     except (OSError, SyntaxError) as e:
         raise DataFailure(f'unreadable image {path} ({e})') from None
-    tensor = torch.from_numpy(array.copy()).float().div(255)
+    tensor = _unit_scale(array.copy())
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def _unit_scale(array: np.ndarray) -> torch.Tensor:
+    """uint8 pixels → [0, 1] in torch's default float dtype, as torchvision's ``ToTensor`` (a float64 run, such as
+    the tests that compare process counts, gets float64 images)."""
+    return torch.from_numpy(array).to(torch.get_default_dtype()).div(255)
 
 
 class CocoDetectionSource(Dataset):
@@ -319,8 +325,8 @@ class DenseDataset(Dataset):
     def __init__(self, source: Dataset, task: str, mean: Sequence[float], std: Sequence[float],
                  augment: Optional[DenseAugment] = None):
         self.source, self.task, self.augment = source, task, augment
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mean = torch.tensor(mean).view(-1, 1, 1)  # the default float dtype, as the images
+        self.std = torch.tensor(std).view(-1, 1, 1)
         self.classes = source.classes
 
     def __len__(self) -> int:
