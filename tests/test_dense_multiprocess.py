@@ -113,14 +113,14 @@ def _launch_two(args: list[str], log: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_two_process_detection_matches_one_and_resumes_after_a_kill_exactly(scene_sets, tmp_path):
-    one, two = _one_and_two('detect', scene_sets['detect'], tmp_path, 'fitnet', 'vkd')
+    one, two = _one_and_two('detect', scene_sets['detect'], tmp_path, 'fitnet', 'vkd', 'nd')
     _assert_same_steps(one, two)
     assert_same_weights(one, two)
     summaries = [json.loads((run / 'summary.json').read_text())['student'] for run in (one, two)]
     assert summaries[0]['mAP'] == pytest.approx(summaries[1]['mAP'], abs=1e-6)
 
     out = tmp_path / 'killed'
-    args = _args('detect', scene_sets['detect'], out, 4, '--distill', 'fitnet', 'vkd', '--save-every-steps', '1',
+    args = _args('detect', scene_sets['detect'], out, 4, '--distill', 'fitnet', 'vkd', 'nd', '--save-every-steps', '1',
                  '--resume', 'auto')
     proc = _launch_two(args, tmp_path / 'killed.log')
     deadline = time.time() + 240
@@ -146,7 +146,7 @@ def test_two_process_detection_matches_one_and_resumes_after_a_kill_exactly(scen
 
 @pytest.mark.slow
 def test_two_process_segmentation_matches_one(scene_sets, tmp_path):
-    one, two = _one_and_two('segment', scene_sets['segment'], tmp_path, 'vkd', 'kd:0.5')
+    one, two = _one_and_two('segment', scene_sets['segment'], tmp_path, 'vkd', 'kd:0.5', 'nd')
     _assert_same_steps(one, two)
     assert_same_weights(one, two)
     summaries = [json.loads((run / 'summary.json').read_text())['student'] for run in (one, two)]
