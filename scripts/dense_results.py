@@ -21,22 +21,36 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 METRIC = {'segment': 'mIoU', 'detect': 'mAP'}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
 def run_one(task: str, method: str, seed: int, max_steps: int, run_dir: Path) -> dict:
-    """One embedded-preset run; returns its final validation metrics, exact (from log.jsonl)."""
+    """One embedded-preset run; returns its final validation metrics, exact (from log.jsonl). A run dir that already
+    holds this finished run (same task, method, seed and step budget) is read instead of rerun, so an interrupted
+    comparison continues where it stopped."""
     command = [sys.executable, str(REPO / 'main.py'), '--task', task, '--distill', method, '--seed', str(seed),
                '--max-steps', str(max_steps), '--output-dir', str(run_dir), '--overwrite', '--no-eval-teacher']
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f'{" ".join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}')
+    if not _finished(run_dir, task, method, seed, max_steps):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f'{" ".join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}')
     epochs = [r for r in map(json.loads, (run_dir / 'log.jsonl').read_text().splitlines()) if r['kind'] == 'epoch']
     summary = json.loads((run_dir / 'summary.json').read_text())
     return {**{k[4:]: v for k, v in epochs[-1].items() if k.startswith('val_')},
             'train_seconds': summary['train_seconds'], 'steps': summary['steps']}
+
+
+def _finished(run_dir: Path, task: str, method: str, seed: int, max_steps: int) -> bool:
+    if not (run_dir / 'summary.json').is_file() or not (run_dir / 'config.yaml').is_file():
+        return False
+    cfg = yaml.safe_load((run_dir / 'config.yaml').read_text())
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    return ((cfg['task'], cfg['distill'], cfg['seed'], cfg['max_steps']) == (task, [method], seed, max_steps)
+            and summary['steps'] == max_steps)
 
 
 def paired(gains: list[float]) -> dict:
