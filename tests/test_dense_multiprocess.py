@@ -8,6 +8,8 @@ that loads it, and scale jitter gives each process a different number of labelle
 counts the task losses divide by). The comparisons run in float64 with the tolerances derived in
 ``tests/test_multiprocess.py`` (``tests/float64_site``): ~1e-14 of reordering against 1e-9.
 
+Methods: fitnet, vkd and nd (detection), vkd, kd and nd (segmentation); nd's class centres come from a teacher pass
+split across the processes. dist is left out: its dense intra-class term is per process (documented).
 The student is timm's LayerNorm-only distilled DeiT (a BatchNorm student would use per-process batch statistics);
 the teacher a random dense CNN of the same task (frozen, its BatchNorm in eval mode).
 """
