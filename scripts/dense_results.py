@@ -87,8 +87,8 @@ def main(argv=None) -> int:
             kept = earlier.get('provenance', {}).get(method, {})  # runs made by that file's own command: none kept
             provenance[method] = kept if kept.get('command') else dict(date=earlier['date'],
                                                                          command=earlier['command'])
-    for seed in args.seeds:
-        for method in args.methods:
+    for method in args.methods:  # one method's seeds after another: an interrupted comparison leaves whole methods
+        for seed in args.seeds:
             if seed in results[method]:
                 continue
             results[method][seed] = run_one(args.task, method, seed, args.max_steps,
