@@ -147,6 +147,7 @@ def test_two_process_detection_matches_one_and_resumes_after_a_kill_exactly(scen
 
 
 @pytest.mark.slow
+@pytest.mark.ci_once
 def test_two_process_segmentation_matches_one(scene_sets, tmp_path):
     one, two = _one_and_two('segment', scene_sets['segment'], tmp_path, 'vkd', 'kd:0.5', 'nd')
     _assert_same_steps(one, two)

@@ -337,6 +337,10 @@ class DenseND(DenseDistillationLoss):
       a buffer, saved with the checkpoints. A class that never occurs keeps a zero centre (no region carries it).
     * A_l: a learned Linear(C_s, C_t) when the widths differ (the classification adapter's BatchNorm would use
       per-process region statistics), else the identity as in the paper's detectors (same widths).
+    * Regions are the ground-truth objects only: the paper's RoIs also include sampled background proposals (its 81st
+      class), which FCOS does not have.
+    * Weight: 1 unless given; the paper's detection configs (``configs/KD++/*.yaml``) use ND_WEIGHT 1.5
+      (``--distill nd:1.5``).
     * No ND "++" base loss is added here: combine with ``fitnet``, ``vkd``, ``kd`` in ``--distill``.
 
     Args:
