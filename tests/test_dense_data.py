@@ -136,8 +136,8 @@ def _write_coco(root, split='val', masks=False):
                             {'id': 3, 'image_id': 3, 'category_id': 1, 'bbox': [1, 1, 8, 8], 'area': 64,
                              'iscrowd': 0}]}
     if masks:  # a polygon (the 10×5 box), a crowd RLE (left out), an uncompressed RLE (the 8×8 box)
-        for ann, segmentation in zip(data['annotations'], ([[4, 2, 14, 2, 14, 7, 4, 7]], _rle_square(20, 40, 0, 20, 0, 40),
-                                                           _rle_square(32, 32, 1, 9, 1, 9))):
+        segmentations = ([[4, 2, 14, 2, 14, 7, 4, 7]], _rle_square(20, 40, 0, 20, 0, 40), _rle_square(32, 32, 1, 9, 1, 9))
+        for ann, segmentation in zip(data['annotations'], segmentations):
             ann['segmentation'] = segmentation
     (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(data))
 

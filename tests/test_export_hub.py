@@ -502,8 +502,9 @@ def test_dense_push_uploads_the_whole_segmenter_its_card_runs_and_eval_student_r
     assert 'The whole segmenter (backbone, feature pyramid and head)' in card
     assert 'horizontal flip' in card and 'RandAugment' not in card
 
-    snippet = 'torch_seed = __import__("torch").manual_seed(0)\n' + _python_block(card) + \
-        '\nfrom safetensors.torch import save_file\nsave_file({"logits": logits.contiguous(), "x": ((image - mean) / std).contiguous()}, OUT)\n'
+    saving = ('from safetensors.torch import save_file\n'
+              'save_file({"logits": logits.contiguous(), "x": ((image - mean) / std).contiguous()}, OUT)\n')
+    snippet = 'torch_seed = __import__("torch").manual_seed(0)\n' + _python_block(card) + '\n' + saving
     saved = tmp_path / 'card.safetensors'
     ran = run(['-c', snippet.replace('OUT', repr(str(saved)))],
               dict(hub_env(hub, tmp_path / 'fresh_hf_home'), OMP_NUM_THREADS='1'))

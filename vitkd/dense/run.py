@@ -26,8 +26,8 @@ from ..checkpoint import CheckpointError, load_student
 from ..config import Config, ConfigError
 from ..data import DATASET_STATS, DataSpec, EpochSampler, seed_worker, worker_context
 from ..ddp import UnusedParameterSearch, sync_buffers_if_needed
-from ..losses import RunContext
 from ..distiller import LossEntry
+from ..losses import RunContext
 from ..models import Teacher, create_teacher, set_fused_attention
 from ..run import Run, eval_output_dir, idle_parameters_until_of
 from ..training import EpochBatches, TrainState
@@ -239,7 +239,8 @@ def evaluate_dense(model: DenseModel, loader: DataLoader, accelerator: Accelerat
 
     Returns:
         ``{'mAP', 'AP50', 'AP75', 'images'}`` (with ``mask_mAP``, ``mask_AP50``, ``mask_AP75`` when the validation
-        set has instance masks and the model predicts them: torchvision's ``masks`` output) or ``{'mIoU', 'pixel_acc', 'iou_<class>' …, 'images'}``.
+        set has instance masks and the model predicts them: torchvision's ``masks`` output) or
+        ``{'mIoU', 'pixel_acc', 'iou_<class>' …, 'images'}``.
     """
     was_training = model.training
     model.eval()
