@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vitkd
+from test_dense_multiprocess import scene_sets  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = 'hf_vitkdTestSecret0123456789abcdef'
@@ -472,24 +473,27 @@ def test_eval_student_on_two_processes_counts_each_sample_once(trained, tmp_path
 
 # ---- a dense run: the whole detector / segmenter on the Hub -----------------------------------------------------
 
-DENSE_TINY = ['--student-kwargs', 'patch_size=8', 'depth=1', 'embed_dim=48', 'num_heads=3', '--batch-size', '8',
-              '--num-workers', '0', '--epochs', '1', '--warmup-epochs', '0', '--pyramid-channels', '32',
-              '--max-steps', '2', '--teacher', 'vitkd_dense_segmenter', '--no-teacher-pretrained', '--teacher-kwargs',
-              'backbone=test_resnet', 'in_chans=1', 'img_size=64', 'strides=[4, 8, 16]', 'pyramid_channels=32']
+DENSE_TINY = ['--input-size', '64', '--pyramid-strides', '4', '8', '16', '--student-kwargs', 'patch_size=8',
+              'depth=1', 'embed_dim=48', 'num_heads=3', '--batch-size', '8', '--num-workers', '0', '--epochs', '1',
+              '--warmup-epochs', '0', '--pyramid-channels', '32', '--max-steps', '2', '--teacher',
+              'vitkd_dense_segmenter', '--no-teacher-pretrained', '--teacher-kwargs', 'backbone=test_resnet',
+              'img_size=64', 'strides=[4, 8, 16]', 'pyramid_channels=32']
 
 
 def _python_block(card: str) -> str:
     return re.search(r'```python\n(.*?)```', card, re.S).group(1)
 
 
-def test_dense_push_uploads_the_whole_segmenter_its_card_runs_and_eval_student_reads_it_back(hub, tmp_path):
-    """``--task segment --push-to-hub``: the card's own snippet, run in a fresh process against the Hub, gives the
-    logits of a segmenter rebuilt independently (its constructor + the training checkpoint's ``student.*`` weights);
-    ``--eval-student hf-hub:…`` gives the run's own validation numbers."""
-    out, repo = tmp_path / 'seg', 'org/dense-seg'
+def test_dense_push_uploads_the_whole_segmenter_its_card_runs_and_eval_student_reads_it_back(hub, scene_sets,
+                                                                                              tmp_path):
+    """``--task segment --push-to-hub`` (a segmentation folder of 24 + 4 embedded scenes): the card's own snippet,
+    run in a fresh process against the Hub, gives the logits of a segmenter rebuilt independently (its constructor +
+    the training checkpoint's ``student.*`` weights); ``--eval-student hf-hub:…`` gives the run's own validation
+    numbers."""
+    out, repo, data = tmp_path / 'seg', 'org/dense-seg', str(scene_sets['segment'])
     env = hub_env(hub, tmp_path / 'hf_home')
-    result = run(['main.py', '--task', 'segment', '--distill', 'vkd', 'kd:0.5', *DENSE_TINY, '--output-dir', str(out),
-                  '--push-to-hub', '--hub-model-id', repo], env)
+    result = run(['main.py', '--task', 'segment', '--data-path', data, '--distill', 'vkd', 'kd:0.5', *DENSE_TINY,
+                  '--output-dir', str(out), '--push-to-hub', '--hub-model-id', repo], env)
     assert result.returncode == 0, result.stderr[-3000:]
     files = hub.repos[repo]
     assert set(files) == {'config.json', 'model.safetensors', 'README.md'}
@@ -525,8 +529,9 @@ def test_dense_push_uploads_the_whole_segmenter_its_card_runs_and_eval_student_r
         torch.set_num_threads(threads)
     assert got['logits'].shape == (1, 11, 64, 64) and torch.equal(got['logits'], expected)
 
-    evaluated = run(['main.py', '--task', 'segment', '--eval-student', '--student-ckpt', f'hf-hub:{repo}',
-                     '--output-dir', str(tmp_path / 'eval'), '--num-workers', '0'], hub_env(hub, tmp_path / 'h3'))
+    evaluated = run(['main.py', '--task', 'segment', '--data-path', data, '--eval-student', '--student-ckpt',
+                     f'hf-hub:{repo}', '--output-dir', str(tmp_path / 'eval'), '--num-workers', '0'],
+                    hub_env(hub, tmp_path / 'h3'))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / 'eval' / 'eval_student.json').read_text())['metrics']
     epochs = [r for r in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if r['kind'] == 'epoch']
