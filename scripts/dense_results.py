@@ -6,7 +6,9 @@ a two-sided paired t-test at 95 % cannot tell it from zero.
     python scripts/dense_results.py --task segment --methods none vkd kd --seeds 0 1 2 --max-steps 120
 
 Writes ``<out>/<task>_results.json`` and ``<out>/<task>_results.md`` (the command, the machine, the date, every run's
-numbers); the runs themselves go to ``--runs`` (not kept in the repository).
+numbers); the runs themselves go to ``--runs`` (not kept in the repository). ``--reuse <earlier results.json>``
+takes the runs of the methods that file holds (same task, seeds and step budget; the runs are deterministic on one
+machine) instead of running them again, and records where each method's numbers came from and when.
 """
 from __future__ import annotations
 
@@ -19,22 +21,36 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 METRIC = {'segment': 'mIoU', 'detect': 'mAP'}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
 def run_one(task: str, method: str, seed: int, max_steps: int, run_dir: Path) -> dict:
-    """One embedded-preset run; returns its final validation metrics, exact (from log.jsonl)."""
+    """One embedded-preset run; returns its final validation metrics, exact (from log.jsonl). A run dir that already
+    holds this finished run (same task, method, seed and step budget) is read instead of rerun, so an interrupted
+    comparison continues where it stopped."""
     command = [sys.executable, str(REPO / 'main.py'), '--task', task, '--distill', method, '--seed', str(seed),
                '--max-steps', str(max_steps), '--output-dir', str(run_dir), '--overwrite', '--no-eval-teacher']
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f'{" ".join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}')
+    if not _finished(run_dir, task, method, seed, max_steps):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f'{" ".join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}')
     epochs = [r for r in map(json.loads, (run_dir / 'log.jsonl').read_text().splitlines()) if r['kind'] == 'epoch']
     summary = json.loads((run_dir / 'summary.json').read_text())
     return {**{k[4:]: v for k, v in epochs[-1].items() if k.startswith('val_')},
             'train_seconds': summary['train_seconds'], 'steps': summary['steps']}
+
+
+def _finished(run_dir: Path, task: str, method: str, seed: int, max_steps: int) -> bool:
+    if not (run_dir / 'summary.json').is_file() or not (run_dir / 'config.yaml').is_file():
+        return False
+    cfg = yaml.safe_load((run_dir / 'config.yaml').read_text())
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    return ((cfg['task'], cfg['distill'], cfg['seed'], cfg['max_steps']) == (task, [method], seed, max_steps)
+            and summary['steps'] == max_steps)
 
 
 def paired(gains: list[float]) -> dict:
@@ -53,13 +69,28 @@ def main(argv=None) -> int:
     p.add_argument('--max-steps', type=int, default=120)
     p.add_argument('--runs', default='output/dense_results')
     p.add_argument('--out', default=str(REPO / 'docs' / 'dense'))
+    p.add_argument('--reuse', metavar='RESULTS_JSON', help='an earlier results file whose methods are not rerun')
     args = p.parse_args(argv)
     if 'none' not in args.methods:
         p.error('--methods must include none (the paired baseline)')
     metric = METRIC[args.task]
     results: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
-    for seed in args.seeds:
-        for method in args.methods:
+    today = time.strftime('%Y-%m-%d')
+    provenance = {m: dict(date=today, command=None) for m in args.methods}
+    if args.reuse:
+        earlier = json.loads(Path(args.reuse).read_text())
+        if (earlier['task'], earlier['seeds'], earlier['max_steps']) != (args.task, args.seeds, args.max_steps):
+            p.error(f'--reuse {args.reuse}: task {earlier["task"]}, seeds {earlier["seeds"]}, '
+                    f'{earlier["max_steps"]} steps differ from this comparison')
+        for method in set(args.methods) & set(earlier['runs']):
+            results[method] = {s: earlier['runs'][method][str(s)] for s in args.seeds}
+            kept = earlier.get('provenance', {}).get(method, {})  # runs made by that file's own command: none kept
+            provenance[method] = kept if kept.get('command') else dict(date=earlier['date'],
+                                                                         command=earlier['command'])
+    for method in args.methods:  # one method's seeds after another: an interrupted comparison leaves whole methods
+        for seed in args.seeds:
+            if seed in results[method]:
+                continue
             results[method][seed] = run_one(args.task, method, seed, args.max_steps,
                                             Path(args.runs) / args.task / f'{method}_s{seed}')
             print(f'{method} seed {seed}: {metric} {results[method][seed][metric]:.2f}', flush=True)
@@ -72,16 +103,20 @@ def main(argv=None) -> int:
         rows.append(row)
     command = 'python scripts/dense_results.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     record = dict(command=command, task=args.task, metric=metric, seeds=args.seeds, max_steps=args.max_steps,
-                  machine='2-core CPU (shared with other jobs)', date=time.strftime('%Y-%m-%d'), rows=rows,
+                  machine='2-core CPU (shared with other jobs)', date=today, rows=rows, provenance=provenance,
                   runs={m: {str(s): v for s, v in r.items()} for m, r in results.items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f'{args.task}_results.json').write_text(json.dumps(record, indent=2) + '\n')
     lines = [f'# Dense {args.task}: {metric} on the embedded Fashion-MNIST scenes (validation, 500 scenes)', '',
              f'`{command}` — {record["machine"]}, {record["date"]}; {args.max_steps} steps of the embedded preset per '
-             f'run, seeds {", ".join(map(str, args.seeds))}.', '',
-             f'| method | {metric} mean ± sd | per seed | paired gain over none (mean ± sd, 95 % CI half-width) |',
-             '|---|---|---|---|']
+             f'run, seeds {", ".join(map(str, args.seeds))}.', '']
+    reused = [m for m in args.methods if provenance[m]['command']]
+    if reused:
+        lines += [f'The {m} runs are those of `{provenance[m]["command"]}` ({provenance[m]["date"]}, same machine).'
+                  for m in reused] + ['']
+    lines += [f'| method | {metric} mean ± sd | per seed | paired gain over none (mean ± sd, 95 % CI half-width) |',
+              '|---|---|---|---|']
     for row in rows:
         gain = row.get('gain')
         shown = '—' if gain is None else (f'{gain["mean"]:+.2f} ± {gain["sd"]:.2f} (±{gain["ci95_half_width"]:.2f})'

@@ -106,7 +106,22 @@ def test_letterbox_scales_boxes_and_pads_masks():
     assert torch.allclose(boxes, torch.tensor([[4 * 1.6, 2 * 1.6, 14 * 1.6, 7 * 1.6]]))
 
 
-def _write_coco(root, split='val'):
+def _rle_square(height: int, width: int, top: int, bottom: int, left: int, right: int) -> dict:
+    """COCO's uncompressed RLE (column-major run lengths, starting with zeros) of rows [top, bottom) × columns
+    [left, right), written out by hand."""
+    counts, run, value = [], 0, 0
+    for x in range(width):
+        for y in range(height):
+            pixel = int(top <= y < bottom and left <= x < right)
+            if pixel != value:
+                counts.append(run)
+                run, value = 0, pixel
+            run += 1
+    counts.append(run)
+    return {'size': [height, width], 'counts': counts}
+
+
+def _write_coco(root, split='val', masks=False):
     (root / 'annotations').mkdir(parents=True, exist_ok=True)
     (root / split).mkdir(exist_ok=True)
     Image.fromarray(np.full((20, 40, 3), 128, np.uint8)).save(root / split / 'a.png')
@@ -120,6 +135,10 @@ def _write_coco(root, split='val'):
                              'iscrowd': 1},
                             {'id': 3, 'image_id': 3, 'category_id': 1, 'bbox': [1, 1, 8, 8], 'area': 64,
                              'iscrowd': 0}]}
+    if masks:  # a polygon (the 10×5 box), a crowd RLE (left out), an uncompressed RLE (the 8×8 box)
+        segmentations = ([[4, 2, 14, 2, 14, 7, 4, 7]], _rle_square(20, 40, 0, 20, 0, 40), _rle_square(32, 32, 1, 9, 1, 9))
+        for ann, segmentation in zip(data['annotations'], segmentations):
+            ann['segmentation'] = segmentation
     (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(data))
 
 
@@ -134,6 +153,33 @@ def test_coco_source_reads_boxes_and_categories(tmp_path):
     assert torch.allclose(source[0]['boxes'], torch.tensor([[2., 2., 18., 18.]]))  # 32 px → 64: ×2
     with pytest.raises(UsageError, match='instances_train.json'):
         CocoDetectionSource(str(tmp_path), 'train', 64)
+
+
+def test_coco_source_decodes_polygon_and_rle_masks_and_letterboxes_them(tmp_path):
+    _write_coco(tmp_path, masks=True)
+    source = CocoDetectionSource(str(tmp_path), 'val', 64)
+    assert source.has_masks
+    expected = torch.zeros(64, 64, dtype=torch.uint8)
+    expected[2:18, 2:18] = 1  # the RLE's rows/columns 1..8 of a 32 px image, ×2
+    assert torch.equal(source[0]['instances'], expected[None])
+    polygon = source[1]['instances']  # 40×20 → ×1.6, padded below
+    assert polygon.shape == (1, 64, 64) and polygon[0, 32:].sum() == 0
+    assert abs(int(polygon.sum()) - 10 * 5 * 1.6 ** 2) <= 2 * (10 + 5) * 1.6 + 4  # the area, up to its boundary pixels
+    flipped = DenseAugment(hflip=1.0)(source[0], np.random.default_rng(0))
+    assert torch.equal(flipped['instances'], expected.flip(-1)[None])
+    data = DenseDataset(source, 'detect', (0.5,) * 3, (0.5,) * 3)
+    assert 'masks' not in data[0][1] and torch.equal(DenseDataset(source, 'detect', (0.5,) * 3, (0.5,) * 3,
+                                                                  instance_masks=True)[0][1]['masks'], expected[None])
+
+
+def test_coco_masks_on_some_annotations_only_is_a_one_line_error(tmp_path):
+    _write_coco(tmp_path, masks=True)
+    ann_file = tmp_path / 'annotations' / 'instances_val.json'
+    data = json.loads(ann_file.read_text())
+    del data['annotations'][2]['segmentation']
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match='1 of 2 non-crowd annotations have a segmentation'):
+        CocoDetectionSource(str(tmp_path), 'val', 64)
 
 
 def _write_segfolder(root, bad_value=None):

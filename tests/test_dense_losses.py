@@ -1,5 +1,5 @@
-"""The dense forms of fitnet, vkd, kd and dist: the vectorised losses against per-pixel loops written independently
-(NumPy, float64), the level pairing, and the registry's errors."""
+"""The dense forms of fitnet, vkd, kd and dist (nd: tests/test_dense_nd.py): the vectorised losses against
+per-pixel loops written independently (NumPy, float64), the level pairing, and the registry's errors."""
 import inspect
 import math
 import re
@@ -144,13 +144,14 @@ def test_logit_losses_resize_the_teacher_to_the_student_grid():
 
 
 def test_registry_names_and_errors():
-    assert [n for n, _ in list_dense_losses()] == ['dist', 'fitnet', 'kd', 'none', 'vkd']
-    with pytest.raises(UsageError, match="'crd' has no dense form.*dist, fitnet, kd, none, vkd"):
+    assert [n for n, _ in list_dense_losses()] == ['dist', 'fitnet', 'kd', 'nd', 'none', 'vkd']
+    with pytest.raises(UsageError, match="'crd' has no dense form.*dist, fitnet, kd, nd, none, vkd"):
         create_dense_loss('crd')
     with pytest.raises(UsageError, match="no option head; its options: temperature"):
         create_dense_loss('kd', head='dist')
     for name, option, value in (('kd', 'temperature', 0), ('vkd', 'projector', 'spline'), ('dist', 'beta', -1),
-                                 ('fitnet', 'levels', [])):  # each refused by the domain its constructor declares
+                                 ('fitnet', 'levels', []), ('nd', 'levels', [])):
+        # each refused by the domain its constructor declares
         domain = option_domains(DENSE_LOSS_REGISTRY[name])[option]
         with pytest.raises(UsageError, match=re.escape(f"{name}'s {option} must be {domain.describe()}, got")):
             create_dense_loss(name, **{option: value})

@@ -1,8 +1,8 @@
-"""Dense metrics: mIoU against a hand computation; COCO box AP on cases with a known answer."""
+"""Dense metrics: mIoU against a hand computation; COCO box and mask AP on cases with a known answer."""
 import pytest
 import torch
 
-from vitkd.dense.metrics import coco_box_ap, confusion_matrix, iou_from_confusion
+from vitkd.dense.metrics import coco_box_ap, coco_mask_ap, confusion_matrix, encode_masks, iou_from_confusion
 
 CLASSES = ['bg', 'a', 'b']
 
@@ -59,3 +59,50 @@ def test_wrong_class_and_missing_detections():
     assert coco_box_ap(gt, wrong, CLASSES[1:])['mAP'] == 0.0
     empty = [{'boxes': torch.zeros(0, 4), 'scores': torch.zeros(0), 'labels': torch.zeros(0, dtype=torch.int64)}] * 2
     assert coco_box_ap(gt, empty, CLASSES[1:]) == {'mAP': 0.0, 'AP50': 0.0, 'AP75': 0.0}
+
+
+def _square(rows: slice, cols: slice, size: int = 32) -> torch.Tensor:
+    m = torch.zeros(size, size, dtype=torch.uint8)
+    m[rows, cols] = 1
+    return m
+
+
+def test_mask_ap_scores_by_mask_iou_not_box_iou():
+    """One object, one detection with the exact box but a mask covering 72 of the object's 100 pixels (IoU 0.72):
+    matched at the IoU thresholds .50 … .70 (5 of 10), so mask AP = 50, AP50 = 100, AP75 = 0; box AP stays 100."""
+    gt = [{'boxes': torch.tensor([[0., 0., 10., 10.]]), 'labels': torch.tensor([0]),
+           'masks': _square(slice(0, 10), slice(0, 10))[None]}]
+    det = [{'boxes': torch.tensor([[0., 0., 10., 10.]]), 'labels': torch.tensor([0]), 'scores': torch.tensor([0.9]),
+            'masks': _square(slice(0, 8), slice(0, 9))[None, None].float() * 0.8}]  # [d, 1, H, W] probabilities
+    assert coco_mask_ap(gt, det, ['a']) == pytest.approx({'mask_mAP': 50.0, 'mask_AP50': 100.0, 'mask_AP75': 0.0})
+    assert coco_box_ap(gt, det, ['a'])['mAP'] == pytest.approx(100.0)
+    assert encode_masks(det[0]['masks'])[0] == encode_masks(_square(slice(0, 8), slice(0, 9))[None])[0]
+
+
+def test_evaluate_dense_reports_mask_ap_for_a_model_that_predicts_masks(tmp_path):
+    """The validation targets keep the COCO masks; a detector whose output has ``masks`` gets segm AP beside box AP
+    (here it returns the ground truth, with one mask cut in half)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from tests.test_dense_data import _write_coco
+    from vitkd.dense.data import CocoDetectionSource, DenseDataset, collate_dense
+    from vitkd.dense.models import DenseDetector
+    from vitkd.dense.run import evaluate_dense
+    _write_coco(tmp_path, 'val', masks=True)
+    data = DenseDataset(CocoDetectionSource(str(tmp_path), 'val', 64), 'detect', (0.5,) * 3, (0.5,) * 3,
+                        instance_masks=True)
+    targets = [data[i][1] for i in range(len(data))]
+    model = DenseDetector('test_resnet', 2, img_size=64, strides=(4, 8, 16), pyramid_channels=32)
+    answers = [dict(t, scores=torch.ones(len(t['labels']))) for t in targets]
+    answers[1]['masks'] = answers[1]['masks'].clone()
+    answers[1]['masks'][0, :, :answers[1]['masks'].shape[-1] // 2] = 0
+    calls = iter(answers)
+    model.forward = lambda images: [next(calls)]
+    metrics = evaluate_dense(model, DataLoader(data, 1, collate_fn=collate_dense), Accelerator(cpu=True),
+                             ['person', 'dog'])
+    assert metrics['mAP'] == pytest.approx(100.0)
+    assert 0 < metrics['mask_mAP'] < 100.0
+    model.forward = lambda images: [{k: v for k, v in a.items() if k != 'masks'} for a in answers[:len(images)]]
+    assert 'mask_mAP' not in evaluate_dense(model, DataLoader(data, 2, collate_fn=collate_dense),
+                                            Accelerator(cpu=True), ['person', 'dog'])

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vitkd
+from test_dense_multiprocess import scene_sets  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = 'hf_vitkdTestSecret0123456789abcdef'
@@ -467,3 +469,70 @@ def test_eval_student_on_two_processes_counts_each_sample_once(trained, tmp_path
     expected = hand_metrics(reference_student(trained['out']), trained['data'])
     for key, value in expected.items():
         assert report['metrics'][key] == pytest.approx(value, abs=1e-4), key
+
+
+# ---- a dense run: the whole detector / segmenter on the Hub -----------------------------------------------------
+
+DENSE_TINY = ['--input-size', '64', '--pyramid-strides', '4', '8', '16', '--student-kwargs', 'patch_size=8',
+              'depth=1', 'embed_dim=48', 'num_heads=3', '--batch-size', '8', '--num-workers', '0', '--epochs', '1',
+              '--warmup-epochs', '0', '--pyramid-channels', '32', '--max-steps', '2', '--teacher',
+              'vitkd_dense_segmenter', '--no-teacher-pretrained', '--teacher-kwargs', 'backbone=test_resnet',
+              'img_size=64', 'strides=[4, 8, 16]', 'pyramid_channels=32']
+
+
+def _python_block(card: str) -> str:
+    return re.search(r'```python\n(.*?)```', card, re.S).group(1)
+
+
+def test_dense_push_uploads_the_whole_segmenter_its_card_runs_and_eval_student_reads_it_back(hub, scene_sets,
+                                                                                              tmp_path):
+    """``--task segment --push-to-hub`` (a segmentation folder of 24 + 4 embedded scenes): the card's own snippet,
+    run in a fresh process against the Hub, gives the logits of a segmenter rebuilt independently (its constructor +
+    the training checkpoint's ``student.*`` weights); ``--eval-student hf-hub:…`` gives the run's own validation
+    numbers."""
+    out, repo, data = tmp_path / 'seg', 'org/dense-seg', str(scene_sets['segment'])
+    env = hub_env(hub, tmp_path / 'hf_home')
+    result = run(['main.py', '--task', 'segment', '--data-path', data, '--distill', 'vkd', 'kd:0.5', *DENSE_TINY,
+                  '--output-dir', str(out), '--push-to-hub', '--hub-model-id', repo], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub.repos[repo]
+    assert set(files) == {'config.json', 'model.safetensors', 'README.md'}
+    assert files['model.safetensors'] == (out / 'student' / 'model.safetensors').read_bytes()
+    card = files['README.md'].decode()
+    meta = yaml.safe_load(card.split('---\n', 2)[1])
+    assert meta['pipeline_tag'] == 'image-segmentation' and {'vkd', 'kd'} <= set(meta['tags'])
+    summary = json.loads((out / 'summary.json').read_text())['student']
+    assert f'| student | {summary["mIoU"]:.2f} | {summary["pixel_acc"]:.2f} |' in card
+    assert 'The whole segmenter (backbone, feature pyramid and head)' in card
+    assert 'horizontal flip' in card and 'RandAugment' not in card
+
+    saving = ('from safetensors.torch import save_file\n'
+              'save_file({"logits": logits.contiguous(), "x": ((image - mean) / std).contiguous()}, OUT)\n')
+    snippet = 'torch_seed = __import__("torch").manual_seed(0)\n' + _python_block(card) + '\n' + saving
+    saved = tmp_path / 'card.safetensors'
+    ran = run(['-c', snippet.replace('OUT', repr(str(saved)))],
+              dict(hub_env(hub, tmp_path / 'fresh_hf_home'), OMP_NUM_THREADS='1'))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = load_file(str(saved))
+    config = json.loads((out / 'student' / 'config.json').read_text())
+    reference = timm.create_model(config['architecture'], **config['model_args'])
+    ckpt = sorted((out / 'checkpoints').glob('step_*'))[-1]
+    state = {k[len('student.'):]: v for k, v in load_file(str(ckpt / 'model.safetensors')).items()
+             if k.startswith('student.')}
+    reference.load_state_dict(state, strict=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels on both sides, one thread each: the same float32 sums
+    try:
+        with torch.no_grad():
+            expected = reference.eval()(got['x'])
+    finally:
+        torch.set_num_threads(threads)
+    assert got['logits'].shape == (1, 11, 64, 64) and torch.equal(got['logits'], expected)
+
+    evaluated = run(['main.py', '--task', 'segment', '--data-path', data, '--eval-student', '--student-ckpt',
+                     f'hf-hub:{repo}', '--output-dir', str(tmp_path / 'eval'), '--num-workers', '0'],
+                    hub_env(hub, tmp_path / 'h3'))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((tmp_path / 'eval' / 'eval_student.json').read_text())['metrics']
+    epochs = [r for r in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if r['kind'] == 'epoch']
+    assert metrics['mIoU'] == epochs[-1]['val_mIoU'] and metrics['pixel_acc'] == epochs[-1]['val_pixel_acc']

@@ -10,6 +10,9 @@ on one process, under ``accelerate launch`` (DDP) and in the tests' 2-process gl
   mean over ranks of the per-rank losses, i.e. the gradient of the global-batch loss when every rank computes the same
   global quantity.
 * :func:`all_reduce_sum`, :func:`broadcast_` — no-grad conveniences.
+* :func:`global_count_mean` — a sum over local items divided by the item count of the whole global batch, scaled so
+  that DDP's averaging of gradients gives the gradient of the global-batch mean (detection losses over foreground
+  points, pixel losses over labelled pixels: counts that differ between the processes).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ['is_distributed', 'get_world_size', 'get_rank', 'all_gather_no_grad', 'all_gather_with_grad',
-           'all_reduce_sum', 'broadcast_']
+           'all_reduce_sum', 'broadcast_', 'global_count_mean']
 
 
 def is_distributed() -> bool:
@@ -106,3 +109,23 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if get_world_size() > 1:
         dist.broadcast(x, src=src)
     return x
+
+
+def global_count_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+    """W·S_p / max(1, Σ_q n_q): process p's share of the global-batch mean Σ_q S_q / max(1, Σ_q n_q).
+
+    DDP averages the processes' gradients (÷ W), so the gradient applied is that of Σ_q S_q / max(1, Σ_q n_q), the
+    loss one process computes on the whole global batch; and the mean over the processes of the returned values (what
+    the term meter logs) is that loss too. Dividing each S_p by its own n_p instead would weight a process's items by
+    1/n_p: a different loss whenever the counts differ. The global count is the normaliser of FCOS as mmdetection
+    trains it (``reduce_mean(num_pos)``); torchvision's FCOS divides by the local count.
+
+    Args:
+        local_sum: S_p, a scalar with gradient.
+        local_count: n_p, a scalar count (no gradient).
+
+    Returns:
+        a scalar; on one process S / max(1, n).
+    """
+    total = all_reduce_sum(local_count.to(local_sum.dtype))
+    return local_sum * get_world_size() / total.clamp(min=1)

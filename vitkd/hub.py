@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import yaml
 
 from .config import Config, ConfigError, load_yaml
+from .dense.models import DENSE_ARCHITECTURES
 from .errors import HubError, server_failure
 from .models import default_cfgs as vitkd_cfgs
 from .validate import distill_spec
@@ -35,6 +36,12 @@ UPLOADED = ('config.json', 'model.safetensors', 'README.md')
 # Hub ids of the data sets vitkd knows (an ImageFolder run names its folder instead).
 HUB_DATASETS = {'fashion_mnist': 'zalando-datasets/fashion_mnist', 'cifar10': 'uoft-cs/cifar10',
                 'cifar100': 'uoft-cs/cifar100'}
+
+
+# A dense run's card: its Hub task tag and metric, the columns of its results table (summary keys).
+DENSE_CARDS = {'detect': dict(tag='object-detection', metric='mean_average_precision',
+                              columns=('mAP', 'AP50', 'AP75', 'mask_mAP', 'mask_AP50', 'mask_AP75')),
+               'segment': dict(tag='image-segmentation', metric='mean_iou', columns=('mIoU', 'pixel_acc'))}
 
 
 class HubPushError(HubError):
@@ -94,6 +101,33 @@ def _metric_rows(summary: dict) -> list[str]:
     return rows
 
 
+def _dense_metric_rows(summary: dict, task: str) -> list[str]:
+    """The table of a dense run's validation metrics (percent): the columns the run reported."""
+    student, teacher = summary.get('student') or {}, summary.get('teacher') or {}
+    columns = [c for c in DENSE_CARDS[task]['columns'] if c in student]
+    rows = [f'| model | {" | ".join(columns)} |', '|---' * (len(columns) + 1) + '|']
+    if all(f'teacher_{c}' in teacher for c in columns):
+        rows.append('| teacher | ' + ' | '.join(f'{teacher[f"teacher_{c}"]:.2f}' for c in columns) + ' |')
+    rows.append('| student | ' + ' | '.join(f'{student[c]:.2f}' for c in columns) + ' |')
+    return rows
+
+
+def _dense_load_lines(repo_id: str, task: str, input_size) -> list[str]:
+    """How to run a dense export: timm rebuilds the whole model (backbone, pyramid, head) once vitkd has
+    registered the architecture; the input is normalised with the export's mean and std."""
+    channels, size = input_size[0], input_size[-1]
+    output = (["    detections = model((image - mean) / std)  # per image: 'boxes' [d, 4] x0 y0 x1 y1 in pixels, "
+               "'scores' [d], 'labels' [d] (0..K-1)"] if task == 'detect' else
+              ['    logits = model((image - mean) / std)  # [B, K, H, W]; classes: logits.argmax(1)'])
+    return ['import timm', 'import torch', '', 'import vitkd  # registers vitkd_dense_detector / '
+            'vitkd_dense_segmenter in timm', '',
+            f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
+            "mean, std = (torch.tensor(model.pretrained_cfg[k]).view(-1, 1, 1) for k in ('mean', 'std'))",
+            f'image = torch.rand(1, {channels}, {size}, {size})  # values in [0, 1]; other sizes: scale the longer '
+            f'side to {size}, pad right and bottom with 0',
+            'with torch.no_grad():', *output, '# class names: config.json label_names']
+
+
 def model_card(run_dir: Path, repo_id: str) -> str:
     """The README.md (front matter + body) for the run's exported student."""
     run_dir = Path(run_dir)
@@ -104,10 +138,12 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     method_names = [m.name for m in methods if m.name != 'none']
     dataset = HUB_DATASETS.get(cfg.dataset) or (Path(cfg.data_path).name if cfg.data_path else cfg.dataset)
     license_ = getattr(cfg, 'hub_license', None)  # the user's choice only: no license is inferred for the weights
+    dense = DENSE_CARDS.get(cfg.task) if arch in DENSE_ARCHITECTURES.values() else None
+    tag, metric = (dense['tag'], dense['metric']) if dense else ('image-classification', 'accuracy')
     front = {'library_name': 'timm', **({'license': license_} if license_ else {}),
-             'tags': ['image-classification', 'timm', 'vitkd', 'knowledge-distillation', *method_names],
-             'datasets': [dataset], 'metrics': ['accuracy'], 'pipeline_tag': 'image-classification'}
-    needs_vitkd = arch.split('.')[0] in {name.split('.')[0] for name in vitkd_cfgs}
+             'tags': [tag, 'timm', 'vitkd', 'knowledge-distillation', *method_names],
+             'datasets': [dataset], 'metrics': [metric], 'pipeline_tag': tag}
+    needs_vitkd = dense or arch.split('.')[0] in {name.split('.')[0] for name in vitkd_cfgs}
     install = f'pip install vitkd=={__version__}' if needs_vitkd else 'pip install timm'
     mode = 'L' if tuple(pretrained_cfg.get('input_size', (3,)))[0] == 1 else 'RGB'
     load = ['import timm', 'import torch', 'from PIL import Image', '',
@@ -136,18 +172,26 @@ def model_card(run_dir: Path, repo_id: str) -> str:
               f'- optimizer {cfg.opt}, lr {cfg.lr:g}{" (unscaled)" if cfg.unscale_lr else " × global batch / 512"}, '
               f'weight decay {cfg.weight_decay:g}, schedule {cfg.sched} (warm-up {cfg.warmup_epochs:g} epochs, '
               f'min lr {cfg.min_lr:g}), clip-grad {cfg.clip_grad}',
-              f'- augmentation: RandAugment {cfg.aa}, 3-Augment {cfg.three_augment}, colour jitter '
-              f'{cfg.color_jitter:g}, random erasing {cfg.reprob:g}, mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g}, '
-              f'label smoothing {cfg.smoothing:g}',
+              (f'- augmentation: horizontal flip {cfg.hflip:g}, scale jitter {list(cfg.scale_jitter)}; pyramid '
+               f'strides {list(cfg.pyramid_strides)}, {cfg.pyramid_channels} channels' if dense else
+               f'- augmentation: RandAugment {cfg.aa}, 3-Augment {cfg.three_augment}, colour jitter '
+               f'{cfg.color_jitter:g}, random erasing {cfg.reprob:g}, mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g}, '
+               f'label smoothing {cfg.smoothing:g}'),
               f'- precision {cfg.mixed_precision}, seed {cfg.seed}, EMA {cfg.model_ema}'
               + (f' (decay {cfg.model_ema_decay:g})' if cfg.model_ema else '')]
     params = ', '.join(f'{k}={v}' for k, v in export.get('model_args', {}).items())
+    if dense:
+        load = _dense_load_lines(repo_id, cfg.task, tuple(pretrained_cfg.get('input_size', (3, 224, 224))))
+    what = (f'The whole {"detector" if cfg.task == "detect" else "segmenter"} (backbone, feature pyramid and head) '
+            if dense else '')
     body = [f'# {repo_id.split("/")[-1]}', '',
-            f'A `{arch}` student ({params}) distilled with vitkd from the teacher {teacher}.', '',
+            f'A `{arch}` student ({params}) distilled with vitkd from the teacher {teacher}.'
+            + (f' {what}is in model.safetensors.' if dense else ''), '',
             f'License: {license_ if license_ else "none given (the uploader did not set --hub-license)"}.', '',
             '## Distillation', '', *method_rows, '',
             '## Recipe', '', *recipe, '',
-            '## Results (validation set, final weights)', '', *_metric_rows(summary), '',
+            '## Results (validation set, final weights)', '',
+            *(_dense_metric_rows(summary, cfg.task) if dense else _metric_rows(summary)), '',
             '## How to load', '', '```bash', install, '```', '', '```python', *load, '```', '']
     return '---\n' + yaml.safe_dump(front, sort_keys=False) + '---\n\n' + '\n'.join(body)
 

@@ -71,8 +71,8 @@ def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
 CLASSIFY_ONLY = ('aa', 'three_augment', 'color_jitter', 'scale', 'train_interpolation', 'reprob', 'remode', 'recount',
                  'smoothing', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'eval_crop_ratio',
                  'aug_repeats', 'teacher_cache', 'teacher_cache_epochs', 'teacher_cache_topk', 'model_ema',
-                 'model_ema_decay', 'student_pretrained', 'compile_student', 'train_subset', 'push_to_hub',
-                 'hub_model_id', 'hub_private', 'hub_license', 'hf_image_column', 'hf_label_column', 'finetune')
+                 'model_ema_decay', 'student_pretrained', 'compile_student', 'train_subset', 'hf_image_column',
+                 'hf_label_column', 'finetune')
 DENSE_ONLY = ('pyramid_strides', 'pyramid_channels', 'scale_jitter', 'ignore_index')
 DENSE_DATASETS = {'detect': ('fashion_mnist', 'coco'), 'segment': ('fashion_mnist', 'segfolder')}
 

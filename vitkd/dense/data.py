@@ -36,7 +36,7 @@ BACKGROUND = 'background'
 
 
 def _boxes_of(labels: Sequence[int], boxes: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+    return (torch.tensor(boxes, dtype=torch.get_default_dtype()).reshape(-1, 4),
             torch.tensor(labels, dtype=torch.int64).reshape(-1))
 
 
@@ -98,7 +98,7 @@ class FashionScenes(Dataset):
             mask[y0:y0 + side, x0:x0 + side][pixels >= ITEM_THRESHOLD] = 1 + int(self.item_labels[item])
             boxes.append([float(v) for v in box])
             labels.append(int(self.item_labels[item]))
-        image = torch.from_numpy(canvas).float().div(255).unsqueeze(0)  # [1, S, S]
+        image = _unit_scale(canvas).unsqueeze(0)  # [1, S, S]
         box_tensor, label_tensor = _boxes_of(labels, boxes)
         return dict(image=image, boxes=box_tensor, labels=label_tensor, mask=torch.from_numpy(mask))
 
@@ -125,8 +125,7 @@ def letterbox(image: torch.Tensor, size: int, mask: Optional[torch.Tensor] = Non
         (image [C, S, S] zero-padded, mask [S, S] or None, boxes [n, 4] or None).
     """
     _, h, w = image.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = _letterboxed_size(h, w, size)
     out = image.new_zeros((image.shape[0], size, size))
     out[:, :nh, :nw] = F.interpolate(image[None], size=(nh, nw), mode='bilinear', align_corners=False)[0]
     out_mask = None
@@ -139,6 +138,22 @@ def letterbox(image: torch.Tensor, size: int, mask: Optional[torch.Tensor] = Non
     return out, out_mask, out_boxes
 
 
+def _letterboxed_size(h: int, w: int, size: int) -> tuple[int, int]:
+    scale = size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def letterbox_instances(instances: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary instance masks [n, H, W] uint8 letterboxed as :func:`letterbox` does their image (nearest, zero
+    padding right and bottom) → [n, S, S]."""
+    n, h, w = instances.shape
+    nh, nw = _letterboxed_size(h, w, size)
+    out = instances.new_zeros((n, size, size))
+    if n:
+        out[:, :nh, :nw] = F.interpolate(instances[None].float(), size=(nh, nw), mode='nearest')[0].to(out.dtype)
+    return out
+
+
 def _read_image(path: Path, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
@@ -146,8 +161,14 @@ def _read_image(path: Path, channels: int) -> torch.Tensor:
             array = np.asarray(img, dtype=np.uint8)
     except (OSError, SyntaxError) as e:
         raise DataFailure(f'unreadable image {path} ({e})') from None
-    tensor = torch.from_numpy(array.copy()).float().div(255)
+    tensor = _unit_scale(array.copy())
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def _unit_scale(array: np.ndarray) -> torch.Tensor:
+    """uint8 pixels → [0, 1] in torch's default float dtype, as torchvision's ``ToTensor`` (a float64 run, such as
+    the tests that compare process counts, gets float64 images)."""
+    return torch.from_numpy(array).to(torch.get_default_dtype()).div(255)
 
 
 class CocoDetectionSource(Dataset):
@@ -156,7 +177,10 @@ class CocoDetectionSource(Dataset):
 
     Categories become contiguous labels 0..K−1 in the order of their ids (names kept for the metrics). Crowd
     annotations (``iscrowd`` 1) and boxes without area are left out. Images are letterboxed to S (boxes scaled alike).
-    Every image of the file is a sample, with or without objects.
+    Every image of the file is a sample, with or without objects. When every kept annotation has a ``segmentation``
+    (polygons or RLE), each sample also has its instance masks (``instances`` [n, S, S] uint8, decoded by
+    pycocotools' ``annToMask`` and letterboxed with the image): the validation set's masks give mask AP for a model
+    that predicts masks (:func:`vitkd.dense.metrics.coco_mask_ap`).
     """
 
     def __init__(self, root: str, split: str, size: int, channels: int = 3):
@@ -177,6 +201,12 @@ class CocoDetectionSource(Dataset):
         if not self.image_ids or not self.category_ids:
             raise DataError(f'{ann_file} has {len(self.image_ids)} images and {len(self.category_ids)} categories; '
                             'both must be > 0')
+        kept = self.coco.loadAnns(self.coco.getAnnIds(iscrowd=False))
+        with_masks = sum(bool(a.get('segmentation')) for a in kept)
+        if 0 < with_masks < len(kept):
+            raise DataError(f'{ann_file}: {with_masks} of {len(kept)} non-crowd annotations have a segmentation; '
+                            'give every one a polygon or RLE, or none')
+        self.has_masks = with_masks > 0
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -184,15 +214,23 @@ class CocoDetectionSource(Dataset):
     def __getitem__(self, index: int) -> dict:
         info = self.coco.loadImgs(self.image_ids[index])[0]
         image = _read_image(self.image_dir / info['file_name'], self.channels)
-        boxes, labels = [], []
+        boxes, labels, instances = [], [], []
         for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=info['id'], iscrowd=False)):
             x, y, w, h = ann['bbox']
             if w > 0 and h > 0:
                 boxes.append([x, y, x + w, y + h])
                 labels.append(self.label_of[ann['category_id']])
+                if self.has_masks:
+                    instances.append(self.coco.annToMask(ann))  # [height, width] uint8
         box_tensor, label_tensor = _boxes_of(labels, boxes)
+        height, width = image.shape[-2:]
         image, _, box_tensor = letterbox(image, self.size, boxes=box_tensor)
-        return dict(image=image, boxes=box_tensor, labels=label_tensor, mask=None)
+        sample = dict(image=image, boxes=box_tensor, labels=label_tensor, mask=None)
+        if self.has_masks:
+            stacked = (torch.from_numpy(np.stack(instances)) if instances
+                       else torch.zeros(0, height, width, dtype=torch.uint8))
+            sample['instances'] = letterbox_instances(stacked, self.size)
+        return sample
 
 
 def _quiet_coco(coco_cls, ann_file: Path):
@@ -250,7 +288,7 @@ class SegmentationFolderSource(Dataset):
 
 
 class DenseAugment:
-    """Horizontal flip and scale jitter that move the boxes and the mask with the image.
+    """Horizontal flip and scale jitter that move the boxes, the mask and the instance masks with the image.
 
     Scale jitter: the sample is resized by s ~ U(``scale_range``) (bilinear image, nearest mask, boxes ×s), then cut
     (s > 1) or padded (s < 1) back to S at a random offset: padding is black with the ignore label, boxes are shifted,
@@ -266,10 +304,12 @@ class DenseAugment:
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         image, boxes, labels, mask = sample['image'], sample['boxes'], sample['labels'], sample['mask']
+        instances = sample.get('instances')  # [n, S, S] uint8 or None
         size = image.shape[-1]
         if rng.random() < self.hflip:
             image = image.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
+            instances = instances.flip(-1) if instances is not None else None
             if boxes is not None:
                 boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1)
         low, high = self.scale_range
@@ -279,12 +319,17 @@ class DenseAugment:
             image = F.interpolate(image[None], size=(scaled, scaled), mode='bilinear', align_corners=False)[0]
             if mask is not None:
                 mask = F.interpolate(mask[None, None].float(), size=(scaled, scaled), mode='nearest')[0, 0].long()
+            if instances is not None and len(instances):
+                instances = F.interpolate(instances[None].float(), size=(scaled, scaled),
+                                          mode='nearest')[0].to(torch.uint8)
             factor = scaled / size
             # offset of the S×S window in the scaled image (cut) or of the scaled image on the canvas (pad)
             offset_x, offset_y = (int(rng.integers(0, abs(scaled - size) + 1)) for _ in range(2))
             if scaled >= size:
                 image = image[:, offset_y:offset_y + size, offset_x:offset_x + size]
                 mask = mask[offset_y:offset_y + size, offset_x:offset_x + size] if mask is not None else None
+                if instances is not None and len(instances):
+                    instances = instances[:, offset_y:offset_y + size, offset_x:offset_x + size]
                 shift = (-offset_x, -offset_y)
             else:
                 canvas = image.new_zeros((image.shape[0], size, size))
@@ -294,13 +339,21 @@ class DenseAugment:
                     padded = torch.full((size, size), IGNORE_INDEX, dtype=torch.int64)
                     padded[offset_y:offset_y + scaled, offset_x:offset_x + scaled] = mask
                     mask = padded
+                if instances is not None and len(instances):
+                    canvas = instances.new_zeros((len(instances), size, size))
+                    canvas[:, offset_y:offset_y + scaled, offset_x:offset_x + scaled] = instances
+                    instances = canvas
                 shift = (offset_x, offset_y)
             if boxes is not None:
                 boxes = boxes * factor + torch.tensor([shift[0], shift[1], shift[0], shift[1]], dtype=boxes.dtype)
                 boxes = boxes.clamp(0, size)
                 keep = ((boxes[:, 2] - boxes[:, 0]) >= 2) & ((boxes[:, 3] - boxes[:, 1]) >= 2)
                 boxes, labels = boxes[keep], labels[keep]
-        return dict(image=image, boxes=boxes, labels=labels, mask=mask)
+                instances = instances[keep] if instances is not None else None
+        augmented = dict(image=image, boxes=boxes, labels=labels, mask=mask)
+        if instances is not None:
+            augmented['instances'] = instances
+        return augmented
 
 
 class DenseDataset(Dataset):
@@ -311,16 +364,19 @@ class DenseDataset(Dataset):
 
     Args:
         source: a :class:`FashionScenes`, :class:`CocoDetectionSource` or :class:`SegmentationFolderSource`.
-        task: ``detect`` (target ``{'boxes', 'labels'}``) or ``segment`` (target: the mask [S, S]).
+        task: ``detect`` (target ``{'boxes', 'labels'}``, plus ``'masks'`` [n, S, S] uint8 with
+            ``instance_masks`` and a source that has them) or ``segment`` (target: the mask [S, S]).
         mean, std: per-channel normalisation.
         augment: a :class:`DenseAugment` (training) or None.
+        instance_masks: keep a COCO source's instance masks in the targets (evaluation: mask AP; the FCOS head does
+            not train on them, so training leaves them out).
     """
 
     def __init__(self, source: Dataset, task: str, mean: Sequence[float], std: Sequence[float],
-                 augment: Optional[DenseAugment] = None):
-        self.source, self.task, self.augment = source, task, augment
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+                 augment: Optional[DenseAugment] = None, instance_masks: bool = False):
+        self.source, self.task, self.augment, self.instance_masks = source, task, augment, instance_masks
+        self.mean = torch.tensor(mean).view(-1, 1, 1)  # the default float dtype, as the images
+        self.std = torch.tensor(std).view(-1, 1, 1)
         self.classes = source.classes
 
     def __len__(self) -> int:
@@ -334,6 +390,8 @@ class DenseDataset(Dataset):
         image = (sample['image'] - self.mean) / self.std
         if self.task == 'detect':
             target = {'boxes': sample['boxes'], 'labels': sample['labels']}
+            if self.instance_masks and 'instances' in sample:
+                target['masks'] = sample['instances']
         else:
             target = sample['mask']
         return image, target, index

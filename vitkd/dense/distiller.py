@@ -98,6 +98,12 @@ class DenseDistiller(nn.Module):
             logits = model.forward_head(pyramid) if self.teacher_logits else None
         return DenseFeatures(pyramid, logits).apply(_loss_input)
 
+    def prepare_for_run(self, run) -> None:
+        """Each method's preparation on the run's device (dense ND's class centres: a teacher pass over
+        ``run.train_data``)."""
+        for loss in self.losses.values():
+            loss.prepare_for_run(run)
+
     def task_weight_at(self, epoch: float) -> float:
         return 1.0 if self.fixed_task_weight is None else self.fixed_task_weight
 

@@ -1,4 +1,4 @@
-"""Dense metrics: COCO box AP (pycocotools) and mean IoU from a confusion matrix."""
+"""Dense metrics: COCO box and mask AP (pycocotools) and mean IoU from a confusion matrix."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ['confusion_matrix', 'iou_from_confusion', 'coco_box_ap', 'COCO_AP_NAMES']
+__all__ = ['confusion_matrix', 'iou_from_confusion', 'coco_box_ap', 'coco_mask_ap', 'encode_masks',
+           'COCO_AP_NAMES']
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -61,20 +62,72 @@ def coco_box_ap(ground_truth: Sequence[dict], detections: Sequence[dict], class_
     Returns:
         ``{'mAP', 'AP50', 'AP75'}`` in percent (0 when there is nothing to detect or nothing detected).
     """
+    return _coco_ap(ground_truth, detections, class_names, 'bbox')
+
+
+def coco_mask_ap(ground_truth: Sequence[dict], detections: Sequence[dict], class_names: Sequence[str]) -> dict:
+    """COCO mask AP (COCOeval's ``segm``: the IoU of two instances is that of their masks, RLE-encoded here).
+
+    Args:
+        ground_truth: per image ``{'boxes', 'labels', 'masks'}``: masks as :func:`encode_masks` takes them.
+        detections: per image ``{'boxes', 'scores', 'labels', 'masks'}``, the same.
+        class_names: the K class names.
+
+    Returns:
+        ``{'mask_mAP', 'mask_AP50', 'mask_AP75'}`` in percent.
+    """
+    return {f'mask_{k}': v for k, v in _coco_ap(ground_truth, detections, class_names, 'segm').items()}
+
+
+def encode_masks(masks) -> list[dict]:
+    """Instance masks [n, H, W] or [n, 1, H, W] — binary, or probabilities thresholded at 0.5 (torchvision's Mask
+    R-CNN output) — as n COCO RLEs (pycocotools' encoder wants Fortran order); a list of RLEs is returned as is."""
+    from pycocotools import mask as mask_utils
+    if isinstance(masks, list):
+        return masks
+    m = np.asarray(masks, dtype=np.float64)
+    if m.size == 0:
+        return []
+    binary = (m.reshape(-1, *m.shape[-2:]) >= 0.5).astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for rle in rles:
+        rle['counts'] = rle['counts'].decode('ascii')
+    return rles
+
+
+def _coco_ap(ground_truth: Sequence[dict], detections: Sequence[dict], class_names: Sequence[str],
+             iou_type: str) -> dict:
+    """pycocotools' COCOeval of ``iou_type`` ('bbox' or 'segm') over the images in order: stats[0:3] in percent."""
+    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     images, annotations, results = [], [], []
+    segm = iou_type == 'segm'
     for image_id, (gt, det) in enumerate(zip(ground_truth, detections), start=1):
         images.append({'id': image_id})
-        for box, label in zip(np.asarray(gt['boxes'], dtype=np.float64).reshape(-1, 4), np.asarray(gt['labels'])):
+        gt_boxes = np.asarray(gt['boxes'], dtype=np.float64).reshape(-1, 4)
+        gt_masks = encode_masks(gt['masks']) if segm else [None] * len(gt_boxes)
+        for box, label, mask in zip(gt_boxes, np.asarray(gt['labels']), gt_masks):
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({'id': len(annotations) + 1, 'image_id': image_id, 'category_id': int(label) + 1,
-                                'bbox': [float(box[0]), float(box[1]), float(w), float(h)], 'area': float(w * h),
-                                'iscrowd': 0})
-        for box, score, label in zip(np.asarray(det['boxes'], dtype=np.float64).reshape(-1, 4),
-                                     np.asarray(det['scores']), np.asarray(det['labels'])):
-            results.append({'image_id': image_id, 'category_id': int(label) + 1, 'score': float(score),
-                            'bbox': [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+            annotation = {'id': len(annotations) + 1, 'image_id': image_id, 'category_id': int(label) + 1,
+                          'bbox': [float(box[0]), float(box[1]), float(w), float(h)], 'area': float(w * h),
+                          'iscrowd': 0}
+            if segm:  # the area COCOeval sorts instances into small / medium / large by: the mask's
+                annotation.update(segmentation=mask, area=float(mask_utils.area(mask)))
+            annotations.append(annotation)
+        det_boxes = np.asarray(det['boxes'], dtype=np.float64).reshape(-1, 4)
+        det_masks = encode_masks(det['masks']) if segm else [None] * len(det_boxes)
+        sizes = [m['size'] for m in (*gt_masks, *det_masks) if m]
+        if sizes:  # segm matching decodes each RLE at its image's size
+            images[-1].update(height=sizes[0][0], width=sizes[0][1])
+        for box, score, label, mask in zip(det_boxes, np.asarray(det['scores']), np.asarray(det['labels']),
+                                           det_masks):
+            result = {'image_id': image_id, 'category_id': int(label) + 1, 'score': float(score)}
+            if segm:
+                result['segmentation'] = mask
+            else:
+                result['bbox'] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+            results.append(result)
     if not annotations or not results:
         return {name: 0.0 for name in COCO_AP_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and the table
@@ -83,7 +136,7 @@ def coco_box_ap(ground_truth: Sequence[dict], detections: Sequence[dict], class_
                            'categories': [{'id': k + 1, 'name': n} for k, n in enumerate(class_names)]}
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, 'bbox')
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

@@ -43,10 +43,11 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 
+from ..distributed import get_world_size, global_count_mean
 from ..errors import UsageError
 
 __all__ = ['SimpleFeaturePyramid', 'ViTPyramid', 'CNNPyramid', 'build_pyramid', 'SemanticFPNHead', 'DenseSegmenter',
-           'DenseDetector', 'DENSE_ARCHITECTURES', 'level_name', 'IGNORE_INDEX']
+           'DenseDetector', 'GlobalFCOSHead', 'DENSE_ARCHITECTURES', 'level_name', 'IGNORE_INDEX']
 
 IGNORE_INDEX = 255  # the label of pixels a segmentation loss and metric skip (ADE20K / Cityscapes convention)
 VIT_SCALES = (4.0, 2.0, 1.0, 0.5)  # ViTDet's pyramid: map scale relative to the patch grid
@@ -272,7 +273,9 @@ class DenseSegmenter(DenseModel):
         return F.interpolate(logits, size=tuple(size), mode='bilinear', align_corners=False)
 
     def task_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pixel cross-entropy at the input resolution, averaged over the labelled pixels.
+        """Pixel cross-entropy at the input resolution, averaged over the labelled pixels of the global batch
+        (every process's: :func:`vitkd.distributed.global_count_mean`; padding and scale jitter leave each process
+        a different count).
 
         Args:
             logits: [B, K, h, w] from :meth:`forward_head`.
@@ -281,10 +284,10 @@ class DenseSegmenter(DenseModel):
         Returns:
             ``{'ce': scalar}`` (0 for a batch without labelled pixels; the count stays on the device).
         """
-        full = self.upsample(logits, masks.shape[-2:]).float()  # [B, K, H, W]
+        full = self.upsample(logits, masks.shape[-2:])  # [B, K, H, W]
+        full = full if full.dtype in (torch.float32, torch.float64) else full.float()
         total = F.cross_entropy(full, masks, ignore_index=self.ignore_index, reduction='sum')
-        labelled = (masks != self.ignore_index).sum().clamp(min=1)
-        return {'ce': total / labelled}
+        return {'ce': global_count_mean(total, (masks != self.ignore_index).sum())}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.upsample(self.forward_head(self.forward_pyramid(images)), images.shape[-2:])
@@ -306,7 +309,7 @@ class DenseDetector(DenseModel):
             raise DenseModelError(f'--pyramid-channels {channels}: FCOS\'s head normalises in 32 groups; use a '
                                   'multiple of 32 for detection')
         anchors = AnchorGenerator(sizes=tuple((s,) for s in self.strides), aspect_ratios=((1.0,),) * levels)
-        head = FCOSHead(channels, 1, num_classes, num_convs=head_convs)
+        head = GlobalFCOSHead(channels, 1, num_classes, num_convs=head_convs)
         # FCOS holds the pyramid as its backbone; its own resize/normalise transform is not used (the images arrive
         # normalised at the model's input size), so it is given the identity settings.
         self.fcos = FCOS(_PyramidRef(channels), num_classes, min_size=self.img_size, max_size=self.img_size,
@@ -325,7 +328,8 @@ class DenseDetector(DenseModel):
         return self.fcos.anchor_generator(image_list, levels), [x.shape[2] * x.shape[3] for x in levels]
 
     def task_loss(self, head_outputs: dict, pyramid, images: torch.Tensor, targets: list[dict]) -> dict:
-        """FCOS's losses: ``classification`` (sigmoid focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE).
+        """FCOS's losses: ``classification`` (sigmoid focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE),
+        each summed and divided by the foreground points of the global batch (:class:`GlobalFCOSHead`).
 
         Args:
             head_outputs: from :meth:`forward_head`.
@@ -346,6 +350,21 @@ class DenseDetector(DenseModel):
     def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         pyramid = self.forward_pyramid(images)
         return self.predict(self.forward_head(pyramid), pyramid, images)
+
+
+class GlobalFCOSHead(FCOSHead):
+    """torchvision's FCOS head (same layers and state dict) whose three losses are normalised by the foreground
+    points of the global batch instead of the process's own: on N processes at batch B the gradient is that of one
+    process at batch N·B (:func:`vitkd.distributed.global_count_mean`; torchvision's sums are undone by the local
+    count it divided by)."""
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, torch.Tensor]:
+        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)  # each Σ / max(1, n_local)
+        if get_world_size() == 1:
+            return losses  # the local count is the global one: torchvision's values, bit for bit
+        foreground = sum((m >= 0).sum() for m in matched_idxs)
+        local = foreground.clamp(min=1)
+        return {k: global_count_mean(v * local, foreground) for k, v in losses.items()}
 
 
 class _PyramidRef(nn.Module):

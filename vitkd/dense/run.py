@@ -28,7 +28,7 @@ from ..ddp import StepModule, sync_buffers_if_needed
 from ..devices import idle_parameters_until_of
 from ..distiller import LossEntry
 from ..export import CheckpointError, load_student
-from ..losses import Batch
+from ..losses import Batch, RunContext
 from ..models import Teacher, create_teacher, set_fused_attention
 from ..reports import DENSE_METRICS
 from ..run import Run
@@ -37,7 +37,7 @@ from ..training import EpochBatches, TrainState
 from .data import (CocoDetectionSource, DenseAugment, DenseDataset, FashionScenes, SegmentationFolderSource,
                    collate_dense, segmentation_classes)
 from .distiller import DenseDistiller
-from .metrics import coco_box_ap, confusion_matrix, iou_from_confusion
+from .metrics import coco_box_ap, coco_mask_ap, confusion_matrix, encode_masks, iou_from_confusion
 from .models import DENSE_ARCHITECTURES, IGNORE_INDEX, DenseDetector, DenseModel, DenseSegmenter
 
 __all__ = ['build_dense_run', 'DenseEpochBatches', 'evaluate_dense', 'eval_dense_student', 'dense_sources',
@@ -154,7 +154,7 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
     mean, std = _stats(cfg, student)
     augment = DenseAugment(cfg.hflip, cfg.scale_jitter)
     train = DenseDataset(train_source, cfg.task, mean, std, augment)
-    val = DenseDataset(val_source, cfg.task, mean, std)
+    val = DenseDataset(val_source, cfg.task, mean, std, instance_masks=True)
     train_loader, val_loader = _loaders(cfg, train, val, accelerator.num_processes)
     spec = DataSpec(num_classes=len(classes), input_size=input_size, mean=mean, std=std, classes=classes)
     teacher = build_dense_teacher(cfg, len(classes), mean, std)
@@ -169,6 +169,8 @@ def build_dense_run(cfg: Config, accelerator: Accelerator, entries: Optional[lis
         if cfg.compile_teacher:
             teacher.compile()
     distiller = DenseDistiller(student, teacher, entries, input_size, task_weight=cfg.task_weight).to(device)
+    distiller.prepare_for_run(RunContext(cfg=cfg, teacher=teacher, spec=spec, accelerator=accelerator,
+                                         train_data=DenseDataset(train_source, cfg.task, mean, std)))
     set_seed(cfg.seed + accelerator.process_index)
     steps_per_epoch = max(1, len(train_loader) // (accelerator.num_processes * cfg.grad_accum_steps))
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
@@ -239,7 +241,9 @@ def evaluate_dense(model: DenseModel, loader: DataLoader, accelerator: Accelerat
         prepare: maps the student-normalised images to the model's input (a teacher's re-normalisation).
 
     Returns:
-        ``{'mAP', 'AP50', 'AP75', 'images'}`` or ``{'mIoU', 'pixel_acc', 'iou_<class>' …, 'images'}``.
+        ``{'mAP', 'AP50', 'AP75', 'images'}`` (with ``mask_mAP``, ``mask_AP50``, ``mask_AP75`` when the validation
+        set has instance masks and the model predicts them: torchvision's ``masks`` output) or
+        ``{'mIoU', 'pixel_acc', 'iou_<class>' …, 'images'}``.
     """
     was_training = model.training
     model.eval()
@@ -254,16 +258,27 @@ def evaluate_dense(model: DenseModel, loader: DataLoader, accelerator: Accelerat
             outputs = model(inputs)
         images_seen += images.shape[0]
         if detector:
-            ground_truth += targets
-            detections += [{k: v.float().cpu() for k, v in d.items()} for d in outputs]
+            ground_truth += [_with_rle(t) for t in targets]
+            detections += [_with_rle({k: v.float().cpu() for k, v in d.items()}) for d in outputs]
         else:
             confusion += confusion_matrix(outputs.argmax(1), targets.to(device), len(classes), IGNORE_INDEX)
     model.train(was_training)
     if detector:
-        return {**coco_box_ap(ground_truth, detections, classes), 'images': images_seen}
+        metrics = coco_box_ap(ground_truth, detections, classes)
+        if ground_truth and all('masks' in t for t in ground_truth) and all('masks' in d for d in detections):
+            metrics.update(coco_mask_ap(ground_truth, detections, classes))  # a model that predicts masks
+        return {**metrics, 'images': images_seen}
     result = iou_from_confusion(confusion, classes)
     per_class = {f'iou_{name}': v for name, v in result['iou'].items() if v is not None}
     return {'mIoU': result['mIoU'], 'pixel_acc': result['pixel_acc'], **per_class, 'images': images_seen}
+
+
+def _with_rle(instances: dict) -> dict:
+    """A target's or a detection's instance masks as COCO RLE (kept over the validation set at a few bytes each,
+    not S² per instance)."""
+    if 'masks' not in instances:
+        return instances
+    return {**instances, 'masks': encode_masks(instances['masks'])}
 
 
 def eval_dense_student(cfg: Config, accelerator: Accelerator) -> int:
@@ -282,7 +297,7 @@ def eval_dense_student(cfg: Config, accelerator: Accelerator) -> int:
         raise CheckpointError(f'{source} predicts {model.num_classes} classes, the validation set has {len(classes)}')
     mean = tuple(pretrained_cfg.get('mean') or _stats(cfg, model)[0])
     std = tuple(pretrained_cfg.get('std') or _stats(cfg, model)[1])
-    val = DenseDataset(val_source, cfg.task, mean, std)
+    val = DenseDataset(val_source, cfg.task, mean, std, instance_masks=True)
     loader = DataLoader(val, max(1, int(1.5 * cfg.batch_size)), shuffle=False, collate_fn=collate_dense,
                         num_workers=cfg.num_workers or 0)
     if accelerator.device.type == 'cpu':

@@ -169,12 +169,15 @@ class RunContext:
         spec: the data's :class:`vitkd.data.DataSpec` (classes, input size, normalisation).
         accelerator: the run's Accelerator (device, processes), or None for a single process on the teacher's device.
         cache_dir: a folder for what the preparation caches (None: the loss's default cache).
+        train_data: a dense run's training set without augmentation (``(image, target, index)`` samples), for a
+            teacher pass over it (dense ND's class centres); None in classification.
     """
     cfg: Any
     teacher: Any
     spec: Any
     accelerator: Any = None
     cache_dir: Optional[str] = None
+    train_data: Any = None
 
 
 class DistillationLoss(nn.Module):

@@ -151,16 +151,18 @@ class DIST(DistillationLoss):
 
 
 def dist_dense_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0,
-                    gamma: float = 1.0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    gamma: float = 1.0, temperature: float = 1.0,
+                    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DIST on segmentation logits, the official segmentation form: (B, K, H, W) flattened to (B·H·W, K) rows.
 
     L_inter correlates the class distributions of each pixel; L_intra correlates, for each class, its probability
-    across all B·H·W pixels of the (per-process) batch.
+    across all B·H·W pixels of the batch (the process's, or every process's through ``gather``).
 
     Args:
         student_logits: z_s [B, K, H, W].
         teacher_logits: z_t [B, K, H, W].
         beta, gamma, temperature: β, γ, τ of :func:`dist_loss`.
+        gather: as in :func:`dist_loss` (None: the process's pixels).
 
     Returns:
         (τ²·β·L_inter, τ²·γ·L_intra).
@@ -168,34 +170,41 @@ def dist_dense_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     k = student_logits.shape[1]
     student_rows = student_logits.permute(0, 2, 3, 1).reshape(-1, k)  # [B·H·W, K]
     teacher_rows = teacher_logits.permute(0, 2, 3, 1).reshape(-1, k)  # [B·H·W, K]
-    return dist_loss(student_rows, teacher_rows.detach(), beta, gamma, temperature)
+    return dist_loss(student_rows, teacher_rows.detach(), beta, gamma, temperature, gather)
 
 
 @register_dense_loss('dist')
 class DenseDIST(DenseDistillationLoss):
     """DIST's dense form: inter- and intra-class Pearson relations over the B·H·W pixels of the batch.
 
-    As in the official segmentation code the intra-class term is computed over each process's pixels (a global
-    gather of B·H·W rows per step would cost far more than in classification); with one process that is the whole
-    batch. The teacher's logits are resized (bilinear) to the student's grid when their finest strides differ.
+    As in the official segmentation code the intra-class term is computed over each process's pixels by default
+    (``intra_scope='local'``: a gather of 2 × B·H·W·K probabilities per step costs far more than in classification);
+    with one process that is the whole batch, and on N processes a different loss. ``intra_scope='global'`` gathers
+    every process's pixels (:func:`vitkd.distributed.all_gather_with_grad`, as classification's default) so that N
+    processes at batch B compute the loss of one process at N·B. The teacher's logits are resized (bilinear) to the
+    student's grid when their finest strides differ.
 
     Args:
         beta, gamma: weights of the inter- and intra-class terms (the official module's 1, 1; the run's weight is
             the ``--distill dist:W`` factor).
         temperature: τ (the official segmentation form has none: 1).
+        intra_scope: ``local`` (each process's pixels, official) or ``global`` (all-gathered pixels).
     """
     paper = DIST.paper
     needs_logits = True
 
     def __init__(self, beta: Annotated[float, NonNegative()] = 1.0, gamma: Annotated[float, NonNegative()] = 1.0,
-                 temperature: Annotated[float, Positive()] = 1.0):
+                 temperature: Annotated[float, Positive()] = 1.0,
+                 intra_scope: Annotated[str, OneOf(*INTRA_SCOPES)] = 'local'):
         super().__init__()
         self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
+        self.intra_scope = intra_scope
 
     def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:
         z_s = at_least_fp32(student.logits)
+        gather = partial(all_gather_with_grad, equal_sizes=self.training) if self.intra_scope == 'global' else None
         inter, intra = dist_dense_loss(z_s, align_logits(z_s, teacher.logits), self.beta, self.gamma,
-                                       self.temperature)
+                                       self.temperature, gather)
         return {'inter': inter, 'intra': intra}
 
 

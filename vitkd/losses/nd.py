@@ -52,14 +52,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import roi_align
 
 from ..centers import centers_for_run, check_provenance, load_centers
-from ..domains import Bool, Integer, Interval, OneOf, OrNone, Text
+from ..distributed import all_reduce_sum, get_rank, get_world_size, global_count_mean
+from ..domains import Bool, Integer, Interval, ListOf, OneOf, OrNone, Text
+from ..dense.models import IGNORE_INDEX
 from ..features import Features, TapSpec
+from ._dense import DenseDistillationLoss, DenseFeatures, paired_levels, register_dense_loss
 from .base import Batch, DistillationLoss, LossSpecError, RunContext, RunInfo, register_loss
 from .functional import at_least_fp32
 
@@ -268,3 +273,151 @@ class ND(DistillationLoss):
             student_emb = self.adapter(student_emb)                        # [B, D_t]
         centers = mix_centers(self.centers, batch.labels, batch.labels_b, batch.lam, self.center_smoothing)
         return {'nd': factor * nd_loss(student_emb, teacher.pooled, centers)}
+
+
+# ---- dense form (detection / segmentation) ---------------------------------------------------------------------
+
+
+def box_embeddings(level: torch.Tensor, boxes: Sequence[torch.Tensor], stride: int) -> torch.Tensor:
+    """One embedding per ground-truth box: RoIAlign of the box on a pyramid level to a single bin.
+
+    Args:
+        level: [B, C, H/s, W/s].
+        boxes: per image [n_b, 4] xyxy in input pixels.
+        stride: s.
+
+    Returns:
+        [Σ n_b, C]: the mean of bilinear samples on a regular grid in the box (``aligned=True``: a box covering
+        whole cells samples exactly their centres, so its embedding is the mean of those cells).
+    """
+    rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])  # [R, 5]
+    return roi_align(level, rois.to(level.dtype), output_size=1, spatial_scale=1 / stride, sampling_ratio=-1,
+                     aligned=True).flatten(1)
+
+
+def region_embeddings(level: torch.Tensor, masks: torch.Tensor, num_classes: int,
+                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One embedding per (image, class present in its mask): the level's features averaged over the class's pixels.
+
+    Args:
+        level: [B, C, h, w] at stride s = H / h.
+        masks: [B, H, W] int64 labels, ``ignore_index`` unlabelled.
+        num_classes: K.
+        ignore_index: the unlabelled value.
+
+    Returns:
+        (embeddings [R, C], labels [R]), regions in (image, class) order: each cell of the level weighted by the
+        fraction of its s×s pixels that carry the class.
+    """
+    labels = masks.masked_fill(masks == ignore_index, num_classes)
+    onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2).to(level.dtype)  # [B, K, H, W]
+    weights = F.adaptive_avg_pool2d(onehot, level.shape[-2:])                                           # [B, K, h, w]
+    sums = torch.einsum('bkhw,bchw->bkc', weights, level)                                               # [B, K, C]
+    mass = weights.sum(dim=(2, 3))                                                                      # [B, K]
+    present = mass > 0
+    return sums[present] / mass[present].unsqueeze(1), present.nonzero()[:, 1]
+
+
+@register_dense_loss('nd')
+class DenseND(DenseDistillationLoss):
+    """ND's direction term on pooled pyramid features: per object (detection) or per class region (segmentation).
+
+    The paper's detection form (official ``Detection/model/rcnn.py``, ``utils.py::DirectNormLoss``) applies
+    L_ND = 1 − ⟨s, c_y/‖c_y‖⟩ / max(‖s‖, ‖t‖) to the RoI embeddings of Faster R-CNN's box head, the teacher's class
+    centres c averaged from its own RoI embeddings, summed over the RoIs and divided by their number. vitkd's FCOS has
+    no RoI head, so the embedding of an object is its pyramid features pooled over its box (RoIAlign to one bin, as
+    the box pooler; :func:`box_embeddings`), and in segmentation that of each class present in an image its features
+    averaged over the class's pixels (:func:`region_embeddings`); the label y is the object's or region's class. On
+    every shared level l (pairing by stride): s = A_l(pooled student), t = pooled teacher, c = C_l[y]; the loss is
+    the mean over the regions of the whole global batch (each process's sum divided by the global count:
+    :func:`vitkd.distributed.global_count_mean`), averaged over the levels.
+
+    * Centres C_l [K, C_t]: the mean of the teacher's pooled embeddings of each class over the training set, without
+      augmentation, computed before training by one teacher pass split across the processes (sums in float64);
+      a buffer, saved with the checkpoints. A class that never occurs keeps a zero centre (no region carries it).
+    * A_l: a learned Linear(C_s, C_t) when the widths differ (the classification adapter's BatchNorm would use
+      per-process region statistics), else the identity as in the paper's detectors (same widths).
+    * Regions are the ground-truth objects only: the paper's RoIs also include sampled background proposals (its 81st
+      class), which FCOS does not have.
+    * Weight: 1 unless given; the paper's detection configs (``configs/KD++/*.yaml``) use ND_WEIGHT 1.5
+      (``--distill nd:1.5``).
+    * No ND "++" base loss is added here: combine with ``fitnet``, ``vkd``, ``kd`` in ``--distill``.
+
+    Args:
+        levels: pyramid levels to use (``['s8', 's16']``); None = every level both models have.
+    """
+    paper = ND.paper
+
+    def __init__(self, levels: Annotated[Optional[Sequence[str]], OrNone(ListOf(Text()))] = None):
+        super().__init__()
+        self.levels = None if levels is None else [str(k) for k in levels]
+        self.adapters = nn.ModuleDict()
+        self.matched: list[str] = []
+        self.strides: dict[str, int] = {}
+        self.num_classes = 0
+
+    def setup(self, student: DenseFeatures, teacher: DenseFeatures, info) -> None:
+        self.matched = paired_levels(student, teacher, self.levels, 'nd')
+        self.adapters = nn.ModuleDict({k: nn.Linear(student.pyramid[k].shape[1], teacher.pyramid[k].shape[1])
+                                       for k in self.matched
+                                       if student.pyramid[k].shape[1] != teacher.pyramid[k].shape[1]})
+        self.strides = {k: int(k[1:]) for k in self.matched}
+        for k in self.matched:
+            self.register_buffer(f'centers_{k}', torch.zeros(0, teacher.pyramid[k].shape[1],
+                                                             device=teacher.pyramid[k].device))
+
+    def ddp_ignored_buffers(self) -> set[str]:
+        return {f'centers_{k}' for k in self.matched}  # identical on every rank (all-reduced sums)
+
+    def centers(self, level: str) -> torch.Tensor:
+        return getattr(self, f'centers_{level}')
+
+    def _embeddings(self, level: str, features: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [R, C], labels [R]) of a level: boxes for a detector's targets, class regions for masks."""
+        if isinstance(targets, torch.Tensor):
+            return region_embeddings(features, targets, self.num_classes, IGNORE_INDEX)
+        return (box_embeddings(features, [t['boxes'] for t in targets], self.strides[level]),
+                torch.cat([t['labels'] for t in targets]))
+
+    @torch.no_grad()
+    def prepare_for_run(self, run: RunContext) -> None:
+        """The teacher's class centres of every level: process p pools samples p, p + N, … of the training set."""
+        if run.teacher is None or run.train_data is None:
+            return
+        self.num_classes = run.spec.num_classes
+        device = next(run.teacher.model.parameters()).device
+        world, rank = get_world_size(), get_rank()
+        sums = {k: torch.zeros(self.num_classes, self.centers(k).shape[1], dtype=torch.float64, device=device)
+                for k in self.matched}
+        counts = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
+        mine = list(range(rank, len(run.train_data), world))
+        step = max(1, run.cfg.batch_size)
+        for start in range(0, len(mine), step):
+            samples = [run.train_data[i] for i in mine[start:start + step]]
+            images = torch.stack([s[0] for s in samples]).to(device)
+            targets = (torch.stack([s[1] for s in samples]).to(device) if isinstance(samples[0][1], torch.Tensor)
+                       else [{k: v.to(device) for k, v in s[1].items()} for s in samples])
+            pyramid = run.teacher.model.forward_pyramid(run.teacher.prepare_input(images))
+            for k in self.matched:  # the same regions, in the same order, at every level
+                emb, labels = self._embeddings(k, pyramid[k].double(), targets)
+                sums[k].index_add_(0, labels, emb)
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        counts = all_reduce_sum(counts).clamp(min=1).unsqueeze(1)
+        for k in self.matched:
+            setattr(self, f'centers_{k}', (all_reduce_sum(sums[k]) / counts).to(self.centers(k).dtype))
+
+    def forward(self, student: DenseFeatures, teacher: DenseFeatures, batch) -> dict[str, torch.Tensor]:
+        if not self.num_classes:
+            raise LossSpecError('nd needs the teacher\'s class centres, computed by the run before training')
+        losses = []
+        for k in self.matched:
+            s, labels = self._embeddings(k, student.pyramid[k], batch.targets)         # [R, C_s], [R]
+            t, _ = self._embeddings(k, teacher.pyramid[k], batch.targets)              # [R, C_t]
+            if k in self.adapters:
+                s = self.adapters[k](s)                                                # [R, C_t]
+            per_region = nd_per_sample(s, t, self.centers(k).to(s.dtype)[labels])
+            losses.append(global_count_mean(per_region.sum(), labels.new_tensor(len(labels))))
+        return {'nd': torch.stack(losses).mean()}
+
+
+__all__ += ['box_embeddings', 'region_embeddings', 'DenseND']
