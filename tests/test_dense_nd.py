@@ -41,7 +41,9 @@ def test_region_embeddings_weight_each_cell_by_its_share_of_the_class():
     masks[0, :2, :3] = 2                 # class 2: all of cell (0, 0), half of cell (0, 1)
     masks[0, 3, 3] = IGNORE_INDEX        # unlabelled: no class gets it
     masks[1] = 1
-    emb, labels = region_embeddings(level, masks, num_classes=3, ignore_index=IGNORE_INDEX)
+    emb, labels, present = region_embeddings(level, masks, num_classes=3, ignore_index=IGNORE_INDEX)
+    assert labels.tolist() == [0, 1, 2] * 2 and not emb[~present].any()  # every (image, class); absent ones zero
+    emb, labels = emb[present], labels[present]
     lv, m = level.numpy(), masks.numpy()
     expected, expected_labels = [], []
     for b in range(2):

@@ -2,8 +2,10 @@
 and no host wait for the device in a training step outside logging steps."""
 import json
 import os
+import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,8 +66,18 @@ class HostSyncs(TorchDispatchMode):
 
     def __init__(self, exclude=lambda: ()):
         super().__init__()
-        self.exclude, self.seen = exclude, []
-        self.python_level = _HostCopies(self.seen)
+        self.exclude, self.seen, self.sites = exclude, [], []
+        self.python_level = _HostCopies(self.record)
+
+    def record(self, what: str) -> None:
+        """One host sync: its kind in :attr:`seen`, and in :attr:`sites` the innermost caller outside torch and this
+        file ('file:line', the path from its package on), which for a backward op is the ``backward`` call."""
+        self.seen.append(what)
+        here = Path(__file__).resolve()
+        frame = next(f for f in reversed(traceback.extract_stack())
+                     if '/torch/' not in f.filename and Path(f.filename).resolve() != here)
+        self.sites.append(re.sub(r'^.*/(site-packages|vitkd)/', lambda m: '' if m[1] == 'site-packages' else 'vitkd/',
+                                 frame.filename) + f':{frame.lineno}')
 
     @property
     def count(self) -> int:
@@ -84,42 +96,44 @@ class HostSyncs(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name == '_local_scalar_dense':
             if not any(args[0] is t for t in self.exclude()):
-                self.seen.append(name)
+                self.record(name)
         elif name in _VALUE_SIZED:
-            self.seen.append(name)
+            self.record(name)
         elif name in ('index', 'index_put', 'index_put_', '_index_put_impl_') and any(map(_is_mask, args[1])):
-            self.seen.append(f'{name} with a boolean mask')
+            self.record(f'{name} with a boolean mask')
         elif name == 'repeat_interleave' and func._overloadname != 'self_int' and kwargs.get('output_size') is None:
-            self.seen.append('repeat_interleave without output_size')
+            self.record('repeat_interleave without output_size')
         return func(*args, **kwargs)
 
 
 class _HostCopies(TorchFunctionMode):
     """The Python-level half of :class:`HostSyncs`."""
 
-    def __init__(self, seen: list):
+    def __init__(self, record):
         super().__init__()
-        self.seen = seen
+        self.record = record
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, '__name__', '')
         if name in _HOST_COPIES and isinstance(args[0], torch.Tensor):
-            self.seen.append(f'Tensor.{name}')
+            self.record(f'Tensor.{name}')
         elif name == 'to' and not kwargs.get('non_blocking', False) and not any(a is True for a in args[1:]):
             if any(isinstance(a, str) and a == 'cpu' for a in (kwargs.get('device'), *args[1:])):
-                self.seen.append("Tensor.to('cpu') blocking")
+                self.record("Tensor.to('cpu') blocking")
         elif name == 'new_tensor' or name in ('tensor', 'as_tensor') and kwargs.get('device') not in (None, 'cpu'):
-            self.seen.append(f'torch.{name} onto the device')
+            self.record(f'torch.{name} onto the device')
         return func(*args, **kwargs)
 
 
-def count_syncs_per_step(argv, steps: int = 4, epochs: int = 1) -> list[list[str]]:
-    """Build the run of ``main.py <argv>`` and train ``epochs`` epochs of at most ``steps`` steps with logging only at
-    the end of each; returns the host syncs of each step (the last one of an epoch is a logging step; the first
-    also opens the epoch and runs the methods' one-off work)."""
+def count_syncs_per_step(argv, steps: int = 4, epochs: int = 1, sites: bool = False) -> list[list]:
+    """Build the run of ``main.py <argv>`` (a classification or a dense run, as the command line builds it) and train
+    ``epochs`` epochs of at most ``steps`` steps with logging only at the end of each; returns the host syncs of each
+    step (the last one of an epoch is a logging step; the first also opens the epoch and runs the methods' one-off
+    work), each a kind, or with ``sites`` a (kind, site) pair (:meth:`HostSyncs.record`)."""
     from vitkd.engine import train_one_epoch
     from vitkd.devices import make_accelerator
+    from vitkd.dense.run import build_dense_run
     from vitkd.run import build_run
     from vitkd.arguments import parse_args
     from vitkd.training import NonFiniteGuard, TrainState
@@ -127,20 +141,23 @@ def count_syncs_per_step(argv, steps: int = 4, epochs: int = 1) -> list[list[str
     cfg, _ = parse_args(argv + ['--max-steps', str(steps * epochs), '--log-every', str(steps), '--num-workers', '1',
                                 '--epochs', str(epochs)])
     accelerator = make_accelerator(cfg)
-    r = build_run(cfg, accelerator)
+    r = (build_run if cfg.task == 'classify' else build_dense_run)(cfg, accelerator)
     guard = NonFiniteGuard(cfg.nan_policy, r.distiller_unwrapped, accelerator)
     optimizer_steps = lambda: [s['step'] for s in r.optimizer.optimizer.state.values() if 'step' in s]  # noqa: E731
     per_step, mode = [], HostSyncs(optimizer_steps)
 
+    def recorded() -> list:
+        return list(zip(mode.seen, mode.sites)) if sites else mode.seen
+
     def step_hook(last_batch, collective):
-        per_step.append(mode.seen[sum(map(len, per_step)):])
+        per_step.append(recorded()[sum(map(len, per_step)):])
         return False
     with mode:
         for epoch in range(epochs):
             state = r.state if epoch == 0 else TrainState(epoch=epoch, step=r.state.step, max_steps=r.state.max_steps)
             train_one_epoch(r.distiller, r.batches, r.optimizer, r.scheduler, accelerator, state, guard,
                             cfg.clip_grad, r.ema, cfg.log_every, step_hook=step_hook)
-            per_step.append(mode.seen[sum(map(len, per_step)):])  # closing the epoch (the cache's end_epoch)
+            per_step.append(recorded()[sum(map(len, per_step)):])  # closing the epoch (the cache's end_epoch)
     return per_step
 
 
@@ -183,6 +200,30 @@ def test_no_host_sync_between_logging_steps(method, tmp_path):
     assert len(per_step) == 5
     assert _between_logging_steps(per_step) == [[], []], per_step
     assert per_step[-2], per_step  # the logging step reads the terms
+
+
+DENSE_TINY = ['--student-kwargs', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=1', '--batch-size', '4',
+              '--no-eval-teacher']
+
+
+@pytest.mark.parametrize('task,method', [('segment', m) for m in ('vkd', 'fitnet', 'kd', 'dist', 'nd')] +
+                         [('detect', m) for m in ('vkd', 'fitnet', 'nd')])
+def test_dense_steps_sync_only_inside_torchvision_s_detection_loss(task, method, tmp_path):
+    """A dense step of every method with a dense form (the embedded scenes and teacher of the task, a tiny student):
+    segmentation waits for the device at no step between logging steps. Detection waits only inside torchvision's
+    FCOS loss, whose anchor matching selects the foreground locations with boolean masks and reads their count
+    (``torchvision/models/detection/fcos.py``, ``torchvision/ops``), and in the backward of those selections (sited
+    at the ``backward`` call): vitkd's own detection code adds none."""
+    argv = ['-c', f'embedded_{task}', '--distill', method, *DENSE_TINY, '--output-dir', str(tmp_path / 'run')]
+    per_step = count_syncs_per_step(argv, sites=True)
+    assert len(per_step) == 5 and per_step[-2], per_step  # the logging step reads the terms
+    middle = [sync for step in _between_logging_steps(per_step) for sync in step]
+    if task == 'segment':
+        assert middle == [], middle
+    else:
+        outside = [(kind, site) for kind, site in middle if not site.startswith('torchvision/')
+                   and not (site.startswith('accelerate/accelerator.py') and 'boolean mask' in kind)]
+        assert middle and outside == [], outside
 
 
 def test_no_host_sync_while_the_teacher_cache_records_or_replays(tmp_path):

@@ -322,7 +322,7 @@ class CRD(DistillationLoss):
         """Z = N · mean of the first step's scores over every rank's batch (then constant)."""
         for z, anchor, memory in ((self.z_s, v_s, self.memory_t), (self.z_t, v_t, self.memory_s)):
             scores = contrast_scores(anchor, memory, contrast, self.nce_t)
-            total = vdist.all_reduce_sum(torch.stack([scores.sum(), scores.new_tensor(scores.numel())]))
+            total = vdist.all_reduce_sum(torch.stack([scores.sum(), scores.new_full((), scores.numel())]))
             z.fill_(float(total[0] / total[1]) * self.num_samples)
 
     @torch.no_grad()

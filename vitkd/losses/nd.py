@@ -296,8 +296,11 @@ def box_embeddings(level: torch.Tensor, boxes: Sequence[torch.Tensor], stride: i
 
 
 def region_embeddings(level: torch.Tensor, masks: torch.Tensor, num_classes: int,
-                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One embedding per (image, class present in its mask): the level's features averaged over the class's pixels.
+                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One embedding per (image, class): the level's features averaged over the class's pixels.
+
+    Every image gets all K classes, a class absent from it with a zero embedding and ``present`` False: the number of
+    regions is fixed (B·K), so no step waits for the device to count them.
 
     Args:
         level: [B, C, h, w] at stride s = H / h.
@@ -306,16 +309,17 @@ def region_embeddings(level: torch.Tensor, masks: torch.Tensor, num_classes: int
         ignore_index: the unlabelled value.
 
     Returns:
-        (embeddings [R, C], labels [R]), regions in (image, class) order: each cell of the level weighted by the
-        fraction of its s×s pixels that carry the class.
+        (embeddings [B·K, C], labels [B·K], present [B·K] bool), regions in (image, class) order: each cell of the
+        level weighted by the fraction of its s×s pixels that carry the class.
     """
-    labels = masks.masked_fill(masks == ignore_index, num_classes)
-    onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2).to(level.dtype)  # [B, K, H, W]
+    classes = torch.arange(num_classes, device=masks.device)
+    labelled = (masks != ignore_index).unsqueeze(1)
+    onehot = ((masks.unsqueeze(1) == classes.view(1, -1, 1, 1)) & labelled).to(level.dtype)          # [B, K, H, W]
     weights = F.adaptive_avg_pool2d(onehot, level.shape[-2:])                                           # [B, K, h, w]
     sums = torch.einsum('bkhw,bchw->bkc', weights, level)                                               # [B, K, C]
     mass = weights.sum(dim=(2, 3))                                                                      # [B, K]
-    present = mass > 0
-    return sums[present] / mass[present].unsqueeze(1), present.nonzero()[:, 1]
+    embeddings = sums / mass.clamp(min=torch.finfo(mass.dtype).tiny).unsqueeze(2)     # absent: 0 / tiny = 0
+    return embeddings.flatten(0, 1), classes.repeat(len(masks)), (mass > 0).flatten()
 
 
 @register_dense_loss('nd')
@@ -372,12 +376,14 @@ class DenseND(DenseDistillationLoss):
     def centers(self, level: str) -> torch.Tensor:
         return getattr(self, f'centers_{level}')
 
-    def _embeddings(self, level: str, features: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled [R, C], labels [R]) of a level: boxes for a detector's targets, class regions for masks."""
+    def _embeddings(self, level: str, features: torch.Tensor,
+                    targets) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(pooled [R, C], labels [R], present [R] or None = all) of a level: boxes for a detector's targets, every
+        (image, class) region for masks."""
         if isinstance(targets, torch.Tensor):
             return region_embeddings(features, targets, self.num_classes, IGNORE_INDEX)
         return (box_embeddings(features, [t['boxes'] for t in targets], self.strides[level]),
-                torch.cat([t['labels'] for t in targets]))
+                torch.cat([t['labels'] for t in targets]), None)
 
     @torch.no_grad()
     def prepare_for_run(self, run: RunContext) -> None:
@@ -398,10 +404,11 @@ class DenseND(DenseDistillationLoss):
             targets = (torch.stack([s[1] for s in samples]).to(device) if isinstance(samples[0][1], torch.Tensor)
                        else [{k: v.to(device) for k, v in s[1].items()} for s in samples])
             pyramid = run.teacher.model.forward_pyramid(run.teacher.prepare_input(images))
-            for k in self.matched:  # the same regions, in the same order, at every level
-                emb, labels = self._embeddings(k, pyramid[k].double(), targets)
+            for k in self.matched:  # the same regions, in the same order, at every level (absent ones add zeros)
+                emb, labels, present = self._embeddings(k, pyramid[k].double(), targets)
                 sums[k].index_add_(0, labels, emb)
-            counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64) if present is None
+                              else present.double())
         counts = all_reduce_sum(counts).clamp(min=1).unsqueeze(1)
         for k in self.matched:
             setattr(self, f'centers_{k}', (all_reduce_sum(sums[k]) / counts).to(self.centers(k).dtype))
@@ -411,12 +418,18 @@ class DenseND(DenseDistillationLoss):
             raise LossSpecError('nd needs the teacher\'s class centres, computed by the run before training')
         losses = []
         for k in self.matched:
-            s, labels = self._embeddings(k, student.pyramid[k], batch.targets)         # [R, C_s], [R]
-            t, _ = self._embeddings(k, teacher.pyramid[k], batch.targets)              # [R, C_t]
+            s, labels, present = self._embeddings(k, student.pyramid[k], batch.targets)  # [R, C_s], [R], [R]
+            t, _, _ = self._embeddings(k, teacher.pyramid[k], batch.targets)               # [R, C_t]
             if k in self.adapters:
-                s = self.adapters[k](s)                                                # [R, C_t]
-            per_region = nd_per_sample(s, t, self.centers(k).to(s.dtype)[labels])
-            losses.append(global_count_mean(per_region.sum(), labels.new_tensor(len(labels))))
+                s = self.adapters[k](s)                                                    # [R, C_t]
+            c = self.centers(k).to(s.dtype)[labels]                                        # [R, C_t]
+            if present is None:
+                per_region, count = nd_per_sample(s, t, c), labels.new_full((), len(labels))
+            else:  # an absent region computes on ones (finite, no gradient to the features) and counts zero
+                keep, one = present.unsqueeze(1), s.new_ones(())
+                s, t, c = (torch.where(keep, x, one) for x in (s, t, c))
+                per_region, count = nd_per_sample(s, t, c) * present, present.sum()
+            losses.append(global_count_mean(per_region.sum(), count))
         return {'nd': torch.stack(losses).mean()}
 
 
