@@ -23,26 +23,21 @@ import torch.nn as nn
 
 from .features import Features, TapSpec, extract
 from .losses import Batch, DistillationLoss, LossSpecError, RunContext, RunInfo
-from .losses.functional import soft_target_cross_entropy
+from .losses.functional import at_least_fp32, soft_target_cross_entropy
 from .models import Teacher, has_dist_head
 
-__all__ = ['Distiller', 'LossEntry', 'idle_parameters_until', 'may_leave_parameters_unused']
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Promote bf16/fp16 to fp32; fp32 and fp64 stay as they are (a float64 input keeps float64 precision)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+__all__ = ['DistillerBase', 'Distiller', 'LossEntry', 'from_inference', 'idle_parameters_until', 'may_leave_parameters_unused']
 
 
 def _as_loss_input(t: torch.Tensor) -> torch.Tensor:
     """At least fp32, contiguous NCHW (a channels_last teacher's maps would break the losses' ``view`` calls)."""
-    return _at_least_fp32(t).contiguous()
+    return at_least_fp32(t).contiguous()
 
 
-def _from_inference(t: torch.Tensor) -> torch.Tensor:
+def from_inference(t: torch.Tensor) -> torch.Tensor:
     """A normal (at least fp32) contiguous copy of an inference-mode tensor (which autograd may not save for
     backward)."""
-    return t.to(_at_least_fp32(t[:0]).dtype, memory_format=torch.contiguous_format, copy=True)
+    return t.to(at_least_fp32(t[:0]).dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def idle_parameters_until(entries: Sequence['LossEntry'], epochs: int, task_weight: Optional[float] = None) -> float:
@@ -101,7 +96,104 @@ class LossEntry:
         return self.weight
 
 
-class Distiller(nn.Module):
+class DistillerBase(nn.Module):
+    """What every trained module of a run shares, classification (:class:`Distiller`) or dense
+    (:class:`vitkd.dense.distiller.DenseDistiller`): one module holds everything that trains (the student and every
+    method's parts), so ``accelerator.prepare``, the optimizer and the checkpoints see all of it; the teacher is a
+    plain attribute (never wrapped, saved or optimised).
+
+    Args:
+        student: the student model.
+        teacher: the frozen :class:`Teacher` (None when no method needs one).
+        entries: the methods with weights/warm-ups.
+        task_weight: fixed factor on the task loss (None: product of the methods' ``task_weight``).
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[Teacher], entries: Sequence[LossEntry],
+                 task_weight: Optional[float] = None):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, 'teacher', teacher)  # deliberately not a submodule
+        self.losses = nn.ModuleDict({e.loss.name: e.loss for e in entries})
+        self.entries = {e.loss.name: e for e in entries}
+        self.fixed_task_weight = task_weight
+        for e in entries:
+            if e.loss.needs_teacher and teacher is None:
+                raise LossSpecError(f'loss {e.loss.name!r} needs a teacher (--teacher)')
+        self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
+
+    def example_student_features(self, images: torch.Tensor):
+        """The student's features the losses read, for :meth:`setup_losses`."""
+        return self.student_features(images)
+
+    def no_teacher_features(self):
+        """The teacher's features when the teacher does not run (empty)."""
+        return Features()
+
+    def setup_losses(self, input_size: tuple[int, int, int], info: Optional[RunInfo]) -> None:
+        """Let each loss build its trainable parts (projectors, regressors) from the shapes of one example pass of
+        both models (batch of 2, the student in eval mode), then tell DDP which of their buffers each rank keeps
+        identical itself (rank 0's must not be broadcast over them)."""
+        if any(type(e.loss).setup is not DistillationLoss.setup for e in self.entries.values()):
+            x = torch.zeros(2, *input_size, device=next(self.student.parameters()).device)
+            was_training = self.student.training
+            self.student.eval()
+            with torch.no_grad():
+                student = self.example_student_features(x)
+                teacher = self.teacher_features(x) if self.needs_teacher else self.no_teacher_features()
+            self.student.train(was_training)
+            for e in self.entries.values():
+                e.loss.setup(student, teacher, info)
+        ignored = sorted(f'losses.{name}.{b}' for name, loss in self.losses.items() for b in loss.ddp_ignored_buffers())
+        if ignored:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
+
+    def prepare_for_run(self, run: RunContext) -> None:
+        """Each method's :meth:`~vitkd.losses.DistillationLoss.prepare_for_run` (ND's class centres), with every model
+        on the run's device."""
+        for loss in self.losses.values():
+            loss.prepare_for_run(run)
+
+    def task_weight_at(self, epoch: float) -> float:
+        """The task loss's factor: ``--task-weight`` when given, else the product of the methods' own."""
+        if self.fixed_task_weight is not None:
+            return self.fixed_task_weight
+        weight = 1.0
+        for e in self.entries.values():
+            weight *= e.loss.task_weight(epoch)
+        return weight
+
+    def weighted_total(self, task: torch.Tensor, student, teacher, batch: Batch, terms: dict) -> torch.Tensor:
+        """w_task·task + Σ_i w_i(e)·Σ_terms L_i at ``batch.progress``, each method's terms recorded (detached,
+        unweighted) in ``terms`` as ``<method>.<term>``. A zero-weight method is not computed: no cost, and its parts
+        get no gradient."""
+        epoch = batch.progress
+        task_w = self.task_weight_at(epoch)
+        total = task_w * task if task_w else task.new_zeros(())
+        for name, entry in self.entries.items():
+            weight = entry.weight_at(epoch)
+            if weight == 0:
+                continue
+            for term, value in entry.loss(student, teacher, batch).items():
+                total = total + weight * value
+                terms[f'{name}.{term}'] = value.detach()
+        return total
+
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names that must not be decayed.
+
+        The student's ``no_weight_decay()`` (pos_embed, cls_token, dist_token) with the ``student.`` prefix, and every
+        parameter of a ``torch.nn.utils.parametrize`` parametrisation (VkD's orthogonal projector: decaying its
+        hidden tensor collapses the projection to zero). timm's optimizer factory also skips 1-D params and biases.
+        """
+        names = {f'student.{n}' for n in getattr(self.student, 'no_weight_decay', lambda: set())()}
+        names |= {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
+        for name, loss in self.losses.items():
+            names |= {f'losses.{name}.{n}' for n in loss.no_weight_decay()}
+        return names
+
+
+class Distiller(DistillerBase):
     """Student + distillation losses. ``forward`` returns ``{'loss', 'logits', 'terms'}``.
 
     Args:
@@ -114,20 +206,13 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: Optional[Teacher], entries: Sequence[LossEntry], info: RunInfo,
                  task_weight: Optional[float] = None):
-        super().__init__()
-        self.student = student
-        object.__setattr__(self, 'teacher', teacher)  # deliberately not a submodule
-        self.losses = nn.ModuleDict({e.loss.name: e.loss for e in entries})
-        self.entries = {e.loss.name: e for e in entries}
-        self.fixed_task_weight = task_weight
+        super().__init__(student, teacher, entries, task_weight)
         self.dist_head = has_dist_head(student)
         for e in entries:
             if e.loss.requires_dist_head and not self.dist_head:
                 raise LossSpecError(f'loss {e.loss.name!r} needs a student with a distillation token and head; '
                                     f'{info.student_name or type(student).__name__} has none (use e.g. '
                                     'deit_s_distilled or deit_small_distilled_patch16_224)')
-            if e.loss.needs_teacher and teacher is None:
-                raise LossSpecError(f'loss {e.loss.name!r} needs a teacher (--teacher)')
         self.student_spec = TapSpec(logits=True)
         self.teacher_spec = TapSpec()
         for e in entries:
@@ -136,38 +221,13 @@ class Distiller(nn.Module):
             e.loss.configure_taps(student, teacher.model if teacher is not None else None)
             self.student_spec = self.student_spec.merge(e.loss.student_taps)
             self.teacher_spec = self.teacher_spec.merge(e.loss.teacher_taps)
-        self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
         self.needs_input_grad = any(e.loss.needs_input_grad for e in entries)
-        self._setup_losses(info)
-        ignored = sorted(f'losses.{name}.{b}' for name, loss in self.losses.items() for b in loss.ddp_ignored_buffers())
-        if ignored:  # state the losses keep identical on every rank themselves: DDP must not broadcast rank 0's
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
+        self.setup_losses(info.input_size, info)
 
     @property
     def task_on_cls_head(self) -> bool:
         """The task loss trains the class head alone when some method trains the distillation head."""
         return self.dist_head and any(e.loss.uses_dist_head for e in self.entries.values())
-
-    def _setup_losses(self, info: RunInfo) -> None:
-        """Let each loss build its trainable parts from the shapes of one example forward (batch of 2)."""
-        if not any(type(e.loss).setup is not DistillationLoss.setup for e in self.entries.values()):
-            return
-        c, h, w = info.input_size
-        x = torch.zeros(2, c, h, w, device=next(self.student.parameters()).device)
-        was_training = self.student.training
-        self.student.eval()
-        with torch.no_grad():
-            student = extract(self.student, x, self.student_spec, 'student')
-            teacher = self.teacher_features(x) if self.needs_teacher else Features()
-        self.student.train(was_training)
-        for e in self.entries.values():
-            e.loss.setup(student, teacher, info)
-
-    def prepare_for_run(self, run: RunContext) -> None:
-        """Each method's :meth:`~vitkd.losses.DistillationLoss.prepare_for_run` (ND's class centres), with every model
-        on the run's device."""
-        for loss in self.losses.values():
-            loss.prepare_for_run(run)
 
     def student_features(self, images: torch.Tensor) -> Features:
         """The student's taps and logits on ``images``."""
@@ -185,21 +245,13 @@ class Distiller(nn.Module):
         with torch.inference_mode():
             feats = extract(self.teacher.model, self.teacher.prepare_input(images), self.teacher_spec, 'teacher',
                             only_requested=True)
-        return feats.apply(_from_inference)
+        return feats.apply(from_inference)
 
     def _teacher_forward_with_grad(self, images: torch.Tensor) -> Features:
         """Teacher pass that keeps the graph to the input (Sobolev, LwM, BSS); teacher weights stay frozen."""
         feats = extract(self.teacher.model, self.teacher.prepare_input(images), self.teacher_spec, 'teacher',
                         only_requested=True)
         return feats.apply(_as_loss_input)
-
-    def task_weight_at(self, epoch: float) -> float:
-        if self.fixed_task_weight is not None:
-            return self.fixed_task_weight
-        weight = 1.0
-        for e in self.entries.values():
-            weight *= e.loss.task_weight(epoch)
-        return weight
 
     def forward(self, batch: Batch) -> dict:
         """One training step's losses.
@@ -214,31 +266,23 @@ class Distiller(nn.Module):
             ``loss`` (scalar), ``logits`` (the student's averaged logits [B, K], for train accuracy), ``terms``
             (name → detached unweighted value, including ``task``).
         """
-        images, targets, epoch = batch.images, batch.targets, batch.progress
+        images, targets = batch.images, batch.targets
         if self.needs_input_grad:
             images = images.detach().requires_grad_(True)
         student = self.student_features(images)
         teacher_features = batch.teacher_features
         if teacher_features is None and self.needs_teacher:
             teacher_features = self.teacher_features(images)
-        teacher = teacher_features if teacher_features is not None else Features()
+        teacher = teacher_features if teacher_features is not None else self.no_teacher_features()
         task_logits = student.logits if self.task_on_cls_head else student.head_logits
         loss_batch = dataclasses.replace(batch, images=images, student_forward=self.student_features,
                                          teacher_forward=self._teacher_forward_with_grad if self.teacher is not None
                                          else None)
-        student32 = student.apply(_at_least_fp32)
+        student32 = student.apply(at_least_fp32)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            task = soft_target_cross_entropy(_at_least_fp32(task_logits), _at_least_fp32(targets))
-            task_w = self.task_weight_at(epoch)
-            total = task_w * task if task_w else task.new_zeros(())
+            task = soft_target_cross_entropy(at_least_fp32(task_logits), at_least_fp32(targets))
             terms = {'task': task.detach()}
-            for name, entry in self.entries.items():
-                weight = entry.weight_at(epoch)
-                if weight == 0:
-                    continue  # a zero-weight term is not computed: no cost, and its parts get no gradient
-                for term, value in entry.loss(student32, teacher, loss_batch).items():
-                    total = total + weight * value
-                    terms[f'{name}.{term}'] = value.detach()
+            total = self.weighted_total(task, student32, teacher, loss_batch, terms)
         return {'loss': total, 'logits': student.head_logits, 'terms': terms}
 
     def export_student(self) -> nn.Module:
@@ -247,16 +291,3 @@ class Distiller(nn.Module):
         for loss in self.losses.values():
             student = loss.export_student(student)
         return student
-
-    def no_weight_decay(self) -> set[str]:
-        """Full parameter names that must not be decayed.
-
-        The student's ``no_weight_decay()`` (pos_embed, cls_token, dist_token) with the ``student.`` prefix, and every
-        parameter of a ``torch.nn.utils.parametrize`` parametrisation (VkD's orthogonal projector: decaying its
-        hidden tensor collapses the projection to zero). timm's optimizer factory also skips 1-D params and biases.
-        """
-        names = {f'student.{n}' for n in getattr(self.student, 'no_weight_decay', lambda: set())()}
-        names |= {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
-        for name, loss in self.losses.items():
-            names |= {f'losses.{name}.{n}' for n in loss.no_weight_decay()}
-        return names

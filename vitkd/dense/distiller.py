@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..distiller import LossEntry
+from ..distiller import DistillerBase, LossEntry, from_inference
 from ..losses import Batch, LossSpecError
 from ..losses._dense import DenseDistillationLoss, DenseFeatures
 from ..losses.functional import at_least_fp32
@@ -27,12 +27,7 @@ from .models import DenseModel, DenseSegmenter
 __all__ = ['DenseDistiller']
 
 
-def _loss_input(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous, at least fp32, normal (not inference-mode) copy: what autograd may save for the losses."""
-    return t.to(at_least_fp32(t[:0]).dtype, memory_format=torch.contiguous_format, copy=True)
-
-
-class DenseDistiller(nn.Module):
+class DenseDistiller(DistillerBase):
     """Dense student + the methods' dense forms. ``forward(batch)`` → ``{'loss', 'terms'}``.
 
     Args:
@@ -40,17 +35,12 @@ class DenseDistiller(nn.Module):
         teacher: the frozen :class:`~vitkd.models.Teacher` around a dense model of the same task (None: no teacher).
         entries: the methods (dense forms) with weights and warm-ups.
         input_size: (C, S, S), for the losses' setup pass.
-        task_weight: factor on the task terms (None = 1).
+        task_weight: factor on the task terms (None: product of the methods' ``task_weight``, 1 for every dense form).
     """
 
     def __init__(self, student: DenseModel, teacher: Optional[Teacher], entries: Sequence[LossEntry],
                  input_size: tuple[int, int, int], task_weight: Optional[float] = None):
-        super().__init__()
-        self.student = student
-        object.__setattr__(self, 'teacher', teacher)  # deliberately not a submodule
-        self.losses = nn.ModuleDict({e.loss.name: e.loss for e in entries})
-        self.entries = {e.loss.name: e for e in entries}
-        self.fixed_task_weight = task_weight
+        super().__init__(student, teacher, entries, task_weight)
         self.segmentation = isinstance(student, DenseSegmenter)
         for e in entries:
             if not isinstance(e.loss, DenseDistillationLoss):
@@ -58,30 +48,19 @@ class DenseDistiller(nn.Module):
             if e.loss.needs_logits and not self.segmentation:
                 raise LossSpecError(f'loss {e.loss.name!r} compares per-pixel class distributions: --task segment '
                                     'only (for detection use fitnet or vkd on the pyramid)')
-            if e.loss.needs_teacher and teacher is None:
-                raise LossSpecError(f'loss {e.loss.name!r} needs a teacher (--teacher)')
         if teacher is not None and type(teacher.model) is not type(student):
             raise LossSpecError(f'the teacher {teacher.source} is a {type(teacher.model).__name__}, the student a '
                                 f'{type(student).__name__}: a dense run needs a teacher of the same task (a '
                                 'vitkd_dense_detector / vitkd_dense_segmenter folder, e.g. from '
                                 'scripts/train_dense_teacher.py)')
-        self.needs_teacher = teacher is not None and any(e.loss.needs_teacher for e in entries)
         self.teacher_logits = any(e.loss.needs_logits for e in entries)
-        self._setup_losses(input_size)
+        self.setup_losses(input_size, None)
 
-    def _setup_losses(self, input_size: tuple[int, int, int]) -> None:
-        """Each loss builds its parts (projectors, regressors) from one example pass of both models (batch of 2)."""
-        if not self.entries:
-            return
-        x = torch.zeros(2, *input_size, device=next(self.student.parameters()).device)
-        was_training = self.student.training
-        self.student.eval()
-        with torch.no_grad():
-            student, _ = self.student_features(x)
-            teacher = self.teacher_features(x) if self.needs_teacher else DenseFeatures(OrderedDict())
-        self.student.train(was_training)
-        for e in self.entries.values():
-            e.loss.setup(student, teacher, None)
+    def example_student_features(self, images: torch.Tensor) -> DenseFeatures:
+        return self.student_features(images)[0]
+
+    def no_teacher_features(self) -> DenseFeatures:
+        return DenseFeatures(OrderedDict())
 
     def student_features(self, images: torch.Tensor) -> tuple[DenseFeatures, object]:
         """(the student's pyramid and segmentation logits, its head outputs)."""
@@ -96,24 +75,15 @@ class DenseDistiller(nn.Module):
         with torch.inference_mode():
             pyramid = model.forward_pyramid(self.teacher.prepare_input(images))
             logits = model.forward_head(pyramid) if self.teacher_logits else None
-        return DenseFeatures(pyramid, logits).apply(_loss_input)
-
-    def prepare_for_run(self, run) -> None:
-        """Each method's preparation on the run's device (dense ND's class centres: a teacher pass over
-        ``run.train_data``)."""
-        for loss in self.losses.values():
-            loss.prepare_for_run(run)
-
-    def task_weight_at(self, epoch: float) -> float:
-        return 1.0 if self.fixed_task_weight is None else self.fixed_task_weight
+        return DenseFeatures(pyramid, logits).apply(from_inference)
 
     def forward(self, batch: Batch) -> dict:
         """One training step's losses: ``loss`` (scalar) and ``terms`` (name → detached unweighted value: the task
         terms as ``task.<name>``, the methods' as ``<method>.<term>``). ``batch.targets``: masks [B, S, S] int64
         (segmentation) or per image ``{'boxes', 'labels'}`` (detection), on the device."""
-        images, epoch = batch.images, batch.progress
+        images = batch.images
         student, head = self.student_features(images)
-        teacher = self.teacher_features(images) if self.needs_teacher else DenseFeatures(OrderedDict())
+        teacher = self.teacher_features(images) if self.needs_teacher else self.no_teacher_features()
         with torch.autocast(device_type=images.device.type, enabled=False):
             if self.segmentation:
                 task_terms = self.student.task_loss(at_least_fp32(head), batch.targets)
@@ -121,28 +91,10 @@ class DenseDistiller(nn.Module):
                 head32 = {k: at_least_fp32(v) for k, v in head.items()}
                 task_terms = self.student.task_loss(head32, student.pyramid, images, batch.targets)
             task = sum(task_terms.values())
-            task_w = self.task_weight_at(epoch)
-            total = task_w * task if task_w else task.new_zeros(())
             terms = {f'task.{k}': v.detach() for k, v in task_terms.items()}
-            student32 = student.apply(at_least_fp32)
-            for name, entry in self.entries.items():
-                weight = entry.weight_at(epoch)
-                if weight == 0:
-                    continue
-                for term, value in entry.loss(student32, teacher, batch).items():
-                    total = total + weight * value
-                    terms[f'{name}.{term}'] = value.detach()
+            total = self.weighted_total(task, student.apply(at_least_fp32), teacher, batch, terms)
         return {'loss': total, 'terms': terms}
 
     def export_student(self) -> nn.Module:
         """The whole dense model (backbone, pyramid, head); the methods' parts stay behind."""
         return self.student
-
-    def no_weight_decay(self) -> set[str]:
-        """The student's tokens and position embedding, every parametrisation (orthogonal projectors)."""
-        names = {f'student.{n}' for n in self.student.no_weight_decay()}
-        names |= {n for n, _ in self.named_parameters() if '.parametrizations.' in n}
-        for name, loss in self.losses.items():
-            names |= {f'losses.{name}.{n}' for n in loss.no_weight_decay()}
-        return names
-
