@@ -23,16 +23,12 @@ from PIL import Image, ImageOps
 import main
 import vitkd.cli
 from test_reliability import base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
+from test_reliability import data  # noqa: F401  (module fixture: a tiny image folder)
 from vitkd.config import Config
 from vitkd.errors import INTERNAL_ERROR, DataFailure, RunDirError, SaveError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures('one_core')
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data') / 'folder')
 
 
 @pytest.fixture(scope='module')

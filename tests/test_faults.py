@@ -20,23 +20,11 @@ from PIL import Image
 
 import main
 from vitkd import cli
-from test_reliability import base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
+from test_reliability import base_args, error_line, no_vitkd_frame, run, snapshot
+from test_reliability import data, previous  # noqa: F401  (module fixtures: a tiny image folder, a finished run)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures('one_core')
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data') / 'folder')
-
-
-@pytest.fixture(scope='module')
-def previous(data, tmp_path_factory) -> Path:
-    """A finished 1-epoch run (4 steps of 4 images)."""
-    out = tmp_path_factory.mktemp('prev') / 'run'
-    assert main.main(base_args(data, out)) == 0
-    return out
 
 
 def _with(args: list, option: str, *values) -> list:
