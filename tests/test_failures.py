@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 import main
 import vitkd.cli
-from test_reliability import base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
+from test_reliability import STUDENT, base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
 from vitkd.config import Config
 from vitkd.errors import INTERNAL_ERROR, DataFailure, RunDirError, SaveError, UsageError
 
@@ -160,6 +160,35 @@ def test_resume_auto_of_a_finished_run_changes_nothing(finished, data, capsys):
     code, out, err = run(resumed(data, finished), capsys)
     assert code == 0 and 'is a finished run' in out and 'nothing was changed' in out, (out[-2000:], err[-2000:])
     assert snapshot(finished) == before
+
+
+@pytest.mark.parametrize('extra,expected', [
+    (['--student-kwargs', 'depth=-1'], "student 'deit_ti_distilled' cannot be built with the kwargs"),
+    (['--student-kwargs', 'embed_dim=0'], 'embed_dim=0 (--student-kwargs): 0.0 cannot be raised'),
+    (['--student-kwargs', 'img_size=0'], 'img_size=0 (--student-kwargs): Expected a positive image size'),
+    (['--student-kwargs', 'num_heads=7'], 'num_heads=7 (--student-kwargs): dim should be divisible by num_heads'),
+    (['--student-kwargs', 'depth=abc'], 'depth=abc'),
+    (['--student-kwargs', 'img_size=[32'], "--student-kwargs: 'img_size=[32': the value '[32' is not a YAML value"),
+    (['--teacher-kwargs', 'foo=1'], "teacher 'regnety_002' cannot be built with the kwargs foo=1 (--teacher-kwargs): "),
+    (['--teacher', 'hf-hub:'], "teacher 'hf-hub:' names no Hub repo: write hf-hub:org/name"),
+])
+def test_model_kwargs_the_constructor_refuses_are_one_usage_line_naming_them(extra, expected, data, tmp_path, capsys,
+                                                                             recwarn):
+    """A constructor's refusal of the user's model kwargs is a usage error (exit 2) naming the kwargs and the
+    constructor's message; the warnings it gave before failing are not shown."""
+    args = base_args(data, tmp_path / 'run')
+    if extra[0] == '--student-kwargs':
+        args[args.index('--student-kwargs') + 1:args.index('--student-kwargs') + 6] = [
+            a for a in STUDENT[3:] if a.split('=')[0] != extra[1].split('=')[0]] + [extra[1]]
+    elif extra[0] == '--teacher':
+        args[args.index('--teacher') + 1] = extra[1]
+    else:
+        args += extra
+    code, out, err = run(args, capsys)
+    line = error_line(err)
+    assert code == UsageError.exit_code and expected in line, line
+    assert not [w for w in recwarn if 'zero-element' in str(w.message)]
+    assert not (tmp_path / 'run').exists()
 
 
 def test_an_output_dir_under_a_file_is_refused_before_the_build(data, tmp_path, capsys):

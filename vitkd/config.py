@@ -282,7 +282,11 @@ def _kv(items) -> dict:
         if not isinstance(item, str) or '=' not in item:
             raise ConfigError(f'expected key=value, got {item!r}')
         k, v = item.split('=', 1)
-        out[k.strip()] = _parse_value(v)
+        try:
+            out[k.strip()] = _parse_value(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{item!r}: the value {v!r} is not a YAML value ({str(e).splitlines()[0]}; e.g. 28, '
+                              '[28, 28], true, a_name)') from None
     return out
 
 
