@@ -18,7 +18,7 @@ from .hf_data import HFOptions
 from .losses import LossSpecError, RunInfo, create_loss
 from .losses._dense import create_dense_loss
 from .models import Teacher, create_student, create_teacher, set_fused_attention
-from .validate import distill_spec
+from .validate import distill_spec, scaled_lr
 
 __all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
            'build_data', 'build_eval_loader', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler',
@@ -268,11 +268,6 @@ def check_taps(distiller: Distiller) -> None:
             if missing:
                 raise LossSpecError(f'loss {name!r} taps {role} modules that do not exist: {", ".join(missing)} '
                                     f'(see dict({role}.named_modules()))')
-
-
-def scaled_lr(cfg: Config, global_batch: int) -> float:
-    """DeiT's linear scaling lr·B_g/512, unless --unscale-lr."""
-    return cfg.lr if cfg.unscale_lr else cfg.lr * global_batch / 512.0
 
 
 FUSED_OPTIMIZERS = ('adam', 'adamw')  # timm names whose torch.optim class has a fused CUDA kernel
