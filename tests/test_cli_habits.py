@@ -67,6 +67,7 @@ def test_distillation_alpha_and_tau_reach_the_deit_losses():
     (['--distillation-type', 'soft', '--distillation-alpha', '2'], '--distillation-alpha 2'),
     (['--distillation-type', 'hard', '--distillation-alpha', '-0.5'], '--distillation-alpha -0.5'),
     (['--distillation-type', 'soft', '--distillation-tau', '0'], '--distillation-tau 0'),
+    (['--distillation-type', 'soft', '--distillation-tau', 'nan'], '--distillation-tau nan'),
 ])
 def test_deit_flags_out_of_their_domain_name_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:
@@ -102,6 +103,13 @@ def test_compile_compiles_teacher_and_student_and_the_single_ones_stay():
     (['--distillation-alpha', '0.2', '--distill', 'vkd'], ['--distillation-type']),
     (['--distill', 'kd++'], ['-c kd++']),
     (['-c', 'no-such-preset'], ['kd++', 'scripts/configs']),
+    (['-c', ''], ["-c '': names no file", 'kd++']),
+    (['--distill', 'kd:'], ['--distill kd:', 'nothing after ":"', 'kd:0.5']),
+    (['--distill', 'vkd', 'kd:'], ['--distill kd:', 'nothing after ":"']),
+    (['--distillation-type', 'hard', '--distillation-tau', '2'], ['--distillation-tau 2.0', 'deit_hard',
+                                                                  '--distillation-type soft']),
+    (['--distillation-type', 'hard', '--distillation-tau', 'nan'], ['--distillation-tau nan', 'deit_hard']),
+    (['--distillation-type', 'none', '--distillation-tau', '2'], ['--distillation-type soft|hard']),
 ])
 def test_refusals_name_the_replacement(argv, words):
     with pytest.raises(UsageError) as e:

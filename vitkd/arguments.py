@@ -264,6 +264,9 @@ def _apply_deit_options(args: argparse.Namespace, cfg: Config) -> None:
         raise ConfigError(f'--distillation-alpha/--distillation-tau set DeiT\'s deit_soft/deit_hard options, but the '
                           f'methods are {" ".join(names)}; add --distillation-type soft|hard, or set another '
                           'method\'s options with --loss-opts NAME.OPTION=VALUE')
+    if tau is not None and 'deit_soft' not in deit:
+        raise ConfigError(f'--distillation-tau {tau}: {" ".join(deit)} takes the teacher\'s argmax, no temperature; '
+                          'the temperature is deit_soft\'s (--distillation-type soft), or leave out --distillation-tau')
     extra = []
     for name in deit:
         if alpha is not None:
@@ -279,7 +282,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     """Parse the command line (+ ``-c`` YAML or preset) into a :class:`Config` validated as a whole (its fields,
     its methods, their options; DeiT's flags included) before anything is built."""
     args = build_parser().parse_args(argv)
-    yaml_values = load_yaml(config_path(args.config)) if args.config else {}
+    yaml_values = load_yaml(config_path(args.config)) if args.config is not None else {}
     cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     _apply_habits(args, cli)
     cfg = config_from_values(cli, yaml_values)

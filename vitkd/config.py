@@ -364,6 +364,9 @@ def preset_names() -> list[str]:
 
 def config_path(spec: str) -> str:
     """``-c`` value → a YAML file: an existing path as given, else the preset of that name."""
+    if not spec.strip():
+        raise ConfigError(f'-c {spec!r}: names no file; give a YAML file or a preset (scripts/configs/): '
+                          f'{", ".join(preset_names())}')
     if Path(spec).exists() or spec.endswith(('.yaml', '.yml')) and not (PRESETS / spec).is_file():
         return spec
     name = spec[:-5] if spec.endswith('.yaml') else spec

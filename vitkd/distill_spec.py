@@ -144,8 +144,11 @@ def _entries(distill: Any, presets: Collection[str], task: str) -> list[tuple[st
             name = _known_method(options.pop('name', None), item, presets, task)
             entries.append((name, _weight(name, options.pop('weight', None), f'{name}'), options, f'--distill {name}'))
         elif isinstance(item, str):
-            name, _, weight = item.partition(':')
+            name, colon, weight = item.partition(':')
             name = _known_method(name, item, presets, task)
+            if colon and not weight.strip():
+                raise ConfigError(f'--distill {item}: nothing after ":"; give the weight ({name}:0.5) or leave out ":" '
+                                  'for the method\'s default weight')
             entries.append((name, _weight(name, weight, item), {}, f'--distill {item}'))
         else:
             raise ConfigError(f'--distill {item!r}: expected name[:weight] or a mapping with a name')
