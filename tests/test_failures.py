@@ -198,6 +198,15 @@ def test_an_output_dir_under_a_file_is_refused_before_the_build(data, tmp_path, 
     assert code == RunDirError.exit_code and 'afile is a file' in line and 'student' not in out
 
 
+@pytest.mark.parametrize('inside', ['.', 'train', 'train/new/run'])
+def test_an_output_dir_inside_the_data_is_refused_before_the_build(inside, data, capsys):
+    before = snapshot(data)
+    code, out, err = run(base_args(data, data / inside), capsys)
+    line = error_line(err)
+    assert code == RunDirError.exit_code and f'is inside --data-path {data}' in line and 'student' not in out, line
+    assert snapshot(data) == before
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders: the refusal cannot be observed')
 def test_a_read_only_output_dir_is_refused_before_the_build(data, tmp_path, capsys):
     ro = tmp_path / 'ro'

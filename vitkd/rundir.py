@@ -205,6 +205,17 @@ RUN_OUTPUTS = (RUN_MARKER, CHECKPOINTS, STUDENT_DIR, 'student_ema', 'log.jsonl',
                'curves.png', 'hub.json', 'nonfinite_step*.json')
 
 
+def _check_outside_data(out: Path, data_path: Optional[str]) -> None:
+    """Refuse a run dir inside the data folder: its files would be read as data (an image folder takes a folder of
+    checkpoints and plots for a class) and the data set would no longer be the one the run was given."""
+    if not data_path or not Path(data_path).expanduser().is_dir():
+        return
+    data = Path(data_path).expanduser().resolve()
+    if out.expanduser().resolve().is_relative_to(data):
+        raise RunDirError(f'--output-dir {out} is inside --data-path {data_path}: the run\'s files would mix with the '
+                          'data set; choose an --output-dir outside it')
+
+
 def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
     """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite, one that
     cannot be written (:func:`vitkd.rundir.check_writable`) and, with ``check_lock``, one another live run holds.
@@ -213,6 +224,7 @@ def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
     """
     name_output_dir(cfg)
     out = Path(cfg.output_dir)
+    _check_outside_data(out, cfg.data_path)
     check_writable(out)
     if (out / RUN_MARKER).exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f'--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite '
