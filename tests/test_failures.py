@@ -6,6 +6,7 @@ random regnety_002 teacher). Each failure must be one ``error:`` line naming the
 """
 import dataclasses
 import errno
+import io
 import json
 import os
 import random
@@ -105,6 +106,36 @@ def test_a_damaged_teacher_file_or_folder_is_one_line_naming_it(how, finished, d
         line = error_line(err)
         assert code == 2 and str(named) in line and 'safetensors' in line, line
     assert snapshot(finished) == before
+
+
+def _unreadable_pickle(path: Path, how: str) -> Path:
+    good = io.BytesIO()
+    torch.save({'w': torch.zeros(4)}, good)
+    path.write_bytes({'garbage': b'\x80\x02' + bytes(range(200, 256)) * 4, 'text': b'not a checkpoint\n',
+                      'truncated': good.getvalue()[:len(good.getvalue()) // 2], 'zero': b''}[how])
+    return path
+
+
+@pytest.mark.parametrize('flag', ['--finetune', '--teacher', '--student-ckpt'])
+@pytest.mark.parametrize('how', ['garbage', 'text', 'truncated', 'zero'])
+def test_a_damaged_pickle_is_not_readable_rather_than_refused(flag, how, data, tmp_path, capsys):
+    """A .pth that is no checkpoint or a damaged one is 'not a readable checkpoint', not the weights_only refusal
+    of a pickle that asks for code."""
+    path = _unreadable_pickle(tmp_path / 'weights.pth', how)
+    if flag == '--student-ckpt':
+        args = ['--eval-student', '--student-ckpt', path, '--data-path', data, '--output-dir', tmp_path / 'eval']
+    else:
+        args = base_args(data, tmp_path / 'run')
+        args[args.index('--teacher') + 1] = path if flag == '--teacher' else 'none'
+        if flag == '--teacher':
+            args += ['--teacher-arch', 'regnety_002', '--teacher-pretrained']
+        else:
+            args[args.index('--distill') + 1] = 'none'
+            args = [a for a in args if a != '--no-teacher-pretrained'] + ['--finetune', path]
+    code, out, err = run(args, capsys)
+    line = error_line(err)
+    assert code == UsageError.exit_code and 'not a readable checkpoint' in line and str(path) in line, line
+    assert 'refused' not in line and 'more than tensors' not in line
 
 
 @pytest.mark.parametrize('content,problem', [

@@ -19,12 +19,13 @@ the trained module, re-normalising the student's input to its own mean/std.
 from __future__ import annotations
 
 from .errors import HubError, UsageError, server_failure
-from .files import check_safetensors, read_model_config
+from .files import check_safetensors, pickle_damage, pickle_refusal, read_model_config
 import difflib
 from functools import partial
 import logging
 import os
 from pathlib import Path
+import pickle
 from typing import Any, Optional
 import warnings
 
@@ -348,6 +349,11 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
         if spec.endswith('.safetensors'):
             check_safetensors(path, f'{what}: weights')
         else:
+            with path.open('rb') as f:
+                head = f.read(4)
+            if not head.startswith((b'PK\x03\x04', b'\x80')):  # torch.save's zip archive, or a legacy pickle
+                raise ModelSpecError(f'{what}: not a readable checkpoint ('
+                                     f'{"an empty file" if not head else "not a PyTorch file"})')
             _logger.warning('teacher %s is a pickle file: loading tensors only (weights_only=True); safetensors files '
                             'are preferred', spec)
         overlay = dict(file=str(path.resolve()), num_classes=num_classes or 1000)
@@ -447,6 +453,9 @@ def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
     except RuntimeError as e:
         text = str(e)
         first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        cause = e.__cause__
+        if isinstance(cause, pickle.UnpicklingError) and not pickle_refusal(cause) or 'PytorchStreamReader' in text:
+            raise ModelSpecError(f'{what}: not a readable checkpoint ({pickle_damage(cause or e)})') from None
         if 'weights_only' in text:
             raise ModelSpecError(f'{what}: refused to load a pickle that holds more than tensors (vitkd unpickles only '
                                  'with weights_only=True: code in a checkpoint never runs); convert a trusted file to '
@@ -460,6 +469,8 @@ def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
         if 'pretrained' in text.lower():
             raise ModelSpecError(f'{what}: {first}') from None
         raise
+    except EOFError:  # torch.load of an empty or truncated pickle
+        raise ModelSpecError(f'{what}: not a readable checkpoint (the file ends early)') from None
     except Exception as e:  # noqa: BLE001 - a transport error while downloading the weights (a timeout, a drop)
         _raise_if_server_failed(what, e)
         raise
