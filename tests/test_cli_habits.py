@@ -86,6 +86,32 @@ def test_a_listed_method_that_shares_a_preset_name_runs_as_the_method(name):
     assert f'  {name} ' in methods and f' {name} ' in f' {presets.splitlines()[1]} '
 
 
+def _parses(argv) -> bool:
+    try:
+        parse_args(argv)
+    except UsageError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize('task', ['classify', 'detect', 'segment'])
+def test_list_losses_lists_what_works_for_the_task_and_nothing_else(task):
+    """Each method --list-losses shows for a task passes validation with that task and every other one is refused;
+    the presets shown are the ones made for the task (their own task) that pass with it."""
+    from vitkd.arguments import list_methods_and_presets
+    from vitkd.losses import list_losses
+    from vitkd.losses._dense import list_dense_losses
+    methods, presets = list_methods_and_presets(task).split('presets (')
+    listed = {line.split()[0] for line in methods.splitlines()[1:]}
+    data = DATA if task == 'classify' else []
+    for name in {n for n, _ in list_losses()} | {n for n, _ in list_dense_losses()}:
+        assert _parses(data + ['--task', task, '--distill', name]) == (name in listed), name
+    shown = set(presets.splitlines()[1].split())
+    for name in preset_names():
+        made_for = parse_args(DATA + ['-c', name])[0].task
+        assert (_parses(data + ['-c', name, '--task', task]) and made_for == task) == (name in shown), name
+
+
 def test_compile_compiles_teacher_and_student_and_the_single_ones_stay():
     cfg, _ = parse_args(DATA + ['--compile'])
     assert cfg.compile_teacher and cfg.compile_student

@@ -15,7 +15,7 @@ from .config import Config, ConfigError, config_from_values, config_path, load_y
 from .distill_spec import check_method_option, method_names
 from .domains import Domain, OneOf, OrNone
 from .losses import list_losses
-from .losses._dense import list_dense_losses
+from .losses._dense import get_dense_loss_class, list_dense_losses
 from .validate import validate
 
 __all__ = ['parse_args', 'resolve', 'build_parser', 'list_methods_and_presets']
@@ -198,14 +198,21 @@ def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
 
 
 def list_methods_and_presets(task: str = 'classify') -> str:
-    """``--list-losses``: the registered methods of ``task`` (each works with ``--distill NAME``; a dense task lists
-    the methods with a dense form) with their papers, then the presets (``-c NAME``; a preset that shares a method's
-    name runs that method with its paper's recipe)."""
-    methods = list_losses() if task == 'classify' else list_dense_losses()
+    """``--list-losses``: the registered methods that work for ``task`` (each works with ``--distill NAME``; a dense
+    task lists the methods with a dense form, detection those that need no per-pixel class logits) with their
+    papers, then the presets made for ``task`` (``-c NAME``; a preset that shares a method's name runs that method
+    with its paper's recipe)."""
+    if task == 'classify':
+        methods = list_losses()
+    else:
+        methods = [(n, paper) for n, paper in list_dense_losses()
+                   if task == 'segment' or not get_dense_loss_class(n).needs_logits]
     width = max(len(n) for n, _ in methods)
     lines = ['methods (--distill NAME[:WEIGHT], options with --loss-opts NAME.OPTION=VALUE):']
     lines += [f'  {n:<{width}}  {paper}' for n, paper in methods]
-    lines += ['presets (-c NAME: scripts/configs/NAME.yaml):', '  ' + ' '.join(preset_names())]
+    presets = [n for n in preset_names() if load_yaml(config_path(n)).get('task', 'classify') == task]
+    lines += ['presets (-c NAME: scripts/configs/NAME.yaml):',
+              '  ' + (' '.join(presets) or '(none)')]
     return '\n'.join(lines)
 
 

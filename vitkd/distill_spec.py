@@ -112,9 +112,13 @@ def _known_method(name: Any, item: Any, presets: Collection[str], task: str) -> 
         raise ConfigError(f'--distill {name}: {name} is a preset (scripts/configs/{name}.yaml), not a method; run it '
                           f'with -c {name}')
     try:
-        method_class(name, task)
+        cls = method_class(name, task)
     except LossSpecError as e:  # the registry's one line: "unknown loss … (did you mean …?); registered: …"
         raise ConfigError(f'--distill: {e}') from None
+    if task == 'detect' and getattr(cls, 'needs_logits', False):
+        raise ConfigError(f'--distill {name}: loss {name!r} compares per-pixel class distributions: --task segment '
+                          'only (a detector has no class logits per pixel; for detection use fitnet or vkd on the '
+                          'pyramid)')
     return name
 
 
