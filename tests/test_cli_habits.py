@@ -42,6 +42,11 @@ def test_help_shows_every_dataclass_default_in_sections():
     (['--distillation-type', 'none'], 'distill', ['none']),
     (['--warmup_epochs', '2'], 'warmup_epochs', 2.0),
     (['--no_model_ema', '--model_ema'], 'model_ema', True),
+    (['--model-kwargs', 'depth=2', 'embed_dim=96'], 'student_kwargs', {'depth': 2, 'embed_dim': 96}),
+    (['--model_kwargs', 'depth=2'], 'student_kwargs', {'depth': 2}),
+    (['--data-set', 'CIFAR'], 'dataset', 'cifar100'),
+    (['--data-set', 'IMNET'], 'dataset', 'imagefolder'),
+    (['--data_set', 'CIFAR', '--dataset', 'cifar100'], 'dataset', 'cifar100'),
 ])
 def test_habit_flags_mean_what_they_mean_in_deit_and_timm(argv, field, expected):
     cfg, _ = parse_args(DATA + argv)
@@ -130,6 +135,9 @@ def test_compile_compiles_teacher_and_student_and_the_single_ones_stay():
     (['--distill', 'kd++'], ['-c kd++']),
     (['-c', 'no-such-preset'], ['kd++', 'scripts/configs']),
     (['-c', ''], ["-c '': names no file", 'kd++']),
+    (['--data-set', 'INAT'], ['--data-set INAT', '--dataset imagefolder']),
+    (['--data-set', 'INAT19'], ['--data-set INAT19', '--dataset imagefolder']),
+    (['--data-set', 'CIFAR', '--dataset', 'cifar10'], ['--data-set CIFAR contradicts --dataset cifar10']),
     (['--teacher', 'regnety_002', '--teacher-arch', 'resnet18'], ['--teacher-arch resnet18', 'bare weights file',
                                                                     '--teacher regnety_002 carries its own']),
     (['--teacher', 'none', '--distill', 'none', '--teacher-arch', 'resnet18'], ['--teacher-arch', 'has no teacher']),

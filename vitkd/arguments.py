@@ -84,6 +84,7 @@ _SECTION_OF = {'threads': 'run', 'cpu_malloc': 'run', 'compile_student': 'studen
 _LIST_TYPES = {'scale': float, 'scale_jitter': float, 'pyramid_strides': int}  # list options read as numbers
 
 _DEIT_TYPES = {'none': 'none', 'soft': 'deit_soft', 'hard': 'deit_hard'}
+_DEIT_DATA_SETS = {'CIFAR': 'cifar100', 'IMNET': 'imagefolder', 'INAT': None, 'INAT19': None}  # DeiT's CIFAR is CIFAR-100
 _REFUSED = {
     '--channels-last': 'convolutional teachers already run channels_last (automatic, vitkd/models.py); ViT students '
                        'gain nothing from it: leave the flag out',
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, groups['run'], ['--compile'], dest='habit_compile', action=_Switch, default=None,
          help='torch.compile the teacher and the trained module (= --compile-teacher --compile-student; either can be '
               'turned off with --no-compile-teacher / --no-compile-student)')
+    _add(p, groups['data'], ['--data-set'], dest='habit_data_set', choices=tuple(_DEIT_DATA_SETS), default=None,
+         help='DeiT\'s spelling: CIFAR = --dataset cifar100 (torchvision\'s, under --data-path), IMNET = --dataset '
+              'imagefolder (--data-path with train/ and val/); INAT/INAT19 are refused (their JSON annotations are not '
+              'read: arrange the images as an image folder)')
     _add(p, groups['data'], ['--pin-mem'], dest='habit_pin_mem', action='store_true', default=None,
          help='accepted for DeiT\'s scripts: loader memory is pinned whenever a GPU is used')
     for flag, reason in _REFUSED.items():
@@ -245,6 +250,13 @@ def _apply_habits(args: argparse.Namespace, cli: dict) -> None:
             take('teacher_arch', model, f'--teacher-model {model}')
     elif model is not None:
         take('teacher', model, f'--teacher-model {model}')
+    if args.habit_data_set is not None:
+        name = args.habit_data_set
+        if _DEIT_DATA_SETS[name] is None:
+            raise ConfigError(f'--data-set {name}: DeiT\'s iNaturalist loader (its JSON annotations) is not part of '
+                              'vitkd; arrange the images as train/CLASS/*.jpg and val/CLASS/*.jpg and use --dataset '
+                              'imagefolder --data-path ROOT')
+        take('dataset', _DEIT_DATA_SETS[name], f'--data-set {name}')
     if args.habit_distillation_type is not None:
         kind = args.habit_distillation_type
         take('distill', [_DEIT_TYPES[kind]], f'--distillation-type {kind}')

@@ -115,7 +115,7 @@ class Config:
                        'deit_*_distilled_patch16_224, any timm model)', aliases=('--model', '--student-model'),
                           domain=Text())
     student_kwargs: dict = option({}, 'timm kwargs for the student, key=value (e.g. depth=4 embed_dim=96)', nargs='*',
-                                  domain=Kwargs())
+                                  aliases=('--model-kwargs',), domain=Kwargs())
     student_pretrained: bool = option(False, 'start the student from its pretrained timm/Hub weights', domain=Bool())
     finetune: Optional[str] = option(None, 'start a new run from these student weights: export folder, run dir, '
                                      'checkpoint, hf-hub:org/name, or a DeiT/timm .pth/.safetensors (with --student); '
