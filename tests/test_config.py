@@ -129,6 +129,23 @@ def test_run_picture_is_a_valid_png(tmp_path):
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
 
 
+@pytest.mark.parametrize('term', [lambda s: 0.0, lambda s: -1.0 / (s + 1), lambda s: float('nan'),
+                                  lambda s: 1.0 - s / 2])
+def test_run_picture_of_loss_terms_without_positive_values_warns_nothing(term, tmp_path):
+    """Terms at zero, negative, missing or crossing zero are drawn on a linear axis: no matplotlib warning reaches
+    the user's terminal."""
+    import json
+    import warnings
+    from vitkd.plots import plot_run
+    log = tmp_path / 'log.jsonl'
+    lines = [{'kind': 'step', 'step': s, 'lr': 1e-3, 'term': term(s)} for s in range(5)]
+    log.write_text('\n'.join(json.dumps(l) for l in lines) + '\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        png = plot_run(log, tmp_path / 'curves.png')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_a_vit_student_gets_a_methods_vit_weight_unless_the_command_gives_one():
     """``vit_student_weight`` replaces an unset weight for ViT students only; an explicit weight always wins."""
     import timm
