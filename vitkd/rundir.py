@@ -218,8 +218,7 @@ def _check_outside_data(out: Path, data_path: Optional[str]) -> None:
 
 def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
     """The run dir (named if unset); refuse one that already holds a run unless --resume or --overwrite, one that
-    cannot be written (:func:`vitkd.rundir.check_writable`) and, with ``check_lock``, one another live run holds;
-    ``--resume`` of a finished run raises :class:`RunFinished`.
+    cannot be written (:func:`vitkd.rundir.check_writable`) and, with ``check_lock``, one another live run holds.
 
     Writes nothing: ``main`` calls it before building anything and creates the dir only once every check passed.
     """
@@ -230,22 +229,9 @@ def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
     if (out / RUN_MARKER).exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f'--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite '
                           'to train into it anyway, or another --output-dir')
-    _refuse_if_finished(cfg, out)
     if check_lock:
         check_unlocked(out)
     return out
-
-
-def _refuse_if_finished(cfg: Config, out: Path) -> None:
-    """``--resume`` of a finished run: :class:`RunFinished` (nothing to do, nothing changed) before anything is built
-    or said about resuming."""
-    if not cfg.resume:
-        return
-    summary = finished_state(out, resolve_resume(cfg, log=lambda *_: None), cfg.epochs, cfg.max_steps)
-    if summary is not None:
-        raise RunFinished(f'{out} is a finished run ({summary.get("epochs_run")} epochs, {summary.get("steps")} '
-                          f'steps; {summary.get("stop_reason", "done")}): nothing to resume and nothing was '
-                          'changed; raise --epochs to train it further, or use another --output-dir')
 
 
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -253,14 +239,19 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
     With ``--overwrite`` (and no ``--resume``) a previous run's outputs are moved into ``replaced-<time>/`` inside the
     dir first: its checkpoints must never be mistaken for this run's by ``--resume auto`` or pruned by its saves.
-    A resumed run that already finished raises :class:`vitkd.rundir.RunFinished` (nothing is written; checked by
-    :func:`check_output_dir`, before the build). The main process creates the dir and every process raises its
-    failure, so a multi-process run ends with one exit code.
+    A resumed run that already finished raises :class:`vitkd.rundir.RunFinished` (nothing is written). The main
+    process decides and every process raises the same error, so a multi-process run ends with one exit code.
     """
     out = check_output_dir(cfg, check_lock=False)
     failure = None
     if accelerator.is_main_process:
         try:
+            summary = finished_state(out, resolve_resume(cfg, log=lambda *_: None), cfg.epochs, cfg.max_steps) \
+                if cfg.resume else None
+            if summary is not None:
+                raise RunFinished(f'{out} is a finished run ({summary.get("epochs_run")} epochs, {summary.get("steps")} '
+                                  f'steps; {summary.get("stop_reason", "done")}): nothing to resume and nothing was '
+                                  'changed; raise --epochs to train it further, or use another --output-dir')
             out.mkdir(parents=True, exist_ok=True)
             RunLock(out).acquire()
             if cfg.overwrite and not cfg.resume and (out / RUN_MARKER).exists():
@@ -270,13 +261,13 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
                 for path in old:
                     os.replace(path, aside / path.name)
                 accelerator.print(f'--overwrite: the previous run\'s outputs in {out} were moved to {aside}')
-        except RunDirError as e:
-            failure = str(e)
+        except (RunFinished, RunDirError) as e:
+            failure = (type(e).__name__, str(e))
         except OSError as e:
-            failure = f'--output-dir {out}: {e.strerror or e}'
+            failure = ('RunDirError', f'--output-dir {out}: {e.strerror or e}')
     failure = broadcast_object_list([failure])[0]
     if failure is not None:
-        raise RunDirError(failure)
+        raise {'RunFinished': RunFinished, 'RunDirError': RunDirError}[failure[0]](failure[1])
     return out
 
 
