@@ -42,6 +42,11 @@ def test_help_shows_every_dataclass_default_in_sections():
     (['--distillation-type', 'none'], 'distill', ['none']),
     (['--warmup_epochs', '2'], 'warmup_epochs', 2.0),
     (['--no_model_ema', '--model_ema'], 'model_ema', True),
+    (['--model-kwargs', 'depth=2', 'embed_dim=96'], 'student_kwargs', {'depth': 2, 'embed_dim': 96}),
+    (['--model_kwargs', 'depth=2'], 'student_kwargs', {'depth': 2}),
+    (['--data-set', 'CIFAR'], 'dataset', 'cifar100'),
+    (['--data-set', 'IMNET'], 'dataset', 'imagefolder'),
+    (['--data_set', 'CIFAR', '--dataset', 'cifar100'], 'dataset', 'cifar100'),
 ])
 def test_habit_flags_mean_what_they_mean_in_deit_and_timm(argv, field, expected):
     cfg, _ = parse_args(DATA + argv)
@@ -67,6 +72,7 @@ def test_distillation_alpha_and_tau_reach_the_deit_losses():
     (['--distillation-type', 'soft', '--distillation-alpha', '2'], '--distillation-alpha 2'),
     (['--distillation-type', 'hard', '--distillation-alpha', '-0.5'], '--distillation-alpha -0.5'),
     (['--distillation-type', 'soft', '--distillation-tau', '0'], '--distillation-tau 0'),
+    (['--distillation-type', 'soft', '--distillation-tau', 'nan'], '--distillation-tau nan'),
 ])
 def test_deit_flags_out_of_their_domain_name_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:
@@ -83,6 +89,32 @@ def test_a_listed_method_that_shares_a_preset_name_runs_as_the_method(name):
     assert distill_spec(cfg).names == (name,)
     methods, presets = list_methods_and_presets().split('presets (')
     assert f'  {name} ' in methods and f' {name} ' in f' {presets.splitlines()[1]} '
+
+
+def _parses(argv) -> bool:
+    try:
+        parse_args(argv)
+    except UsageError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize('task', ['classify', 'detect', 'segment'])
+def test_list_losses_lists_what_works_for_the_task_and_nothing_else(task):
+    """Each method --list-losses shows for a task passes validation with that task and every other one is refused;
+    the presets shown are the ones made for the task (their own task) that pass with it."""
+    from vitkd.arguments import list_methods_and_presets
+    from vitkd.losses import list_losses
+    from vitkd.losses._dense import list_dense_losses
+    methods, presets = list_methods_and_presets(task).split('presets (')
+    listed = {line.split()[0] for line in methods.splitlines()[1:]}
+    data = DATA if task == 'classify' else []
+    for name in {n for n, _ in list_losses()} | {n for n, _ in list_dense_losses()}:
+        assert _parses(data + ['--task', task, '--distill', name]) == (name in listed), name
+    shown = set(presets.splitlines()[1].split())
+    for name in preset_names():
+        made_for = parse_args(DATA + ['-c', name])[0].task
+        assert (_parses(data + ['-c', name, '--task', task]) and made_for == task) == (name in shown), name
 
 
 def test_compile_compiles_teacher_and_student_and_the_single_ones_stay():
@@ -102,6 +134,19 @@ def test_compile_compiles_teacher_and_student_and_the_single_ones_stay():
     (['--distillation-alpha', '0.2', '--distill', 'vkd'], ['--distillation-type']),
     (['--distill', 'kd++'], ['-c kd++']),
     (['-c', 'no-such-preset'], ['kd++', 'scripts/configs']),
+    (['-c', ''], ["-c '': names no file", 'kd++']),
+    (['--data-set', 'INAT'], ['--data-set INAT', '--dataset imagefolder']),
+    (['--data-set', 'INAT19'], ['--data-set INAT19', '--dataset imagefolder']),
+    (['--data-set', 'CIFAR', '--dataset', 'cifar10'], ['--data-set CIFAR contradicts --dataset cifar10']),
+    (['--teacher', 'regnety_002', '--teacher-arch', 'resnet18'], ['--teacher-arch resnet18', 'bare weights file',
+                                                                    '--teacher regnety_002 carries its own']),
+    (['--teacher', 'none', '--distill', 'none', '--teacher-arch', 'resnet18'], ['--teacher-arch', 'has no teacher']),
+    (['--distill', 'kd:'], ['--distill kd:', 'nothing after ":"', 'kd:0.5']),
+    (['--distill', 'vkd', 'kd:'], ['--distill kd:', 'nothing after ":"']),
+    (['--distillation-type', 'hard', '--distillation-tau', '2'], ['--distillation-tau 2.0', 'deit_hard',
+                                                                  '--distillation-type soft']),
+    (['--distillation-type', 'hard', '--distillation-tau', 'nan'], ['--distillation-tau nan', 'deit_hard']),
+    (['--distillation-type', 'none', '--distillation-tau', '2'], ['--distillation-type soft|hard']),
 ])
 def test_refusals_name_the_replacement(argv, words):
     with pytest.raises(UsageError) as e:

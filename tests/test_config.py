@@ -82,6 +82,27 @@ def test_lr_scales_with_the_global_batch():
     assert scaled_lr(Config(lr=5e-4, unscale_lr=True), 1024) == 5e-4
 
 
+@pytest.mark.parametrize('argv,refused', [
+    (['--lr', '1e-3', '--min-lr', '2e-3'], "--min-lr 0.002 is above --lr 0.001: the schedule would climb"),
+    (['--lr', '1e-3', '--warmup-lr', '2e-3'], "--warmup-lr 0.002 is above --lr 0.001: the warm-up would descend"),
+    (['--lr', '1e-3', '--min-lr', '1e-3', '--warmup-lr', '1e-3'], None),
+    (['--lr', '1e-3', '--warmup-lr', '2e-3', '--warmup-epochs', '0'], None),
+])
+def test_min_and_warmup_lr_above_lr_are_refused(argv, refused):
+    """The schedule's end and start must not exceed its peak; --min-lr and --warmup-lr are absolute, so the
+    refusal says so when --lr is scaled by the global batch."""
+    base = ['--distill', 'none', '--teacher', 'none', '--dataset', 'cifar10', '--data-path', '/data']
+    if refused is None:
+        parse_args(base + argv)
+        return
+    with pytest.raises(ConfigError, match=refused) as e:
+        parse_args(base + argv)
+    assert 'not scaled by the global batch' in str(e.value) and '\n' not in str(e.value)
+    with pytest.raises(ConfigError, match=refused) as e:
+        parse_args(base + argv + ['--unscale-lr'])
+    assert 'not scaled' not in str(e.value)
+
+
 def test_train_transform_is_wired_from_the_options():
     cfg = Config(aa='rand-m9-mstd0.5-inc1', reprob=0.25, scale=[0.3, 1.0], hflip=0.0, dataset='imagefolder')
     train_tf, eval_tf = build_transforms(cfg, (3, 32, 32), (0.5,) * 3, (0.5,) * 3)
@@ -106,6 +127,23 @@ def test_run_picture_is_a_valid_png(tmp_path):
     png = plot_run(log, tmp_path / 'curves.png')
     data = png.read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+
+
+@pytest.mark.parametrize('term', [lambda s: 0.0, lambda s: -1.0 / (s + 1), lambda s: float('nan'),
+                                  lambda s: 1.0 - s / 2])
+def test_run_picture_of_loss_terms_without_positive_values_warns_nothing(term, tmp_path):
+    """Terms at zero, negative, missing or crossing zero are drawn on a linear axis: no matplotlib warning reaches
+    the user's terminal."""
+    import json
+    import warnings
+    from vitkd.plots import plot_run
+    log = tmp_path / 'log.jsonl'
+    lines = [{'kind': 'step', 'step': s, 'lr': 1e-3, 'term': term(s)} for s in range(5)]
+    log.write_text('\n'.join(json.dumps(l) for l in lines) + '\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        png = plot_run(log, tmp_path / 'curves.png')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_a_vit_student_gets_a_methods_vit_weight_unless_the_command_gives_one():

@@ -6,6 +6,7 @@ random regnety_002 teacher). Each failure must be one ``error:`` line naming the
 """
 import dataclasses
 import errno
+import io
 import json
 import os
 import random
@@ -22,7 +23,7 @@ from PIL import Image, ImageOps
 
 import main
 import vitkd.cli
-from test_reliability import base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
+from test_reliability import STUDENT, base_args, error_line, make_image_folder, no_vitkd_frame, run, snapshot
 from test_reliability import data  # noqa: F401  (module fixture: a tiny image folder)
 from vitkd.config import Config
 from vitkd.errors import INTERNAL_ERROR, DataFailure, RunDirError, SaveError, UsageError
@@ -103,6 +104,36 @@ def test_a_damaged_teacher_file_or_folder_is_one_line_naming_it(how, finished, d
     assert snapshot(finished) == before
 
 
+def _unreadable_pickle(path: Path, how: str) -> Path:
+    good = io.BytesIO()
+    torch.save({'w': torch.zeros(4)}, good)
+    path.write_bytes({'garbage': b'\x80\x02' + bytes(range(200, 256)) * 4, 'text': b'not a checkpoint\n',
+                      'truncated': good.getvalue()[:len(good.getvalue()) // 2], 'zero': b''}[how])
+    return path
+
+
+@pytest.mark.parametrize('flag', ['--finetune', '--teacher', '--student-ckpt'])
+@pytest.mark.parametrize('how', ['garbage', 'text', 'truncated', 'zero'])
+def test_a_damaged_pickle_is_not_readable_rather_than_refused(flag, how, data, tmp_path, capsys):
+    """A .pth that is no checkpoint or a damaged one is 'not a readable checkpoint', not the weights_only refusal
+    of a pickle that asks for code."""
+    path = _unreadable_pickle(tmp_path / 'weights.pth', how)
+    if flag == '--student-ckpt':
+        args = ['--eval-student', '--student-ckpt', path, '--data-path', data, '--output-dir', tmp_path / 'eval']
+    else:
+        args = base_args(data, tmp_path / 'run')
+        args[args.index('--teacher') + 1] = path if flag == '--teacher' else 'none'
+        if flag == '--teacher':
+            args += ['--teacher-arch', 'regnety_002', '--teacher-pretrained']
+        else:
+            args[args.index('--distill') + 1] = 'none'
+            args = [a for a in args if a != '--no-teacher-pretrained'] + ['--finetune', path]
+    code, out, err = run(args, capsys)
+    line = error_line(err)
+    assert code == UsageError.exit_code and 'not a readable checkpoint' in line and str(path) in line, line
+    assert 'refused' not in line and 'more than tensors' not in line
+
+
 @pytest.mark.parametrize('content,problem', [
     ('{"architecture": ', 'not valid JSON'),
     ('[1, 2]', 'a JSON object is expected'),
@@ -151,11 +182,43 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_says_why(finished, da
 
 # ---- the run dir ----------------------------------------------------------------------------------------------------
 
-def test_resume_auto_of_a_finished_run_changes_nothing(finished, data, capsys):
+@pytest.mark.parametrize('extra', [[], ['--overwrite']])
+def test_resume_auto_of_a_finished_run_changes_nothing(extra, finished, data, capsys):
+    """The answer is one line after the build's summary; no 'resumed from' line says otherwise before it."""
     before = snapshot(finished)
-    code, out, err = run(resumed(data, finished), capsys)
+    code, out, err = run(resumed(data, finished) + extra, capsys)
     assert code == 0 and 'is a finished run' in out and 'nothing was changed' in out, (out[-2000:], err[-2000:])
+    assert 'resumed from' not in out and out.strip().splitlines()[-1].startswith(f'{finished} is a finished run')
     assert snapshot(finished) == before
+
+
+@pytest.mark.parametrize('extra,expected', [
+    (['--student-kwargs', 'depth=-1'], "student 'deit_ti_distilled' cannot be built with the kwargs"),
+    (['--student-kwargs', 'embed_dim=0'], 'embed_dim=0 (--student-kwargs): 0.0 cannot be raised'),
+    (['--student-kwargs', 'img_size=0'], 'img_size=0 (--student-kwargs): Expected a positive image size'),
+    (['--student-kwargs', 'num_heads=7'], 'num_heads=7 (--student-kwargs): dim should be divisible by num_heads'),
+    (['--student-kwargs', 'depth=abc'], 'depth=abc'),
+    (['--student-kwargs', 'img_size=[32'], "--student-kwargs: 'img_size=[32': the value '[32' is not a YAML value"),
+    (['--teacher-kwargs', 'foo=1'], "teacher 'regnety_002' cannot be built with the kwargs foo=1 (--teacher-kwargs): "),
+    (['--teacher', 'hf-hub:'], "teacher 'hf-hub:' names no Hub repo: write hf-hub:org/name"),
+])
+def test_model_kwargs_the_constructor_refuses_are_one_usage_line_naming_them(extra, expected, data, tmp_path, capsys,
+                                                                             recwarn):
+    """A constructor's refusal of the user's model kwargs is a usage error (exit 2) naming the kwargs and the
+    constructor's message; the warnings it gave before failing are not shown."""
+    args = base_args(data, tmp_path / 'run')
+    if extra[0] == '--student-kwargs':
+        args[args.index('--student-kwargs') + 1:args.index('--student-kwargs') + 6] = [
+            a for a in STUDENT[3:] if a.split('=')[0] != extra[1].split('=')[0]] + [extra[1]]
+    elif extra[0] == '--teacher':
+        args[args.index('--teacher') + 1] = extra[1]
+    else:
+        args += extra
+    code, out, err = run(args, capsys)
+    line = error_line(err)
+    assert code == UsageError.exit_code and expected in line, line
+    assert not [w for w in recwarn if 'zero-element' in str(w.message)]
+    assert not (tmp_path / 'run').exists()
 
 
 def test_an_output_dir_under_a_file_is_refused_before_the_build(data, tmp_path, capsys):
@@ -163,6 +226,15 @@ def test_an_output_dir_under_a_file_is_refused_before_the_build(data, tmp_path, 
     code, out, err = run(base_args(data, tmp_path / 'afile' / 'run'), capsys)
     line = error_line(err)
     assert code == RunDirError.exit_code and 'afile is a file' in line and 'student' not in out
+
+
+@pytest.mark.parametrize('inside', ['.', 'train', 'train/new/run'])
+def test_an_output_dir_inside_the_data_is_refused_before_the_build(inside, data, capsys):
+    before = snapshot(data)
+    code, out, err = run(base_args(data, data / inside), capsys)
+    line = error_line(err)
+    assert code == RunDirError.exit_code and f'is inside --data-path {data}' in line and 'student' not in out, line
+    assert snapshot(data) == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders: the refusal cannot be observed')

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import main
 import vitkd
 from test_export_hub import _seed_hub_cache
-from vitkd.build import build_student
+from vitkd.build import build_student, student_data_spec
 from vitkd.export import export_model
 from vitkd.arguments import parse_args
 from vitkd.finetune import load_finetune_weights, open_source, use_source_architecture
@@ -72,6 +72,29 @@ def test_the_source_weights_are_loaded_except_what_the_new_task_changes(source, 
     assert lines[1] == '--finetune: re-initialised head and head_dist for 2 classes (the source has 10)'
     assert any('1 to 3 input channels' in line for line in lines) and any('position embeddings' in line
                                                                            for line in lines)
+
+
+@pytest.mark.parametrize('dataset', ['fashion_mnist', 'imagefolder'])
+def test_the_source_s_img_size_pair_gives_the_run_s_input_size(source, two_classes, dataset):
+    """An export's config.json keeps timm's ``img_size`` as a pair; a fine-tuning run without --input-size trains at
+    that size (the embedded data sets and an image folder alike)."""
+    data = ['--dataset', 'fashion_mnist'] if dataset == 'fashion_mnist' else ['--data-path', str(two_classes)]
+    cfg, _ = parse_args(['--finetune', str(source), '--teacher', 'none', '--distill', 'none', *data])
+    use_source_architecture(cfg, open_source(cfg.finetune, cfg), lambda line: None)
+    assert cfg.student_kwargs['img_size'] == [28, 28]
+    channels = 1 if dataset == 'fashion_mnist' else 3
+    assert student_data_spec(cfg, build_student(cfg, num_classes=10))[0] == (channels, 28, 28)
+
+
+@pytest.mark.parametrize('img_size, expected', [('28', (1, 28, 28)), ('[28,28]', (1, 28, 28)),
+                                                ('[28,24]', (1, 28, 24)), ('[24,28]', (1, 24, 28))])
+def test_an_img_size_kwarg_as_an_int_or_a_pair_sets_the_input_size(img_size, expected):
+    cfg, _ = parse_args(['--dataset', 'fashion_mnist', '--teacher', 'none', '--distill', 'none', '--student-kwargs',
+                         f'img_size={img_size}', 'patch_size=4', 'depth=1', 'embed_dim=32', 'num_heads=1', 'in_chans=1'])
+    student = build_student(cfg, num_classes=10)
+    spec = student_data_spec(cfg, student)
+    assert spec[0] == expected
+    assert student.eval()(torch.zeros(2, *spec[0])).shape == (2, 10)
 
 
 def _antialiased_bicubic_weights(size_in: int, size_out: int) -> np.ndarray:

@@ -51,7 +51,7 @@ ACCEPTED = {
 for _flag in ('--teacher-model', '--teacher-path'):  # DeiT's spellings of --teacher / a weights file, resolved later
     for _v in BAD_VALUES:
         ACCEPTED[(_flag, _v)] = _FREE_NAME
-for _name in ('student', 'teacher_arch', 'data_path', 'output_dir', 'student_ckpt', 'teacher_cache', 'train_subset',
+for _name in ('student', 'data_path', 'output_dir', 'student_ckpt', 'teacher_cache', 'train_subset',
               'hub_license', 'hub_model_id', 'hf_image_column', 'hf_label_column', 'train_split', 'val_split',
               'finetune'):
     for _v in BAD_VALUES[:-1]:
@@ -61,8 +61,8 @@ for _name in ('drop_path', 'task_weight', 'weight_decay', 'momentum', 'min_lr', 
               'model_ema_decay', 'color_jitter', 'hflip', 'reprob', 'smoothing', 'mixup', 'cutmix', 'mixup_prob',
               'mixup_switch_prob'):
     ACCEPTED[('--' + _name.replace('_', '-'), '0')] = _ZERO_OFF
-for _name in ('task_weight', 'time_limit', 'lr', 'weight_decay', 'min_lr', 'warmup_epochs', 'warmup_lr', 'clip_grad',
-              'color_jitter', 'mixup', 'cutmix'):
+for _name in ('task_weight', 'time_limit', 'lr', 'weight_decay', 'warmup_epochs', 'clip_grad', 'color_jitter', 'mixup',
+              'cutmix'):  # --min-lr and --warmup-lr are bounded by --lr
     for _v in ('1e300', '99999999999999999999'):
         ACCEPTED[('--' + _name.replace('_', '-'), _v)] = _UNBOUNDED
 

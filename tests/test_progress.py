@@ -86,6 +86,19 @@ def test_resume_mid_epoch_counts_from_the_first_batch_not_trained():
         ['6/10', '8/10', '10/10']
 
 
+@pytest.mark.parametrize('tty', [False, True])
+def test_a_run_stopped_mid_epoch_counts_the_batch_it_stopped_at(tty):
+    """A loop that breaks after training its 3rd batch (max steps, time limit, signal) has done 3 batches."""
+    out = Terminal() if tty else io.StringIO()
+    bar = EpochProgress(list(range(10)), MAIN, 0, 1, 1, stream=out, first=2, num_batches=12)
+    for i, _ in enumerate(bar):
+        if i == 2:
+            break
+    bar.close()
+    assert bar.done == 2 + 3
+    assert out.getvalue().splitlines()[-1].startswith('epoch 1/1: 3 batches in ')
+
+
 def test_rounding_follows_what_a_number_measures():
     record = rounded({'val_avg_top1': 71.234567, 'train_loss': 0.123456789, 'img_per_s': 1234.5678, 'samples': 60000,
                       'nested': {'teacher_top5': 99.87654}, 'lr': 0.000123456})

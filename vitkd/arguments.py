@@ -15,7 +15,7 @@ from .config import Config, ConfigError, config_from_values, config_path, load_y
 from .distill_spec import check_method_option, method_names
 from .domains import Domain, OneOf, OrNone
 from .losses import list_losses
-from .losses._dense import list_dense_losses
+from .losses._dense import get_dense_loss_class, list_dense_losses
 from .validate import validate
 
 __all__ = ['parse_args', 'resolve', 'build_parser', 'list_methods_and_presets']
@@ -84,6 +84,7 @@ _SECTION_OF = {'threads': 'run', 'cpu_malloc': 'run', 'compile_student': 'studen
 _LIST_TYPES = {'scale': float, 'scale_jitter': float, 'pyramid_strides': int}  # list options read as numbers
 
 _DEIT_TYPES = {'none': 'none', 'soft': 'deit_soft', 'hard': 'deit_hard'}
+_DEIT_DATA_SETS = {'CIFAR': 'cifar100', 'IMNET': 'imagefolder', 'INAT': None, 'INAT19': None}  # DeiT's CIFAR is CIFAR-100
 _REFUSED = {
     '--channels-last': 'convolutional teachers already run channels_last (automatic, vitkd/models.py); ViT students '
                        'gain nothing from it: leave the flag out',
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, groups['run'], ['--compile'], dest='habit_compile', action=_Switch, default=None,
          help='torch.compile the teacher and the trained module (= --compile-teacher --compile-student; either can be '
               'turned off with --no-compile-teacher / --no-compile-student)')
+    _add(p, groups['data'], ['--data-set'], dest='habit_data_set', choices=tuple(_DEIT_DATA_SETS), default=None,
+         help='DeiT\'s spelling: CIFAR = --dataset cifar100 (torchvision\'s, under --data-path), IMNET = --dataset '
+              'imagefolder (--data-path with train/ and val/); INAT/INAT19 are refused (their JSON annotations are not '
+              'read: arrange the images as an image folder)')
     _add(p, groups['data'], ['--pin-mem'], dest='habit_pin_mem', action='store_true', default=None,
          help='accepted for DeiT\'s scripts: loader memory is pinned whenever a GPU is used')
     for flag, reason in _REFUSED.items():
@@ -198,14 +203,21 @@ def resolve(cli: dict, yaml_values: Optional[dict] = None) -> Config:
 
 
 def list_methods_and_presets(task: str = 'classify') -> str:
-    """``--list-losses``: the registered methods of ``task`` (each works with ``--distill NAME``; a dense task lists
-    the methods with a dense form) with their papers, then the presets (``-c NAME``; a preset that shares a method's
-    name runs that method with its paper's recipe)."""
-    methods = list_losses() if task == 'classify' else list_dense_losses()
+    """``--list-losses``: the registered methods that work for ``task`` (each works with ``--distill NAME``; a dense
+    task lists the methods with a dense form, detection those that need no per-pixel class logits) with their
+    papers, then the presets made for ``task`` (``-c NAME``; a preset that shares a method's name runs that method
+    with its paper's recipe)."""
+    if task == 'classify':
+        methods = list_losses()
+    else:
+        methods = [(n, paper) for n, paper in list_dense_losses()
+                   if task == 'segment' or not get_dense_loss_class(n).needs_logits]
     width = max(len(n) for n, _ in methods)
     lines = ['methods (--distill NAME[:WEIGHT], options with --loss-opts NAME.OPTION=VALUE):']
     lines += [f'  {n:<{width}}  {paper}' for n, paper in methods]
-    lines += ['presets (-c NAME: scripts/configs/NAME.yaml):', '  ' + ' '.join(preset_names())]
+    presets = [n for n in preset_names() if load_yaml(config_path(n)).get('task', 'classify') == task]
+    lines += ['presets (-c NAME: scripts/configs/NAME.yaml):',
+              '  ' + (' '.join(presets) or '(none)')]
     return '\n'.join(lines)
 
 
@@ -238,6 +250,13 @@ def _apply_habits(args: argparse.Namespace, cli: dict) -> None:
             take('teacher_arch', model, f'--teacher-model {model}')
     elif model is not None:
         take('teacher', model, f'--teacher-model {model}')
+    if args.habit_data_set is not None:
+        name = args.habit_data_set
+        if _DEIT_DATA_SETS[name] is None:
+            raise ConfigError(f'--data-set {name}: DeiT\'s iNaturalist loader (its JSON annotations) is not part of '
+                              'vitkd; arrange the images as train/CLASS/*.jpg and val/CLASS/*.jpg and use --dataset '
+                              'imagefolder --data-path ROOT')
+        take('dataset', _DEIT_DATA_SETS[name], f'--data-set {name}')
     if args.habit_distillation_type is not None:
         kind = args.habit_distillation_type
         take('distill', [_DEIT_TYPES[kind]], f'--distillation-type {kind}')
@@ -264,6 +283,9 @@ def _apply_deit_options(args: argparse.Namespace, cfg: Config) -> None:
         raise ConfigError(f'--distillation-alpha/--distillation-tau set DeiT\'s deit_soft/deit_hard options, but the '
                           f'methods are {" ".join(names)}; add --distillation-type soft|hard, or set another '
                           'method\'s options with --loss-opts NAME.OPTION=VALUE')
+    if tau is not None and 'deit_soft' not in deit:
+        raise ConfigError(f'--distillation-tau {tau}: {" ".join(deit)} takes the teacher\'s argmax, no temperature; '
+                          'the temperature is deit_soft\'s (--distillation-type soft), or leave out --distillation-tau')
     extra = []
     for name in deit:
         if alpha is not None:
@@ -279,7 +301,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     """Parse the command line (+ ``-c`` YAML or preset) into a :class:`Config` validated as a whole (its fields,
     its methods, their options; DeiT's flags included) before anything is built."""
     args = build_parser().parse_args(argv)
-    yaml_values = load_yaml(config_path(args.config)) if args.config else {}
+    yaml_values = load_yaml(config_path(args.config)) if args.config is not None else {}
     cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     _apply_habits(args, cli)
     cfg = config_from_values(cli, yaml_values)

@@ -18,7 +18,7 @@ from .hf_data import HFOptions
 from .losses import LossSpecError, RunInfo, create_loss
 from .losses._dense import create_dense_loss
 from .models import Teacher, create_student, create_teacher, set_fused_attention
-from .validate import distill_spec
+from .validate import distill_spec, scaled_lr
 
 __all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
            'build_data', 'build_eval_loader', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler',
@@ -118,17 +118,31 @@ def check_input(model: torch.nn.Module, input_size, what: str, prepare=None) -> 
         model.train(was_training)
 
 
+def _img_size(value) -> Optional[tuple[int, int]]:
+    """``img_size`` as timm's ViT takes it (an int side or an [H, W] pair) as (H, W); None when it is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return int(value[0]), int(value[1])
+    return None
+
+
 def student_data_spec(cfg: Config, student) -> tuple[tuple[int, int, int], tuple, tuple, Optional[float]]:
-    """Input size and normalisation: the embedded data sets' own stats, else the student's pretrained config."""
+    """Input size and normalisation: the embedded data sets' own stats, else the student's pretrained config.
+    The image side is --input-size, else the student's ``img_size`` kwarg (an int or an [H, W] pair, from the
+    command line or a fine-tuned export's config.json), else the data set's or the pretrained config's."""
+    if cfg.input_size:
+        hw = (cfg.input_size, cfg.input_size)
+    else:
+        hw = _img_size(cfg.student_kwargs.get('img_size'))  # a resized student's pretrained config still says 224
     if cfg.dataset in DATASET_STATS:
         stats = DATASET_STATS[cfg.dataset]
-        c = stats['input_size'][0]
-        side = cfg.input_size or cfg.student_kwargs.get('img_size') or stats['input_size'][1]
-        return (c, side, side), stats['mean'], stats['std'], None
+        h, w = hw or (stats['input_size'][1], stats['input_size'][2])
+        return (stats['input_size'][0], h, w), stats['mean'], stats['std'], None
     data_cfg = resolve_data_config({}, model=student)
-    img_size = cfg.student_kwargs.get('img_size')  # a resized student's config still says 224
-    side = cfg.input_size or (img_size if isinstance(img_size, int) else None) or data_cfg['input_size'][1]
-    return (data_cfg['input_size'][0], side, side), data_cfg['mean'], data_cfg['std'], data_cfg.get('crop_pct')
+    h, w = hw or (data_cfg['input_size'][1], data_cfg['input_size'][2])
+    return (data_cfg['input_size'][0], h, w), data_cfg['mean'], data_cfg['std'], data_cfg.get('crop_pct')
 
 
 def build_transforms(cfg: Config, input_size, mean, std):
@@ -254,11 +268,6 @@ def check_taps(distiller: Distiller) -> None:
             if missing:
                 raise LossSpecError(f'loss {name!r} taps {role} modules that do not exist: {", ".join(missing)} '
                                     f'(see dict({role}.named_modules()))')
-
-
-def scaled_lr(cfg: Config, global_batch: int) -> float:
-    """DeiT's linear scaling lr·B_g/512, unless --unscale-lr."""
-    return cfg.lr if cfg.unscale_lr else cfg.lr * global_batch / 512.0
 
 
 FUSED_OPTIMIZERS = ('adam', 'adamw')  # timm names whose torch.optim class has a fused CUDA kernel

@@ -115,7 +115,7 @@ class Config:
                        'deit_*_distilled_patch16_224, any timm model)', aliases=('--model', '--student-model'),
                           domain=Text())
     student_kwargs: dict = option({}, 'timm kwargs for the student, key=value (e.g. depth=4 embed_dim=96)', nargs='*',
-                                  domain=Kwargs())
+                                  aliases=('--model-kwargs',), domain=Kwargs())
     student_pretrained: bool = option(False, 'start the student from its pretrained timm/Hub weights', domain=Bool())
     finetune: Optional[str] = option(None, 'start a new run from these student weights: export folder, run dir, '
                                      'checkpoint, hf-hub:org/name, or a DeiT/timm .pth/.safetensors (with --student); '
@@ -282,7 +282,11 @@ def _kv(items) -> dict:
         if not isinstance(item, str) or '=' not in item:
             raise ConfigError(f'expected key=value, got {item!r}')
         k, v = item.split('=', 1)
-        out[k.strip()] = _parse_value(v)
+        try:
+            out[k.strip()] = _parse_value(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{item!r}: the value {v!r} is not a YAML value ({str(e).splitlines()[0]}; e.g. 28, '
+                              '[28, 28], true, a_name)') from None
     return out
 
 
@@ -360,6 +364,9 @@ def preset_names() -> list[str]:
 
 def config_path(spec: str) -> str:
     """``-c`` value → a YAML file: an existing path as given, else the preset of that name."""
+    if not spec.strip():
+        raise ConfigError(f'-c {spec!r}: names no file; give a YAML file or a preset (scripts/configs/): '
+                          f'{", ".join(preset_names())}')
     if Path(spec).exists() or spec.endswith(('.yaml', '.yml')) and not (PRESETS / spec).is_file():
         return spec
     name = spec[:-5] if spec.endswith('.yaml') else spec

@@ -112,9 +112,13 @@ def _known_method(name: Any, item: Any, presets: Collection[str], task: str) -> 
         raise ConfigError(f'--distill {name}: {name} is a preset (scripts/configs/{name}.yaml), not a method; run it '
                           f'with -c {name}')
     try:
-        method_class(name, task)
+        cls = method_class(name, task)
     except LossSpecError as e:  # the registry's one line: "unknown loss … (did you mean …?); registered: …"
         raise ConfigError(f'--distill: {e}') from None
+    if task == 'detect' and getattr(cls, 'needs_logits', False):
+        raise ConfigError(f'--distill {name}: loss {name!r} compares per-pixel class distributions: --task segment '
+                          'only (a detector has no class logits per pixel; for detection use fitnet or vkd on the '
+                          'pyramid)')
     return name
 
 
@@ -144,8 +148,11 @@ def _entries(distill: Any, presets: Collection[str], task: str) -> list[tuple[st
             name = _known_method(options.pop('name', None), item, presets, task)
             entries.append((name, _weight(name, options.pop('weight', None), f'{name}'), options, f'--distill {name}'))
         elif isinstance(item, str):
-            name, _, weight = item.partition(':')
+            name, colon, weight = item.partition(':')
             name = _known_method(name, item, presets, task)
+            if colon and not weight.strip():
+                raise ConfigError(f'--distill {item}: nothing after ":"; give the weight ({name}:0.5) or leave out ":" '
+                                  'for the method\'s default weight')
             entries.append((name, _weight(name, weight, item), {}, f'--distill {item}'))
         else:
             raise ConfigError(f'--distill {item!r}: expected name[:weight] or a mapping with a name')

@@ -23,7 +23,7 @@ from accelerate.utils import broadcast_object_list
 
 from .config import Config, ConfigError
 from .errors import HubError, server_failure
-from .files import atomic_dir, read_model_config
+from .files import atomic_dir, pickle_damage, pickle_refusal, read_model_config
 from .layout import MODEL_FILE, RUN_MARKER, STATE_FILE, STUDENT_DIR
 from .models import create_student
 
@@ -54,14 +54,16 @@ def read_pickle_weights(path: Path, what: str):
     try:
         return load(str(path), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line or 'global' in line), '')
-        raise CheckpointError(f'{what} {path}: refused to unpickle it: it holds more than tensors '
-                              f'{("(" + detail + ") ") if detail else ""}and vitkd only loads pickles with '
-                              'weights_only=True (code in a checkpoint never runs); convert a trusted file to '
-                              'safetensors') from None
-    except (OSError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{what} {path}: unreadable ({first})') from None
+        refusal = pickle_refusal(e)
+        if refusal:
+            raise CheckpointError(f'{what} {path}: refused to unpickle it: it holds more than tensors ({refusal}) and '
+                                  'vitkd only loads pickles with weights_only=True (code in a checkpoint never runs); '
+                                  'convert a trusted file to safetensors') from None
+        raise CheckpointError(f'{what} {path}: not a readable checkpoint ({pickle_damage(e)})') from None
+    except (RuntimeError, EOFError, KeyError) as e:  # KeyError: torch's legacy reader on a bad magic number
+        raise CheckpointError(f'{what} {path}: not a readable checkpoint ({pickle_damage(e)})') from None
+    except OSError as e:
+        raise CheckpointError(f'{what} {path}: unreadable ({e.strerror or e})') from None
 
 
 # ---- state dicts --------------------------------------------------------------------------------------------------

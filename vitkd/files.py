@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import ConfigError
 
-__all__ = ['check_safetensors', 'read_model_config', 'atomic_dir', 'replace_dir']
+__all__ = ['check_safetensors', 'read_model_config', 'atomic_dir', 'replace_dir', 'pickle_refusal', 'pickle_damage']
 
 
 def check_safetensors(path, what: str) -> None:
@@ -82,3 +82,21 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, final)
+
+
+def pickle_refusal(error: BaseException) -> str | None:
+    """The line of torch's ``weights_only=True`` refusal naming the global a pickle asks for (a class, a function:
+    what a malicious pickle uses to run code); None when the unpickler failed on something else."""
+    return next((line.strip() for line in str(error).splitlines() if 'GLOBAL' in line), None)
+
+
+def pickle_damage(error: BaseException) -> str:
+    """One line saying why ``torch.load`` could not read a file that is not a PyTorch checkpoint, or a damaged one
+    (random bytes, a truncated zip, an empty file): what the reader met, from its long message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, EOFError):
+        return 'the file ends early'
+    if isinstance(error, KeyError):  # torch's legacy reader looks its magic number up
+        return 'not a PyTorch file'
+    met = next((line for line in lines if line.startswith(('Unsupported operand', 'invalid load key'))), None)
+    return met or (lines[0].split('. ')[0] if lines else type(error).__name__)

@@ -19,13 +19,15 @@ the trained module, re-normalising the student's input to its own mean/std.
 from __future__ import annotations
 
 from .errors import HubError, UsageError, server_failure
-from .files import check_safetensors, read_model_config
+from .files import check_safetensors, pickle_damage, pickle_refusal, read_model_config
 import difflib
 from functools import partial
 import logging
 import os
 from pathlib import Path
+import pickle
 from typing import Any, Optional
+import warnings
 
 import timm
 import torch
@@ -163,12 +165,11 @@ def create_student(name: str, num_classes: int, pretrained: bool = False, **over
     Returns:
         The model; distilled ViTs are switched to distilled training (train mode returns (z_cls, z_dist)).
     """
+    _check_hub_name(name, 'student')
     if not name.startswith(('hf-hub:', 'local-dir:')) and not timm.is_model(name.split('.')[0]):
         raise _unknown_model_error(name, 'student')
-    try:
-        model = _timm_create(f'student {name!r}', name, pretrained=pretrained, num_classes=num_classes, **overrides)
-    except TypeError as e:
-        raise ModelSpecError(f'student {name!r} does not accept these options {sorted(overrides)}: {e}') from None
+    model = _create_with(f'student {name!r}', name, overrides, '--student-kwargs', pretrained=pretrained,
+                         num_classes=num_classes)
     if hasattr(model, 'set_distilled_training'):
         model.set_distilled_training(True)
     return model
@@ -336,7 +337,7 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
     if spec.startswith('local-dir:') or path.is_dir():
         folder = Path(spec[len('local-dir:'):]) if spec.startswith('local-dir:') else path
         _read_local_config(folder, what)
-        model = _timm_create(what, f'local-dir:{folder.resolve()}', pretrained=pretrained, **kwargs)
+        model = _create_with(what, f'local-dir:{folder.resolve()}', kwargs, '--teacher-kwargs', pretrained=pretrained)
         source = f'local-dir:{folder.resolve()}'
     elif spec.endswith(WEIGHT_FILES):
         if not path.is_file():
@@ -348,24 +349,31 @@ def create_teacher(spec: str, num_classes: Optional[int] = None, arch: Optional[
         if spec.endswith('.safetensors'):
             check_safetensors(path, f'{what}: weights')
         else:
+            with path.open('rb') as f:
+                head = f.read(4)
+            if not head.startswith((b'PK\x03\x04', b'\x80')):  # torch.save's zip archive, or a legacy pickle
+                raise ModelSpecError(f'{what}: not a readable checkpoint ('
+                                     f'{"an empty file" if not head else "not a PyTorch file"})')
             _logger.warning('teacher %s is a pickle file: loading tensors only (weights_only=True); safetensors files '
                             'are preferred', spec)
         overlay = dict(file=str(path.resolve()), num_classes=num_classes or 1000)
-        model = _timm_create(f'{what} (as --teacher-arch {arch} with a {num_classes or 1000}-way head)', arch,
-                             pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes or 1000, **kwargs)
+        model = _create_with(f'{what} (as --teacher-arch {arch} with a {num_classes or 1000}-way head)', arch, kwargs,
+                             '--teacher-kwargs', pretrained=True, pretrained_cfg_overlay=overlay,
+                             num_classes=num_classes or 1000)
         source = f'{arch} from {path.resolve()}'
     elif spec.startswith(('/', './', '../', '~')) or os.sep in spec and not spec.startswith('hf-hub:'):
         raise ModelSpecError(f'teacher path {spec!r} does not exist (expected a save_for_hf folder or a '
                              f'{"/".join(WEIGHT_FILES)} file; Hub ids are written hf-hub:org/name)')
     elif spec.startswith('hf-hub:'):
-        model = _timm_create(what, spec, pretrained=pretrained, **kwargs)
+        _check_hub_name(spec, 'teacher')
+        model = _create_with(what, spec, kwargs, '--teacher-kwargs', pretrained=pretrained)
         source = spec
     else:
         name = resolve_teacher_name(spec)
         if not timm.is_model(name.split('.')[0]):
             raise _unknown_model_error(spec, 'teacher')
-        model = _timm_create(what, name, pretrained=pretrained,
-                             **({'num_classes': num_classes} if not pretrained and num_classes else {}), **kwargs)
+        model = _create_with(what, name, kwargs, '--teacher-kwargs', pretrained=pretrained,
+                             **({'num_classes': num_classes} if not pretrained and num_classes else {}))
         tag = getattr(model, 'pretrained_cfg', {}).get('tag', '') if pretrained else ''
         source = f'{name.split(".")[0]}.{tag}' if tag else f'{name} (random weights)' if not pretrained else name
         if name != spec:
@@ -387,6 +395,36 @@ def _hub_id(name: str) -> str:
         return timm.models.get_pretrained_cfg(name).hf_hub_id or name
     except Exception:  # noqa: BLE001 - only for a hint in a message
         return name
+
+
+def _check_hub_name(name: str, role: str) -> None:
+    """``hf-hub:`` needs a repo id after it (``hf-hub:org/name``)."""
+    if name.startswith('hf-hub:') and not name[len('hf-hub:'):].split('@')[0].strip('/'):
+        raise ModelSpecError(f'{role} {name!r} names no Hub repo: write hf-hub:org/name')
+
+
+def _create_with(what: str, name: str, options: dict, flag: str, **fixed: Any) -> nn.Module:
+    """:func:`_timm_create` with the user's model kwargs ``options`` (from ``flag``, ``--input-size``, ``--drop-path``).
+
+    The model's constructor checks those kwargs (a negative depth, heads that do not divide the width, a zero image
+    size, a keyword it does not take): its failure is a one-line :class:`ModelSpecError` naming the kwargs and the
+    constructor's message, and the warnings it gave on the way are dropped with it. Without user kwargs a failure
+    is not the user's and propagates unchanged.
+    """
+    if not options:
+        return _timm_create(what, name, **fixed)
+    shown = ' '.join(f'{k}={v}' for k, v in options.items())
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            model = _timm_create(what, name, **fixed, **options)
+        except UsageError:
+            raise
+        except (TypeError, ValueError, AssertionError, RuntimeError, ArithmeticError, LookupError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelSpecError(f'{what} cannot be built with the kwargs {shown} ({flag}): {first}') from e
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return model
 
 
 def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
@@ -415,6 +453,9 @@ def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
     except RuntimeError as e:
         text = str(e)
         first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        cause = e.__cause__
+        if isinstance(cause, pickle.UnpicklingError) and not pickle_refusal(cause) or 'PytorchStreamReader' in text:
+            raise ModelSpecError(f'{what}: not a readable checkpoint ({pickle_damage(cause or e)})') from None
         if 'weights_only' in text:
             raise ModelSpecError(f'{what}: refused to load a pickle that holds more than tensors (vitkd unpickles only '
                                  'with weights_only=True: code in a checkpoint never runs); convert a trusted file to '
@@ -428,6 +469,8 @@ def _timm_create(what: str, name: str, **kwargs: Any) -> nn.Module:
         if 'pretrained' in text.lower():
             raise ModelSpecError(f'{what}: {first}') from None
         raise
+    except EOFError:  # torch.load of an empty or truncated pickle
+        raise ModelSpecError(f'{what}: not a readable checkpoint (the file ends early)') from None
     except Exception as e:  # noqa: BLE001 - a transport error while downloading the weights (a timeout, a drop)
         _raise_if_server_failed(what, e)
         raise

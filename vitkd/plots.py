@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 __all__ = ['read_log', 'plot_run']
@@ -28,9 +29,14 @@ def plot_run(log_path: Path, out_path: Path, title: str = '') -> Path:
     skip = {'kind', 'epoch', 'step', 'lr', 'img_per_s', 'top1'}
     terms = sorted({k for r in steps for k in r if k not in skip})
     x = [r['step'] for r in steps]
+    values = []
     for term in terms:
-        ax_loss.plot(x, [r.get(term, float('nan')) for r in steps], label=term)
-    ax_loss.set(title='loss terms (unweighted)', xlabel='step', yscale='log' if terms else 'linear')
+        ys = [r.get(term, float('nan')) for r in steps]
+        values += [v for v in ys if isinstance(v, (int, float)) and math.isfinite(v)]
+        ax_loss.plot(x, ys, label=term)
+    # a log axis needs positive values: terms that reach zero or below (a converged loss, a signed term) go linear
+    log_axis = bool(values) and all(v > 0 for v in values)
+    ax_loss.set(title='loss terms (unweighted)', xlabel='step', yscale='log' if log_axis else 'linear')
     if terms:
         ax_loss.legend(fontsize=7)
     ax_lr.plot(x, [r.get('lr', float('nan')) for r in steps])

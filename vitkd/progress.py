@@ -146,10 +146,12 @@ class EpochProgress:
                 break
             if self.first_batch_end is not None:  # the first batch's wait is the workers' start-up
                 self.data_wait += self.clock() - asked
-            yield batch
-            self.done += 1
-            if self.first_batch_end is None:
-                self.first_batch_end = self.clock()
+            try:
+                yield batch
+            finally:  # also when the loop stops at this batch (max steps, time limit, signal): it was trained
+                self.done += 1
+                if self.first_batch_end is None:
+                    self.first_batch_end = self.clock()
             if self.bar is not None:
                 self.bar.set_postfix_str(f'{self._terms()}  {self._data_wait()}  {self._run_eta()}'.strip(),
                                          refresh=False)

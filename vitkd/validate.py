@@ -31,6 +31,7 @@ from timm.scheduler import create_scheduler_v2
 from .config import Config, check_field, flag, preset_names
 from .distill_spec import DistillSpec, parse_distill
 from .errors import ConfigError
+from .models import WEIGHT_FILES
 
 __all__ = ['validate', 'validate_config', 'distill_spec']
 
@@ -59,6 +60,8 @@ def validate_config(cfg, presets: Collection[str] = ()) -> DistillSpec:
     if cfg.resume not in (None, 'auto') and not Path(cfg.resume).exists():
         raise ConfigError(f'--resume {cfg.resume!r}: no such checkpoint (use auto or a checkpoint folder)')
     _check_input_size(cfg)
+    _check_teacher_arch(cfg)
+    _check_schedule_lrs(cfg)
     _check_timm_strings(cfg)
     _check_log_with(cfg.log_with)
     _check_hub_id(cfg)
@@ -124,6 +127,34 @@ def _check_input_size(cfg) -> None:
         what = '--input-size' if cfg.input_size is not None else '--student-kwargs img_size'
         raise ConfigError(f'{what} {size} is not a multiple of the student\'s patch size {patch}; use '
                           f'{(size // patch) * patch or patch} or {(size // patch + 1) * patch}')
+
+
+def _check_teacher_arch(cfg) -> None:
+    """--teacher-arch names the architecture of a bare weights file; any other teacher carries its own."""
+    if cfg.teacher_arch is None or cfg.teacher is not None and cfg.teacher.endswith(WEIGHT_FILES):
+        return
+    teacher = 'the run has no teacher' if cfg.teacher is None else f'--teacher {cfg.teacher} carries its own'
+    raise ConfigError(f'--teacher-arch {cfg.teacher_arch} names the architecture of a bare weights file (--teacher '
+                      f'FILE{"|".join(WEIGHT_FILES)}), but {teacher}; leave out --teacher-arch')
+
+
+def scaled_lr(cfg: Config, global_batch: int) -> float:
+    """DeiT's linear scaling lr·B_g/512, unless --unscale-lr."""
+    return cfg.lr if cfg.unscale_lr else cfg.lr * global_batch / 512.0
+
+
+def _check_schedule_lrs(cfg) -> None:
+    """--min-lr or --warmup-lr above --lr turns the decay (or the warm-up) upside down. They are compared with --lr
+    as given, as in DeiT and timm: their defaults (1e-5, 1e-6) are absolute, and DeiT's own runs with a small global
+    batch scale --lr below them; a value above --lr itself is a mistake whatever the batch."""
+    scaling = '' if cfg.unscale_lr else ' (--min-lr and --warmup-lr are absolute: not scaled by the global batch)'
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f'--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule would climb instead of '
+                          f'decay{scaling}; use a --min-lr of at most {cfg.lr:g}, or a larger --lr')
+    if cfg.warmup_epochs > 0 and cfg.warmup_lr > cfg.lr:
+        raise ConfigError(f'--warmup-lr {cfg.warmup_lr:g} is above --lr {cfg.lr:g}: the warm-up would descend instead '
+                          f'of rise{scaling}; use a --warmup-lr of at most {cfg.lr:g}, a larger --lr, or '
+                          '--warmup-epochs 0')
 
 
 def _check_timm_strings(cfg) -> None:
