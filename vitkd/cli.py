@@ -39,8 +39,7 @@ from vitkd.layout import RUN_MARKER
 from vitkd.progress import rounded
 from vitkd.reports import COUNTS, MetricLogger, format_faults, format_heads, plot_curves, run_costs, summary_table
 from vitkd.run import build_run
-from vitkd.rundir import (RunFinished, check_output_dir, prepare_output_dir, refuse_if_finished,
-                          release_all)
+from vitkd.rundir import RunFinished, check_output_dir, prepare_output_dir, release_all
 from vitkd.stopping import StopControl
 from vitkd.training import NonFiniteGuard
 
@@ -74,7 +73,6 @@ def train(argv=None) -> int:
     guard = NonFiniteGuard(cfg.nan_policy, r.distiller_unwrapped, accelerator, out_dir)
     stop = StopControl(accelerator, r.state)
     ckpt = Checkpointer(cfg, r, out_dir, accelerator, argv, before_save=guard.raise_if_bad, background=True, stop=stop)
-    refuse_if_finished(cfg, out_dir)  # before the checkpoint is loaded and announced as resumed
     ckpt.resume(resume_from)
     out_dir = prepare_output_dir(cfg, accelerator)
     if accelerator.is_main_process:

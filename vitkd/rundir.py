@@ -38,7 +38,7 @@ from .layout import CHECKPOINTS, RUN_MARKER, STATE_FILE, STUDENT_DIR
 from .validate import distill_spec
 
 __all__ = ['LOCK_FILE', 'RUN_OUTPUTS', 'RunFinished', 'RunLock', 'check_writable', 'check_unlocked', 'finished_state',
-           'refuse_if_finished', 'release_all', 'name_output_dir', 'eval_output_dir', 'check_output_dir', 'prepare_output_dir']
+           'release_all', 'name_output_dir', 'eval_output_dir', 'check_output_dir', 'prepare_output_dir']
 
 LOCK_FILE = '.vitkd.lock'
 _held: list['RunLock'] = []
@@ -234,30 +234,24 @@ def check_output_dir(cfg: Config, check_lock: bool = True) -> Path:
     return out
 
 
-def refuse_if_finished(cfg: Config, out: Path) -> None:
-    """``--resume`` of a finished run: :class:`RunFinished` (nothing to resume, nothing changed)."""
-    if not cfg.resume:
-        return
-    summary = finished_state(out, resolve_resume(cfg, log=lambda *_: None), cfg.epochs, cfg.max_steps)
-    if summary is not None:
-        raise RunFinished(f'{out} is a finished run ({summary.get("epochs_run")} epochs, {summary.get("steps")} '
-                          f'steps; {summary.get("stop_reason", "done")}): nothing to resume and nothing was '
-                          'changed; raise --epochs to train it further, or use another --output-dir')
-
-
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """Create and lock the run dir (after :func:`check_output_dir`'s refusal rules). Nothing is deleted.
 
     With ``--overwrite`` (and no ``--resume``) a previous run's outputs are moved into ``replaced-<time>/`` inside the
     dir first: its checkpoints must never be mistaken for this run's by ``--resume auto`` or pruned by its saves.
-    A resumed run that already finished was answered before (:func:`refuse_if_finished`, every process reading the
-    same files). The main process creates the dir and every process raises its failure, so a multi-process run ends
-    with one exit code.
+    A resumed run that already finished raises :class:`vitkd.rundir.RunFinished` (nothing is written). The main
+    process decides and every process raises the same error, so a multi-process run ends with one exit code.
     """
     out = check_output_dir(cfg, check_lock=False)
     failure = None
     if accelerator.is_main_process:
         try:
+            summary = finished_state(out, resolve_resume(cfg, log=lambda *_: None), cfg.epochs, cfg.max_steps) \
+                if cfg.resume else None
+            if summary is not None:
+                raise RunFinished(f'{out} is a finished run ({summary.get("epochs_run")} epochs, {summary.get("steps")} '
+                                  f'steps; {summary.get("stop_reason", "done")}): nothing to resume and nothing was '
+                                  'changed; raise --epochs to train it further, or use another --output-dir')
             out.mkdir(parents=True, exist_ok=True)
             RunLock(out).acquire()
             if cfg.overwrite and not cfg.resume and (out / RUN_MARKER).exists():
@@ -267,13 +261,13 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
                 for path in old:
                     os.replace(path, aside / path.name)
                 accelerator.print(f'--overwrite: the previous run\'s outputs in {out} were moved to {aside}')
-        except RunDirError as e:
-            failure = str(e)
+        except (RunFinished, RunDirError) as e:
+            failure = (type(e).__name__, str(e))
         except OSError as e:
-            failure = f'--output-dir {out}: {e.strerror or e}'
+            failure = ('RunDirError', f'--output-dir {out}: {e.strerror or e}')
     failure = broadcast_object_list([failure])[0]
     if failure is not None:
-        raise RunDirError(failure)
+        raise {'RunFinished': RunFinished, 'RunDirError': RunDirError}[failure[0]](failure[1])
     return out
 
 
