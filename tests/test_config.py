@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from vitkd import devices
-from vitkd.build import build_transforms, scaled_lr
+from vitkd.build import build_transforms
+from vitkd.validate import scaled_lr
 from vitkd.devices import make_accelerator
 from vitkd.config import Config, ConfigError, load_yaml, to_yaml
 

@@ -18,11 +18,11 @@ from .hf_data import HFOptions
 from .losses import LossSpecError, RunInfo, create_loss
 from .losses._dense import create_dense_loss
 from .models import Teacher, create_student, create_teacher, set_fused_attention
-from .validate import distill_spec, scaled_lr
+from .validate import distill_spec
 
 __all__ = ['build_student', 'build_teacher', 'build_models', 'check_input', 'use_plain_attention_if_needed',
            'build_data', 'build_eval_loader', 'build_losses', 'build_distiller', 'build_optimizer', 'build_scheduler',
-           'scaled_lr', 'eval_data_config', 'resolve_weights']
+           'eval_data_config', 'resolve_weights']
 
 
 

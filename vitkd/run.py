@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from .build import (build_data, build_distiller, build_losses, build_models, build_optimizer, build_scheduler,
-                    build_student, eval_data_config, scaled_lr, student_data_spec, use_plain_attention_if_needed)
+                    build_student, eval_data_config, student_data_spec, use_plain_attention_if_needed)
 from .config import Config, ConfigError
 from .data import BatchMixer, DataSpec, dataset_targets
 from .ddp import StepModule, launcher_compile_kwargs, sync_buffers_if_needed
@@ -31,6 +31,7 @@ from .losses import RunContext
 from .models import Teacher
 from .teacher_cache import TeacherCache
 from .training import EpochBatches, TrainState
+from .validate import scaled_lr
 
 __all__ = ['Run', 'build_run']
 

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from timm.data import resolve_data_config
 from torch.utils.data import DataLoader
 
-from ..build import build_losses, build_optimizer, build_scheduler, scaled_lr
+from ..build import build_losses, build_optimizer, build_scheduler
 from ..config import Config, ConfigError
 from ..data import DATASET_STATS, DataSpec, EpochSampler, seed_worker, worker_context
 from ..ddp import StepModule, sync_buffers_if_needed
@@ -34,6 +34,7 @@ from ..reports import DENSE_METRICS
 from ..run import Run
 from ..rundir import eval_output_dir
 from ..training import EpochBatches, TrainState
+from ..validate import scaled_lr
 from .data import (CocoDetectionSource, DenseAugment, DenseDataset, FashionScenes, SegmentationFolderSource,
                    collate_dense, segmentation_classes)
 from .distiller import DenseDistiller
